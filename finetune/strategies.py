@@ -1,0 +1,249 @@
+"""Freezing strategies: which parameters train, and at what learning-rate multiplier.
+
+A subclass answers one question in `trainable(backbone, epoch)`; the base class does the
+rest — `requires_grad`, the BatchNorm policy, optimizer parameter groups and a report — so a
+user strategy is about ten lines::
+
+    @attrs.frozen
+    class Layer4AndHead(FreezeStrategy):
+        def trainable(self, backbone, epoch):
+            return {name: 1.0 for name, _ in backbone.named_parameters_in("layer4", "head")}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+from torch import nn
+
+from finetune.backbone import Backbone
+
+STRATEGIES: dict[str, type[FreezeStrategy]] = {}
+
+S = TypeVar("S", bound="type[FreezeStrategy]")
+
+
+def register(name: str) -> Callable[[S], S]:
+    """Add a strategy class to `STRATEGIES` under a short CLI-friendly name."""
+
+    def decorate(cls: S) -> S:
+        if name in STRATEGIES and STRATEGIES[name] is not cls:
+            raise ValueError(f"a strategy is already registered as '{name}'")
+        STRATEGIES[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorate
+
+
+def build_strategy(name: str, **options: Any) -> FreezeStrategy:
+    """Instantiate a registered strategy by its short name."""
+    if name not in STRATEGIES:
+        raise KeyError(f"unknown strategy '{name}'; registered: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](**options)
+
+
+@attrs.frozen
+class FreezeReport:
+    """What a strategy left trainable, in tensors and in parameters."""
+
+    trainable_tensors: int
+    total_tensors: int
+    trainable_params: int
+    total_params: int
+    trainable_groups: tuple[str, ...]
+    frozen_norm_layers: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.trainable_params:,} of {self.total_params:,} parameters train "
+            f"({100 * self.trainable_fraction:.2f}%; {self.trainable_tensors}/"
+            f"{self.total_tensors} tensors); groups training: "
+            f"{', '.join(self.trainable_groups) or 'none'}; "
+            f"{self.frozen_norm_layers} BatchNorm layers frozen in eval mode"
+        )
+
+
+@attrs.frozen
+class FreezeStrategy:
+    """Base class. Subclasses implement `trainable`; everything else is shared.
+
+    `train_bn=True` lets BatchNorm layers whose parameters are frozen keep updating their
+    running statistics (fastai's and Lightning's `train_bn`); by default they stay in eval mode.
+    """
+
+    registry_name: ClassVar[str] = ""
+    train_bn: bool = attrs.field(default=False, kw_only=True)
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        """Parameter name (as in `backbone.model.named_parameters()`) → lr multiplier, for
+        the parameters that train at `epoch`. Names left out are frozen."""
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def apply(self, backbone: Backbone, epoch: int = 0) -> FreezeReport:
+        """Set `requires_grad` and the BatchNorm policy for `epoch`; return what trains."""
+        plan = self._plan(backbone, epoch)
+        for name, parameter in backbone.model.named_parameters():
+            parameter.requires_grad_(name in plan)
+        backbone.frozen_norm_layers = frozenset() if self.train_bn else _frozen_norms(backbone)
+        backbone.train(backbone.training)
+        return self.report(backbone)
+
+    def param_groups(
+        self, backbone: Backbone, lr: float, epoch: int = 0
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: one per (backbone group, lr multiplier), holding only
+        the parameters that train at `epoch`, so no optimizer state ever touches frozen ones."""
+        plan = self._plan(backbone, epoch)
+        buckets: dict[tuple[str, float], list[nn.Parameter]] = {}
+        for name, parameter in backbone.model.named_parameters():
+            if name in plan:
+                key = (backbone.group_of(name), float(plan[name]))
+                buckets.setdefault(key, []).append(parameter)
+        return [
+            {"params": params, "lr": lr * multiplier, "name": group, "lr_multiplier": multiplier}
+            for (group, multiplier), params in buckets.items()
+        ]
+
+    def report(self, backbone: Backbone) -> FreezeReport:
+        parameters = list(backbone.model.named_parameters())
+        trainable = [(n, p) for n, p in parameters if p.requires_grad]
+        groups = [g.name for g in backbone.groups if any(p.requires_grad for _, p in g.parameters)]
+        return FreezeReport(
+            trainable_tensors=len(trainable),
+            total_tensors=len(parameters),
+            trainable_params=sum(p.numel() for _, p in trainable),
+            total_params=sum(p.numel() for _, p in parameters),
+            trainable_groups=tuple(groups),
+            frozen_norm_layers=len(backbone.frozen_norm_layers),
+        )
+
+    def changes_at(self, epoch: int) -> bool:
+        """Whether what trains may differ at `epoch` from `epoch - 1` (scheduled strategies
+        override this so the Trainer rebuilds its optimizer only when needed)."""
+        return False
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(self).items())
+        return f"{type(self).__name__}({fields})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data that rebuilds this strategy (for checkpoints and results files)."""
+        return {"class": type(self).__name__, "options": attrs.asdict(self)}
+
+    def _plan(self, backbone: Backbone, epoch: int) -> dict[str, float]:
+        plan = dict(self.trainable(backbone, epoch))
+        known = {name for name, _ in backbone.model.named_parameters()}
+        unknown = sorted(set(plan) - known)
+        if unknown:
+            raise KeyError(
+                f"{type(self).__name__} names parameters that {backbone.name} lacks: "
+                f"{unknown[:5]}; use names from backbone.model.named_parameters()."
+            )
+        bad = {n: m for n, m in plan.items() if not m > 0}
+        if bad:
+            raise ValueError(
+                f"{type(self).__name__} gave non-positive lr multipliers {dict(list(bad.items())[:3])}"
+                "; leave a parameter out of trainable() to freeze it."
+            )
+        return plan
+
+
+def _frozen_norms(backbone: Backbone) -> frozenset[str]:
+    """BatchNorm layers whose affine parameters are all frozen."""
+    names = []
+    for name, module in backbone.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                names.append(name)
+    return frozenset(names)
+
+
+def _all(backbone: Backbone) -> dict[str, float]:
+    return {name: 1.0 for name, _ in backbone.model.named_parameters()}
+
+
+@register("last-layer")
+@attrs.frozen
+class LastLayerOnly(FreezeStrategy):
+    """Train only the new head: a linear probe on frozen features. Cheapest; strong when the
+    target looks like ImageNet."""
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        return {name: 1.0 for name, _ in backbone.named_parameters_in("head")}
+
+
+@register("full-unfreeze")
+@attrs.frozen
+class FullUnfreeze(FreezeStrategy):
+    """Everything trains. With random weights this is training from scratch."""
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        return _all(backbone)
+
+
+@register("freeze-head-only")
+@attrs.frozen
+class FreezeHeadOnly(FreezeStrategy):
+    """Everything trains except the new, randomly initialised head — a known-bad baseline:
+    the backbone must learn to fit a random projection."""
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        head = {name for name, _ in backbone.named_parameters_in("head")}
+        return {name: 1.0 for name, _ in backbone.model.named_parameters() if name not in head}
+
+
+COUNT_MODES = ("tensors", "numel", "groups")
+
+
+@register("freeze-fraction")
+@attrs.frozen
+class FreezeFraction(FreezeStrategy):
+    """Freeze the first `fraction` of the network, in forward (registration) order.
+
+    What "80% of layers" counts, with `count`:
+
+    - ``"tensors"`` (default, as the reference code did): the first ``int(fraction * n)`` of
+      ``list(model.parameters())``. ResNet50 has 161 tensors: 0.8 freezes 128 and leaves 33
+      trainable (layer3's very last BatchNorm bias, all of layer4, the head) — 63.7% of the
+      parameter values, because layer4 is where the weights are.
+    - ``"numel"``: the longest prefix of tensors holding at most ``fraction`` of all parameter
+      values. ResNet50 at 0.8: 14 of 161 tensors train (the end of layer4 and the head), 23.5%
+      of the values.
+    - ``"groups"``: the first ``int(fraction * n_groups)`` backbone groups, fastai's
+      ``freeze_to``. ResNet50 has 6 groups (stem, layer1–4, head): 0.8 freezes 4, so
+      layer4 and the head train: 32 tensors, 63.7% of the values.
+    """
+
+    fraction: float = attrs.field(default=0.8)
+    count: str = attrs.field(default="tensors", validator=attrs.validators.in_(COUNT_MODES))
+
+    @fraction.validator
+    def _check_fraction(self, _: attrs.Attribute, value: float) -> None:
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"fraction must be between 0 and 1 (got {value!r}); 0.8 freezes the first 80%."
+            )
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        named = list(backbone.model.named_parameters())
+        if self.count == "tensors":
+            frozen = int(self.fraction * len(named))
+        elif self.count == "numel":
+            budget = self.fraction * sum(p.numel() for _, p in named)
+            frozen, running = 0, 0
+            while frozen < len(named) and running + named[frozen][1].numel() <= budget:
+                running += named[frozen][1].numel()
+                frozen += 1
+        else:
+            frozen_groups = set(backbone.group_names[: int(self.fraction * len(backbone.groups))])
+            return {n: 1.0 for n, _ in named if backbone.group_of(n) not in frozen_groups}
+        return {name: 1.0 for name, _ in named[frozen:]}
