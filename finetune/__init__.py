@@ -8,15 +8,35 @@ from finetune.errors import (
     FinetuneError,
     WeightsUnavailableError,
 )
+from finetune.strategies import (
+    STRATEGIES,
+    FreezeFraction,
+    FreezeHeadOnly,
+    FreezeReport,
+    FreezeStrategy,
+    FullUnfreeze,
+    LastLayerOnly,
+    build_strategy,
+    register,
+)
 
 __all__ = [
+    "STRATEGIES",
     "Architecture",
     "ArchitectureError",
     "Backbone",
     "CheckpointError",
     "DataError",
     "FinetuneError",
+    "FreezeFraction",
+    "FreezeHeadOnly",
+    "FreezeReport",
+    "FreezeStrategy",
+    "FullUnfreeze",
+    "LastLayerOnly",
     "ParameterGroup",
     "Preprocessing",
     "WeightsUnavailableError",
+    "build_strategy",
+    "register",
 ]

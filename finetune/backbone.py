@@ -275,7 +275,7 @@ class Backbone(nn.Module):
         cfg = model.pretrained_cfg
         size = cfg.get("input_size", (3, 224, 224))[-1]
         preprocessing = Preprocessing(
-            resize_size=int(round(size / cfg.get("crop_pct", 0.875))),
+            resize_size=round(size / cfg.get("crop_pct", 0.875)),
             crop_size=size,
             mean=cfg.get("mean", IMAGENET_MEAN),
             std=cfg.get("std", IMAGENET_STD),

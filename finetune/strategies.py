@@ -150,8 +150,8 @@ class FreezeStrategy:
         bad = {n: m for n, m in plan.items() if not m > 0}
         if bad:
             raise ValueError(
-                f"{type(self).__name__} gave non-positive lr multipliers {dict(list(bad.items())[:3])}"
-                "; leave a parameter out of trainable() to freeze it."
+                f"{type(self).__name__} gave non-positive lr multipliers "
+                f"{dict(list(bad.items())[:3])}; leave a parameter out of trainable() to freeze it."
             )
         return plan
 
