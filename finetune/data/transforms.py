@@ -1,0 +1,94 @@
+"""Train and eval transforms built from a backbone's `Preprocessing`.
+
+Random choices come from a `random.Random` seeded per sample (not torch's global RNG), so a
+seed gives the same augmented batches whatever the number of loader workers."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import attrs
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from finetune.backbone import Preprocessing
+from finetune.errors import DataError
+
+_INTERPOLATION = {
+    "bilinear": F.InterpolationMode.BILINEAR,
+    "bicubic": F.InterpolationMode.BICUBIC,
+    "nearest": F.InterpolationMode.NEAREST,
+}
+
+
+def sized(preprocessing: Preprocessing, image_size: int | None) -> Preprocessing:
+    """`preprocessing` trained at another crop size; the resize scales with it, so 160 px on
+    a 256/224 backbone resizes to 183 px (the same crop fraction)."""
+    if image_size is None:
+        return preprocessing
+    if not isinstance(image_size, int) or image_size < 8:
+        raise DataError(f"image_size must be an integer >= 8 pixels, got {image_size!r}")
+    resize = round(image_size * preprocessing.resize_size / preprocessing.crop_size)
+    return attrs.evolve(preprocessing, resize_size=resize, crop_size=image_size)
+
+
+@attrs.frozen
+class EvalTransform:
+    """Resize the shorter side, centre-crop, normalise: what the weights were trained with."""
+
+    preprocessing: Preprocessing
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        p = self.preprocessing
+        image = F.resize(image, [p.resize_size], interpolation=_INTERPOLATION[p.interpolation])
+        image = F.center_crop(image, [p.crop_size, p.crop_size])
+        return _normalise(image, p)
+
+
+@attrs.frozen
+class TrainTransform:
+    """Random resized crop (scale 8–100%, aspect 3/4–4/3) and horizontal flip, as torchvision's
+    ImageNet recipe, then normalise."""
+
+    preprocessing: Preprocessing
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or random.Random()
+        p = self.preprocessing
+        top, left, height, width = self.crop_box(image.width, image.height, rng)
+        image = F.resized_crop(
+            image, top, left, height, width, [p.crop_size, p.crop_size],
+            interpolation=_INTERPOLATION[p.interpolation],
+        )
+        if rng.random() < 0.5:
+            image = F.horizontal_flip(image)
+        return _normalise(image, p)
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, height, width), torchvision's RandomResizedCrop.get_params."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = height, round(height * self.ratio[1])
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _normalise(image: Image.Image, p: Preprocessing) -> torch.Tensor:
+    tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+    return F.normalize(tensor, mean=list(p.mean), std=list(p.std))
