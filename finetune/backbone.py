@@ -372,7 +372,13 @@ class Backbone(nn.Module):
                      f"  ({share:.1f}% trainable)")
         return "\n".join(lines)
 
-    def _assign_groups(self) -> dict[str, str]:
+    def refresh_groups(self) -> None:
+        """Re-index parameters after modules were added to or wrapped inside the model (LoRA
+        adapters). A parameter no group pattern matches joins the group of its closest enclosing
+        module that was already indexed, so `conv1.lora_A.default.weight` joins `conv1`'s group."""
+        self._group_index = self._assign_groups(previous=self._group_index)
+
+    def _assign_groups(self, previous: dict[str, str] | None = None) -> dict[str, str]:
         compiled = [(name, re.compile(pattern)) for name, pattern in self.architecture.groups]
         head_prefix = self.architecture.head + "."
         index: dict[str, str] = {}
@@ -382,6 +388,8 @@ class Backbone(nn.Module):
                 index[name] = "head"
                 continue
             group = next((g for g, rx in compiled if rx.search(name)), None)
+            if group is None and previous:
+                group = _enclosing_group(name, previous)
             if group is None:
                 unmatched.append(name)
             else:
@@ -395,6 +403,22 @@ class Backbone(nn.Module):
 
 
 # -- helpers --------------------------------------------------------------------------------
+def _enclosing_group(name: str, index: dict[str, str]) -> str | None:
+    """The group of the innermost module above `name` that owns an already indexed parameter."""
+    owners: dict[str, str] = {}
+    for known, group in index.items():
+        module = known.rpartition(".")[0]
+        while module:
+            owners.setdefault(module, group)
+            module = module.rpartition(".")[0]
+    module = name.rpartition(".")[0]
+    while module:
+        if module in owners:
+            return owners[module]
+        module = module.rpartition(".")[0]
+    return None
+
+
 def _check_num_classes(num_classes: int) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(
