@@ -179,9 +179,9 @@ class ImageFolderData:
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.root, train_folder, test_folder = find_tree(Path(root), test_dir)
         self.classes = list_classes(train_folder)
-        _check_same_classes(self.classes, list_classes(test_folder), train_folder, test_folder)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         train = scan_split(train_folder, self.classes)
+        _check_same_classes(self.classes, list_classes(test_folder), train_folder, test_folder)
         test = scan_split(test_folder, self.classes)
         self.cache: Path | None = None
         if pre_resize:
@@ -190,7 +190,8 @@ class ImageFolderData:
         else:
             problems = find_problems([p for p, _ in train + test], full=full_check)
         self.skipped = tuple(sorted(problems.items()))
-        train, test = self._drop(train, problems), self._drop(test, problems)
+        self._report_skipped()
+        train, test = self._without(train, problems), self._without(test, problems)
         self.train_samples, self.val_samples = stratified_split(
             train, val_split, seed, train_per_class
         )
@@ -255,15 +256,18 @@ class ImageFolderData:
 
         return moved(train), moved(test), problems
 
-    def _drop(self, samples: Samples, problems: dict[Path, str]) -> Samples:
-        bad = [(p, problems[p]) for p, _ in samples if p in problems]
-        if not bad:
-            return samples
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    def _report_skipped(self) -> None:
+        """One message for every unreadable file, whether skipped or (strict) fatal."""
+        if not self.skipped:
+            return
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)
+        count = len(self.skipped)
         if self.strict:
-            raise DataError(f"{len(bad)} image file(s) cannot be read:\n{listing}\n"
+            raise DataError(f"{count} image file(s) cannot be read:\n{listing}\n"
                             "Fix: remove or replace them, or pass strict=False to skip them.")
-        warnings.warn(f"skipping {len(bad)} unreadable image file(s):\n{listing}", stacklevel=3)
+        warnings.warn(f"skipping {count} unreadable image file(s):\n{listing}", stacklevel=3)
+
+    def _without(self, samples: Samples, problems: dict[Path, str]) -> Samples:
         kept = [(p, label) for p, label in samples if p not in problems]
         missing = set(range(len(self.classes))) - {label for _, label in kept}
         if missing:
