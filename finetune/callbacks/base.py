@@ -1,0 +1,94 @@
+"""`Callback` and the events the Trainer fires.
+
+Each `Event`'s value is the name of the method it calls, so dispatch is one `getattr` and a
+callback overrides only the hooks it needs. Callbacks observe and record; the only thing
+one may ask of the Trainer is to stop (`trainer.state.should_stop = True`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.metrics import EvaluationReport
+    from finetune.trainer import History, StepOutput, Trainer
+
+
+class Event(str, enum.Enum):
+    """Training events, in the order they fire (see docs/callbacks.md for the table)."""
+
+    FIT_START = "on_fit_start"
+    EPOCH_START = "on_epoch_start"
+    TRAIN_BATCH_END = "on_train_batch_end"
+    VALIDATION_END = "on_validation_end"
+    EPOCH_END = "on_epoch_end"
+    FIT_END = "on_fit_end"
+    EXCEPTION = "on_exception"
+
+
+class Callback:
+    """No-op hooks. Stateful callbacks override `state_dict` / `load_state_dict` so a resumed
+    run continues with, e.g., the same best score and patience counter."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first epoch (after a resume has been restored)."""
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """The strategy for `epoch` is applied and the optimizer matches it."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, batch: Any, outputs: StepOutput
+    ) -> None:
+        """After each optimizer step; `outputs` holds the batch's loss and correct count."""
+
+    def on_validation_end(self, trainer: Trainer, report: EvaluationReport) -> None:
+        """After the validation pass of an epoch (not fired without a validation loader)."""
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """After the epoch's training, validation and scheduler step; `metrics` is the row
+        just appended to the history (train_loss, train_accuracy, val_loss, …, lr/<group>)."""
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        """After the last epoch, or after an early stop."""
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        """The run failed (non-finite loss, Ctrl-C, …); the error is re-raised afterwards."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+def dispatch(callbacks: list[Callback], event: Event, trainer: Trainer, **kwargs: Any) -> None:
+    """Call `event` on each callback, in list order."""
+    for callback in callbacks:
+        getattr(callback, event.value)(trainer, **kwargs)
+
+
+def callback_keys(callbacks: list[Callback]) -> list[str]:
+    """Stable names for callback state in checkpoints: the class name, numbered if repeated."""
+    keys, seen = [], {}
+    for callback in callbacks:
+        name = type(callback).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def monitored_value(metrics: dict[str, float], monitor: str, owner: str) -> float:
+    """The monitored metric from an epoch's row, or an error that lists what is there."""
+    if monitor not in metrics:
+        raise KeyError(
+            f"{owner} monitors '{monitor}', which this run does not produce; available: "
+            f"{', '.join(sorted(metrics))}. Pass a validation loader for val_* metrics."
+        )
+    return float(metrics[monitor])
+
+
+def is_improvement(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta

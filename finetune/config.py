@@ -1,0 +1,53 @@
+"""Run configuration as frozen, validated attrs classes: a bad value fails when the config is
+built, not an hour into training, and sweeps are `attrs.evolve(config, lr=...)`."""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+from attrs import validators as v
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _check_device(_: object, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {value!r}); 'auto' picks "
+            "CUDA when present, else the CPU."
+        )
+
+
+def _check_channels_last(_: object, attribute: attrs.Attribute, value: object) -> None:
+    if value != "auto" and not isinstance(value, bool):
+        raise ValueError(f"channels_last must be 'auto', True or False (got {value!r})")
+
+
+def _positive_or_none(_: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{attribute.name} must be a positive number or None (got {value!r})")
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """What one `Trainer.fit` run does. Defaults follow the reference setup (Adam, lr 1e-4,
+    cross-entropy); `precision="auto"` and `channels_last="auto"` pick the fast path per model.
+
+    - `seed`: seeds every RNG at fit start and again at each epoch start from (seed, epoch), so
+      a run is repeatable on CPU and a resumed run shuffles exactly as an uninterrupted one.
+      None leaves the RNGs alone.
+    - `precision`: "fp32", "bf16" (autocast), or "auto" (bf16 only where a timed probe shows
+      it is faster for this model on this device; see `finetune.precision`).
+    - `max_grad_norm`: clip the gradient norm of the trainable parameters; None does not clip.
+    """
+
+    epochs: int = attrs.field(default=10, validator=[v.instance_of(int), v.ge(1)])
+    lr: float = attrs.field(default=1e-4, converter=float, validator=v.gt(0.0))
+    weight_decay: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
+    seed: int | None = attrs.field(default=0, validator=v.optional(v.instance_of(int)))
+    precision: str = attrs.field(default="auto", validator=v.in_(PRECISIONS))
+    device: str = attrs.field(default="auto", validator=_check_device)
+    channels_last: str | bool = attrs.field(default="auto", validator=_check_channels_last)
+    max_grad_norm: float | None = attrs.field(default=None, validator=_positive_or_none)

@@ -1,0 +1,579 @@
+"""`Trainer`: the package's only training loop.
+
+The Trainer owns the device, precision, optimizer and loop; the strategy decides what trains
+(re-asked at every epoch where `strategy.changes_at(epoch)`), and callbacks observe events.
+The loop is split into small methods (`_run_epoch`, `_train_step`, `_forward`,
+`_evaluate`) so a step can be replaced without copying the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from finetune.backbone import Backbone
+from finetune.callbacks.base import Callback, Event, callback_keys, dispatch
+from finetune.config import TrainConfig
+from finetune.errors import CheckpointError, FinetuneError
+from finetune.metrics import EvaluationReport
+from finetune.precision import autocast, resolve_precision, uses_convolutions
+from finetune.strategies import FreezeReport, FreezeStrategy
+
+CHECKPOINT_FORMAT = 1
+_PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
+
+OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer] | None
+SchedulerSpec = Callable[[Optimizer], Any] | None
+LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+class NonFiniteLossError(FinetuneError, FloatingPointError):
+    """The loss became NaN or infinite; training cannot continue from these weights."""
+
+
+@attrs.define
+class StepOutput:
+    """What one train step produced (passed to `on_train_batch_end`)."""
+
+    loss: float
+    correct: int
+    count: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else 0.0
+
+
+@attrs.define
+class History:
+    """One row of metrics per finished epoch; `history["val_accuracy"]` is a column."""
+
+    records: list[dict[str, float]] = attrs.Factory(list)
+    stopped_early: bool = False
+
+    def __getitem__(self, metric: str) -> list[float]:
+        return [row[metric] for row in self.records if metric in row]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def best(self, metric: str, mode: str = "max") -> dict[str, float]:
+        """The row where `metric` was best."""
+        rows = [row for row in self.records if metric in row]
+        if not rows:
+            raise KeyError(f"no epoch recorded '{metric}'")
+        pick = max if mode == "max" else min
+        return pick(rows, key=lambda row: row[metric])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": [dict(r) for r in self.records], "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        return cls(records=[dict(r) for r in data["records"]],
+                   stopped_early=bool(data["stopped_early"]))
+
+
+@attrs.define
+class TrainState:
+    """Mutable run state that callbacks may read (and `should_stop`, which they may set)."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    start_epoch: int = 0
+    batches_per_epoch: int | None = None
+    should_stop: bool = False
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    channels_last: bool = False
+    freeze_report: FreezeReport | None = None
+    report: EvaluationReport | None = None
+    history: History = attrs.Factory(History)
+
+
+def _default_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{spec}' requested but CUDA is not available; use 'auto'.")
+    return torch.device(spec)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG's state as tensors and plain data (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels) from a tuple/list batch, a dict batch, or bare images."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        images = batch.get("image", batch.get("images"))
+        labels = batch.get("label", batch.get("labels"))
+        if images is None:
+            raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}")
+        return images, labels
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"cannot read images and labels from a batch of type {type(batch).__name__}")
+
+
+class Trainer:
+    """Fit a `Backbone` under a `FreezeStrategy`.
+
+    `optimizer`: None (Adam at `config.lr` / `config.weight_decay`), a factory called with the
+    strategy's param groups, or an instance used as a template (its class and `defaults`) —
+    the optimizer is rebuilt whenever the strategy changes what trains, so it only ever holds
+    trainable parameters. `scheduler`: None or a factory `optimizer -> LRScheduler`, stepped
+    once per epoch (ReduceLROnPlateau gets the validation loss). `loss`: None
+    (CrossEntropyLoss), a module, a module class, or a function `(logits, labels) -> loss`.
+    `classes`: class names for reports; taken from `train_loader.dataset.classes` if absent.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        strategy: FreezeStrategy,
+        config: TrainConfig | None = None,
+        callbacks: Sequence[Callback] = (),
+        *,
+        optimizer: OptimizerSpec = None,
+        scheduler: SchedulerSpec = None,
+        loss: LossSpec = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(strategy, FreezeStrategy):
+            raise TypeError(
+                f"strategy must be a FreezeStrategy (got {type(strategy).__name__}); e.g. "
+                "finetune.build_strategy('last-layer')."
+            )
+        if scheduler is not None and (not callable(scheduler) or isinstance(
+            scheduler, (torch.optim.lr_scheduler.LRScheduler, _PLATEAU))):
+            raise TypeError(
+                "scheduler must be a factory taking the optimizer, e.g. "
+                "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5): the Trainer "
+                "rebuilds the optimizer when the strategy changes, and a scheduler instance is "
+                "bound to one optimizer."
+            )
+        self.backbone = backbone
+        self.strategy = strategy
+        self.config = config or TrainConfig()
+        self.callbacks: list[Callback] = list(callbacks)
+        self._optimizer_spec = optimizer
+        self._scheduler_spec = scheduler
+        self.loss_fn = self._make_loss(loss)
+        self.classes: list[str] | None = list(classes) if classes is not None else None
+        self.optimizer: Optimizer | None = None
+        self.scheduler: Any = None
+        self.state = TrainState()
+        self._prepared = False
+
+    @property
+    def history(self) -> History:
+        return self.state.history
+
+    # -- public API ---------------------------------------------------------------------------
+    def fit(
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        resume: str | Path | None = None,
+    ) -> History:
+        """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`)."""
+        config = self.config
+        self._resolve_classes(train_loader)
+        if config.seed is not None:
+            _seed_everything(config.seed)
+        checkpoint = _read_checkpoint(resume) if resume is not None else None
+        if checkpoint is not None:
+            self._check_compatible(checkpoint, resume)
+        configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
+        self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
+                                batches_per_epoch=_length(train_loader))
+        self._prepare(configured_epoch, train_loader)
+        self._configure_optimizer(configured_epoch, previous=None)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        try:
+            dispatch(self.callbacks, Event.FIT_START, self)
+            for epoch in range(self.state.start_epoch, config.epochs):
+                self.state.epoch = epoch
+                if epoch != configured_epoch and self.strategy.changes_at(epoch):
+                    self.state.freeze_report = self.strategy.apply(self.backbone, epoch)
+                    self._configure_optimizer(epoch, previous=self.optimizer)
+                if config.seed is not None:
+                    self._reseed(_epoch_seed(config.seed, epoch), train_loader)
+                dispatch(self.callbacks, Event.EPOCH_START, self, epoch=epoch)
+                started = time.perf_counter()
+                metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
+                if val_loader is not None:
+                    self.state.report = self._evaluate(val_loader)
+                    metrics.update(self._report_metrics(self.state.report))
+                    dispatch(self.callbacks, Event.VALIDATION_END, self, report=self.state.report)
+                metrics.update(self._learning_rates())
+                self._step_scheduler(metrics)
+                metrics["epoch_seconds"] = time.perf_counter() - started
+                self.history.records.append(metrics)
+                dispatch(self.callbacks, Event.EPOCH_END, self, metrics=metrics)
+                if self.state.should_stop:
+                    self.history.stopped_early = epoch + 1 < config.epochs
+                    break
+            dispatch(self.callbacks, Event.FIT_END, self, history=self.history)
+        except BaseException as error:
+            self._notify_exception(error)
+            raise
+        return self.history
+
+    def evaluate(self, loader: Iterable[Any]) -> EvaluationReport:
+        """Loss, accuracy, per-class metrics and confusion matrix on `loader`."""
+        self._ensure_ready(loader)
+        return self._evaluate(loader)
+
+    def predict(self, loader: Iterable[Any], probabilities: bool = False) -> torch.Tensor:
+        """Predicted class indices (or softmax probabilities) for every image in `loader`,
+        on the CPU; labels in the batches, if any, are ignored."""
+        self._ensure_ready(loader)
+        outputs = [logits.float().cpu() for logits, _ in self._inference(loader)]
+        if not outputs:
+            return torch.empty(0, dtype=torch.float32 if probabilities else torch.long)
+        logits = torch.cat(outputs)
+        return logits.softmax(dim=1) if probabilities else logits.argmax(dim=1)
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as tensors and plain data (loads with weights_only)."""
+        optimizer = self._require_optimizer()
+        keys = callback_keys(self.callbacks)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "backbone": {"name": self.backbone.name, "num_classes": self.backbone.num_classes},
+            "classes": list(self.classes or []),
+            "model": {k: v.detach().cpu() for k, v in self.backbone.model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "strategy": self.strategy.state_dict(),
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "history": self.history.to_dict(),
+            "rng": rng_state(),
+            "callbacks": {k: cb.state_dict() for k, cb in zip(keys, self.callbacks, strict=True)},
+            "config": attrs.asdict(self.config),
+        }
+
+    # -- setup --------------------------------------------------------------------------------
+    def _resolve_classes(self, loader: Iterable[Any]) -> None:
+        if self.classes is None:
+            names = getattr(getattr(loader, "dataset", None), "classes", None)
+            if names is not None and len(names) == self.backbone.num_classes:
+                self.classes = [str(n) for n in names]
+            else:
+                self.classes = [str(i) for i in range(self.backbone.num_classes)]
+        if len(self.classes) != self.backbone.num_classes:
+            raise ValueError(
+                f"{len(self.classes)} class names for a {self.backbone.num_classes}-class head"
+            )
+
+    def _prepare(self, epoch: int, loader: Iterable[Any]) -> None:
+        """Device, strategy, memory format and precision (probed with the strategy applied,
+        since what is frozen changes what bf16 saves)."""
+        config, state = self.config, self.state
+        state.device = _default_device(config.device)
+        model = self.backbone.model
+        state.channels_last = (uses_convolutions(model) if config.channels_last == "auto"
+                               else bool(config.channels_last))
+        memory_format = torch.channels_last if state.channels_last else torch.preserve_format
+        self.backbone.to(state.device, memory_format=memory_format)
+        state.freeze_report = self.strategy.apply(self.backbone, epoch)
+        crop = self.backbone.preprocessing.crop_size
+        state.precision = resolve_precision(
+            config.precision, self.backbone, state.device, self._sample_shape(loader, crop),
+            name=self.backbone.name, channels_last=state.channels_last,
+        )
+        self._prepared = True
+
+    def _ensure_ready(self, loader: Iterable[Any]) -> None:
+        if not self._prepared:
+            self._resolve_classes(loader)
+            self._prepare(0, loader)
+
+    @staticmethod
+    def _sample_shape(loader: Iterable[Any], crop: int) -> tuple[int, ...]:
+        dataset = getattr(loader, "dataset", None)
+        try:
+            images, _ = _split_batch(dataset[0])  # type: ignore[index]
+            return tuple(images.shape)
+        except Exception:
+            return (3, crop, crop)
+
+    def _make_loss(self, loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if loss is None:
+            return nn.CrossEntropyLoss()
+        if isinstance(loss, type):
+            return loss()
+        if not callable(loss):
+            raise TypeError(f"loss must be a module, a module class or a function, not {loss!r}")
+        return loss
+
+    def _make_optimizer(self, groups: list[dict[str, Any]]) -> Optimizer:
+        spec = self._optimizer_spec
+        if spec is None:
+            return torch.optim.Adam(groups, lr=self.config.lr,
+                                    weight_decay=self.config.weight_decay)
+        if isinstance(spec, Optimizer):
+            return type(spec)(groups, **spec.defaults)
+        return spec(groups)
+
+    def _configure_optimizer(self, epoch: int, previous: Optimizer | None) -> None:
+        """Build the optimizer from the strategy's groups for `epoch`, carrying per-parameter
+        state (e.g. Adam moments) over for parameters that still train — and none for the
+        rest — then rebuild the scheduler and bring it to `epoch`."""
+        groups = self.strategy.param_groups(self.backbone, self.config.lr, epoch)
+        if not groups:
+            raise ValueError(
+                f"{self.strategy.describe()} leaves nothing trainable at epoch {epoch}; "
+                "there is nothing to optimise."
+            )
+        optimizer = self._make_optimizer(groups)
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        frozen = sum(1 for p in held if not p.requires_grad)
+        if frozen:
+            raise ValueError(f"the optimizer factory added {frozen} frozen parameters; build "
+                             "the optimizer from the param groups it is given.")
+        if previous is not None:
+            for parameter in held:
+                if parameter in previous.state:
+                    optimizer.state[parameter] = previous.state[parameter]
+        self.optimizer = optimizer
+        self.scheduler = None
+        if self._scheduler_spec is not None:
+            self.scheduler = self._scheduler_spec(optimizer)
+            if not _is_plateau(self.scheduler):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _ in range(epoch):
+                        self.scheduler.step()
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.backbone.model.load_state_dict(checkpoint["model"])
+        self._require_optimizer().load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None and checkpoint["scheduler"] is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state.history = History.from_dict(checkpoint["history"])
+        self.state.global_step = int(checkpoint["global_step"])
+        self.state.epoch = int(checkpoint["epoch"])
+        saved = checkpoint["callbacks"]
+        for key, callback in zip(callback_keys(self.callbacks), self.callbacks, strict=True):
+            if key in saved:
+                callback.load_state_dict(saved[key])
+        set_rng_state(checkpoint["rng"])
+
+    def _check_compatible(self, checkpoint: dict[str, Any], path: str | Path | None) -> None:
+        ours = {"name": self.backbone.name, "num_classes": self.backbone.num_classes}
+        theirs = checkpoint["backbone"]
+        if theirs != ours:
+            raise CheckpointError(
+                f"checkpoint {path} holds {theirs['name']} with {theirs['num_classes']} classes, "
+                f"but this trainer has {ours['name']} with {ours['num_classes']} classes; resume "
+                "with the backbone the checkpoint was trained with."
+            )
+        expected = self.backbone.model.state_dict()
+        saved = checkpoint["model"]
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in saved and saved[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit {self.backbone.name}: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
+            )
+        if checkpoint["strategy"] != self.strategy.state_dict():
+            raise CheckpointError(
+                f"checkpoint {path} was trained with strategy {checkpoint['strategy']}, but this "
+                f"trainer uses {self.strategy.state_dict()}; resume with the same strategy."
+            )
+
+    def _reseed(self, seed: int, loader: Iterable[Any]) -> None:
+        """Seed every RNG from (seed, epoch): shuffling, dropout and augmentation of an epoch
+        then do not depend on what ran before it, so a resumed run matches a straight one."""
+        _seed_everything(seed)
+        for generator in (getattr(loader, "generator", None),
+                          getattr(getattr(loader, "sampler", None), "generator", None)):
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(seed)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _run_epoch(self, loader: Iterable[Any]) -> dict[str, float]:
+        self.backbone.train()
+        total_loss, correct, count = 0.0, 0, 0
+        for index, batch in enumerate(loader):
+            self.state.batch = index
+            outputs = self._train_step(batch)
+            self.state.global_step += 1
+            total_loss += outputs.loss * outputs.count
+            correct += outputs.correct
+            count += outputs.count
+            dispatch(self.callbacks, Event.TRAIN_BATCH_END, self, batch=batch, outputs=outputs)
+        if count == 0:
+            raise ValueError("the training loader yielded no batches")
+        return {"train_loss": total_loss / count, "train_accuracy": correct / count}
+
+    def _train_step(self, batch: Any) -> StepOutput:
+        images, labels = self._to_device(batch)
+        if labels is None:
+            raise ValueError("training batches must hold (images, labels)")
+        optimizer = self._require_optimizer()
+        optimizer.zero_grad(set_to_none=True)
+        logits = self._forward(images)
+        loss = self.loss_fn(logits.float(), labels)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"loss is {value} at epoch {self.state.epoch}, batch {self.state.batch}; "
+                "lower the learning rate, set max_grad_norm, or check the inputs for NaN."
+            )
+        loss.backward()
+        if self.config.max_grad_norm is not None:
+            trainable = [p for g in optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
+        optimizer.step()
+        correct = int((logits.detach().argmax(dim=1) == labels).sum())
+        return StepOutput(loss=value, correct=correct, count=len(labels))
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.state.device, self.state.precision):
+            return self.backbone(images)
+
+    def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = _split_batch(batch)
+        device = self.state.device
+        images = images.to(device, non_blocking=True)
+        if self.state.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if labels is not None:
+            labels = labels.to(device, non_blocking=True)
+        return images, labels
+
+    def _inference(self, loader: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any]]:
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.inference_mode():
+                for batch in loader:
+                    images, labels = self._to_device(batch)
+                    yield self._forward(images), labels
+        finally:
+            self.backbone.train(was_training)
+
+    def _evaluate(self, loader: Iterable[Any]) -> EvaluationReport:
+        predictions, targets, total_loss, count = [], [], 0.0, 0
+        for logits, labels in self._inference(loader):
+            if labels is None:
+                raise ValueError("evaluation batches must hold (images, labels)")
+            total_loss += float(self.loss_fn(logits.float(), labels)) * len(labels)
+            count += len(labels)
+            predictions.append(logits.argmax(dim=1).cpu())
+            targets.append(labels.cpu())
+        if count == 0:
+            raise ValueError("the evaluation loader yielded no batches")
+        return EvaluationReport.from_predictions(
+            torch.cat(targets), torch.cat(predictions), self.classes or self.backbone.num_classes,
+            loss=total_loss / count,
+        )
+
+    def _require_optimizer(self) -> Optimizer:
+        if self.optimizer is None:
+            raise RuntimeError("the optimizer is built by fit(); call fit() first")
+        return self.optimizer
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @staticmethod
+    def _report_metrics(report: EvaluationReport) -> dict[str, float]:
+        return {"val_loss": float(report.loss or 0.0), "val_accuracy": report.accuracy,
+                "val_macro_f1": report.macro_f1}
+
+    def _learning_rates(self) -> dict[str, float]:
+        rates, seen = {}, {}
+        for group in self._require_optimizer().param_groups:
+            name = str(group.get("name", "group"))
+            seen[name] = seen.get(name, 0) + 1
+            key = f"lr/{name}" if seen[name] == 1 else f"lr/{name}#{seen[name]}"
+            rates[key] = float(group["lr"])
+        return rates
+
+    def _step_scheduler(self, metrics: dict[str, float]) -> None:
+        if self.scheduler is None:
+            return
+        if _is_plateau(self.scheduler):
+            self.scheduler.step(metrics.get("val_loss", metrics["train_loss"]))
+        else:
+            self.scheduler.step()
+
+    def _notify_exception(self, error: BaseException) -> None:
+        for callback in self.callbacks:
+            try:
+                callback.on_exception(self, error)
+            except Exception as inner:  # the original error matters more
+                warnings.warn(f"{type(callback).__name__}.on_exception failed: {inner}",
+                              RuntimeWarning, stacklevel=2)
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _is_plateau(scheduler: Any) -> bool:
+    return isinstance(scheduler, _PLATEAU)
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    from finetune.callbacks.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
