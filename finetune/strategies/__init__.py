@@ -17,15 +17,24 @@ from finetune.strategies.builtin import (
     FullUnfreeze,
     LastLayerOnly,
 )
+from finetune.strategies.lora import LoRA
+from finetune.strategies.scheduled import GradualUnfreeze, LinearProbeThenFinetune
+from finetune.strategies.selective import BitFit, DiscriminativeLR, FreezeAllBut
 
 __all__ = [
     "STRATEGIES",
+    "BitFit",
+    "DiscriminativeLR",
+    "FreezeAllBut",
     "FreezeFraction",
     "FreezeHeadOnly",
     "FreezeReport",
     "FreezeStrategy",
     "FullUnfreeze",
+    "GradualUnfreeze",
     "LastLayerOnly",
+    "LinearProbeThenFinetune",
+    "LoRA",
     "build_strategy",
     "register",
 ]

@@ -1,0 +1,125 @@
+"""LoRA: low-rank adapters on the backbone's conv and linear layers, through `peft`.
+
+`peft` is an optional extra and is imported only when the strategy is applied.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from torch import nn
+
+from finetune.backbone import Backbone
+from finetune.strategies.base import FreezeReport, FreezeStrategy, register
+
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+
+
+def _names(value: Sequence[str] | str) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(
+            "the LoRA strategy needs the peft package: pip install 'finetune[lora]'"
+        ) from error
+    return peft
+
+
+def is_adapter(parameter_name: str) -> bool:
+    """Whether a parameter (named as in `backbone.model.named_parameters()`) is a LoRA adapter."""
+    return any(marker in parameter_name for marker in ADAPTER_MARKERS)
+
+
+@register("lora")
+@attrs.frozen
+class LoRA(FreezeStrategy):
+    """The pretrained weights stay frozen; every `nn.Conv2d` / `nn.Linear` outside the head gets
+    a trainable low-rank update ``W + (alpha / r) · B A`` (Hu et al., 2021), and the head trains
+    fully.
+
+    Few trainable parameters and small checkpoints of what changed, with more capacity than
+    BitFit. `groups` limits the adapters to some backbone groups (default: all). Applying injects
+    the adapters into `backbone.model` once (later applies only re-set what trains), so apply it
+    before loading a checkpoint saved from a LoRA-trained backbone: `backbone.state_dict()` then
+    holds base weights, adapters and head together and restores all three.
+    """
+
+    r: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    alpha: float = attrs.field(default=16.0)
+    dropout: float = attrs.field(
+        default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)]
+    )
+    groups: tuple[str, ...] = attrs.field(default=(), converter=_names)
+
+    @alpha.validator
+    def _check_alpha(self, _: attrs.Attribute, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"alpha must be > 0 (got {value!r}); alpha / r scales the update")
+
+    def target_modules(self, backbone: Backbone) -> list[str]:
+        """Names of the conv / linear modules that get adapters (never the head)."""
+        unknown = [g for g in self.groups if g not in backbone.group_names]
+        if unknown:
+            raise ValueError(
+                f"LoRA: {backbone.name} has no group(s) {unknown}; valid groups are "
+                f"{backbone.group_names}"
+            )
+        chosen = set(self.groups) or set(backbone.group_names)
+        chosen.discard("head")
+        targets = []
+        for name, module in backbone.model.named_modules():
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(module, (nn.Conv2d, nn.Linear))
+                and isinstance(weight, nn.Parameter)
+                and backbone.group_of(f"{name}.weight") in chosen
+            ):
+                targets.append(name)
+        return targets
+
+    def inject(self, backbone: Backbone) -> int:
+        """Add adapters to `backbone.model` unless it already has them; returns how many
+        modules were adapted now (0 on a repeated call)."""
+        if any(is_adapter(name) for name, _ in backbone.model.named_parameters()):
+            return 0
+        peft = _import_peft()
+        targets = self.target_modules(backbone)
+        if not targets:
+            raise ValueError(
+                f"LoRA: {backbone.name} has no nn.Conv2d / nn.Linear layers outside the head in "
+                f"groups {list(self.groups) or 'all'}; nothing to adapt."
+            )
+        config = peft.LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
+            bias="none",
+        )
+        peft.inject_adapter_in_model(config, backbone.model)
+        backbone.refresh_groups()
+        return len(targets)
+
+    def apply(self, backbone: Backbone, epoch: int = 0) -> FreezeReport:
+        self.inject(backbone)
+        return super().apply(backbone, epoch)
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        if not any(is_adapter(name) for name, _ in backbone.model.named_parameters()):
+            raise RuntimeError(
+                "LoRA.trainable: the backbone has no adapters yet; call strategy.apply(backbone) "
+                "before building optimizer groups."
+            )
+        head = {name for name, _ in backbone.named_parameters_in("head")}
+        return {
+            name: 1.0
+            for name, _ in backbone.model.named_parameters()
+            if name in head or is_adapter(name)
+        }
