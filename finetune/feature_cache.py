@@ -1,0 +1,272 @@
+"""Frozen-prefix activation cache: run a frozen prefix once per image, train the suffix after.
+
+A plain loop runs every frozen layer forward on every image in every epoch, which is why
+freezing saves users less than they expect. When a strategy freezes a contiguous prefix of the
+network, its frozen BatchNorm layers are in eval mode, it has no stochastic layers and the
+images are not augmented, the prefix output of an image never changes — so the Trainer computes
+it once (`FeatureCache.fill`) and later epochs feed the stored activations to the suffix.
+Shuffling is untouched: batches are drawn from the loader's own batch sampler.
+
+Activations are stored in the dtype the prefix produced (bf16 under bf16 autocast, fp32
+otherwise), in memory up to `memory_budget` bytes and in a memory-mapped file under
+`directory` beyond it. A disk cache is named by a key over the prefix's weights, the cut, the
+preprocessing and the sample list, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from finetune.backbone import Backbone
+
+STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
+try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
+    from torchvision.ops import StochasticDepth
+
+    STOCHASTIC_MODULES += (StochasticDepth,)
+except ImportError:  # pragma: no cover - torchvision always has it today
+    pass
+
+FLATTEN = "flatten"
+
+
+@attrs.frozen
+class Cut:
+    """Where a backbone is split: the first `index` units of its sequence form the prefix."""
+
+    index: int
+    label: str  # the last unit of the prefix, e.g. "layer3.4"
+
+
+class Chain:
+    """Runs a slice of a backbone's units in order (shares the modules; owns nothing)."""
+
+    def __init__(self, steps: Sequence[nn.Module | None]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = torch.flatten(x, 1) if step is None else step(x)
+        return x
+
+
+def units(backbone: Backbone) -> list[tuple[str, nn.Module | None]]:
+    """The backbone's forward pass as an ordered list of (path, module); None flattens.
+
+    Empty for architectures that declare no `sequence` (their forward is not a plain chain)."""
+    result: list[tuple[str, nn.Module | None]] = []
+    for path in backbone.architecture.sequence:
+        if path == FLATTEN:
+            result.append((FLATTEN, None))
+        elif path.endswith(".*"):
+            parent = path[:-2]
+            for child, module in backbone.model.get_submodule(parent).named_children():
+                result.append((f"{parent}.{child}", module))
+        else:
+            result.append((path, backbone.model.get_submodule(path)))
+    return result
+
+
+def split(backbone: Backbone, cut: Cut) -> tuple[Chain, Chain]:
+    """(prefix, suffix) callables whose composition is the backbone's forward."""
+    steps = [module for _, module in units(backbone)]
+    return Chain(steps[: cut.index]), Chain(steps[cut.index :])
+
+
+def find_cut(backbone: Backbone) -> Cut | None:
+    """The longest prefix over which caching is exact under the currently applied strategy:
+    every parameter frozen, every BatchNorm in eval mode, no dropout or stochastic depth.
+    Finds the boundary itself, e.g. FreezeFraction(0.8) on ResNet50 (whose cut falls inside
+    layer3's last block) caches up to layer3.4."""
+    best: Cut | None = None
+    for index, (path, module) in enumerate(units(backbone)):
+        if module is not None and not _exactly_frozen(backbone, path, module):
+            break
+        if module is not None:
+            best = Cut(index + 1, path)
+    return best
+
+
+def _exactly_frozen(backbone: Backbone, path: str, module: nn.Module) -> bool:
+    if any(p.requires_grad for p in module.parameters()):
+        return False
+    for name, sub in module.named_modules():
+        if isinstance(sub, STOCHASTIC_MODULES):
+            return False
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            full = f"{path}.{name}" if name else path
+            if full not in backbone.frozen_norm_layers:
+                return False
+    return True
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Maps a sampler key — an int, or an (index, augmentation seed) pair — to its index."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: Any) -> int:
+        return int(key[0]) if isinstance(key, (tuple, list)) else int(key)
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A digest of what a dataset holds: its (path, label) samples and transform, or its
+    tensors. Datasets of neither kind get their identity, so their disk cache is never shared
+    across processes."""
+    digest = hashlib.sha1()
+    samples = getattr(dataset, "samples", None)
+    tensors = getattr(dataset, "tensors", None)
+    if samples is not None:
+        for path, label in samples:
+            digest.update(f"{path}\0{label}\n".encode())
+        digest.update(repr(getattr(dataset, "transform", None)).encode())
+    elif tensors is not None:
+        for tensor in tensors:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        digest.update(f"{type(dataset).__qualname__}:{id(dataset)}:{os.getpid()}".encode())
+    return digest.hexdigest()
+
+
+def is_deterministic(dataset: Any) -> bool:
+    """Whether a dataset returns the same tensor for an index every time (no augmentation).
+    Datasets say so with a `deterministic` attribute; a TensorDataset always is."""
+    flag = getattr(dataset, "deterministic", None)
+    if flag is not None:
+        return bool(flag)
+    return isinstance(dataset, torch.utils.data.TensorDataset)
+
+
+def cache_key(backbone: Backbone, cut: Cut, dataset: Any, dtype: str) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in backbone.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.dim() else str(tensor.item()).encode())
+    digest.update(f"{backbone.name}|{cut.label}|{backbone.preprocessing}|{dtype}".encode())
+    digest.update(dataset_fingerprint(dataset).encode())
+    return digest.hexdigest()[:20]
+
+
+class FeatureCache:
+    """Prefix activations of one dataset, indexed like the dataset."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cut: Cut,
+        *,
+        memory_budget: int = 4 << 30,
+        directory: str | Path | None = None,
+    ) -> None:
+        self.backbone, self.cut = backbone, cut
+        self.prefix, self.suffix = split(backbone, cut)
+        self.memory_budget, self.directory = memory_budget, directory
+        self.features: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.on_disk: Path | None = None
+        self.complete = False
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.features is None else self.features.numel() * self.features.itemsize
+
+    def fill(self, loader: Any, forward: Any, device: torch.device) -> None:
+        """Run the prefix once over the loader's dataset, in dataset order, with the loader's
+        batch size; `forward(prefix, images)` applies precision and memory format."""
+        dataset = loader.dataset
+        order = torch.utils.data.DataLoader(
+            dataset, batch_size=loader.batch_size or 32, shuffle=False,
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        )
+        position = 0
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.inference_mode():
+                for images, labels in _pairs(order):
+                    out = forward(self.prefix, images.to(device))
+                    if self.features is None:
+                        self._allocate(len(dataset), out, dataset)
+                        if self.complete:
+                            return
+                    stop = position + len(out)
+                    self.features[position:stop] = out.to("cpu")  # type: ignore[index]
+                    self.labels[position:stop] = labels  # type: ignore[index]
+                    position = stop
+        finally:
+            self.backbone.train(was_training)
+        if position != len(dataset):
+            raise RuntimeError(f"the loader gave {position} images for {len(dataset)} samples")
+        self._mark_complete()
+
+    def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(activations, labels) batches in exactly the order the loader would give images:
+        its own batch sampler, iterated the way DataLoader does (which first draws a base seed
+        from the loader's generator), so a cached epoch shuffles as an uncached one."""
+        if self.features is None or self.labels is None:
+            raise RuntimeError("FeatureCache.fill must run before batches")
+        if loader.batch_sampler is None:
+            raise ValueError("the activation cache needs a DataLoader with a batch size")
+        indices = torch.utils.data.DataLoader(
+            _Indices(len(loader.dataset)), batch_sampler=loader.batch_sampler,
+            generator=loader.generator,
+        )
+        for index in indices:
+            yield self.features[index], self.labels[index]
+
+    # -- storage ------------------------------------------------------------------------------
+    def _allocate(self, count: int, sample: torch.Tensor, dataset: Any) -> None:
+        shape = (count, *sample.shape[1:])
+        dtype = sample.dtype
+        nbytes = torch.Size(shape).numel() * sample.itemsize
+        self.labels = torch.empty(count, dtype=torch.long)
+        if nbytes <= self.memory_budget or self.directory is None:
+            if nbytes > self.memory_budget:
+                raise MemoryError(
+                    f"caching {self.cut.label} activations needs {nbytes / 2**30:.2f} GiB, over "
+                    f"the {self.memory_budget / 2**30:.2f} GiB budget; raise "
+                    "TrainConfig.cache_memory_gb, give cache_dir to spill to disk, or set "
+                    "feature_cache='off'."
+                )
+            self.features = torch.empty(shape, dtype=dtype)
+            return
+        key = cache_key(self.backbone, self.cut, dataset, str(dtype))
+        folder = Path(self.directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.on_disk = folder / f"{key}.bin"
+        meta = folder / f"{key}.json"
+        self.complete = meta.exists() and self.on_disk.exists()
+        numel = torch.Size(shape).numel()
+        storage = torch.from_file(str(self.on_disk), shared=True, size=numel, dtype=dtype)
+        self.features = storage.view(shape)
+        if self.complete:
+            self.labels = torch.tensor(json.loads(meta.read_text())["labels"], dtype=torch.long)
+
+    def _mark_complete(self) -> None:
+        self.complete = True
+        if self.on_disk is not None and self.labels is not None:
+            meta = self.on_disk.with_suffix(".json")
+            temporary = meta.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps({"cut": self.cut.label,
+                                             "labels": self.labels.tolist()}))
+            os.replace(temporary, meta)
+
+
+def _pairs(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        yield images, torch.as_tensor(labels)

@@ -1,0 +1,123 @@
+"""Frozen-prefix activation cache: where it cuts, that it is exact, when it is stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune import Backbone, FreezeFraction, FullUnfreeze, LastLayerOnly
+from finetune.feature_cache import FeatureCache, cache_key, find_cut, split
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> Backbone:
+    torch.manual_seed(0)
+    return Backbone.from_torchvision("resnet18", 3, weights=None)
+
+
+def _fp32(prefix, images):  # the trainer's forward hook: precision, memory format
+    return prefix(images)
+
+
+def test_cut_finds_the_last_fully_frozen_block_inside_resnet50() -> None:
+    backbone = Backbone.resnet50(10, weights=None)
+    FreezeFraction(0.8).apply(backbone)  # layer3.5.bn3.bias trains: layer3.5 is not frozen
+    assert find_cut(backbone).label == "layer3.4"
+    FreezeFraction(0.8, count="groups").apply(backbone)
+    assert find_cut(backbone).label == "layer3.5"
+    LastLayerOnly().apply(backbone)
+    assert find_cut(backbone).label == "avgpool"
+    FullUnfreeze().apply(backbone)
+    assert find_cut(backbone) is None
+
+
+def test_train_bn_stops_the_cut_at_the_first_batchnorm(resnet18: Backbone) -> None:
+    LastLayerOnly(train_bn=True).apply(resnet18)
+    assert find_cut(resnet18).label == "conv1"  # bn1's statistics move under training
+
+
+def test_architectures_without_a_sequence_are_not_cut() -> None:
+    backbone = Backbone.from_torchvision("mobilenet_v3_large", 3, weights=None)
+    LastLayerOnly().apply(backbone)
+    assert find_cut(backbone) is None
+
+
+def test_prefix_then_suffix_equals_the_full_forward(resnet18: Backbone) -> None:
+    FreezeFraction(0.5).apply(resnet18)
+    prefix, suffix = split(resnet18, find_cut(resnet18))
+    images = torch.randn(2, 3, 64, 64)
+    resnet18.eval()
+    with torch.no_grad():
+        assert torch.equal(suffix(prefix(images)), resnet18(images))
+
+
+def test_batches_follow_the_loaders_own_shuffling(resnet18: Backbone) -> None:
+    LastLayerOnly().apply(resnet18)
+    images = torch.randn(10, 3, 32, 32)
+    labels = torch.arange(10) % 3
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=True,
+                        generator=torch.Generator().manual_seed(5))
+    cache = FeatureCache(resnet18, find_cut(resnet18))
+    cache.fill(loader, _fp32, torch.device("cpu"))
+    loader.generator.manual_seed(7)
+    cached = list(cache.batches(loader))
+    loader.generator.manual_seed(7)
+    direct = list(loader)
+    assert [len(b) for b, _ in cached] == [4, 4, 2]
+    resnet18.eval()
+    with torch.no_grad():
+        for (features, cached_labels), (batch, batch_labels) in zip(cached, direct, strict=True):
+            assert torch.equal(cached_labels, batch_labels)
+            assert torch.allclose(cache.suffix(features), resnet18(batch), atol=1e-5)
+
+
+def test_memory_budget_spills_to_disk_and_a_second_fill_reuses_it(
+    resnet18: Backbone, tmp_path: Path
+) -> None:
+    LastLayerOnly().apply(resnet18)
+    dataset = TensorDataset(torch.randn(6, 3, 32, 32), torch.arange(6) % 3)
+    loader = DataLoader(dataset, batch_size=4)
+    first = FeatureCache(resnet18, find_cut(resnet18), memory_budget=0, directory=tmp_path)
+    first.fill(loader, _fp32, torch.device("cpu"))
+    assert first.on_disk is not None and first.on_disk.stat().st_size == first.nbytes
+    second = FeatureCache(resnet18, find_cut(resnet18), memory_budget=0, directory=tmp_path)
+    calls = []
+    second.fill(loader, lambda p, x: calls.append(1) or p(x), torch.device("cpu"))
+    assert len(calls) == 1  # only the probe batch that sizes the store: the rest was reused
+    assert torch.equal(second.features, first.features)
+    assert torch.equal(second.labels, first.labels)
+
+
+def test_budget_without_a_directory_is_a_clear_error(resnet18: Backbone) -> None:
+    LastLayerOnly().apply(resnet18)
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4).long()))
+    cache = FeatureCache(resnet18, find_cut(resnet18), memory_budget=16)
+    with pytest.raises(MemoryError, match=r"over the 0.00 GiB budget.*cache_dir"):
+        cache.fill(loader, _fp32, torch.device("cpu"))
+
+
+def test_key_changes_with_weights_preprocessing_cut_and_data(resnet18: Backbone) -> None:
+    import attrs
+
+    LastLayerOnly().apply(resnet18)
+    cut = find_cut(resnet18)
+    data = TensorDataset(torch.randn(4, 3, 8, 8), torch.zeros(4).long())
+    base = cache_key(resnet18, cut, data, "torch.bfloat16")
+    assert base == cache_key(resnet18, cut, data, "torch.bfloat16")
+    other_data = TensorDataset(torch.randn(4, 3, 8, 8), torch.zeros(4).long())
+    assert cache_key(resnet18, cut, other_data, "torch.bfloat16") != base
+    assert cache_key(resnet18, attrs.evolve(cut, index=3, label="layer1"), data,
+                     "torch.bfloat16") != base
+    assert cache_key(resnet18, cut, data, "torch.float32") != base
+    original = resnet18.preprocessing
+    resnet18.preprocessing = attrs.evolve(original, crop_size=160)
+    try:
+        assert cache_key(resnet18, cut, data, "torch.bfloat16") != base
+    finally:
+        resnet18.preprocessing = original
+    with torch.no_grad():
+        resnet18.model.layer1[0].conv1.weight[0, 0, 0, 0] += 1.0
+    assert cache_key(resnet18, cut, data, "torch.bfloat16") != base
