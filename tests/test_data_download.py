@@ -87,7 +87,7 @@ class RangeHandler(BaseHTTPRequestHandler):
 def server(archive: Path) -> Iterator[Server]:
     httpd = Server(("127.0.0.1", 0), RangeHandler)
     httpd.payload, httpd.ranges = archive.read_bytes(), []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()
