@@ -1,0 +1,50 @@
+"""TrainConfig validates on construction and sweeps with attrs.evolve."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from finetune.config import TrainConfig
+
+
+def test_defaults_follow_the_reference_setup():
+    config = TrainConfig()
+    assert (config.epochs, config.lr, config.seed) == (10, 1e-4, 0)
+    assert (config.precision, config.device, config.channels_last) == ("auto", "auto", "auto")
+    assert config.max_grad_norm is None and config.weight_decay == 0.0
+
+
+def test_frozen_and_evolve_for_sweeps():
+    config = TrainConfig(epochs=3)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.lr = 1.0  # type: ignore[misc]
+    swept = [attrs.evolve(config, lr=lr) for lr in (1e-3, 1e-4)]
+    assert [c.lr for c in swept] == [1e-3, 1e-4] and all(c.epochs == 3 for c in swept)
+    with pytest.raises(TypeError):
+        TrainConfig(3)  # type: ignore[misc]  # keyword-only
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epochs": 0}, "'epochs' must be >= 1"),
+        ({"epochs": 1.5}, "'epochs' must be <class 'int'>"),
+        ({"lr": 0}, "'lr' must be > 0"),
+        ({"weight_decay": -1}, "'weight_decay' must be >= 0"),
+        ({"precision": "fp16"}, "'precision' must be in"),
+        ({"device": "gpu"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ({"channels_last": "yes"}, "channels_last must be 'auto', True or False"),
+        ({"max_grad_norm": 0}, "max_grad_norm must be a positive number or None"),
+        ({"seed": "1"}, "'seed' must be"),
+    ],
+)
+def test_invalid_values_are_refused_with_a_message(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TrainConfig(**options)
+
+
+def test_valid_devices_and_converters():
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    assert TrainConfig(lr="0.01").lr == 0.01  # type: ignore[arg-type]
+    assert TrainConfig(channels_last=False, seed=None).seed is None
