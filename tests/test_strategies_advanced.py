@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import attrs
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.backbone import Backbone
+from finetune.callbacks import Checkpoint
+from finetune.config import TrainConfig
 from finetune.strategies import (
     STRATEGIES,
     BitFit,
@@ -17,6 +23,7 @@ from finetune.strategies import (
     LinearProbeThenFinetune,
     build_strategy,
 )
+from finetune.trainer import Trainer
 from tests.conftest import make_tiny_backbone
 
 TINY = {
@@ -317,3 +324,32 @@ def test_freeze_all_but_accepts_a_single_name_and_several_groups() -> None:
     assert FreezeAllBut(groups="stem").groups == ("stem",)
     strategy = FreezeAllBut(groups=["stem", "block2"])
     assert groups_training(strategy, 0) == ("stem", "block2", "head")
+
+
+# -- end to end through the Trainer ------------------------------------------------------------
+def test_gradual_unfreeze_resume_through_trainer_matches_a_straight_run(tmp_path: Path) -> None:
+    """5 epochs straight == 3 epochs, checkpoint, fresh objects, resume for 2 more — resuming in
+    the middle of the schedule (two groups unfrozen, one of them still warming up)."""
+    strategy = GradualUnfreeze(every=1, depth=3, warmup_epochs=1, lr_multiplier=0.5)
+    config = TrainConfig(epochs=5, lr=1e-2, seed=0, precision="fp32", device="cpu")
+
+    def loader() -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 3, (32,), generator=generator)
+        images = torch.randn(32, 3, 32, 32, generator=generator) + labels.view(-1, 1, 1, 1)
+        return DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True,
+                          generator=torch.Generator().manual_seed(1))
+
+    straight = make_tiny_backbone()
+    Trainer(straight, strategy, config).fit(loader())
+
+    checkpoint = Checkpoint(tmp_path, monitor="train_loss", mode="min")
+    first = make_tiny_backbone()
+    Trainer(first, strategy, attrs.evolve(config, epochs=3), callbacks=[checkpoint]).fit(loader())
+    resumed = make_tiny_backbone(seed=5)
+    trainer = Trainer(resumed, GradualUnfreeze(**strategy.state_dict()["options"]), config)
+    trainer.fit(loader(), resume=checkpoint.last_path)
+
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert trainer.state.freeze_report.trainable_groups == ("stem", "block1", "block2", "head")
