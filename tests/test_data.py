@@ -147,6 +147,9 @@ def test_augmentation_is_seeded_and_independent_of_workers(tree: Path) -> None:
     loader = data(tree, seed=3).train_loader()
     epoch1, epoch2 = [x for x, _ in loader], [x for x, _ in loader]
     assert not all(torch.equal(x, y) for x, y in zip(epoch1, epoch2, strict=True))
+    resumed = data(tree, seed=3).train_loader()
+    resumed.sampler.set_epoch(1)
+    assert all(torch.equal(x, y) for (x, _), y in zip(resumed, epoch2, strict=True))
 
 
 def test_augmentation_off_gives_resize_and_centre_crop(tree: Path) -> None:

@@ -106,6 +106,10 @@ class SeededShuffle(Sampler):
     def __len__(self) -> int:
         return self.size
 
+    def set_epoch(self, epoch: int) -> None:
+        """Resume at `epoch` (0-based): its next pass gives that epoch's order and crops."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         self.epoch += 1
