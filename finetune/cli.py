@@ -1,0 +1,468 @@
+"""`finetune train | evaluate | strategies` (also `python -m finetune …`).
+
+Each command is a thin layer over the object API: `build_backbone`, `build_strategy`,
+`ImageFolderData`, `Trainer` with the `Checkpoint`, `WandbLogger` and progress callbacks.
+Bad arguments and library errors (`FinetuneError`) end as argparse-style messages with exit
+code 2, never a traceback (`--traceback` shows one).
+
+`train --checkpoint-dir DIR` writes `best.pt` / `last.pt` and `run.json`: how the backbone and
+data were set up (backbone spec, weights, preprocessing at the trained image size, split).
+`evaluate` needs it because a checkpoint records the architecture's name and classes but not
+the preprocessing the model was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from finetune.backbone import TORCHVISION_ARCHITECTURES, Backbone, Preprocessing
+from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
+from finetune.config import PRECISIONS, TrainConfig
+from finetune.data import ImageFolderData
+from finetune.errors import CheckpointError, DataError, FinetuneError
+from finetune.functional import (
+    DATA_ENV,
+    LITE0_NAMES,
+    build_backbone,
+    progress_callback,
+    resolve_data_root,
+)
+from finetune.strategies import STRATEGIES, FreezeStrategy
+from finetune.trainer import Trainer
+
+RUN_FILE = "run.json"
+RUN_FORMAT = 1
+
+
+# -- argument types ---------------------------------------------------------------------------
+def _value(text: str) -> Any:
+    """A strategy option value: a Python literal (0.5, 3, True, None), true/false/none in any
+    case, a '+'-joined list (layer3+layer4), or else the text itself."""
+    if "+" in text:
+        return [_value(part) for part in text.split("+")]
+    lowered = {"true": True, "false": False, "none": None}
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_strategy(spec: str) -> FreezeStrategy:
+    """`NAME` or `NAME:key=value,key=value` → a registered strategy, validated."""
+    name, _, rest = spec.partition(":")
+    if name not in STRATEGIES:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy '{name}'; choose one of {', '.join(sorted(STRATEGIES))} "
+            "(see `finetune strategies`)"
+        )
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise argparse.ArgumentTypeError(
+                f"strategy option '{item}' is not key=value, e.g. freeze-fraction:fraction=0.5"
+            )
+        options[key.strip().replace("-", "_")] = _value(value.strip())
+    try:
+        return STRATEGIES[name](**options)
+    except (TypeError, ValueError) as error:
+        fields = ", ".join(a.name for a in attrs.fields(STRATEGIES[name]))
+        raise argparse.ArgumentTypeError(
+            f"bad options for '{name}': {error} (its options: {fields})"
+        ) from error
+
+
+def _backbone_name(text: str) -> str:
+    known = {"auto", *LITE0_NAMES, *TORCHVISION_ARCHITECTURES}
+    if text in known or text.startswith("timm/") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown backbone '{text}'; choose auto, lite0, "
+        f"{', '.join(sorted(TORCHVISION_ARCHITECTURES))}, timm/<model> or module:function"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        TrainConfig(device=text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+# -- the parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune pretrained image classifiers with interchangeable freezing "
+                    "strategies.",
+    )
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of an error instead of a one-line message")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train", help="fine-tune a backbone under a freezing strategy",
+        description="Fine-tune a backbone under a freezing strategy, then report per-class "
+                    "accuracy on the test set.",
+        epilog="examples:\n  finetune train --data nature_12K.zip --strategy freeze-fraction:"
+               "fraction=0.8 --epochs 5\n  finetune train --data hymenoptera --backbone lite0 "
+               "--strategy last-layer --checkpoint-dir runs/a",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_arguments(train)
+    train.add_argument("--strategy", type=parse_strategy, default="freeze-fraction",
+                       metavar="NAME[:OPTIONS]",
+                       help="registered name, optionally with options: NAME[:key=value,...] "
+                            "(lists joined with '+'), e.g. freeze-fraction:fraction=0.5,"
+                            "count=numel; `finetune strategies` lists them "
+                            "(default: freeze-fraction, the reference's 80%%)")
+    train.add_argument("--backbone", type=_backbone_name, default="auto", metavar="NAME",
+                       help="auto (resnet50 if its weights are cached, else lite0), lite0, a "
+                            "torchvision name (resnet50, convnext_tiny, ...), timm/<model>, or "
+                            "package.module:function returning a Backbone (default: auto)")
+    train.add_argument("--weights", default="DEFAULT",
+                       help="DEFAULT (ImageNet), none (random init), a weights enum name "
+                            "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
+    train.add_argument("--epochs", type=_positive_int, default=5, help="(default: 5)")
+    train.add_argument("--lr", type=_positive_float, default=1e-4,
+                       help="Adam learning rate (default: 1e-4)")
+    train.add_argument("--val-split", type=_fraction, default=0.2,
+                       help="share of each class's training images held out for validation; "
+                            "0 for none (default: 0.2)")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="random resized crops and flips on training images (default: off)")
+    train.add_argument("--image-size", type=_positive_int, default=None,
+                       help="train and test at this crop size (default: the weights' own)")
+    train.add_argument("--train-per-class", type=_positive_int, default=None,
+                       help="use at most N images of each class (before the val split)")
+    train.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    train.add_argument("--wandb-project", default=None,
+                       help="log to this Weights & Biases project (offline without an API key)")
+    train.add_argument("--wandb-name", default=None, help="the wandb run's name")
+    train.add_argument("--checkpoint-dir", type=Path, default=None,
+                       help="write best.pt, last.pt and run.json here (default: the --resume "
+                            "checkpoint's folder, else none)")
+    train.add_argument("--resume", type=Path, default=None,
+                       help="continue from this checkpoint (same backbone and strategy)")
+    train.set_defaults(handler=run_train, parser=train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="per-class report of a checkpoint on the test set",
+        description="Rebuild the model a `finetune train` checkpoint holds and print its "
+                    "per-class accuracy, precision, recall and F1.",
+    )
+    evaluate.add_argument("--checkpoint", type=Path, required=True,
+                          help="a .pt file, or a checkpoint folder (best.pt, else last.pt)")
+    _add_data_arguments(evaluate, data_required_hint=" (default: the data recorded at training)")
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="the test folder, or the training run's validation split "
+                               "(default: test)")
+    evaluate.add_argument("--json", type=Path, default=None,
+                          help="also write the report as JSON to this file")
+    evaluate.set_defaults(handler=run_evaluate, parser=evaluate)
+
+    strategies = commands.add_parser("strategies", help="list the registered strategies",
+                                     description="The strategies --strategy accepts.")
+    strategies.set_defaults(handler=run_strategies, parser=strategies)
+    return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str = "") -> None:
+    parser.add_argument("--data", type=Path, default=None,
+                        help="ImageFolder tree (train/, val/ or test/), the iNaturalist 12K "
+                             f"folder or its zip (default: ${DATA_ENV}){data_required_hint}")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
+    parser.add_argument("--workers", type=_non_negative_int, default=None,
+                        help="data loader worker processes (default: 1 on ≥ 2 cores)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto picks bf16 only where it is measurably faster (default: auto)")
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+# -- run.json -----------------------------------------------------------------------------------
+def write_run_file(directory: Path, record: dict[str, Any]) -> Path:
+    """Write `run.json` atomically (temp file, then rename), so a crash never leaves half."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / RUN_FILE
+    handle, temp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(record, file, indent=2)
+            file.write("\n")
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_run_file(checkpoint: Path) -> dict[str, Any] | None:
+    path = checkpoint.parent / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path} ({error}); delete it or re-train.") from error
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path} is not a finetune run file (format {RUN_FORMAT})")
+    return record
+
+
+# -- commands ---------------------------------------------------------------------------------
+def run_train(args: argparse.Namespace) -> int:
+    root = resolve_data_root(args.data)
+    # Built before the data so its preprocessing (mean/std, resize) drives the loaders.
+    probe_classes = _count_classes(root)
+    backbone = build_backbone(args.backbone, probe_classes, args.weights)
+    data = ImageFolderData(
+        root, val_split=args.val_split, seed=args.seed, batch_size=args.batch_size,
+        data_augmentation=args.augment, backbone=backbone, image_size=args.image_size,
+        num_workers=args.workers, train_per_class=args.train_per_class, progress=False,
+    )
+    print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
+          f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
+    print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
+    strategy: FreezeStrategy = args.strategy
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
+                         precision=args.precision, device=args.device)
+    callbacks: list[Callback] = [_FreezeReportPrinter(strategy), progress_callback()]
+    checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        write_run_file(checkpoint_dir, _run_record(args, backbone, data, strategy))
+        checkpoint = Checkpoint(checkpoint_dir, save_best=args.val_split > 0)
+        callbacks.append(checkpoint)
+    if args.wandb_project:
+        callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
+                                     config={"cli": _cli_config(args)}))
+    trainer = Trainer(backbone, strategy, config, callbacks, classes=data.classes)
+    val_loader = data.val_loader() if args.val_split > 0 else None
+    trainer.fit(data.train_loader(), val_loader, resume=args.resume)
+    if checkpoint is not None:
+        saved = [p for p in (checkpoint.best_path, checkpoint.last_path) if p.is_file()]
+        print("checkpoints: " + ", ".join(map(str, saved)))
+    report = trainer.evaluate(data.test_loader())
+    print(f"test set (weights after the last epoch):\n{report.table()}")
+    return 0
+
+
+class _FreezeReportPrinter(Callback):
+    """Prints what the strategy froze once it is applied (the Trainer applies it in fit)."""
+
+    def __init__(self, strategy: FreezeStrategy) -> None:
+        self.strategy = strategy
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        print(f"strategy: {self.strategy.describe()}\n  {trainer.state.freeze_report}",
+              flush=True)
+
+
+def _count_classes(root: Path) -> int:
+    # The head's size must be known before the backbone, which must exist before the data
+    # (for its preprocessing): count the class folders the way ImageFolderData will.
+    from finetune.data import find_tree
+    from finetune.data.images import list_classes
+
+    _, train_folder, _ = find_tree(root)
+    return len(list_classes(train_folder))
+
+
+def _run_record(args: argparse.Namespace, backbone: Backbone, data: ImageFolderData,
+                strategy: FreezeStrategy) -> dict[str, Any]:
+    return {
+        "format": RUN_FORMAT,
+        "backbone": args.backbone if args.backbone != "auto" else _auto_name(backbone),
+        "backbone_name": backbone.name,
+        "weights": args.weights,
+        "num_classes": backbone.num_classes,
+        "classes": list(data.classes),
+        "preprocessing": attrs.asdict(data.preprocessing),
+        "strategy": strategy.state_dict(),
+        "data": str(Path(data.root).resolve()),
+        "val_split": args.val_split,
+        "seed": args.seed,
+        "train_per_class": args.train_per_class,
+        "cli": _cli_config(args),
+    }
+
+
+def _auto_name(backbone: Backbone) -> str:
+    return "lite0" if backbone.name == "efficientnet_lite0" else backbone.name
+
+
+def _cli_config(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"handler", "parser", "command", "traceback"}
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key in skip:
+            continue
+        if isinstance(value, FreezeStrategy):
+            value = value.describe()
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def _checkpoint_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} holds neither best.pt nor last.pt")
+    return path
+
+
+def _strategy_from(state: dict[str, Any]) -> FreezeStrategy:
+    classes = {cls.__name__: cls for cls in STRATEGIES.values()}
+    name = state.get("class")
+    if name not in classes:
+        raise CheckpointError(
+            f"the checkpoint was trained with strategy {name!r}, which is not registered; "
+            "import the module that registers it."
+        )
+    return classes[name](**state.get("options", {}))
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    path = _checkpoint_file(args.checkpoint)
+    checkpoint = load_checkpoint(path)
+    record = read_run_file(path)
+    classes = list(checkpoint["classes"])
+    num_classes = int(checkpoint["backbone"]["num_classes"])
+    if record is None:
+        spec = checkpoint["backbone"]["name"]
+        print(f"note: no {RUN_FILE} beside {path}; assuming {spec} with its default "
+              "preprocessing", file=sys.stderr)
+        preprocessing = None
+    else:
+        saved_name = checkpoint["backbone"]["name"]
+        if record["backbone_name"] != saved_name or record["classes"] != classes:
+            raise CheckpointError(
+                f"{path.parent / RUN_FILE} describes {record['backbone_name']} on "
+                f"{record['classes']} but {path} holds {saved_name} on "
+                f"{classes}; it belongs to another run."
+            )
+        spec = record["backbone"]
+        preprocessing = Preprocessing(**record["preprocessing"])
+    # No pretrained weights: every weight comes from the checkpoint.
+    backbone = build_backbone(spec, num_classes, weights=None)
+    strategy = _strategy_from(checkpoint["strategy"])
+    strategy.apply(backbone)  # LoRA adds its adapters here, before their weights load
+    try:
+        backbone.model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit {backbone.name}: {error}") from error
+    data_root = args.data or (Path(record["data"]) if record else None) or os.environ.get(DATA_ENV)
+    data = ImageFolderData(
+        resolve_data_root(data_root), batch_size=args.batch_size, num_workers=args.workers,
+        preprocessing=preprocessing or backbone.preprocessing, progress=False,
+        val_split=record["val_split"] if record else 0.0, seed=record["seed"] if record else 0,
+        train_per_class=record["train_per_class"] if record else None,
+    )
+    if list(data.classes) != classes:
+        raise DataError(f"the data's classes {data.classes} are not the checkpoint's {classes}")
+    loader = data.test_loader() if args.split == "test" else data.val_loader()
+    config = TrainConfig(epochs=1, precision=args.precision, device=args.device)
+    report = Trainer(backbone, strategy, config, classes=classes).evaluate(loader)
+    print(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
+          f"{data.root}:\n{report.table()}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _summary(cls: type, limit: int = 90) -> str:
+    """The first sentence of a docstring (cut at a word near `limit` characters): one line
+    per strategy, however long its docstring's opening sentence."""
+    paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    sentence = re.split(r"(?<!\bal)\.\s+(?=[A-Z`])", paragraph, maxsplit=1)[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return sentence
+
+
+def run_strategies(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in STRATEGIES)
+    class_width = max(len(cls.__name__) for cls in STRATEGIES.values())
+    for name, cls in sorted(STRATEGIES.items()):
+        print(f"{name:<{width}}  {cls.__name__:<{class_width}}  {_summary(cls)}")
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; library errors exit with code 2 and a one-line message on stderr."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+    except (FinetuneError, ValueError, KeyError, TypeError, ImportError, OSError) as error:
+        if args.traceback:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        args.parser.error(f"{message} ({type(error).__name__}; --traceback for details)")
+    return 2  # unreachable: parser.error exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())
