@@ -1,0 +1,207 @@
+"""`python -m benchmarks.compare` end to end on a generated image tree and a tiny backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import compare
+from finetune import STRATEGIES, Backbone, FreezeAllBut, FreezeFraction, FullUnfreeze
+from finetune.data import INaturalist12K
+from tests.conftest import make_tiny_backbone
+
+CLASSES = ("cat", "dog", "owl")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ with 4 images per class, val/ with 2: colours differ by class so it is learnable."""
+    root = tmp_path_factory.mktemp("tree")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (36, 36, 3)) + np.eye(3, dtype=int)[label] * 190
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+class Factory:
+    """A tiny backbone for any name; records every call, and can raise on a given call."""
+
+    def __init__(self, fail_on_call: int | None = None, error: BaseException | None = None):
+        self.calls: list[tuple[str, int, bool]] = []
+        self.fail_on_call, self.error = fail_on_call, error
+
+    def __call__(self, name: str, num_classes: int, pretrained: bool) -> Backbone:
+        self.calls.append((name, num_classes, pretrained))
+        if self.fail_on_call == len(self.calls) and self.error is not None:
+            raise self.error
+        return make_tiny_backbone(num_classes=num_classes)
+
+
+def argv(tree: Path, output: Path, *extra: str) -> list[str]:
+    return ["--data", str(tree), "--backbone", "tiny", "--epochs", "1", "--batch-size", "4",
+            "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu",
+            "--output", str(output), *extra]
+
+
+def read_results(output: Path) -> dict:
+    return json.loads((output / "results.json").read_text())
+
+
+def test_default_strategies_write_every_output(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = Factory()
+    assert compare.main(argv(tree, tmp_path), backbone_factory=factory) == 0
+
+    results = read_results(tmp_path)
+    assert [r["strategy"] for r in results["rows"]] == list(compare.DEFAULT_STRATEGIES)
+    assert results["classes"] == list(CLASSES)
+    assert results["config"]["epochs"] == 1 and results["config"]["preset"] == "quick"
+    scratch = next(r for r in results["rows"] if r["strategy"] == "from-scratch")
+    probe = next(r for r in results["rows"] if r["strategy"] == "last-layer")
+    assert scratch["pretrained"] is False and probe["pretrained"] is True
+    assert ("tiny", 3, False) in factory.calls  # from-scratch asked for random weights
+    assert probe["trainable_params"] == 16 * 3 + 3 < probe["total_params"]
+    assert scratch["trainable_pct"] == pytest.approx(100.0)
+    for row in results["rows"]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
+        assert row["train_images"] == 9 and row["val_images"] == 3 and row["test_images"] == 6
+        assert row["seconds_per_epoch"] > 0 and row["images_per_second"] > 0
+        assert row["peak_memory_mib"] == row["peak_memory_mib"]  # measured, not NaN
+        assert set(row["per_class_test_accuracy"]) == set(CLASSES)
+
+    with open(tmp_path / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["strategy"] for r in rows] == list(compare.DEFAULT_STRATEGIES)
+    assert {"seed", "trainable_params", "test_accuracy", "config.lr", "config.backbone"} <= set(
+        rows[0])
+
+    table = (tmp_path / "results.md").read_text()
+    for name in compare.DEFAULT_STRATEGIES:
+        assert f"| {name} |" in table
+    assert "| strategy | trainable params | val acc (%) | test acc (%)" in table
+    assert "| strategy | trainable params" in capsys.readouterr().out
+
+    with open(tmp_path / "per_class.csv") as handle:
+        per_class = list(csv.reader(handle))
+    assert per_class[0] == ["strategy", *CLASSES] and len(per_class) == 6
+    for name in ("accuracy.png", "accuracy_vs_time.png", "per_class_heatmap.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_seeds_give_mean_and_std(tree: Path, tmp_path: Path) -> None:
+    args = argv(tree, tmp_path, "--strategies", "last-layer", "--seeds", "2")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    rows = read_results(tmp_path)["rows"]
+    assert [(r["strategy"], r["seed"]) for r in rows] == [("last-layer", 0), ("last-layer", 1)]
+    assert "±" in (tmp_path / "results.md").read_text()
+
+
+def test_every_registered_strategy_and_option_syntax(tree: Path, tmp_path: Path) -> None:
+    specs = [name for name in STRATEGIES if name != "freeze-all-but"]
+    specs += ["freeze-all-but:groups=block2+stem", "freeze-fraction:fraction=0.5:count=numel",
+              "freeze-80", "from-scratch"]
+    args = argv(tree, tmp_path, "--strategies", ",".join(specs[:3]), *specs[3:])
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    assert [r["strategy"] for r in read_results(tmp_path)["rows"]] == specs
+
+
+def test_parse_strategy_options_and_errors() -> None:
+    strategy, pretrained = compare.parse_strategy("freeze-fraction:fraction=0.5:count=numel")
+    assert strategy == FreezeFraction(0.5, count="numel") and pretrained
+    assert compare.parse_strategy("freeze-80")[0] == FreezeFraction(0.8)
+    assert compare.parse_strategy("from-scratch") == (FullUnfreeze(), False)
+    assert compare.parse_strategy("freeze-all-but:groups=layer4+stem")[0] == FreezeAllBut(
+        groups=("layer4", "stem"))
+    assert compare.parse_strategy("freeze-all-but:groups=layer4")[0].groups == ("layer4",)
+    with pytest.raises(ValueError, match=r"unknown strategy 'freez-80'.*freeze-80"):
+        compare.parse_strategy("freez-80")
+    with pytest.raises(ValueError, match=r"bad option 'depth'.*key=value"):
+        compare.parse_strategy("gradual-unfreeze:depth")
+    with pytest.raises(ValueError, match="cannot build strategy 'freeze-fraction:fraction=2'"):
+        compare.parse_strategy("freeze-fraction:fraction=2")
+    with pytest.raises(SystemExit, match="--strategies: unknown strategy 'nope'"):
+        compare.main(["--data", ".", "--strategies", "nope"], backbone_factory=Factory())
+
+
+def test_failed_strategy_keeps_finished_rows_and_resume_skips_them(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A group the tiny backbone lacks: parses, then fails when the strategy is applied.
+    broken = "freeze-all-but:groups=layer4"
+    args = argv(tree, tmp_path, "--strategies", f"last-layer,{broken},bitfit")
+    assert compare.main(args, backbone_factory=Factory()) == 1
+    results = read_results(tmp_path)
+    assert [r["strategy"] for r in results["rows"]] == ["last-layer", "bitfit"]
+    assert results["failed"][0]["strategy"] == broken and "layer4" in results["failed"][0]["error"]
+    assert "| bitfit |" in (tmp_path / "results.md").read_text()
+
+    factory = Factory()
+    resumed = argv(tree, tmp_path, "--strategies", "last-layer,bitfit,full-unfreeze", "--resume")
+    assert compare.main(resumed, backbone_factory=factory) == 0
+    assert len(factory.calls) == 2  # the preprocessing probe and full-unfreeze only
+    assert "last-layer seed 0: already in" in capsys.readouterr().out
+    rows = read_results(tmp_path)["rows"]
+    assert [r["strategy"] for r in rows] == ["last-layer", "bitfit", "full-unfreeze"]
+
+
+def test_ctrl_c_keeps_finished_rows(tree: Path, tmp_path: Path) -> None:
+    # Calls: 1 = preprocessing probe, 2 = last-layer, 3 = bitfit (interrupted).
+    factory = Factory(fail_on_call=3, error=KeyboardInterrupt())
+    args = argv(tree, tmp_path, "--strategies", "last-layer,bitfit")
+    assert compare.main(args, backbone_factory=factory) == 130
+    assert [r["strategy"] for r in read_results(tmp_path)["rows"]] == ["last-layer"]
+    assert (tmp_path / "results.csv").read_text().count("\n") == 2  # header + one row
+
+
+def test_resume_refuses_other_settings(tree: Path, tmp_path: Path) -> None:
+    args = argv(tree, tmp_path, "--strategies", "last-layer")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    changed = [*args, "--lr", "0.1", "--resume"]
+    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.0005 -> 0.1\)"):
+        compare.main(changed, backbone_factory=Factory())
+
+
+def test_without_data_or_network_says_what_to_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(INaturalist12K, "URL", (tmp_path / "missing.zip").as_uri())
+    with pytest.raises(SystemExit, match=r"--data /path/to/nature_12K\.zip") as error:
+        compare.main(["--backbone", "tiny", "--output", str(tmp_path / "out")],
+                     backbone_factory=Factory())
+    assert "ImageFolder tree" in str(error.value)
+
+
+def test_wandb_logs_each_strategy_offline_in_one_group(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    args = argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit", "--wandb")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    group = read_results(tmp_path / "out")["config"]["wandb_group"]
+    assert group.startswith("compare-")
+
+
+def test_real_photos(shared_data: Path, tmp_path: Path) -> None:
+    args = ["--data", str(shared_data / "hymenoptera"), "--backbone", "tiny", "--epochs", "1",
+            "--train-per-class", "6", "--image-size", "32", "--workers", "0", "--precision",
+            "fp32", "--device", "cpu", "--strategies", "last-layer", "--output", str(tmp_path)]
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    row = read_results(tmp_path)["rows"][0]
+    assert row["train_images"] + row["val_images"] == 12 and row["test_images"] == 153
