@@ -253,6 +253,16 @@ def test_truncated_file_is_skipped_once_and_counted(tree: Path) -> None:
     assert bad not in {p for p, _ in d.train_samples + d.val_samples}
 
 
+def test_data_after_the_end_marker_is_not_truncation(tree: Path) -> None:
+    path = write_image(tree / "train" / "cat" / "motion.jpg", size=(64, 64))
+    path.write_bytes(path.read_bytes() + bytes(range(256)) * 40)  # e.g. a phone's video
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = data(tree)
+    assert not d.skipped and d.summary().counts["train"]["cat"] + d.summary().counts["val"][
+        "cat"] == 11
+
+
 def test_strict_raises_on_unreadable_file(tree: Path) -> None:
     bad = truncate(write_image(tree / "train" / "cat" / "broken.jpg", size=(64, 64)))
     with pytest.raises(DataError, match="strict=False") as error:

@@ -292,7 +292,8 @@ def find_tree(root: Path, test_dir: str | None = None) -> tuple[Path, Path, Path
     if root.is_file():
         if not zipfile.is_zipfile(root):
             raise DataError(f"{root} is a file but not a zip archive; pass a folder or a .zip.")
-        root = safe_extract(root, root.with_suffix(""))
+        target = root.with_suffix("") if root.suffix else root.with_name(root.name + "_files")
+        root = safe_extract(root, target)
     tree = root if (root / "train").is_dir() else _single_tree_below(root)
     names = (test_dir,) if test_dir else ("test", "val")
     test = next((tree / n for n in names if (tree / n).is_dir()), None)

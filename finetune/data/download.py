@@ -76,9 +76,10 @@ def download_file(
         )
     try:
         verify_file(partial, expected_size, sha256)
-    except DataError:
+    except DataError as error:
         partial.unlink()
-        raise
+        raise DataError(f"{error} (The download from {url} was removed: call again to "
+                        "download it afresh.)") from None
     os.replace(partial, destination)
     return destination
 
@@ -141,7 +142,7 @@ def verify_file(path: Path, expected_size: int | None, sha256: str | None) -> No
         if digest.hexdigest() != sha256.lower():
             raise DataError(
                 f"{path} has sha256 {digest.hexdigest()}, expected {sha256.lower()}: the file is "
-                "corrupt or not the expected archive; it was removed, download it again."
+                "corrupt or not the expected archive; delete it and download it again."
             )
 
 

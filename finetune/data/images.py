@@ -67,9 +67,10 @@ def problem_with(path: Path, full: bool = False) -> str | None:
         return None
     with open(path, "rb") as handle:
         handle.seek(max(0, os.path.getsize(path) - _TAIL_BYTES))
-        if marker not in handle.read():
-            return f"truncated {image_format} (no end marker)"
-    return None
+        if marker in handle.read():
+            return None
+    # no end marker: truncated, or data appended after it (phones' "motion photos") — decode
+    return None if problem_with(path, full=True) is None else f"truncated {image_format}"
 
 
 def find_problems(paths: Sequence[Path], full: bool = False) -> dict[Path, str]:
