@@ -24,7 +24,7 @@ from tests.conftest import make_tiny_backbone
 FP32 = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")
 
 
-def make_loader(n: int = 48, seed: int = 0, shuffle: bool = True, num_classes: int = 3
+def make_loader(n: int = 32, seed: int = 0, shuffle: bool = True, num_classes: int = 3
                 ) -> DataLoader:
     """Random images whose class shifts the mean, so a model can learn something."""
     generator = torch.Generator().manual_seed(seed)
@@ -128,8 +128,8 @@ def test_scheduled_strategy_rebuilds_optimizer_carries_adam_state_and_scheduler_
     assert all(p.requires_grad for p in backbone.parameters())
     steps = {name: int(trainer.optimizer.state[p]["step"]) for name, p in
              backbone.model.named_parameters()}
-    assert steps["fc.weight"] == 12  # 6 batches per epoch, state kept across the rebuild
-    assert steps["stem.0.weight"] == 6  # trained for one epoch only
+    assert steps["fc.weight"] == 8  # 4 batches per epoch, state kept across the rebuild
+    assert steps["stem.0.weight"] == 4  # trained for one epoch only
     assert history["lr/head"] == [1e-3, 5e-4]
     assert history["lr/stem"] == [5e-4]  # the rebuilt scheduler is one epoch in
 
@@ -199,7 +199,7 @@ def test_non_finite_loss_names_epoch_and_batch_after_callbacks_are_told():
 
     recorder = Recorder()
     trainer = Trainer(make_tiny_backbone(), FullUnfreeze(), FP32, callbacks=[recorder],
-                      loss=NaNAfter(calls=6 + 2))  # 6 batches per epoch: fails at epoch 1 batch 2
+                      loss=NaNAfter(calls=4 + 2))  # 4 batches per epoch: fails at epoch 1 batch 2
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, batch 2"):
         trainer.fit(make_loader())
     assert recorder.events[-1] == "exception"
