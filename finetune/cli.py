@@ -34,6 +34,7 @@ from finetune.errors import CheckpointError, DataError, FinetuneError
 from finetune.functional import (
     DATA_ENV,
     LITE0_NAMES,
+    FreezeReportLines,
     build_backbone,
     progress_callback,
     resolve_data_root,
@@ -281,7 +282,7 @@ def run_train(args: argparse.Namespace) -> int:
     strategy: FreezeStrategy = args.strategy
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                          precision=args.precision, device=args.device)
-    callbacks: list[Callback] = [_FreezeReportPrinter(strategy), progress_callback()]
+    callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
     if checkpoint_dir is not None:
@@ -300,17 +301,6 @@ def run_train(args: argparse.Namespace) -> int:
     report = trainer.evaluate(data.test_loader())
     print(f"test set (weights after the last epoch):\n{report.table()}")
     return 0
-
-
-class _FreezeReportPrinter(Callback):
-    """Prints what the strategy froze once it is applied (the Trainer applies it in fit)."""
-
-    def __init__(self, strategy: FreezeStrategy) -> None:
-        self.strategy = strategy
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        print(f"strategy: {self.strategy.describe()}\n  {trainer.state.freeze_report}",
-              flush=True)
 
 
 def _count_classes(root: Path) -> int:

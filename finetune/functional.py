@@ -53,6 +53,7 @@ LITE0_NAMES = ("lite0", "efficientnet_lite0", "efficientnet-lite0")
 __all__ = [
     "DATA_ENV",
     "EpochLines",
+    "FreezeReportLines",
     "KeepTrainable",
     "build_backbone",
     "data_load",
@@ -302,23 +303,15 @@ test_data_load.__test__ = False  # type: ignore[attr-defined]  # not a pytest te
 
 
 class EpochLines(Callback):
-    """One printed line per epoch (and the new FreezeReport when a schedule changes it): a
-    readable log where progress bars would only garble a file or CI output."""
+    """One printed line per epoch: a readable log where progress bars would only garble a
+    file or CI output."""
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
-        self._report: Any = None
         self._started = 0.0
-
-    def _print(self, text: str) -> None:
-        print(text, file=self.stream or sys.stdout, flush=True)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self._started = time.perf_counter()
-        report = trainer.state.freeze_report
-        if report != self._report and epoch != trainer.state.start_epoch:
-            self._print(f"epoch {epoch + 1}: {report}")
-        self._report = report
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         parts = [f"epoch {int(metrics['epoch']) + 1}/{trainer.config.epochs}"]
@@ -327,7 +320,31 @@ class EpochLines(Callback):
                 parts.append(f"{split} loss {metrics[f'{split}_loss']:.4f} "
                              f"acc {metrics[f'{split}_accuracy']:.4f}")
         parts.append(f"{time.perf_counter() - self._started:.1f} s")
-        self._print(" · ".join(parts))
+        print(" · ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+class FreezeReportLines(Callback):
+    """Prints what the strategy leaves trainable when fit starts (`at_start`) and again at
+    each epoch where a scheduled strategy changes it, so a log shows when groups unfroze."""
+
+    def __init__(self, at_start: bool = True, stream: Any = None) -> None:
+        self.at_start = at_start
+        self.stream = stream
+        self._report: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._report = trainer.state.freeze_report
+        if self.at_start:
+            self._print(f"strategy: {trainer.strategy.describe()}\n  {self._report}")
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        report = trainer.state.freeze_report
+        if report != self._report:
+            self._print(f"epoch {epoch + 1}: {report}")
+        self._report = report
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
 
 
 def progress_callback(stream: Any = None) -> Callback:
@@ -417,7 +434,7 @@ def model_train_val(
     model = _require_backbone(model)
     _check_classes(model, train_loader)
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed, precision=precision, device=device)
-    observers = [progress_callback(), *callbacks]
+    observers = [FreezeReportLines(at_start=False), progress_callback(), *callbacks]
     run = active_wandb_run()
     if run is not None:
         observers.append(ActiveRunLogger(run))

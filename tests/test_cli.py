@@ -1,0 +1,180 @@
+"""`finetune train | evaluate | strategies`: a train → evaluate round trip on a generated tree,
+resume, and argparse-style errors (exit code 2, message on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.backbone import Backbone
+from finetune.callbacks import load_checkpoint
+from finetune.cli import main, parse_strategy
+from finetune.data import ImageFolderData
+from finetune.strategies import STRATEGIES, FreezeFraction, GradualUnfreeze
+from tests.test_functional import make_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["class0", "class1", "class2"]
+ROW = re.compile(r"^(class\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", re.M)
+TINY = "tests.conftest:make_tiny_backbone"
+FAST = ["--workers", "0", "--precision", "fp32"]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "data", classes=3, n_train=4, n_test=2, size=40)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """main(argv) → (exit code, stdout, stderr), whether it returns or exits."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_then_evaluate_round_trip(tree, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, out, err = run(["train", "--data", str(tree), "--backbone", "lite0", "--image-size",
+                          "32", "--epochs", "1", "--batch-size", "8", "--val-split", "0.25",
+                          "--strategy", "freeze-fraction:fraction=0.8,count=tensors",
+                          "--checkpoint-dir", str(runs), *FAST], capsys)
+    assert code == 0, err
+    assert "FreezeFraction(train_bn=False, fraction=0.8, count='tensors')" in out
+    assert "parameters train" in out  # the FreezeReport
+    assert re.search(r"epoch 1/1 · train loss [\d.]+ acc [\d.]+ · val loss", out)
+    assert "test set" in out and {m[0] for m in ROW.findall(out)} == set(CLASSES)
+    assert {p.name for p in runs.iterdir()} == {"best.pt", "last.pt", "run.json"}
+    record = json.loads((runs / "run.json").read_text())
+    assert record["backbone"] == "lite0" and record["classes"] == CLASSES
+    assert record["preprocessing"]["crop_size"] == 32
+
+    report_file = tmp_path / "report.json"
+    code, out, err = run(["evaluate", "--checkpoint", str(runs), "--json", str(report_file),
+                          *FAST], capsys)
+    assert code == 0, err
+    rows = {name: float(acc) for name, acc, *_ in ROW.findall(out)}
+    assert list(rows) == CLASSES
+
+    # the same numbers, computed directly from best.pt on the test folder
+    model = Backbone.efficientnet_lite0(3, pretrained=False)
+    model.model.load_state_dict(load_checkpoint(runs / "best.pt")["model"])
+    model.eval()
+    data = ImageFolderData(tree, backbone=model, image_size=32, num_workers=0, progress=False)
+    with torch.no_grad():
+        pairs = [(model(x).argmax(1), y) for x, y in data.test_loader()]
+    predicted, labels = torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
+    accuracy = (predicted == labels).float().mean().item()
+    assert f"accuracy {accuracy:.4f} on 6 images" in out
+    saved = json.loads(report_file.read_text())
+    assert saved["accuracy"] == pytest.approx(accuracy)
+    for c, name in enumerate(CLASSES):
+        expected = (predicted[labels == c] == c).float().mean().item()
+        assert rows[name] == pytest.approx(expected, abs=5e-4)
+        assert saved["per_class"][name]["accuracy"] == pytest.approx(expected)
+
+
+def test_resume_continues_and_wandb_writes_offline(tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    runs = tmp_path / "runs"
+    common = ["--data", str(tree), "--backbone", TINY, "--batch-size", "4",
+              "--strategy", "gradual-unfreeze:every=1", "--lr", "0.01", *FAST]
+    code, out, err = run(["train", *common, "--epochs", "1", "--checkpoint-dir", str(runs),
+                          "--wandb-project", "cli-test"], capsys)
+    assert code == 0, err
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert load_checkpoint(runs / "last.pt")["epoch"] == 0
+
+    code, out, err = run(["train", *common, "--epochs", "3", "--resume", str(runs / "last.pt")],
+                         capsys)
+    assert code == 0, err
+    assert "epoch 1/3" not in out and "epoch 2/3 ·" in out and "epoch 3/3 ·" in out
+    assert re.search(r"epoch 2: .* groups training: block2, head", out)  # schedule moved on
+    state = load_checkpoint(runs / "last.pt")  # written beside the checkpoint resumed
+    assert state["epoch"] == 2 and len(state["history"]["records"]) == 3
+
+
+def test_strategies_lists_the_registry_one_line_each(capsys):
+    code, out, _ = run(["strategies"], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == len(STRATEGIES)
+    for line, (name, cls) in zip(lines, sorted(STRATEGIES.items()), strict=True):
+        assert line.split()[:2] == [name, cls.__name__]
+    assert "Train only the new head" in out
+
+
+def test_strategy_options_are_parsed_and_validated():
+    assert parse_strategy("freeze-fraction:fraction=0.5,count=numel") == FreezeFraction(
+        fraction=0.5, count="numel")
+    assert parse_strategy("gradual-unfreeze:at=2+4,depth=none") == GradualUnfreeze(at=(2, 4))
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["strategies"]])
+def test_every_command_has_help(command, capsys):
+    code, out, _ = run([*command, "--help"], capsys)
+    assert code == 0 and out.startswith(f"usage: finetune {' '.join(command)}".rstrip())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--strategy", "nope"], "unknown strategy 'nope'; choose one of"),
+        (["train", "--strategy", "freeze-fraction:fraction=2"],
+         "bad options for 'freeze-fraction': fraction must be between 0 and 1"),
+        (["train", "--strategy", "freeze-fraction:oops"], "is not key=value"),
+        (["train", "--strategy", "last-layer:colour=red"], "bad options for 'last-layer'"),
+        (["train", "--epochs", "0"], "expected a positive integer, got 0"),
+        (["train", "--val-split", "1.5"], "expected a number in [0, 1), got 1.5"),
+        (["train", "--lr", "-1"], "expected a number > 0"),
+        (["train", "--backbone", "resnet51"], "unknown backbone 'resnet51'"),
+        (["train", "--device", "gpu"], "device must be 'auto', 'cpu'"),
+        (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["evaluate"], "the following arguments are required: --checkpoint"),
+        (["fly"], "invalid choice: 'fly'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.startswith("usage: finetune")
+
+
+def test_library_errors_become_messages_not_tracebacks(tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FINETUNE_DATA", raising=False)
+    cases = [
+        (["train"], "DataError", "or set $FINETUNE_DATA"),
+        (["train", "--data", str(tmp_path / "missing")], "DataError", "does not exist"),
+        (["train", "--data", str(tree), "--backbone", "resnet18", "--weights",
+          str(tmp_path / "nothing.pth")], "WeightsUnavailableError", "does not exist"),
+        (["train", "--data", str(tree), "--backbone", "lite0", "--weights", "IMAGENET1K_V1"],
+         "WeightsUnavailableError", "takes weights DEFAULT"),
+        (["evaluate", "--checkpoint", str(tmp_path / "none.pt")], "CheckpointError",
+         "no checkpoint at"),
+        (["evaluate", "--checkpoint", str(tmp_path)], "CheckpointError",
+         "neither best.pt nor last.pt"),
+    ]
+    for argv, kind, message in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2, argv
+        assert message in err and kind in err and "Traceback" not in err, err
+        assert err.startswith(f"usage: finetune {argv[0]}")
+
+
+def test_python_dash_m_finetune_reports_errors_with_exit_code_2():
+    result = subprocess.run([sys.executable, "-m", "finetune", "train", "--strategy", "nope"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown strategy 'nope'" in result.stderr and "Traceback" not in result.stderr
