@@ -446,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `finetune strategies | head`: the reader left; say nothing more (Python's recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (FinetuneError, ValueError, KeyError, TypeError, ImportError, OSError) as error:
         if args.traceback:
             raise

@@ -152,6 +152,10 @@ def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT")
 
 def _from_factory(spec: str, num_classes: int) -> Backbone:
     module_name, _, attribute = spec.partition(":")
+    # As `python -m` does (and uvicorn for its app specs): a module in the working directory
+    # is importable even from the `finetune` console script.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
