@@ -9,6 +9,7 @@ import attrs
 from attrs import validators as v
 
 PRECISIONS = ("auto", "fp32", "bf16")
+FEATURE_CACHE_MODES = ("auto", "on", "off")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -41,6 +42,11 @@ class TrainConfig:
     - `precision`: "fp32", "bf16" (autocast), or "auto" (bf16 only where a timed probe shows
       it is faster for this model on this device; see `finetune.precision`).
     - `max_grad_norm`: clip the gradient norm of the trainable parameters; None does not clip.
+    - `feature_cache`: run a frozen prefix once per image and train the rest on its stored
+      activations (see `finetune.feature_cache`). "auto" caches when that is exact: the
+      strategy freezes a prefix, the dataset is deterministic (no augmentation) and the
+      activations fit `cache_memory_gb` (or spill to `cache_dir`). "on" also caches datasets
+      that do not declare themselves deterministic (you vouch for it); "off" never caches.
     """
 
     epochs: int = attrs.field(default=10, validator=[v.instance_of(int), v.ge(1)])
@@ -51,3 +57,8 @@ class TrainConfig:
     device: str = attrs.field(default="auto", validator=_check_device)
     channels_last: str | bool = attrs.field(default="auto", validator=_check_channels_last)
     max_grad_norm: float | None = attrs.field(default=None, validator=_positive_or_none)
+    feature_cache: str = attrs.field(default="auto", validator=v.in_(FEATURE_CACHE_MODES))
+    cache_memory_gb: float = attrs.field(default=4.0, converter=float, validator=v.ge(0.0))
+    cache_dir: str | None = attrs.field(
+        default=None, converter=attrs.converters.optional(str)
+    )

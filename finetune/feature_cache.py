@@ -196,7 +196,7 @@ class FeatureCache:
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: the store feeds autograd later
                 for images, labels in _pairs(order):
                     out = forward(self.prefix, images.to(device))
                     if self.features is None:

@@ -26,6 +26,7 @@ from finetune.backbone import Backbone
 from finetune.callbacks.base import Callback, Event, callback_keys, dispatch
 from finetune.config import TrainConfig
 from finetune.errors import CheckpointError, FinetuneError
+from finetune.feature_cache import Cut, FeatureCache, find_cut, is_deterministic
 from finetune.metrics import EvaluationReport
 from finetune.precision import autocast, resolve_precision, uses_convolutions
 from finetune.strategies import FreezeReport, FreezeStrategy
@@ -211,6 +212,10 @@ class Trainer:
         self.scheduler: Any = None
         self.state = TrainState()
         self._prepared = False
+        self._cut: Cut | None = None
+        self._caches: dict[int, FeatureCache] = {}
+        self._cacheable: set[int] = set()
+        self._model_forward: Callable[[torch.Tensor], torch.Tensor] = backbone
 
     @property
     def history(self) -> History:
@@ -235,6 +240,7 @@ class Trainer:
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=_length(train_loader))
         self._prepare(configured_epoch, train_loader)
+        self._cacheable = {id(train_loader), id(val_loader)} - {id(None)}
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -244,6 +250,7 @@ class Trainer:
                 self.state.epoch = epoch
                 if epoch != configured_epoch and self.strategy.changes_at(epoch):
                     self.state.freeze_report = self.strategy.apply(self.backbone, epoch)
+                    self._plan_cache()
                     self._configure_optimizer(epoch, previous=self.optimizer)
                 if config.seed is not None:
                     self._reseed(_epoch_seed(config.seed, epoch), train_loader)
@@ -333,7 +340,56 @@ class Trainer:
             config.precision, self.backbone, state.device, self._sample_shape(loader, crop),
             name=self.backbone.name, channels_last=state.channels_last,
         )
+        self._caches.clear()
+        self._plan_cache()
         self._prepared = True
+
+    # -- frozen-prefix activation cache -------------------------------------------------------
+    def _plan_cache(self) -> None:
+        """Find the cacheable prefix for what the strategy now freezes; drop stale caches."""
+        cut = None if self.config.feature_cache == "off" else find_cut(self.backbone)
+        if cut != self._cut:
+            self._caches.clear()
+        self._cut = cut
+
+    def _feature_cache(self, loader: Iterable[Any]) -> FeatureCache | None:
+        """The filled cache for one of fit's loaders, or None where caching is not exact."""
+        if self._cut is None or id(loader) not in self._cacheable:
+            return None
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
+            return None
+        if self.config.feature_cache == "auto" and not is_deterministic(loader.dataset):
+            return None
+        if id(loader) not in self._caches:
+            cache = FeatureCache(
+                self.backbone, self._cut,
+                memory_budget=int(self.config.cache_memory_gb * 2**30),
+                directory=self.config.cache_dir,
+            )
+            try:
+                cache.fill(loader, self._prefix_forward, self.state.device)
+            except MemoryError as error:
+                if self.config.feature_cache == "on":
+                    raise
+                warnings.warn(f"activation cache off: {error}", RuntimeWarning, stacklevel=3)
+                self._cacheable.discard(id(loader))
+                return None
+            self._caches[id(loader)] = cache
+        return self._caches[id(loader)]
+
+    def _prefix_forward(self, prefix: Callable[[torch.Tensor], torch.Tensor],
+                        images: torch.Tensor) -> torch.Tensor:
+        if self.state.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.state.device, self.state.precision):
+            return prefix(images)
+
+    def _batches(self, loader: Iterable[Any]) -> Iterable[Any]:
+        """The loader's batches, or the same batches as cached activations (the model's
+        forward then runs only the suffix)."""
+        cache = self._feature_cache(loader)
+        self._model_forward = self.backbone if cache is None else cache.suffix
+        return loader if cache is None else cache.batches(loader)
 
     def _ensure_ready(self, loader: Iterable[Any]) -> None:
         if not self._prepared:
@@ -450,7 +506,7 @@ class Trainer:
     def _run_epoch(self, loader: Iterable[Any]) -> dict[str, float]:
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(self._batches(loader)):
             self.state.batch = index
             outputs = self._train_step(batch)
             self.state.global_step += 1
@@ -486,7 +542,7 @@ class Trainer:
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         with autocast(self.state.device, self.state.precision):
-            return self.backbone(images)
+            return self._model_forward(images)
 
     def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = _split_batch(batch)
@@ -503,7 +559,7 @@ class Trainer:
         self.backbone.eval()
         try:
             with torch.inference_mode():
-                for batch in loader:
+                for batch in self._batches(loader):
                     images, labels = self._to_device(batch)
                     yield self._forward(images), labels
         finally:

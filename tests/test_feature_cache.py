@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune import Backbone, FreezeFraction, FullUnfreeze, LastLayerOnly
+from finetune import (
+    Backbone,
+    FreezeFraction,
+    FreezeStrategy,
+    FullUnfreeze,
+    History,
+    LastLayerOnly,
+    TrainConfig,
+    Trainer,
+)
 from finetune.feature_cache import FeatureCache, cache_key, find_cut, split
 
 
@@ -121,3 +130,56 @@ def test_key_changes_with_weights_preprocessing_cut_and_data(resnet18: Backbone)
     with torch.no_grad():
         resnet18.model.layer1[0].conv1.weight[0, 0, 0, 0] += 1.0
     assert cache_key(resnet18, cut, data, "torch.bfloat16") != base
+
+
+# -- through the Trainer --------------------------------------------------------------------
+def _fit(strategy: FreezeStrategy, feature_cache: str, precision: str = "fp32",
+         epochs: int = 2) -> tuple[Trainer, History]:
+
+    torch.manual_seed(0)
+    backbone = Backbone.from_torchvision("resnet18", 3, weights=None)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(16, 3, 32, 32, generator=generator)
+    labels = torch.arange(16) % 3
+    train = DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=True,
+                       generator=torch.Generator())
+    val = DataLoader(TensorDataset(images[:8], labels[:8]), batch_size=4)
+    config = TrainConfig(epochs=epochs, lr=1e-2, seed=0, precision=precision,
+                         feature_cache=feature_cache)
+    trainer = Trainer(backbone, strategy, config)
+    history = trainer.fit(train, val)
+    return trainer, history
+
+
+@pytest.mark.parametrize("strategy", [LastLayerOnly(), FreezeFraction(0.8)],
+                         ids=["last-layer", "freeze-80"])
+def test_cached_training_is_bit_exact_in_fp32(strategy: FreezeStrategy) -> None:
+    plain, plain_history = _fit(strategy, "off")
+    cached, cached_history = _fit(strategy, "auto")
+    assert plain._caches == {} and len(cached._caches) == 2  # train and val were cached
+    for (name, a), b in zip(plain.backbone.state_dict().items(),
+                            cached.backbone.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert plain_history["train_loss"] == cached_history["train_loss"]
+    assert plain_history["val_loss"] == cached_history["val_loss"]
+
+
+def test_cached_training_matches_within_bf16_tolerance() -> None:
+    plain, plain_history = _fit(LastLayerOnly(), "off", precision="bf16")
+    cached, cached_history = _fit(LastLayerOnly(), "auto", precision="bf16")
+    assert cached._caches[next(iter(cached._caches))].features.dtype == torch.bfloat16
+    assert torch.allclose(plain.backbone.head.weight, cached.backbone.head.weight, atol=2e-2)
+    assert plain_history["train_loss"] == pytest.approx(cached_history["train_loss"], rel=2e-2)
+
+
+def test_augmented_data_is_not_cached_in_auto_mode() -> None:
+
+    class Augmented(TensorDataset):
+        deterministic = False
+
+    backbone = Backbone.from_torchvision("resnet18", 3, weights=None)
+    data = Augmented(torch.randn(8, 3, 32, 32), torch.arange(8) % 3)
+    trainer = Trainer(backbone, LastLayerOnly(),
+                      TrainConfig(epochs=1, precision="fp32", feature_cache="auto"))
+    trainer.fit(DataLoader(data, batch_size=4))
+    assert trainer._cut is not None and trainer._caches == {}
