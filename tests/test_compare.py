@@ -108,13 +108,23 @@ def test_seeds_give_mean_and_std(tree: Path, tmp_path: Path) -> None:
     assert "±" in (tmp_path / "results.md").read_text()
 
 
-def test_every_registered_strategy_and_option_syntax(tree: Path, tmp_path: Path) -> None:
-    specs = [name for name in STRATEGIES if name != "freeze-all-but"]
-    specs += ["freeze-all-but:groups=block2+stem", "freeze-fraction:fraction=0.5:count=numel",
-              "freeze-80", "from-scratch"]
-    args = argv(tree, tmp_path, "--strategies", ",".join(specs[:3]), *specs[3:])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_registered_strategy_builds_and_applies(name: str) -> None:
+    spec = "freeze-all-but:groups=block2" if name == "freeze-all-but" else name
+    strategy, pretrained = compare.parse_strategy(spec)
+    assert type(strategy) is STRATEGIES[name] and pretrained
+    report = strategy.apply(make_tiny_backbone())
+    assert 0 < report.trainable_params <= report.total_params
+
+
+def test_registry_names_aliases_and_options_train_end_to_end(tree: Path, tmp_path: Path) -> None:
+    specs = ["lp-ft:probe_epochs=1", "freeze-all-but:groups=block2+stem", "gradual-unfreeze",
+             "freeze-fraction:fraction=0.5:count=numel"]
+    args = argv(tree, tmp_path, "--strategies", ",".join(specs[:2]), *specs[2:])
     assert compare.main(args, backbone_factory=Factory()) == 0
-    assert [r["strategy"] for r in read_results(tmp_path)["rows"]] == specs
+    rows = read_results(tmp_path)["rows"]
+    assert [r["strategy"] for r in rows] == specs
+    assert rows[1]["strategy_state"]["options"]["groups"] == ["block2", "stem"]
 
 
 def test_parse_strategy_options_and_errors() -> None:
