@@ -50,6 +50,7 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    wandb.teardown()  # wandb reads its environment once per process; make it read this one
     yield tmp_path
     wandb.finish()  # never leave a run open for the next test, even when this one failed
 
