@@ -100,6 +100,7 @@ class TrainState:
     precision: str = "fp32"
     channels_last: bool = False
     freeze_report: FreezeReport | None = None
+    cached_prefix: str | None = None  # last module of the prefix whose activations are cached
     report: EvaluationReport | None = None
     history: History = attrs.Factory(History)
 
@@ -389,6 +390,7 @@ class Trainer:
         forward then runs only the suffix)."""
         cache = self._feature_cache(loader)
         self._model_forward = self.backbone if cache is None else cache.suffix
+        self.state.cached_prefix = None if cache is None else cache.cut.label
         return loader if cache is None else cache.batches(loader)
 
     def _ensure_ready(self, loader: Iterable[Any]) -> None:

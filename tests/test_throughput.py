@@ -1,0 +1,32 @@
+"""benchmarks.throughput runs end to end on a small model and reports every strategy."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import throughput
+
+
+def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "throughput.json"
+    results = throughput.main([
+        "--backbone", "resnet18", "--strategies", "last-layer", "freeze-80", "full-unfreeze",
+        "--images", "8", "--batch-size", "4", "--image-size", "32", "--epochs", "2",
+        "--precision", "fp32", "--out", str(out),
+    ])
+    rows = {row["strategy"]: row for row in results["rows"]}
+    assert set(rows) == {"last-layer", "freeze-80", "full-unfreeze"}
+    assert rows["last-layer"]["library"]["cached_at"] == "avgpool"
+    assert rows["freeze-80"]["library"]["cached_at"].startswith("layer")
+    assert rows["full-unfreeze"]["library"]["cached_at"] is None
+    for row in rows.values():
+        assert row["naive"]["images_per_s"] > 0 and row["library"]["later_images_per_s"] > 0
+    assert json.loads(out.read_text())["machine"]["threads"] >= 1
+    printed = capsys.readouterr().out
+    assert printed.count("| last-layer |") == 1 and "ratio epoch 2+" in printed
+
+
+def test_throughput_needs_two_epochs() -> None:
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--epochs", "1"])
