@@ -1,15 +1,16 @@
 """Images/s of the input pipeline (decode + augment + normalise + collate) on this CPU.
 
-    python -m benchmarks.data_pipeline [--images 320] [--workers 0 1 2] [--size 224]
+    python -m benchmarks.data_pipeline [--images 256] [--workers 0 1 2] [--size 224] [--train]
 
 Two sources: the real 256 px photos in ../shared/data/ucmerced, and ~800 px JPEGs (made
 in a temporary folder by upscaling those photos to 800x600, the size of iNaturalist's) to
 mimic iNaturalist 12K. Each is read as is and through the pre-resize cache (shorter side
 256), with 0, 1 and 2 loader workers; one more row decodes the 800 px JPEGs at full
-resolution (no DCT-domain downscaling) to show what that saves. Compare the figures with
-training throughput: the last section trains ResNet50 and EfficientNet-Lite0 (bf16 autocast,
-channels_last, all layers) fed by the loader and fed one fixed batch, in the same run; the
-ratio says how much of the model's speed the input pipeline leaves.
+resolution (no DCT-domain downscaling) to show what that saves. "CPU per image" is the CPU
+time one decode + augment takes in-process; it barely moves when other jobs share the
+cores, unlike images/s. With --train, ResNet50 and EfficientNet-Lite0 (bf16 autocast,
+channels_last, all layers) also train fed by the loader and fed one fixed batch, in the
+same run; the ratio says how much of the model's speed the input pipeline leaves.
 """
 
 from __future__ import annotations
@@ -67,6 +68,21 @@ def images_per_second(data: ImageFolderData, images: int, full_decode: bool = Fa
             seen += len(next(stream)[0])
         best = max(best, seen / (time.perf_counter() - start))
     return best
+
+
+def cpu_ms_per_image(data: ImageFolderData, images: int, full_decode: bool = False) -> float:
+    """CPU time (this process, torch on one thread) per decoded + augmented image: unlike
+    images/s it hardly moves when other processes share the cores."""
+    dataset = data.train_loader().dataset
+    if full_decode:
+        dataset.decode_size = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.process_time()
+    for i in range(images):
+        dataset[(i % len(dataset), i)]
+    torch.set_num_threads(threads)
+    return 1000 * (time.process_time() - start) / images
 
 
 def training_rate(model: nn.Module, stream, steps: int) -> float:
@@ -127,6 +143,12 @@ def run(name: str, root: Path, args: argparse.Namespace, cache: Path) -> list[st
         label = "pre-resized" if pre_resize else "as is"
         rows.append(f"{name:<10} {label:<12} setup (scan{' + resize' if pre_resize else ''}): "
                     f"{setup:6.1f} s for {count} images ({count / setup:7.1f} images/s)")
+        for full_decode in (False, True) if not pre_resize and name != "ucmerced" else (False,):
+            cost = cpu_ms_per_image(data, args.images, full_decode)
+            how = "full decode" if full_decode else label
+            rows.append(f"{name:<10} {how:<12} CPU per image, one core: {cost:5.1f} ms "
+                        f"({1000 / cost:6.1f} images/s per core)")
+            print(rows[-1], flush=True)
         for workers in args.workers:
             data = ImageFolderData(root, pre_resize=pre_resize, cache_dir=cache,
                                    num_workers=workers, **common)
@@ -146,6 +168,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="images timed per setting")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the training section")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per setting")
+    parser.add_argument("--train", action="store_true",
+                        help="also train ResNet50/Lite0 fed by the loader vs a fixed batch "
+                             "(minutes; meaningless while other jobs load the cores)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=224, help="crop size")
     parser.add_argument("--per-class", type=int, default=20,
@@ -160,7 +185,8 @@ def main() -> None:
         rows += run("ucmerced", source, args, cache)
         large = make_large_copy(source, Path(tmp) / "large", args.per_class)
         rows += run("800px", large, args, cache)
-        rows += fed_training(large, cache, args)
+        if args.train:
+            rows += fed_training(large, cache, args)
     print(f"\ncrop {args.size} px, batch 32, random resized crop + flip, "
           f"{args.images} images per setting; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end")
