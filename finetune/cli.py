@@ -29,7 +29,8 @@ import attrs
 from finetune.backbone import TORCHVISION_ARCHITECTURES, Backbone, Preprocessing
 from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
 from finetune.config import PRECISIONS, TrainConfig
-from finetune.data import ImageFolderData
+from finetune.data import ImageFolderData, find_tree
+from finetune.data.images import list_classes
 from finetune.errors import CheckpointError, DataError, FinetuneError
 from finetune.functional import (
     DATA_ENV,
@@ -286,9 +287,9 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
     if checkpoint_dir is not None:
-        write_run_file(checkpoint_dir, _run_record(args, backbone, data, strategy))
         checkpoint = Checkpoint(checkpoint_dir, save_best=args.val_split > 0)
-        callbacks.append(checkpoint)
+        callbacks += [_RunFile(checkpoint_dir, _run_record(args, backbone, data, strategy)),
+                      checkpoint]
     if args.wandb_project:
         callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
                                      config={"cli": _cli_config(args)}))
@@ -303,12 +304,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _RunFile(Callback):
+    """Writes run.json when fit starts: after a resume was checked against the checkpoint,
+    so a refused resume never overwrites the record of the run it belongs to."""
+
+    def __init__(self, directory: Path, record: dict[str, Any]) -> None:
+        self.directory, self.record = directory, record
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        write_run_file(self.directory, self.record)
+
+
 def _count_classes(root: Path) -> int:
     # The head's size must be known before the backbone, which must exist before the data
     # (for its preprocessing): count the class folders the way ImageFolderData will.
-    from finetune.data import find_tree
-    from finetune.data.images import list_classes
-
     _, train_folder, _ = find_tree(root)
     return len(list_classes(train_folder))
 

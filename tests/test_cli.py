@@ -104,6 +104,13 @@ def test_resume_continues_and_wandb_writes_offline(tree, tmp_path, capsys, offli
     assert code == 0, err
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert load_checkpoint(runs / "last.pt")["epoch"] == 0
+    record = (runs / "run.json").read_text()
+
+    mismatched = [a if a != "gradual-unfreeze:every=1" else "last-layer" for a in common]
+    code, _, err = run(["train", *mismatched, "--epochs", "2", "--resume",
+                        str(runs / "last.pt")], capsys)
+    assert code == 2 and "CheckpointError" in err and "resume with the same strategy" in err
+    assert (runs / "run.json").read_text() == record  # a refused resume leaves it alone
 
     code, out, err = run(["train", *common, "--epochs", "3", "--resume", str(runs / "last.pt")],
                          capsys)
