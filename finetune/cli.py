@@ -28,7 +28,7 @@ import attrs
 
 from finetune.backbone import TORCHVISION_ARCHITECTURES, Backbone, Preprocessing
 from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
-from finetune.config import PRECISIONS, TrainConfig
+from finetune.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.data import ImageFolderData, find_tree
 from finetune.data.images import list_classes
 from finetune.errors import CheckpointError, DataError, FinetuneError
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-per-class", type=_positive_int, default=None,
                        help="use at most N images of each class (before the val split)")
     train.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    train.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
+                       help="run a frozen prefix once per image and train on its stored "
+                            "activations; auto does so where that is exact (default: auto)")
     train.add_argument("--wandb-project", default=None,
                        help="log to this Weights & Biases project (offline without an API key)")
     train.add_argument("--wandb-name", default=None, help="the wandb run's name")
@@ -282,7 +285,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
     strategy: FreezeStrategy = args.strategy
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                         precision=args.precision, device=args.device)
+                         precision=args.precision, device=args.device,
+                         feature_cache=args.feature_cache)
     callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
