@@ -235,12 +235,12 @@ class Trainer:
         if config.seed is not None:
             _seed_everything(config.seed)
         checkpoint = _read_checkpoint(resume) if resume is not None else None
-        if checkpoint is not None:
-            self._check_compatible(checkpoint, resume)
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=_length(train_loader))
         self._prepare(configured_epoch, train_loader)
+        if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
+            self._check_compatible(checkpoint, resume)
         self._cacheable = {id(train_loader), id(val_loader)} - {id(None)}
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
@@ -255,6 +255,7 @@ class Trainer:
                     self._configure_optimizer(epoch, previous=self.optimizer)
                 if config.seed is not None:
                     self._reseed(_epoch_seed(config.seed, epoch), train_loader)
+                _set_sampler_epoch(train_loader, epoch)
                 dispatch(self.callbacks, Event.EPOCH_START, self, epoch=epoch)
                 started = time.perf_counter()
                 metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
@@ -315,8 +316,15 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _resolve_classes(self, loader: Iterable[Any]) -> None:
         if self.classes is None:
-            names = getattr(getattr(loader, "dataset", None), "classes", None)
-            if names is not None and len(names) == self.backbone.num_classes:
+            names = _dataset_classes(loader)
+            if names is not None and len(names) != self.backbone.num_classes:
+                raise ValueError(
+                    f"the data has {len(names)} classes ({', '.join(map(str, names[:5]))}"
+                    f"{', …' if len(names) > 5 else ''}) but {self.backbone.name}'s head has "
+                    f"{self.backbone.num_classes} outputs; build the backbone with "
+                    f"num_classes={len(names)}."
+                )
+            if names is not None:
                 self.classes = [str(n) for n in names]
             else:
                 self.classes = [str(i) for i in range(self.backbone.num_classes)]
@@ -390,7 +398,6 @@ class Trainer:
         forward then runs only the suffix)."""
         cache = self._feature_cache(loader)
         self._model_forward = self.backbone if cache is None else cache.suffix
-        self.state.cached_prefix = None if cache is None else cache.cut.label
         return loader if cache is None else cache.batches(loader)
 
     def _ensure_ready(self, loader: Iterable[Any]) -> None:
@@ -478,6 +485,11 @@ class Trainer:
                 f"but this trainer has {ours['name']} with {ours['num_classes']} classes; resume "
                 "with the backbone the checkpoint was trained with."
             )
+        if checkpoint["strategy"] != self.strategy.state_dict():
+            raise CheckpointError(
+                f"checkpoint {path} was trained with strategy {checkpoint['strategy']}, but this "
+                f"trainer uses {self.strategy.state_dict()}; resume with the same strategy."
+            )
         expected = self.backbone.model.state_dict()
         saved = checkpoint["model"]
         missing = sorted(set(expected) - set(saved))
@@ -488,11 +500,6 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} does not fit {self.backbone.name}: missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
-            )
-        if checkpoint["strategy"] != self.strategy.state_dict():
-            raise CheckpointError(
-                f"checkpoint {path} was trained with strategy {checkpoint['strategy']}, but this "
-                f"trainer uses {self.strategy.state_dict()}; resume with the same strategy."
             )
 
     def _reseed(self, seed: int, loader: Iterable[Any]) -> None:
@@ -508,7 +515,10 @@ class Trainer:
     def _run_epoch(self, loader: Iterable[Any]) -> dict[str, float]:
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
-        for index, batch in enumerate(self._batches(loader)):
+        batches = self._batches(loader)
+        cache = self._caches.get(id(loader))
+        self.state.cached_prefix = cache.cut.label if cache is not None else None
+        for index, batch in enumerate(batches):
             self.state.batch = index
             outputs = self._train_step(batch)
             self.state.global_step += 1
@@ -625,6 +635,20 @@ def _length(loader: Iterable[Any]) -> int | None:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def _dataset_classes(loader: Iterable[Any]) -> list[Any] | None:
+    """Class names a loader's dataset declares (ImageFolder, finetune.data), if any."""
+    names = getattr(getattr(loader, "dataset", None), "classes", None)
+    return list(names) if names is not None else None
+
+
+def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
+    """Tell an epoch-aware sampler (DistributedSampler, finetune.data's SeededShuffle) which
+    epoch runs, so its order depends on the epoch number alone — also after a resume."""
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
 
 
 def _is_plateau(scheduler: Any) -> bool:

@@ -183,3 +183,21 @@ def test_augmented_data_is_not_cached_in_auto_mode() -> None:
                       TrainConfig(epochs=1, precision="fp32", feature_cache="auto"))
     trainer.fit(DataLoader(data, batch_size=4))
     assert trainer._cut is not None and trainer._caches == {}
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_image_folder_loaders_are_cached_only_without_augmentation(
+    tmp_path: Path, augment: bool
+) -> None:
+    from finetune import ImageFolderData
+    from tests.test_data import make_tree
+
+    root = make_tree(tmp_path / "tree", n_train=4, n_test=1)
+    backbone = Backbone.from_torchvision("resnet18", 3, weights=None)
+    data = ImageFolderData(root, backbone=backbone, image_size=32, batch_size=4, val_split=0.25,
+                           data_augmentation=augment, num_workers=0, progress=False)
+    trainer = Trainer(backbone, LastLayerOnly(), TrainConfig(epochs=2, precision="fp32"))
+    history = trainer.fit(data.train_loader(), data.val_loader())
+    assert len(history) == 2
+    assert trainer.state.cached_prefix == (None if augment else "avgpool")
+    assert trainer.classes == ["cat", "dog", "owl"]

@@ -287,3 +287,14 @@ def test_probe_timing_leaves_the_model_untouched():
     assert_same_weights(before, weights(backbone))
     assert all(p.grad is None for p in backbone.parameters())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_data_with_other_class_count_than_the_head_is_refused(tmp_path: Path) -> None:
+    from finetune import ImageFolderData
+    from tests.test_data import make_tree
+
+    data = ImageFolderData(make_tree(tmp_path, n_train=2, n_test=1), image_size=16,
+                           val_split=0.0, num_workers=0, progress=False)
+    trainer = Trainer(make_tiny_backbone(num_classes=2), LastLayerOnly(), FP32)
+    with pytest.raises(ValueError, match=r"data has 3 classes \(cat, dog, owl\).*num_classes=3"):
+        trainer.fit(data.train_loader())

@@ -67,12 +67,20 @@ class ImageDataset(Dataset):
     """(path, label) samples decoded to RGB and transformed. An index may come with a seed
     for its random augmentation, from `SeededShuffle`."""
 
-    def __init__(self, samples: Samples, transform: Any, decode_size: int, strict: bool) -> None:
+    def __init__(self, samples: Samples, transform: Any, decode_size: int, strict: bool,
+                 classes: Sequence[str] | None = None) -> None:
         self.samples, self.transform = samples, transform
         self.decode_size, self.strict = decode_size, strict
+        self.classes = list(classes) if classes is not None else None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether an index always gives the same tensor (no random augmentation), which lets
+        the Trainer cache a frozen prefix's activations exactly."""
+        return isinstance(self.transform, EvalTransform)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -233,7 +241,8 @@ class ImageFolderData:
 
     # -- helpers ------------------------------------------------------------------------------
     def _dataset(self, samples: Samples, transform: Any) -> ImageDataset:
-        return ImageDataset(samples, transform, self.preprocessing.resize_size, self.strict)
+        return ImageDataset(samples, transform, self.preprocessing.resize_size, self.strict,
+                            self.classes)
 
     def _loader(self, dataset: ImageDataset, sampler: Sampler | None = None,
                 drop_last: bool = False) -> DataLoader:
