@@ -268,15 +268,12 @@ class Backbone(nn.Module):
             ) from error
         head = model.default_cfg.get("classifier", "head")
         grouping = group_parameters(model, model.group_matcher(coarse=False))
-        names = {n for n, _ in model.named_parameters()}
         groups = []
         for group_id, param_names in grouping.items():
             members = [n for n in param_names if not n.startswith(f"{head}.")]
-            if members:
+            if members:  # named after its first module, e.g. "group3:layer1.1"
                 pattern = "^(" + "|".join(re.escape(n) for n in members) + ")$"
-                groups.append((f"group{group_id}", pattern))
-        if not names:
-            raise ArchitectureError(f"timm model '{name}' has no parameters")
+                groups.append((f"group{group_id}:{members[0].rsplit('.', 1)[0]}", pattern))
         cfg = model.pretrained_cfg
         size = cfg.get("input_size", (3, 224, 224))[-1]
         preprocessing = Preprocessing(

@@ -260,3 +260,25 @@ class _serve:
         self.server.shutdown()
         self.server.server_close()
 
+
+
+def test_timm_models_are_grouped_by_timms_own_matcher() -> None:
+    pytest.importorskip("timm", reason="timm is the optional [timm] extra")
+    backbone = Backbone.from_timm("resnet18", num_classes=4)
+    assert backbone.head.out_features == 4
+    assert backbone.group_names[0] == "group0:conv1" and backbone.group_names[-1] == "head"
+    grouped = [n for g in backbone.groups for n, _ in g.parameters]
+    assert sorted(grouped) == sorted(n for n, _ in backbone.model.named_parameters())
+    assert backbone.preprocessing.interpolation == "bicubic"  # from timm's pretrained_cfg
+    with torch.no_grad():
+        assert backbone.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_timm_pretrained_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    pytest.importorskip("timm", reason="timm is the optional [timm] extra")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match="pretrained=False"):
+        Backbone.from_timm("resnet18", num_classes=4, pretrained=True)
