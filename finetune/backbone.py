@@ -201,7 +201,7 @@ class Backbone(nn.Module):
         if isinstance(weights, (str, torchvision.models.WeightsEnum)) and not _is_path(weights):
             enum_value = _resolve_weights_enum(name, weights)
             model.load_state_dict(_load_hub_state_dict(enum_value.url, name, str(enum_value)))
-            preprocessing, weights_label = _preprocessing_from_enum(enum_value), str(enum_value)
+            preprocessing, weights_label = preprocessing_from_weights(enum_value), str(enum_value)
         elif weights is not None:
             model.load_state_dict(_load_local_state_dict(Path(weights), model, name))
             weights_label = str(weights)
@@ -467,7 +467,8 @@ def _resolve_weights_enum(
         ) from None
 
 
-def _preprocessing_from_enum(weights: torchvision.models.WeightsEnum) -> Preprocessing:
+def preprocessing_from_weights(weights: torchvision.models.WeightsEnum) -> Preprocessing:
+    """What torchvision weights expect, read from their own transforms."""
     transform = weights.transforms()
     return Preprocessing(
         resize_size=int(transform.resize_size[0]),

@@ -36,8 +36,8 @@ from finetune.backbone import (
     TORCHVISION_ARCHITECTURES,
     Backbone,
     Preprocessing,
-    _preprocessing_from_enum,
     hub_checkpoint_path,
+    preprocessing_from_weights,
 )
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.config import TrainConfig
@@ -107,7 +107,7 @@ def default_backbone(num_classes: int) -> Backbone:
 def default_preprocessing() -> Preprocessing:
     """What `default_backbone` expects of an image, for loaders made before the model."""
     weights = cached_resnet50_weights()
-    return _preprocessing_from_enum(weights) if weights is not None else LITE0_PREPROCESSING
+    return preprocessing_from_weights(weights) if weights is not None else LITE0_PREPROCESSING
 
 
 def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT") -> Backbone:
@@ -255,13 +255,6 @@ def _data(
     return data
 
 
-def _named(loader: DataLoader, classes: Sequence[str]) -> DataLoader:
-    # The Trainer names report rows from `loader.dataset.classes` (torchvision's convention);
-    # ImageFolderData's datasets do not carry it, so the loaders made here add it.
-    loader.dataset.classes = list(classes)  # type: ignore[attr-defined]
-    return loader
-
-
 def data_load(
     batch_size: int = 32,
     val_split: float = 0.2,
@@ -286,7 +279,7 @@ def data_load(
     data = _data(root, model, batch_size, val_split=val_split, seed=seed,
                  data_augmentation=data_augmentation, image_size=image_size,
                  num_workers=num_workers, train_per_class=train_per_class)
-    return (_named(data.train_loader(), data.classes), _named(data.val_loader(), data.classes))
+    return data.train_loader(), data.val_loader()
 
 
 def test_data_load(
@@ -300,7 +293,7 @@ def test_data_load(
     """The test loader: the dataset's test/ folder (val/ for iNaturalist 12K), never split."""
     data = _data(root, model, batch_size, val_split=0.0, image_size=image_size,
                  num_workers=num_workers)
-    return _named(data.test_loader(), data.classes)
+    return data.test_loader()
 
 
 test_data_load.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
@@ -357,27 +350,6 @@ def progress_callback(stream: Any = None) -> Callback:
     return ProgressBar() if getattr(out, "isatty", lambda: False)() else EpochLines()
 
 
-class ActiveRunLogger(WandbLogger):
-    """`WandbLogger` onto a run the caller already started with `wandb.init`: it adds the
-    run config, logs each epoch and the final tables, and leaves `wandb.finish()` to the
-    caller, whose run it is."""
-
-    def __init__(self, run: Any) -> None:
-        super().__init__(project=getattr(run, "project", None) or "finetune")
-        self.active_run = run
-
-    def _init(self, trainer: Trainer) -> Any:
-        try:
-            self.active_run.config.update(self.run_config(trainer), allow_val_change=True)
-        except Exception as error:  # wandb trouble never stops training
-            warnings.warn(f"wandb config update failed ({error}); logging continues.",
-                          RuntimeWarning, stacklevel=2)
-        return self.active_run
-
-    def _finish(self, exit_code: int) -> None:
-        self.run = None
-
-
 def active_wandb_run() -> Any:
     """`wandb.run` if the caller started one. wandb is not imported here when the caller never
     imported it: then there can be no run, and the import costs seconds."""
@@ -385,18 +357,8 @@ def active_wandb_run() -> Any:
     return getattr(wandb, "run", None) if wandb is not None else None
 
 
-def _check_classes(model: Backbone, loader: Iterable[Any]) -> None:
-    classes = getattr(getattr(loader, "dataset", None), "classes", None)
-    if classes is None:
-        return
-    if len(classes) > model.num_classes:
-        raise DataError(
-            f"the data has {len(classes)} classes but the model's head has {model.num_classes} "
-            f"outputs; build it with pretrain_model(num_classes={len(classes)})."
-        )
-    if len(classes) < model.num_classes:
-        warnings.warn(f"the model has {model.num_classes} outputs for {len(classes)} classes; "
-                      "the extra outputs are never a right answer.", stacklevel=3)
+def _check_preprocessing(model: Backbone, loader: Iterable[Any]) -> None:
+    """Warn when loaders normalise for another backbone than the one being trained."""
     wanted = model.preprocessing
     got = getattr(getattr(loader.dataset, "transform", None), "preprocessing", None)
     if got is not None and (got.mean, got.std) != (wanted.mean, wanted.std):
@@ -436,12 +398,12 @@ def model_train_val(
     logged to it; the run stays open for the caller's `wandb.finish()`.
     """
     model = _require_backbone(model)
-    _check_classes(model, train_loader)
+    _check_preprocessing(model, train_loader)
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed, precision=precision, device=device)
     observers = [FreezeReportLines(at_start=False), progress_callback(), *callbacks]
     run = active_wandb_run()
     if run is not None:
-        observers.append(ActiveRunLogger(run))
+        observers.append(WandbLogger(run=run))
     Trainer(model, strategy_of(model), config, observers).fit(train_loader, val_loader)
     return model
 

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from finetune.backbone import Backbone
 from finetune.callbacks.base import Callback, Event, callback_keys, dispatch
 from finetune.config import TrainConfig
-from finetune.errors import CheckpointError, FinetuneError
+from finetune.errors import CheckpointError, DataError, FinetuneError
 from finetune.feature_cache import Cut, FeatureCache, find_cut, is_deterministic
 from finetune.metrics import EvaluationReport
 from finetune.precision import autocast, resolve_precision, uses_convolutions
@@ -318,7 +318,7 @@ class Trainer:
         if self.classes is None:
             names = _dataset_classes(loader)
             if names is not None and len(names) != self.backbone.num_classes:
-                raise ValueError(
+                raise DataError(
                     f"the data has {len(names)} classes ({', '.join(map(str, names[:5]))}"
                     f"{', …' if len(names) > 5 else ''}) but {self.backbone.name}'s head has "
                     f"{self.backbone.num_classes} outputs; build the backbone with "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,21 @@ def random_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
          torch.randint(0, 3, (8,), generator=generator))
         for _ in range(4)
     ]
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """wandb in offline mode writing under tmp_path, with no API key and no network."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    wandb.teardown()  # wandb reads its environment once per process; make it read this one
+    yield tmp_path
+    wandb.finish()  # never leave a run open for the next test, even when this one failed
 
 
 @pytest.fixture

@@ -161,14 +161,6 @@ def test_per_class_evaluation_matches_sklearn_and_writes_table_png_json(tmp_path
 
 
 # -- WandbLogger ----------------------------------------------------------------------------
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch) -> Path:
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    return tmp_path
 
 
 def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:

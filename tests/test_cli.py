@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import wandb
 
 from finetune.backbone import Backbone
 from finetune.callbacks import load_checkpoint
@@ -81,18 +80,6 @@ def test_train_then_evaluate_round_trip(tree, tmp_path, capsys):
         expected = (predicted[labels == c] == c).float().mean().item()
         assert rows[name] == pytest.approx(expected, abs=5e-4)
         assert saved["per_class"][name]["accuracy"] == pytest.approx(expected)
-
-
-@pytest.fixture
-def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    wandb.teardown()  # wandb reads its environment once per process; make it read this one
-    yield tmp_path
-    wandb.finish()
 
 
 def test_resume_continues_and_wandb_writes_offline(tree, tmp_path, capsys, offline_wandb):

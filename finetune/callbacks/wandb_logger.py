@@ -45,6 +45,8 @@ class WandbLogger(Callback):
     The run's config holds the strategy, the backbone and the train config (plus `config`).
     `mode`: "online", "offline" or "disabled"; None means WANDB_MODE if set, else online
     with an API key and offline without. Extra keyword arguments go to `wandb.init`.
+    `run`: a run the caller started with `wandb.init`: it gets the config and the logs, and
+    finishing it stays the caller's job.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class WandbLogger(Callback):
         config: Mapping[str, Any] | None = None,
         mode: str | None = None,
         settings: Any = None,
+        run: Any = None,
         **init_kwargs: Any,
     ) -> None:
         self.project = project
@@ -62,6 +65,7 @@ class WandbLogger(Callback):
         self.mode = mode
         self.settings = settings
         self.init_kwargs = init_kwargs
+        self.attached_run = run
         self.run: Any = None
         self.run_dir: str | None = None
         self._warned = False
@@ -107,6 +111,12 @@ class WandbLogger(Callback):
         }
 
     def _init(self, trainer: Trainer) -> Any:
+        if self.attached_run is not None:
+            try:
+                self.attached_run.config.update(self.run_config(trainer), allow_val_change=True)
+            except Exception as error:  # wandb trouble never stops training
+                self._warn(f"wandb config update failed ({error}); logging continues.")
+            return self.attached_run
         import wandb
 
         mode = self.mode or os.environ.get("WANDB_MODE") or (
@@ -157,7 +167,8 @@ class WandbLogger(Callback):
             self._warn(f"wandb {method} failed ({error}); training continues.", once=True)
 
     def _finish(self, exit_code: int) -> None:
-        if self.run is None:
+        if self.run is None or self.run is self.attached_run:
+            self.run = None
             return
         run, self.run = self.run, None
         offline = False
