@@ -285,3 +285,16 @@ def test_wandb_run_is_finished_with_an_error_code_when_training_fails(monkeypatc
     with pytest.raises(NonFiniteLossError):
         fit([WandbLogger(mode="offline")], loss=lambda logits, labels: logits.sum() * torch.nan)
     run.finish.assert_called_once_with(exit_code=1)
+
+
+def test_wandb_logger_attaches_to_the_callers_run_and_leaves_it_open(monkeypatch) -> None:
+    run = MagicMock(spec=wandb.sdk.wandb_run.Run)
+    run.summary, run.config = MagicMock(), MagicMock()
+    init = MagicMock()
+    monkeypatch.setattr(wandb, "init", init)
+    fit([WandbLogger(run=run)])
+    init.assert_not_called()
+    run.config.update.assert_called_once()
+    assert run.config.update.call_args.args[0]["strategy"]["class"] == "LastLayerOnly"
+    assert run.log.call_count == 3
+    run.finish.assert_not_called()  # the caller started it, the caller finishes it
