@@ -277,6 +277,10 @@ def test_timm_models_are_grouped_by_timms_own_matcher() -> None:
 def test_timm_pretrained_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     pytest.importorskip("timm", reason="timm is the optional [timm] extra")
+    import huggingface_hub.constants
+
+    # The hub reads HF_HUB_OFFLINE at import; set the constant itself so no request is tried.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
