@@ -30,3 +30,14 @@ def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
 def test_throughput_needs_two_epochs() -> None:
     with pytest.raises(SystemExit):
         throughput.parse_args(["--epochs", "1"])
+
+
+def test_allocator_benchmark_reports_each_setting(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import allocator
+
+    rows = allocator.main(["--backbone", "resnet18", "--steps", "1", "--batch-size", "2",
+                           "--image-size", "32", "--precision", "fp32"])
+    assert [row["allocator"] for row in rows][:2] == ["glibc default", "glibc, keep freed memory"]
+    assert rows[1]["env"]["MALLOC_TRIM_THRESHOLD_"] == str(1 << 40)
+    assert all(row["seconds_per_step"] > 0 and row["faults_per_step"] >= 0 for row in rows)
+    assert "| glibc default |" in capsys.readouterr().out
