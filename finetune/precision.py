@@ -3,7 +3,8 @@
 On CPUs with native bf16 (AVX512-BF16 / AMX) ResNet50 trains ~3x faster under bf16 autocast
 with channels_last, but EfficientNet-Lite0's depthwise convolutions gain nothing, so "auto"
 times a few real train steps of the actual model in both precisions and keeps the faster one.
-The verdict is cached per (model name, device, input shape) for the life of the process.
+The verdict is cached per (model name, device, input shape, trainable parameters) for the life
+of the process: what is frozen changes how much of the step bf16 can speed up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 # bf16 must beat fp32 by this factor to be chosen: a tie is not worth the lower precision.
 MIN_SPEEDUP = 1.15
-_CACHE: dict[tuple[str, str, tuple[int, ...]], str] = {}
+_CACHE: dict[tuple[str, str, tuple[int, ...], int], str] = {}
 
 
 @functools.cache
@@ -106,7 +107,8 @@ def resolve_precision(
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "fp32"
-    key = (name, str(device), tuple(sample_shape))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    key = (name, str(device), tuple(sample_shape), trainable)
     if key not in _CACHE:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
