@@ -20,14 +20,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+RUNTIME_FLAG = "FINETUNE_BENCH_KEEP_FREED_MEMORY"
 SETTINGS: dict[str, dict[str, str]] = {
     "glibc default": {},
-    "glibc, keep freed memory": {
+    "glibc, environment": {
         # Serve big blocks from the heap (not mmap) and never trim it back to the kernel.
-        "MALLOC_MMAP_THRESHOLD_": str(1 << 40),
-        "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
-        "MALLOC_TOP_PAD_": str(1 << 30),
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+        "MALLOC_TOP_PAD_": str(256 << 20),
     },
+    "glibc, keep_freed_memory()": {RUNTIME_FLAG: "1"},  # what the Trainer does at fit start
 }
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
@@ -38,7 +40,11 @@ def measure(backbone: str, steps: int, batch: int, size: int, precision: str) ->
     import torch
 
     from finetune import Backbone
+    from finetune.memory import keep_freed_memory
     from finetune.precision import autocast
+
+    if os.environ.get(RUNTIME_FLAG) == "1" and not keep_freed_memory():
+        raise RuntimeError("mallopt is not available here (not glibc)")
 
     torch.manual_seed(0)
     model = Backbone.from_torchvision(backbone, 10, weights=None).train()

@@ -42,6 +42,9 @@ class TrainConfig:
     - `precision`: "fp32", "bf16" (autocast), or "auto" (bf16 only where a timed probe shows
       it is faster for this model on this device; see `finetune.precision`).
     - `max_grad_norm`: clip the gradient norm of the trainable parameters; None does not clip.
+    - `keep_freed_memory`: on the CPU with glibc, have malloc reuse freed memory instead of
+      returning it to the kernel every step (fewer page faults; see `finetune.memory`). It is
+      process-wide and keeps the process at its peak size.
     - `feature_cache`: run a frozen prefix once per image and train the rest on its stored
       activations (see `finetune.feature_cache`). "auto" caches when that is exact: the
       strategy freezes a prefix, the dataset is deterministic (no augmentation) and the
@@ -57,6 +60,7 @@ class TrainConfig:
     device: str = attrs.field(default="auto", validator=_check_device)
     channels_last: str | bool = attrs.field(default="auto", validator=_check_channels_last)
     max_grad_norm: float | None = attrs.field(default=None, validator=_positive_or_none)
+    keep_freed_memory: bool = attrs.field(default=True, validator=v.instance_of(bool))
     feature_cache: str = attrs.field(default="auto", validator=v.in_(FEATURE_CACHE_MODES))
     cache_memory_gb: float = attrs.field(default=4.0, converter=float, validator=v.ge(0.0))
     cache_dir: str | None = attrs.field(

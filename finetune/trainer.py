@@ -27,6 +27,7 @@ from finetune.callbacks.base import Callback, Event, callback_keys, dispatch
 from finetune.config import TrainConfig
 from finetune.errors import CheckpointError, DataError, FinetuneError
 from finetune.feature_cache import Cut, FeatureCache, find_cut, is_deterministic
+from finetune.memory import keep_freed_memory
 from finetune.metrics import EvaluationReport
 from finetune.precision import autocast, resolve_precision, uses_convolutions
 from finetune.strategies import FreezeReport, FreezeStrategy
@@ -338,6 +339,8 @@ class Trainer:
         since what is frozen changes what bf16 saves)."""
         config, state = self.config, self.state
         state.device = _default_device(config.device)
+        if config.keep_freed_memory and state.device.type == "cpu":
+            keep_freed_memory()
         model = self.backbone.model
         state.channels_last = (uses_convolutions(model) if config.channels_last == "auto"
                                else bool(config.channels_last))

@@ -298,3 +298,24 @@ def test_data_with_other_class_count_than_the_head_is_refused(tmp_path: Path) ->
     trainer = Trainer(make_tiny_backbone(num_classes=2), LastLayerOnly(), FP32)
     with pytest.raises(ValueError, match=r"data has 3 classes \(cat, dog, owl\).*num_classes=3"):
         trainer.fit(data.train_loader())
+
+
+def test_cpu_fit_asks_malloc_to_keep_freed_memory_unless_told_not_to(monkeypatch) -> None:
+    import finetune.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    Trainer(make_tiny_backbone(), LastLayerOnly(), FP32).fit(make_loader(8))
+    assert calls == [1]
+    off = attrs.evolve(FP32, keep_freed_memory=False, epochs=1)
+    Trainer(make_tiny_backbone(), LastLayerOnly(), off).fit(make_loader(8))
+    assert calls == [1]
+
+
+def test_keep_freed_memory_applies_on_glibc() -> None:
+    import platform
+
+    from finetune.memory import keep_freed_memory
+
+    applied = keep_freed_memory()
+    assert applied == (platform.libc_ver()[0] == "glibc")
