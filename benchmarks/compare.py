@@ -31,17 +31,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 import torch
 import torchvision
 
+import finetune
 from benchmarks import plots
 from finetune import STRATEGIES, Backbone, FreezeStrategy, ImageFolderData, TrainConfig, Trainer
 from finetune.backbone import TORCHVISION_ARCHITECTURES, hub_checkpoint_path
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.data import INaturalist12K, default_cache_root
 from finetune.errors import FinetuneError
+from finetune.functional import build_backbone
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
@@ -124,54 +125,27 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _value(text: str) -> Any:
-    if "+" in text:
-        return tuple(_value(part) for part in text.split("+") if part)
-    lowered = text.lower()
-    if lowered in ("true", "false", "none"):
-        return {"true": True, "false": False, "none": None}[lowered]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_strategy(spec: str) -> tuple[FreezeStrategy, bool]:
-    """`name[:key=value]...` -> (strategy, whether the backbone starts from pretrained weights)."""
-    name, *options_text = spec.split(":")
-    base, options, pretrained = ALIASES.get(name, (name, {}, True))
-    if base not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{name}' in '{spec}'; choose one of "
-                         f"{', '.join(sorted([*STRATEGIES, *ALIASES]))}")
-    cls = STRATEGIES[base]
-    fields = {f.name: f for f in attrs.fields(cls)}
-    options = dict(options)
-    for item in options_text:
-        key, equals, raw = item.partition("=")
-        if not equals or key not in fields:
-            raise ValueError(f"bad option '{item}' in '{spec}'; write key=value with a key "
-                             f"from {', '.join(fields)}")
-        value = _value(raw)
-        if isinstance(fields[key].default, tuple) and not isinstance(value, tuple):
-            value = (value,)
-        options[key] = value
+    """`name[:key=value]...` (or an alias) -> (strategy, whether the backbone starts from
+    pretrained weights)."""
+    name, colon, rest = spec.partition(":")
+    if name in ALIASES:  # the alias's options first, so the spec's own ones override them
+        base, options, pretrained = ALIASES[name]
+        defaults = "".join(f":{key}={value}" for key, value in options.items())
+        return finetune.parse_strategy(base + defaults + colon + rest), pretrained
     try:
-        return cls(**options), pretrained
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"cannot build strategy '{spec}': {error}") from error
+        return finetune.parse_strategy(spec), True
+    except ValueError as error:
+        if str(error).startswith("unknown strategy"):
+            raise ValueError(f"unknown strategy '{name}' in '{spec}'; choose one of "
+                             f"{', '.join(sorted([*STRATEGIES, *ALIASES]))}") from None
+        raise
 
 
 def make_backbone(name: str, num_classes: int, pretrained: bool) -> Backbone:
-    """The default backbone factory; `main(backbone_factory=...)` swaps it (tests: a tiny one)."""
-    if name in ("lite0", "efficientnet_lite0"):
-        return Backbone.efficientnet_lite0(num_classes, pretrained=pretrained)
-    if name in TORCHVISION_ARCHITECTURES:
-        return Backbone.from_torchvision(name, num_classes, weights="DEFAULT" if pretrained
-                                         else None)
-    raise ValueError(f"unknown backbone '{name}'; use lite0 or one of "
-                     f"{', '.join(sorted(TORCHVISION_ARCHITECTURES))}")
+    """The default backbone factory (any name the CLI takes); `main(backbone_factory=...)`
+    swaps it (tests: a tiny one)."""
+    return build_backbone(name, num_classes, weights="DEFAULT" if pretrained else None)
 
 
 def resolve_data(data: str | None) -> Path:

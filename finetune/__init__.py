@@ -26,6 +26,7 @@ from finetune.strategies import (
     LinearProbeThenFinetune,
     LoRA,
     build_strategy,
+    parse_strategy,
     register,
 )
 from finetune.trainer import History, NonFiniteLossError, Trainer, TrainState
@@ -62,5 +63,6 @@ __all__ = [
     "Trainer",
     "WeightsUnavailableError",
     "build_strategy",
+    "parse_strategy",
     "register",
 ]

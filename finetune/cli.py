@@ -14,7 +14,6 @@ the preprocessing the model was trained with.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from finetune.functional import (
     resolve_data_root,
 )
 from finetune.strategies import STRATEGIES, FreezeStrategy
+from finetune.strategies import parse_strategy as parse_strategy_spec
 from finetune.trainer import Trainer
 
 RUN_FILE = "run.json"
@@ -48,43 +48,12 @@ RUN_FORMAT = 1
 
 
 # -- argument types ---------------------------------------------------------------------------
-def _value(text: str) -> Any:
-    """A strategy option value: a Python literal (0.5, 3, True, None), true/false/none in any
-    case, a '+'-joined list (layer3+layer4), or else the text itself."""
-    if "+" in text:
-        return [_value(part) for part in text.split("+")]
-    lowered = {"true": True, "false": False, "none": None}
-    if text.lower() in lowered:
-        return lowered[text.lower()]
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_strategy(spec: str) -> FreezeStrategy:
-    """`NAME` or `NAME:key=value,key=value` → a registered strategy, validated."""
-    name, _, rest = spec.partition(":")
-    if name not in STRATEGIES:
-        raise argparse.ArgumentTypeError(
-            f"unknown strategy '{name}'; choose one of {', '.join(sorted(STRATEGIES))} "
-            "(see `finetune strategies`)"
-        )
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise argparse.ArgumentTypeError(
-                f"strategy option '{item}' is not key=value, e.g. freeze-fraction:fraction=0.5"
-            )
-        options[key.strip().replace("-", "_")] = _value(value.strip())
+    """argparse `type` for --strategy: `finetune.parse_strategy`, errors as usage errors."""
     try:
-        return STRATEGIES[name](**options)
-    except (TypeError, ValueError) as error:
-        fields = ", ".join(a.name for a in attrs.fields(STRATEGIES[name]))
-        raise argparse.ArgumentTypeError(
-            f"bad options for '{name}': {error} (its options: {fields})"
-        ) from error
+        return parse_strategy_spec(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (see `finetune strategies`)") from None
 
 
 def _backbone_name(text: str) -> str:

@@ -132,11 +132,15 @@ def test_every_command_has_help(command, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "--strategy", "nope"], "unknown strategy 'nope'; choose one of"),
+        (["train", "--strategy", "nope"], "unknown strategy 'nope'; registered: bitfit, "),
         (["train", "--strategy", "freeze-fraction:fraction=2"],
-         "bad options for 'freeze-fraction': fraction must be between 0 and 1"),
-        (["train", "--strategy", "freeze-fraction:oops"], "is not key=value"),
-        (["train", "--strategy", "last-layer:colour=red"], "bad options for 'last-layer'"),
+         "cannot build strategy 'freeze-fraction:fraction=2': fraction must be between 0 and 1"),
+        (["train", "--strategy", "freeze-fraction:oops"],
+         "bad option 'oops' in 'freeze-fraction:oops'; write key=value with a key from "
+         "train_bn, fraction, count"),
+        (["train", "--strategy", "last-layer:colour=red"],
+         "bad option 'colour=red' in 'last-layer:colour=red'; write key=value with a key from "
+         "train_bn"),
         (["train", "--epochs", "0"], "expected a positive integer, got 0"),
         (["train", "--val-split", "1.5"], "expected a number in [0, 1), got 1.5"),
         (["train", "--lr", "-1"], "expected a number > 0"),

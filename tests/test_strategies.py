@@ -214,3 +214,23 @@ def test_state_dict_is_plain_data() -> None:
         "class": "FreezeFraction",
         "options": {"train_bn": False, "fraction": 0.7, "count": "groups"},
     }
+
+
+def test_parse_strategy_reads_the_command_line_spelling() -> None:
+    from finetune import FreezeAllBut, GradualUnfreeze, parse_strategy
+
+    assert parse_strategy("last-layer") == LastLayerOnly()
+    assert parse_strategy("freeze-fraction:fraction=0.5:count=numel") == FreezeFraction(
+        0.5, count="numel")
+    assert parse_strategy("freeze-fraction:fraction=0.5,train-bn=true") == FreezeFraction(
+        0.5, train_bn=True)
+    assert parse_strategy("freeze-all-but:groups=layer4").groups == ("layer4",)
+    assert parse_strategy("freeze-all-but:groups=layer3+layer4") == FreezeAllBut(
+        groups=("layer3", "layer4"))
+    assert parse_strategy("gradual-unfreeze:at=2+4:depth=none") == GradualUnfreeze(at=(2, 4))
+    with pytest.raises(ValueError, match=r"unknown strategy 'freez'; registered: bitfit"):
+        parse_strategy("freez")
+    with pytest.raises(ValueError, match=r"bad option 'depth' .* key from train_bn, every"):
+        parse_strategy("gradual-unfreeze:depth")
+    with pytest.raises(ValueError, match="fraction must be between 0 and 1"):
+        parse_strategy("freeze-fraction:fraction=2")

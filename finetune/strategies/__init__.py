@@ -9,6 +9,7 @@ from finetune.strategies.base import (
     FreezeReport,
     FreezeStrategy,
     build_strategy,
+    parse_strategy,
     register,
 )
 from finetune.strategies.builtin import (
@@ -36,5 +37,6 @@ __all__ = [
     "LinearProbeThenFinetune",
     "LoRA",
     "build_strategy",
+    "parse_strategy",
     "register",
 ]

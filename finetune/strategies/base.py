@@ -12,6 +12,7 @@ user strategy is about ten lines::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -43,6 +44,49 @@ def build_strategy(name: str, **options: Any) -> FreezeStrategy:
     if name not in STRATEGIES:
         raise KeyError(f"unknown strategy '{name}'; registered: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name](**options)
+
+
+def parse_strategy(spec: str) -> FreezeStrategy:
+    """A strategy from its command-line spelling: `NAME[:key=value]...`.
+
+    Options are separated by ":" (or ","); `+` joins the items of a tuple
+    (`freeze-all-but:groups=layer3+layer4`); values are read as int, float,
+    true/false/none, else text. Errors name the valid strategies or options.
+    """
+    name, *items = re.split(r"[:,]", spec.strip())
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}'; registered: {', '.join(sorted(STRATEGIES))}")
+    cls = STRATEGIES[name]
+    fields = {f.name: f for f in attrs.fields(cls)}
+    options: dict[str, Any] = {}
+    for item in filter(None, items):
+        key, equals, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or key not in fields:
+            raise ValueError(f"bad option '{item}' in '{spec}'; write key=value with a key "
+                             f"from {', '.join(fields)}")
+        value = _option_value(raw.strip())
+        if isinstance(fields[key].default, tuple) and not isinstance(value, tuple):
+            value = (value,)
+        options[key] = value
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cannot build strategy '{spec}': {error}") from error
+
+
+def _option_value(text: str) -> Any:
+    if "+" in text:
+        return tuple(_option_value(part) for part in text.split("+") if part)
+    named = {"true": True, "false": False, "none": None}
+    if text.lower() in named:
+        return named[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @attrs.frozen
