@@ -155,3 +155,13 @@ def test_lora_trains_and_resumes_through_the_trainer(tmp_path: Path) -> None:
                                              resume=checkpoint.last_path)
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_lora_on_layers_peft_cannot_wrap_is_a_clear_error() -> None:
+    pytest.importorskip("peft", reason="peft is the optional [lora] extra")
+    from finetune import Backbone
+
+    backbone = Backbone.efficientnet_lite0(num_classes=3, pretrained=False)
+    with pytest.raises(ValueError, match=r"Conv2dStaticSamePadding, which peft cannot wrap"):
+        LoRA().apply(backbone)
+    assert not any(".lora_" in name for name, _ in backbone.model.named_parameters())

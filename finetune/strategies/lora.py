@@ -73,15 +73,24 @@ class LoRA(FreezeStrategy):
             )
         chosen = set(self.groups) or set(backbone.group_names)
         chosen.discard("head")
-        targets = []
+        targets, foreign = [], set()
         for name, module in backbone.model.named_modules():
             weight = getattr(module, "weight", None)
-            if (
-                isinstance(module, (nn.Conv2d, nn.Linear))
-                and isinstance(weight, nn.Parameter)
-                and backbone.group_of(f"{name}.weight") in chosen
-            ):
+            if not (isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(weight, nn.Parameter)
+                    and backbone.group_of(f"{name}.weight") in chosen):
+                continue
+            # peft builds each adapter as `type(layer)(in, r, kernel, stride, padding)`, which
+            # only the plain torch classes accept (EfficientNet-Lite0's same-padding convs not).
+            if type(module) in (nn.Conv2d, nn.Linear):
                 targets.append(name)
+            else:
+                foreign.add(type(module).__name__)
+        if not targets and foreign:
+            raise ValueError(
+                f"LoRA: {backbone.name}'s layers are {', '.join(sorted(foreign))}, which peft "
+                "cannot wrap (it rebuilds adapters as plain nn.Conv2d / nn.Linear); use LoRA "
+                "with a torchvision or timm backbone, e.g. Backbone.resnet50 or efficientnet_b0."
+            )
         return targets
 
     def inject(self, backbone: Backbone) -> int:
