@@ -276,6 +276,10 @@ class Trainer:
         except BaseException as error:
             self._notify_exception(error)
             raise
+        finally:  # activations can take GiBs; and after fit the weights may change
+            self._caches.clear()
+            self._cacheable.clear()
+            self._model_forward = self.backbone
         return self.history
 
     def evaluate(self, loader: Iterable[Any]) -> EvaluationReport:

@@ -100,6 +100,21 @@ def test_memory_budget_spills_to_disk_and_a_second_fill_reuses_it(
     assert torch.equal(second.labels, first.labels)
 
 
+def test_bf16_activations_are_stored_in_bf16(resnet18: Backbone) -> None:
+    LastLayerOnly().apply(resnet18)
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4).long()),
+                        batch_size=2)
+
+    def bf16(prefix, images):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return prefix(images)
+
+    cache = FeatureCache(resnet18, find_cut(resnet18))
+    cache.fill(loader, bf16, torch.device("cpu"))
+    assert cache.features.dtype == torch.bfloat16
+    assert cache.nbytes == 4 * 512 * 2  # four images of 512 pooled bf16 values
+
+
 def test_budget_without_a_directory_is_a_clear_error(resnet18: Backbone) -> None:
     LastLayerOnly().apply(resnet18)
     loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4).long()))
@@ -156,7 +171,8 @@ def _fit(strategy: FreezeStrategy, feature_cache: str, precision: str = "fp32",
 def test_cached_training_is_bit_exact_in_fp32(strategy: FreezeStrategy) -> None:
     plain, plain_history = _fit(strategy, "off")
     cached, cached_history = _fit(strategy, "auto")
-    assert plain._caches == {} and len(cached._caches) == 2  # train and val were cached
+    assert plain.state.cached_prefix is None and cached.state.cached_prefix is not None
+    assert cached._caches == {}  # released when fit returns
     for (name, a), b in zip(plain.backbone.state_dict().items(),
                             cached.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -167,7 +183,7 @@ def test_cached_training_is_bit_exact_in_fp32(strategy: FreezeStrategy) -> None:
 def test_cached_training_matches_within_bf16_tolerance() -> None:
     plain, plain_history = _fit(LastLayerOnly(), "off", precision="bf16")
     cached, cached_history = _fit(LastLayerOnly(), "auto", precision="bf16")
-    assert cached._caches[next(iter(cached._caches))].features.dtype == torch.bfloat16
+    assert cached.state.cached_prefix == "avgpool"
     assert torch.allclose(plain.backbone.head.weight, cached.backbone.head.weight, atol=2e-2)
     assert plain_history["train_loss"] == pytest.approx(cached_history["train_loss"], rel=2e-2)
 
@@ -182,7 +198,7 @@ def test_augmented_data_is_not_cached_in_auto_mode() -> None:
     trainer = Trainer(backbone, LastLayerOnly(),
                       TrainConfig(epochs=1, precision="fp32", feature_cache="auto"))
     trainer.fit(DataLoader(data, batch_size=4))
-    assert trainer._cut is not None and trainer._caches == {}
+    assert trainer._cut is not None and trainer.state.cached_prefix is None
 
 
 @pytest.mark.parametrize("augment", [False, True])
