@@ -535,14 +535,23 @@ def _load_local_state_dict(path: Path, model: nn.Module, name: str) -> dict[str,
         ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
         raise WeightsUnavailableError(
-            f"{path} does not hold {name} weights: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatch in "
-            f"{mismatched[:3]}. Pass a state dict saved from torchvision's {name}."
+            f"{path} does not hold {name} weights: {mismatch}. Pass a state dict saved from "
+            f"torchvision's {name}."
         )
     return state
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
+    """What keeps `saved` from loading into a model whose state dict is `expected`: missing
+    and unexpected keys and shape mismatches (the first few of each), or None if it fits."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in saved and saved[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    return (f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from finetune.backbone import Backbone
+from finetune.backbone import Backbone, state_dict_mismatch
 from finetune.callbacks.base import Callback, Event, callback_keys, dispatch
 from finetune.config import TrainConfig
 from finetune.errors import CheckpointError, DataError, FinetuneError
@@ -497,16 +497,10 @@ class Trainer:
                 f"checkpoint {path} was trained with strategy {checkpoint['strategy']}, but this "
                 f"trainer uses {self.strategy.state_dict()}; resume with the same strategy."
             )
-        expected = self.backbone.model.state_dict()
-        saved = checkpoint["model"]
-        missing = sorted(set(expected) - set(saved))
-        unexpected = sorted(set(saved) - set(expected))
-        shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in saved and saved[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
+        mismatch = state_dict_mismatch(self.backbone.model.state_dict(), checkpoint["model"])
+        if mismatch:
             raise CheckpointError(
-                f"checkpoint {path} does not fit {self.backbone.name}: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
+                f"checkpoint {path} does not fit {self.backbone.name}: {mismatch}"
             )
 
     def _reseed(self, seed: int, loader: Iterable[Any]) -> None:
