@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.compare import parse_strategy
 from finetune import Backbone, TrainConfig, Trainer
 from finetune.callbacks import Callback
-from finetune.strategies import FreezeFraction, FreezeStrategy, build_strategy
-
-ALIASES = {"freeze-80": lambda: FreezeFraction(0.8)}
+from finetune.functional import build_backbone
+from finetune.strategies import FreezeStrategy
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,15 +56,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_strategy(name: str) -> FreezeStrategy:
-    return ALIASES[name]() if name in ALIASES else build_strategy(name)
+def make_strategy(spec: str) -> FreezeStrategy:
+    """Any spelling `benchmarks.compare --strategies` takes (aliases and options included)."""
+    return parse_strategy(spec)[0]
 
 
 def make_backbone(name: str, num_classes: int) -> Backbone:
+    """Random weights (speed does not depend on them), the same for every run."""
     torch.manual_seed(0)
-    if name in ("lite0", "efficientnet_lite0"):
-        return Backbone.efficientnet_lite0(num_classes, pretrained=False)
-    return Backbone.from_torchvision(name, num_classes, weights=None)
+    return build_backbone(name, num_classes, weights=None)
 
 
 def make_loader(args: argparse.Namespace) -> DataLoader:
