@@ -13,7 +13,7 @@ user strategy is about ten lines::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import attrs
@@ -198,6 +198,21 @@ class FreezeStrategy:
                 f"{dict(list(bad.items())[:3])}; leave a parameter out of trainable() to freeze it."
             )
         return plan
+
+
+def as_names(value: Sequence[str] | str) -> tuple[str, ...]:
+    """attrs converter: one group name or several → a tuple of names."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def check_groups(strategy: FreezeStrategy, backbone: Backbone, names: Sequence[str]) -> None:
+    """Refuse group names the backbone lacks, listing the ones it has."""
+    unknown = [n for n in names if n not in backbone.group_names]
+    if unknown:
+        raise ValueError(
+            f"{type(strategy).__name__}: {backbone.name} has no group(s) {unknown}; "
+            f"valid groups are {backbone.group_names}"
+        )
 
 
 def _frozen_norms(backbone: Backbone) -> frozenset[str]:

@@ -6,20 +6,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 from torch import nn
 
 from finetune.backbone import Backbone
-from finetune.strategies.base import FreezeReport, FreezeStrategy, register
+from finetune.strategies.base import (
+    FreezeReport,
+    FreezeStrategy,
+    as_names,
+    check_groups,
+    register,
+)
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
-
-
-def _names(value: Sequence[str] | str) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _import_peft() -> Any:
@@ -56,7 +58,7 @@ class LoRA(FreezeStrategy):
     dropout: float = attrs.field(
         default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)]
     )
-    groups: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    groups: tuple[str, ...] = attrs.field(default=(), converter=as_names)
 
     @alpha.validator
     def _check_alpha(self, _: attrs.Attribute, value: float) -> None:
@@ -65,12 +67,7 @@ class LoRA(FreezeStrategy):
 
     def target_modules(self, backbone: Backbone) -> list[str]:
         """Names of the conv / linear modules that get adapters (never the head)."""
-        unknown = [g for g in self.groups if g not in backbone.group_names]
-        if unknown:
-            raise ValueError(
-                f"LoRA: {backbone.name} has no group(s) {unknown}; valid groups are "
-                f"{backbone.group_names}"
-            )
+        check_groups(self, backbone, self.groups)
         chosen = set(self.groups) or set(backbone.group_names)
         chosen.discard("head")
         targets, foreign = [], set()

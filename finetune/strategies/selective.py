@@ -3,28 +3,15 @@ bias-only tuning and surgical fine-tuning of chosen groups."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import attrs
 from torch import nn
 
 from finetune.backbone import Backbone
-from finetune.strategies.base import FreezeStrategy, register
+from finetune.strategies.base import FreezeStrategy, as_names, check_groups, register
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-def _names(value: Sequence[str] | str) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _check_groups(strategy: FreezeStrategy, backbone: Backbone, names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in backbone.group_names]
-    if unknown:
-        raise ValueError(
-            f"{type(strategy).__name__}: {backbone.name} has no group(s) {unknown}; "
-            f"valid groups are {backbone.group_names}"
-        )
 
 
 @register("discriminative-lr")
@@ -40,7 +27,7 @@ class DiscriminativeLR(FreezeStrategy):
     """
 
     decay: float = attrs.field(default=0.5)
-    frozen: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    frozen: tuple[str, ...] = attrs.field(default=(), converter=as_names)
 
     @decay.validator
     def _check_decay(self, _: attrs.Attribute, value: float) -> None:
@@ -56,7 +43,7 @@ class DiscriminativeLR(FreezeStrategy):
         return {g: self.decay ** (len(names) - 1 - i) for i, g in enumerate(names)}
 
     def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
-        _check_groups(self, backbone, self.frozen)
+        check_groups(self, backbone, self.frozen)
         per_group = self.multipliers(backbone)
         return {
             name: per_group[backbone.group_of(name)]
@@ -100,7 +87,7 @@ class FreezeAllBut(FreezeStrategy):
     best served by the first blocks, output-level shifts (new labels) by the last.
     """
 
-    groups: tuple[str, ...] = attrs.field(converter=_names)
+    groups: tuple[str, ...] = attrs.field(converter=as_names)
     train_head: bool = True
 
     @groups.validator
@@ -109,6 +96,6 @@ class FreezeAllBut(FreezeStrategy):
             raise ValueError("groups must name at least one group, e.g. groups=('layer1',)")
 
     def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
-        _check_groups(self, backbone, self.groups)
+        check_groups(self, backbone, self.groups)
         chosen = set(self.groups) | ({"head"} if self.train_head else set())
         return {name: 1.0 for name, _ in backbone.named_parameters_in(*chosen)}
