@@ -176,24 +176,6 @@ def build_data(settings: dict[str, Any], root: Path, backbone: Backbone) -> Imag
 
 
 # -- measuring ----------------------------------------------------------------------------------
-class TrainTimer(Callback):
-    """Seconds of each epoch's training phase (epoch start to last optimizer step, so loading
-    waits count but validation does not) and the images it trained on."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self.images = 0
-        self._start = 0.0
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self._start = time.perf_counter()
-        self.seconds.append(0.0)
-
-    def on_train_batch_end(self, trainer: Trainer, batch: Any, outputs: Any) -> None:
-        self.seconds[-1] = time.perf_counter() - self._start
-        self.images += outputs.count
-
-
 class PeakMemory:
     """Peak memory of the code inside the `with`, in MiB, and how it was measured.
 
@@ -262,8 +244,7 @@ def run_one(spec: str, seed: int, settings: dict[str, Any], data: ImageFolderDat
     backbone = backbone_factory(settings["backbone"], len(data.classes), pretrained)
     config = TrainConfig(epochs=settings["epochs"], lr=settings["lr"], seed=seed,
                          precision=settings["precision"], device=settings["device"])
-    timer = TrainTimer()
-    callbacks: list[Callback] = [timer]
+    callbacks: list[Callback] = []
     if sys.stderr.isatty():
         callbacks.append(ProgressBar())
     if settings.get("wandb_group"):
@@ -289,8 +270,9 @@ def run_one(spec: str, seed: int, settings: dict[str, Any], data: ImageFolderDat
         "val_accuracy": last["val_accuracy"], "best_val_accuracy": max(history["val_accuracy"]),
         "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
         "epochs": len(history), "seconds_per_epoch": statistics.fmean(history["epoch_seconds"]),
-        "train_seconds_per_epoch": statistics.fmean(timer.seconds),
-        "images_per_second": timer.images / max(sum(timer.seconds), 1e-9),
+        "train_seconds_per_epoch": statistics.fmean(history["train_seconds"]),
+        "images_per_second": sum(history["train_images"]) / max(sum(history["train_seconds"]),
+                                                                1e-9),
         "peak_memory_mib": memory.mib, "memory_measure": memory.method,
         "precision": trainer.state.precision, "device": str(trainer.state.device),
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),

@@ -514,6 +514,9 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _run_epoch(self, loader: Iterable[Any]) -> dict[str, float]:
+        """One training pass; its metrics include `train_seconds` (filling an activation cache
+        and waiting for data count, validation does not) and `train_images`."""
+        started = time.perf_counter()
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
         batches = self._batches(loader)
@@ -529,7 +532,8 @@ class Trainer:
             dispatch(self.callbacks, Event.TRAIN_BATCH_END, self, batch=batch, outputs=outputs)
         if count == 0:
             raise ValueError("the training loader yielded no batches")
-        return {"train_loss": total_loss / count, "train_accuracy": correct / count}
+        return {"train_loss": total_loss / count, "train_accuracy": correct / count,
+                "train_seconds": time.perf_counter() - started, "train_images": float(count)}
 
     def _train_step(self, batch: Any) -> StepOutput:
         images, labels = self._to_device(batch)
