@@ -18,13 +18,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from finetune.atomic import atomic_write_json
 from finetune.backbone import TORCHVISION_ARCHITECTURES, Backbone, Preprocessing
 from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
 from finetune.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
@@ -193,18 +193,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
 # -- run.json -----------------------------------------------------------------------------------
 def write_run_file(directory: Path, record: dict[str, Any]) -> Path:
     """Write `run.json` atomically (temp file, then rename), so a crash never leaves half."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / RUN_FILE
-    handle, temp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(record, file, indent=2)
-            file.write("\n")
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_json(directory / RUN_FILE, record, indent=2)
 
 
 def read_run_file(checkpoint: Path) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ import attrs
 import torch
 from torch import nn
 
+from finetune.atomic import atomic_write_json
 from finetune.backbone import Backbone
 
 STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
@@ -259,11 +260,8 @@ class FeatureCache:
     def _mark_complete(self) -> None:
         self.complete = True
         if self.on_disk is not None and self.labels is not None:
-            meta = self.on_disk.with_suffix(".json")
-            temporary = meta.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps({"cut": self.cut.label,
-                                             "labels": self.labels.tolist()}))
-            os.replace(temporary, meta)
+            atomic_write_json(self.on_disk.with_suffix(".json"),
+                              {"cut": self.cut.label, "labels": self.labels.tolist()})
 
 
 def _pairs(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,13 +8,12 @@ then renamed over the target, so a crash mid-save leaves the previous file intac
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.atomic import atomic_write
 from finetune.callbacks.base import Callback, is_improvement, monitored_value
 from finetune.errors import CheckpointError
 
@@ -24,34 +23,7 @@ if TYPE_CHECKING:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """`torch.save` to a temp file beside `path`, fsync, then `os.replace` onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda file: torch.save(state, file), durable=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from finetune.atomic import atomic_write, atomic_write_json
 from finetune.data.images import load_rgb
 
 _VERSION = 1
@@ -83,9 +84,7 @@ def resize_tree(
                                         unit="img", disable=not progress):
                 entries[relative] = entry
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = manifest_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"source": str(source.resolve()), "files": entries}))
-        os.replace(temporary, manifest_path)
+        atomic_write_json(manifest_path, {"source": str(source.resolve()), "files": entries})
     wanted = {str(p.relative_to(source)) for p in files}
     errors = {source / r: e["error"] for r, e in entries.items() if r in wanted and e["error"]}
     return folder, errors
@@ -100,10 +99,7 @@ def _resize_one(path: Path, target: Path, shorter_side: int, quality: int) -> st
     if scale < 1:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    image.save(temporary, format="JPEG", quality=quality)
-    os.replace(temporary, target)
+    atomic_write(target, lambda file: image.save(file, format="JPEG", quality=quality))
     return None
 
 

@@ -1,0 +1,58 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half.
+
+Everything is written to a temporary file in the target's folder and renamed onto it; a
+failure removes the temporary file and leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any],
+                 durable: bool = False) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, then rename it onto `path`.
+
+    `durable=True` also fsyncs the file and the folder, so the new content survives a power
+    loss (checkpoints); caches that can be rebuilt skip that cost."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = None) -> Path:
+    """`data` as JSON (UTF-8, trailing newline), written atomically."""
+    text = json.dumps(data, indent=indent) + "\n"
+    return atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
