@@ -45,12 +45,16 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 class EvaluationReport:
     """A model's predictions on one loader, summarised per class.
 
-    `recall` is also the per-class accuracy (correct / images of that class).
+    `recall` is also the per-class accuracy (correct / images of that class). `targets` and
+    `predictions` (per image, in the loader's order) are kept when built from predictions, so
+    `finetune.significance` can put intervals on the numbers and compare two models.
     """
 
     classes: tuple[str, ...] = attrs.field(converter=tuple)
     confusion_matrix: np.ndarray
     loss: float | None = None
+    targets: np.ndarray | None = None
+    predictions: np.ndarray | None = None
 
     @classmethod
     def from_predictions(
@@ -61,9 +65,10 @@ class EvaluationReport:
         loss: float | None = None,
     ) -> EvaluationReport:
         names = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
-        return cls(
-            classes=names, confusion_matrix=confusion_matrix(y_true, y_pred, len(names)), loss=loss
-        )
+        true = np.asarray(y_true, dtype=np.int64).ravel()
+        pred = np.asarray(y_pred, dtype=np.int64).ravel()
+        return cls(classes=names, confusion_matrix=confusion_matrix(true, pred, len(names)),
+                   loss=loss, targets=true, predictions=pred)
 
     @property
     def num_samples(self) -> int:

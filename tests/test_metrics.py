@@ -47,6 +47,8 @@ def test_per_class_accuracy_is_correct_over_support_and_a_class_without_images_i
     np.testing.assert_allclose(report.per_class_accuracy, [0.5, 2 / 3, 0.0])
     assert report.classes == ("0", "1", "2")
     assert report.num_samples == 5 and report.accuracy == pytest.approx(0.6)
+    np.testing.assert_array_equal(report.targets, [0, 0, 1, 1, 1])  # kept for intervals
+    np.testing.assert_array_equal(report.predictions, [0, 1, 1, 1, 0])
 
 
 def test_table_and_dict_carry_names_and_values():
