@@ -36,6 +36,7 @@ from finetune.functional import (
     LITE0_NAMES,
     FreezeReportLines,
     build_backbone,
+    is_import_path,
     progress_callback,
     resolve_data_root,
 )
@@ -164,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True,
                           help="a .pt file, or a checkpoint folder (best.pt, else last.pt)")
     _add_data_arguments(evaluate, data_required_hint=" (default: the data recorded at training)")
+    evaluate.add_argument("--backbone", type=_backbone_name, default=None, metavar="NAME",
+                          help="rebuild this backbone instead of the one recorded; required "
+                               "when run.json names a package.module:function factory, which "
+                               "is never imported from the file")
     evaluate.add_argument("--split", choices=("test", "val"), default="test",
                           help="the test folder, or the training run's validation split "
                                "(default: test)")
@@ -323,6 +328,18 @@ def _strategy_from(state: dict[str, Any]) -> FreezeStrategy:
     return classes[name](**state.get("options", {}))
 
 
+def _recorded_backbone(spec: str, source: Path, given: str | None) -> str:
+    """The backbone to rebuild: the recorded name, unless it is code (an import path) that
+    the user has not named on the command line themselves."""
+    if given is None and is_import_path(spec):
+        raise CheckpointError(
+            f"{source} names the backbone factory '{spec}', which is Python code; finetune "
+            "never imports code named in a data file. If you trust this run folder, pass "
+            f"--backbone {spec} (its module must be importable, e.g. via PYTHONPATH)."
+        )
+    return spec
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     path = _checkpoint_file(args.checkpoint)
     checkpoint = load_checkpoint(path)
@@ -342,10 +359,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"{record['classes']} but {path} holds {saved_name} on "
                 f"{classes}; it belongs to another run."
             )
-        spec = record["backbone"]
+        spec = _recorded_backbone(record["backbone"], path.parent / RUN_FILE, args.backbone)
         preprocessing = Preprocessing(**record["preprocessing"])
-    # No pretrained weights: every weight comes from the checkpoint.
-    backbone = build_backbone(spec, num_classes, weights=None)
+    # No pretrained weights: every weight comes from the checkpoint. A name read from a file
+    # builds registered architectures only; an import path runs only when typed by the user.
+    backbone = build_backbone(args.backbone or spec, num_classes, weights=None,
+                              allow_import=args.backbone is not None)
     strategy = _strategy_from(checkpoint["strategy"])
     strategy.apply(backbone)  # LoRA adds its adapters here, before their weights load
     try:

@@ -136,7 +136,7 @@ def dataset_fingerprint(dataset: Any) -> str:
         digest.update(repr(getattr(dataset, "transform", None)).encode())
     elif tensors is not None:
         for tensor in tensors:
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(tensor_bytes(tensor))
     else:
         digest.update(f"{type(dataset).__qualname__}:{id(dataset)}:{os.getpid()}".encode())
     return digest.hexdigest()
@@ -151,12 +151,19 @@ def is_deterministic(dataset: Any) -> bool:
     return isinstance(dataset, torch.utils.data.TensorDataset)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's values as bytes, whatever its dtype (bf16 has no numpy type) and memory
+    format. `reshape(-1)` rather than `contiguous()`: a channels_last tensor with size-1 dims
+    (a 1x1 conv weight) reports itself contiguous yet keeps a last stride > 1, which
+    `view(torch.uint8)` refuses."""
+    return tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def cache_key(backbone: Backbone, cut: Cut, dataset: Any, dtype: str) -> str:
     digest = hashlib.sha1()
     for name, tensor in backbone.model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                      if tensor.dim() else str(tensor.item()).encode())
+        digest.update(tensor_bytes(tensor))
     digest.update(f"{backbone.name}|{cut.label}|{backbone.preprocessing}|{dtype}".encode())
     digest.update(dataset_fingerprint(dataset).encode())
     return digest.hexdigest()[:20]

@@ -110,7 +110,8 @@ def default_preprocessing() -> Preprocessing:
     return preprocessing_from_weights(weights) if weights is not None else LITE0_PREPROCESSING
 
 
-def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT") -> Backbone:
+def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT", *,
+                   allow_import: bool = True) -> Backbone:
     """A backbone by name, as the CLI spells it.
 
     `name`: "auto" (`default_backbone`), "lite0" (also "efficientnet_lite0"), a torchvision
@@ -118,6 +119,8 @@ def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT")
     for your own factory called as `function(num_classes)` and returning a `Backbone`.
     `weights`: "DEFAULT" (the published ImageNet weights), None / "none" (random init), an
     enum name such as "IMAGENET1K_V1", or a path to a local state dict (torchvision only).
+    `allow_import=False` builds registered names only: a name read from a file (run.json, a
+    checkpoint) must never import code.
     """
     weights = None if weights is None or str(weights).lower() == "none" else str(weights)
     if name == "auto":
@@ -141,7 +144,12 @@ def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT")
     if name.startswith("timm/"):
         return Backbone.from_timm(name.removeprefix("timm/"), num_classes,
                                   pretrained=weights is not None)
-    if ":" in name:
+    if is_import_path(name):
+        if not allow_import:
+            raise ArchitectureError(
+                f"backbone '{name}' is an import path; it is imported only when you name it "
+                "yourself (--backbone on the command line, or build_backbone in code)."
+            )
         return _from_factory(name, num_classes)
     raise ArchitectureError(
         f"unknown backbone '{name}'; choose auto, lite0, "
@@ -150,16 +158,24 @@ def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT")
     )
 
 
+def is_import_path(name: str) -> bool:
+    """Whether a backbone name is `package.module:function` (code) rather than a registered
+    name."""
+    return ":" in name
+
+
 def _from_factory(spec: str, num_classes: int) -> Backbone:
     module_name, _, attribute = spec.partition(":")
-    # As `python -m` does (and uvicorn for its app specs): a module in the working directory
-    # is importable even from the `finetune` console script.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # Imported from sys.path as it is: the working directory is never added, so a file that
+    # happens to lie there (a downloaded run folder) is not picked up as code.
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ArchitectureError(f"cannot import backbone factory '{spec}' ({error})") from error
+        raise ArchitectureError(
+            f"cannot import backbone factory '{spec}' ({error}); make its module importable, "
+            "e.g. `PYTHONPATH=path/to/folder finetune ...` or `python -m finetune ...` from "
+            "its folder."
+        ) from error
     backbone = factory(num_classes)
     if not isinstance(backbone, Backbone):
         raise ArchitectureError(
