@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.backbone import Backbone
+from finetune.core.backbone import Backbone
 from finetune.data import ImageFolderData
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

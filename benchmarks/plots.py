@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from finetune.atomic import atomic_write
+
 Summary = Sequence[dict[str, Any]]
 
 
@@ -33,7 +35,7 @@ def plot_accuracy(summary: Summary, path: Path) -> Path:
     axes.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per strategy (mean ± std)")
     axes.legend()
     axes.grid(axis="y", alpha=0.3)
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
     return path
 
 
@@ -51,7 +53,7 @@ def plot_accuracy_vs_time(summary: Summary, path: Path) -> Path:
     axes.set(xlabel="training time (s, all epochs incl. validation)", ylabel="test accuracy (%)",
              title="accuracy against training time")
     axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
     return path
 
 
@@ -75,5 +77,5 @@ def plot_per_class_heatmap(
             axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
                       color="black" if value > 60 else "white")
     axes.set_title("per-class test accuracy")
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
     return path

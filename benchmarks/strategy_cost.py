@@ -20,8 +20,8 @@ import time
 import torch
 from torch import nn
 
-from finetune.backbone import Backbone
-from finetune.strategies import (
+from finetune.core.backbone import Backbone
+from finetune.core.strategies import (
     BitFit,
     DiscriminativeLR,
     FreezeAllBut,

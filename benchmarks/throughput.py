@@ -30,11 +30,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.compare import parse_strategy
-from finetune import Backbone, TrainConfig, Trainer
+from finetune import Backbone, TrainConfig, Trainer, parse_strategy
 from finetune.callbacks import Callback
-from finetune.functional import build_backbone
-from finetune.strategies import FreezeStrategy
+from finetune.core.strategies import FreezeStrategy
+from finetune.core.zoo import build_backbone
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,8 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_strategy(spec: str) -> FreezeStrategy:
-    """Any spelling `benchmarks.compare --strategies` takes (aliases and options included)."""
-    return parse_strategy(spec)[0]
+    """A registered strategy or preset (`freeze-80`), with `:key=value` options."""
+    return parse_strategy(spec)
 
 
 def make_backbone(name: str, num_classes: int) -> Backbone:

@@ -1,17 +1,11 @@
 """finetune: fine-tune pretrained image classifiers with interchangeable freezing strategies."""
 
-from finetune.backbone import Architecture, Backbone, ParameterGroup, Preprocessing
-from finetune.config import TrainConfig
-from finetune.data import ImageFolderData, INaturalist12K
-from finetune.errors import (
-    ArchitectureError,
-    CheckpointError,
-    DataError,
-    FinetuneError,
-    WeightsUnavailableError,
-)
-from finetune.metrics import EvaluationReport
-from finetune.strategies import (
+from finetune.core.architectures import Architecture
+from finetune.core.backbone import Backbone, ParameterGroup
+from finetune.core.config import TrainConfig
+from finetune.core.metrics import EvaluationReport
+from finetune.core.strategies import (
+    PRESETS,
     STRATEGIES,
     BitFit,
     DiscriminativeLR,
@@ -28,10 +22,21 @@ from finetune.strategies import (
     build_strategy,
     parse_strategy,
     register,
+    register_preset,
 )
-from finetune.trainer import History, NonFiniteLossError, Trainer, TrainState
+from finetune.core.trainer import History, NonFiniteLossError, Trainer, TrainState
+from finetune.data import ImageFolderData, INaturalist12K
+from finetune.data.preprocessing import Preprocessing
+from finetune.errors import (
+    ArchitectureError,
+    CheckpointError,
+    DataError,
+    FinetuneError,
+    WeightsUnavailableError,
+)
 
 __all__ = [
+    "PRESETS",
     "STRATEGIES",
     "Architecture",
     "ArchitectureError",
@@ -65,4 +70,5 @@ __all__ = [
     "build_strategy",
     "parse_strategy",
     "register",
+    "register_preset",
 ]

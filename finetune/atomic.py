@@ -38,10 +38,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any],
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`text` as UTF-8, written atomically."""
+    return atomic_write(path, lambda file: file.write(text.encode()))
+
+
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = None) -> Path:
     """`data` as JSON (UTF-8, trailing newline), written atomically."""
-    text = json.dumps(data, indent=indent) + "\n"
-    return atomic_write(path, lambda file: file.write(text.encode()))
+    return atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
 def _fsync_directory(directory: Path) -> None:

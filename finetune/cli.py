@@ -25,46 +25,36 @@ from typing import Any
 import attrs
 
 from finetune.atomic import atomic_write_json
-from finetune.backbone import TORCHVISION_ARCHITECTURES, Backbone, Preprocessing
 from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
-from finetune.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
-from finetune.data import ImageFolderData, find_tree
+from finetune.callbacks.console import FreezeReportLines, progress_callback
+from finetune.core.backbone import Backbone
+from finetune.core.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
+from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy, parse_strategy
+from finetune.core.trainer import Trainer
+from finetune.core.zoo import build_backbone, check_backbone_name, is_import_path
+from finetune.data import DATA_ENV, ImageFolderData, find_tree, resolve_data_root
 from finetune.data.images import list_classes
-from finetune.errors import CheckpointError, DataError, FinetuneError
-from finetune.functional import (
-    DATA_ENV,
-    LITE0_NAMES,
-    FreezeReportLines,
-    build_backbone,
-    is_import_path,
-    progress_callback,
-    resolve_data_root,
-)
-from finetune.strategies import STRATEGIES, FreezeStrategy
-from finetune.strategies import parse_strategy as parse_strategy_spec
-from finetune.trainer import Trainer
+from finetune.data.preprocessing import Preprocessing
+from finetune.errors import ArchitectureError, CheckpointError, DataError, FinetuneError
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
 
 
 # -- argument types ---------------------------------------------------------------------------
-def parse_strategy(spec: str) -> FreezeStrategy:
+def strategy_argument(spec: str) -> FreezeStrategy:
     """argparse `type` for --strategy: `finetune.parse_strategy`, errors as usage errors."""
     try:
-        return parse_strategy_spec(spec)
+        return parse_strategy(spec)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{error} (see `finetune strategies`)") from None
 
 
 def _backbone_name(text: str) -> str:
-    known = {"auto", *LITE0_NAMES, *TORCHVISION_ARCHITECTURES}
-    if text in known or text.startswith("timm/") or ":" in text:
-        return text
-    raise argparse.ArgumentTypeError(
-        f"unknown backbone '{text}'; choose auto, lite0, "
-        f"{', '.join(sorted(TORCHVISION_ARCHITECTURES))}, timm/<model> or module:function"
-    )
+    try:
+        return check_backbone_name(text)
+    except ArchitectureError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool],
@@ -118,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_data_arguments(train)
-    train.add_argument("--strategy", type=parse_strategy, default="freeze-fraction",
+    train.add_argument("--strategy", type=strategy_argument, default="freeze-fraction",
                        metavar="NAME[:OPTIONS]",
                        help="registered name, optionally with options: NAME[:key=value,...] "
                             "(lists joined with '+'), e.g. freeze-fraction:fraction=0.5,"
@@ -317,17 +307,6 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
-def _strategy_from(state: dict[str, Any]) -> FreezeStrategy:
-    classes = {cls.__name__: cls for cls in STRATEGIES.values()}
-    name = state.get("class")
-    if name not in classes:
-        raise CheckpointError(
-            f"the checkpoint was trained with strategy {name!r}, which is not registered; "
-            "import the module that registers it."
-        )
-    return classes[name](**state.get("options", {}))
-
-
 def _recorded_backbone(spec: str, source: Path, given: str | None) -> str:
     """The backbone to rebuild: the recorded name, unless it is code (an import path) that
     the user has not named on the command line themselves."""
@@ -365,7 +344,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # builds registered architectures only; an import path runs only when typed by the user.
     backbone = build_backbone(args.backbone or spec, num_classes, weights=None,
                               allow_import=args.backbone is not None)
-    strategy = _strategy_from(checkpoint["strategy"])
+    strategy = FreezeStrategy.from_state_dict(checkpoint["strategy"])
     strategy.apply(backbone)  # LoRA adds its adapters here, before their weights load
     try:
         backbone.model.load_state_dict(checkpoint["model"])
@@ -401,10 +380,14 @@ def _summary(cls: type, limit: int = 90) -> str:
 
 
 def run_strategies(args: argparse.Namespace) -> int:
-    width = max(len(name) for name in STRATEGIES)
-    class_width = max(len(cls.__name__) for cls in STRATEGIES.values())
-    for name, cls in sorted(STRATEGIES.items()):
-        print(f"{name:<{width}}  {cls.__name__:<{class_width}}  {_summary(cls)}")
+    lines = [(name, cls.__name__, _summary(cls)) for name, cls in STRATEGIES.items()]
+    lines += [(name, STRATEGIES[base].__name__, f"preset: {base} with " + ", ".join(
+        f"{key}={value}" for key, value in options.items())) for name, (base, options)
+        in PRESETS.items()]
+    width = max(len(line[0]) for line in lines)
+    class_width = max(len(line[1]) for line in lines)
+    for name, class_name, summary in sorted(lines):
+        print(f"{name:<{width}}  {class_name:<{class_width}}  {summary}")
     return 0
 
 

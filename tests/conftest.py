@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.backbone import Backbone, Preprocessing
+from finetune.core.backbone import Backbone
+from finetune.data.preprocessing import Preprocessing
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_GROUPS = (("stem", r"^stem\."), ("block1", r"^block1\."), ("block2", r"^block2\."))

@@ -12,7 +12,8 @@ import torch
 import torchvision
 
 from finetune import ArchitectureError, Backbone, Preprocessing, WeightsUnavailableError
-from finetune.backbone import TORCHVISION_ARCHITECTURES, hub_checkpoint_path
+from finetune.core.architectures import TORCHVISION_ARCHITECTURES
+from finetune.core.weights import hub_checkpoint_path
 
 SMALL_INPUT = {"vit_b_16": 224}
 
@@ -133,9 +134,9 @@ def test_weights_download_from_a_local_server_with_checksum(
         # A name carrying the file's real hash prefix downloads, verifies and caches.
         digest = hashlib.sha256((served / expected_name).read_bytes()).hexdigest()[:8]
         (served / expected_name).rename(served / f"resnet18-{digest}.pth")
-        from finetune.backbone import _load_hub_state_dict
+        from finetune.core.weights import load_hub_state_dict
 
-        loaded = _load_hub_state_dict(f"https://x/resnet18-{digest}.pth", "resnet18", "test")
+        loaded = load_hub_state_dict(f"https://x/resnet18-{digest}.pth", "resnet18", "test")
     assert torch.equal(loaded["conv1.weight"], state["conv1.weight"])
     assert (torch_home / "hub" / "checkpoints" / f"resnet18-{digest}.pth").is_file()
 

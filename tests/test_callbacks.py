@@ -20,7 +20,7 @@ import wandb
 from sklearn.metrics import precision_recall_fscore_support
 from wandb.proto import wandb_internal_pb2
 
-import finetune.callbacks.checkpoint as checkpoint_module
+import finetune.core.checkpoint as checkpoint_module
 from finetune.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -30,10 +30,10 @@ from finetune.callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
-from finetune.config import TrainConfig
+from finetune.core.config import TrainConfig
+from finetune.core.strategies import LastLayerOnly
+from finetune.core.trainer import NonFiniteLossError, Trainer, TrainState
 from finetune.errors import CheckpointError
-from finetune.strategies import LastLayerOnly
-from finetune.trainer import NonFiniteLossError, Trainer, TrainState
 from tests.conftest import make_tiny_backbone
 from tests.test_trainer import make_loader
 
@@ -143,7 +143,7 @@ def test_per_class_evaluation_matches_sklearn_and_writes_table_png_json(tmp_path
     callback = PerClassEvaluation(tmp_path, every_epoch=True, stream=stream)
     trainer = fit([callback])
     report = callback.report
-    assert report is trainer.state.report and len(callback.epoch_reports) == 2
+    assert report is trainer.state.val_report and len(callback.epoch_reports) == 2
     _, labels = make_loader(n=24, seed=1).dataset.tensors
     predicted = trainer.predict(make_loader(n=24, seed=1, shuffle=False))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -259,8 +259,8 @@ def test_wandb_logger_makes_the_exact_calls(monkeypatch):
     assert set(final) == {"per_class", "confusion_matrix"}
     assert isinstance(final["per_class"], wandb.Table)
     run.summary.update.assert_called_once_with(
-        {"final/val_accuracy": trainer.state.report.accuracy,
-         "final/val_macro_f1": trainer.state.report.macro_f1})
+        {"final/val_accuracy": trainer.state.val_report.accuracy,
+         "final/val_macro_f1": trainer.state.val_report.macro_f1})
     run.finish.assert_called_once_with(exit_code=0)
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.backbone import Backbone
 from finetune.callbacks import load_checkpoint
 from finetune.cli import main, parse_strategy
+from finetune.core.backbone import Backbone
+from finetune.core.strategies import STRATEGIES, FreezeFraction, GradualUnfreeze
 from finetune.data import ImageFolderData
-from finetune.strategies import STRATEGIES, FreezeFraction, GradualUnfreeze
 from tests.test_functional import make_tree
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from benchmarks import compare
-from finetune import STRATEGIES, Backbone, FreezeAllBut, FreezeFraction, FullUnfreeze
+from finetune import (
+    STRATEGIES,
+    Backbone,
+    FreezeAllBut,
+    FreezeFraction,
+    FullUnfreeze,
+    LastLayerOnly,
+)
 from finetune.data import INaturalist12K
 from tests.conftest import make_tiny_backbone
 
@@ -111,8 +118,9 @@ def test_seeds_give_mean_and_std(tree: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_registered_strategy_builds_and_applies(name: str) -> None:
     spec = "freeze-all-but:groups=block2" if name == "freeze-all-but" else name
-    strategy, pretrained = compare.parse_strategy(spec)
-    assert type(strategy) is STRATEGIES[name] and pretrained
+    run = compare.parse_run(spec)
+    strategy = run.strategy
+    assert type(strategy) is STRATEGIES[name] and run.pretrained
     report = strategy.apply(make_tiny_backbone())
     assert 0 < report.trainable_params <= report.total_params
 
@@ -127,20 +135,27 @@ def test_registry_names_aliases_and_options_train_end_to_end(tree: Path, tmp_pat
     assert rows[1]["strategy_state"]["options"]["groups"] == ["block2", "stem"]
 
 
-def test_parse_strategy_options_and_errors() -> None:
-    strategy, pretrained = compare.parse_strategy("freeze-fraction:fraction=0.5:count=numel")
-    assert strategy == FreezeFraction(0.5, count="numel") and pretrained
-    assert compare.parse_strategy("freeze-80")[0] == FreezeFraction(0.8)
-    assert compare.parse_strategy("from-scratch") == (FullUnfreeze(), False)
-    assert compare.parse_strategy("freeze-all-but:groups=layer4+stem")[0] == FreezeAllBut(
+def test_parse_run_options_weights_and_errors() -> None:
+    run = compare.parse_run("freeze-fraction:fraction=0.5:count=numel")
+    assert run == compare.RunSpec("freeze-fraction:fraction=0.5:count=numel",
+                                  FreezeFraction(0.5, count="numel"), pretrained=True)
+    assert compare.parse_run("freeze-80").strategy == FreezeFraction(0.8)
+    assert compare.parse_run("freeze-80:count=numel").strategy == FreezeFraction(0.8, "numel")
+    assert compare.parse_run("from-scratch") == compare.RunSpec("from-scratch", FullUnfreeze(),
+                                                                pretrained=False)
+    scratch = compare.parse_run("last-layer:weights=none")
+    assert scratch.strategy == LastLayerOnly() and not scratch.pretrained
+    assert compare.parse_run("freeze-all-but:groups=layer4+stem").strategy == FreezeAllBut(
         groups=("layer4", "stem"))
-    assert compare.parse_strategy("freeze-all-but:groups=layer4")[0].groups == ("layer4",)
+    assert compare.parse_run("freeze-all-but:groups=layer4").strategy.groups == ("layer4",)
     with pytest.raises(ValueError, match=r"unknown strategy 'freez-80'.*freeze-80"):
-        compare.parse_strategy("freez-80")
+        compare.parse_run("freez-80")
     with pytest.raises(ValueError, match=r"bad option 'depth'.*key=value"):
-        compare.parse_strategy("gradual-unfreeze:depth")
+        compare.parse_run("gradual-unfreeze:depth")
     with pytest.raises(ValueError, match="cannot build strategy 'freeze-fraction:fraction=2'"):
-        compare.parse_strategy("freeze-fraction:fraction=2")
+        compare.parse_run("freeze-fraction:fraction=2")
+    with pytest.raises(ValueError, match="weights takes none"):
+        compare.parse_run("last-layer:weights=imagenet")
     with pytest.raises(SystemExit, match="--strategies: unknown strategy 'nope'"):
         compare.main(["--data", ".", "--strategies", "nope"], backbone_factory=Factory())
 

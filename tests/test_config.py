@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from finetune.config import TrainConfig
+from finetune.core.config import TrainConfig
 
 
 def test_defaults_follow_the_reference_setup():

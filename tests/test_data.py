@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.backbone import LITE0_PREPROCESSING, Preprocessing
+from finetune.core.backbone import LITE0_PREPROCESSING
 from finetune.data import (
     EvalTransform,
     ImageFolderData,
@@ -21,6 +21,7 @@ from finetune.data import (
     load_rgb,
     stratified_split,
 )
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -11,8 +11,10 @@ import torch
 import wandb
 from PIL import Image
 
+import finetune.core.zoo as zoo
 import finetune.functional as functional
-from finetune.backbone import Backbone, Preprocessing
+from finetune.core.backbone import Backbone
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
 from finetune.functional import (
     data_load,
@@ -196,7 +198,7 @@ def test_the_real_default_backbone_trains_an_epoch(tmp_path, monkeypatch, capsys
                                                       n_train=4, n_test=1, size=40)))
     train_loader, val_loader = data_load(batch_size=8, image_size=32, num_workers=0)
     model = pretrain_model(freeze_percent=0.8, num_classes=2)
-    expected = functional.default_backbone_name()
+    expected = zoo.default_backbone_name()
     assert model.name == expected and f"using {expected}" in capsys.readouterr().out
     assert model.preprocessing.mean == functional.default_preprocessing().mean
     head = model.head.weight.detach().clone()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from finetune.metrics import EvaluationReport
 from scipy import stats
 
 from benchmarks.verdict import Candidate, judge
 from finetune import significance
-from finetune.metrics import EvaluationReport
 from finetune.significance import Bootstrap, holm, mcnemar_exact, pairwise
 
 

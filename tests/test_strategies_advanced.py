@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.backbone import Backbone
 from finetune.callbacks import Checkpoint
-from finetune.config import TrainConfig
-from finetune.strategies import (
+from finetune.core.backbone import Backbone
+from finetune.core.config import TrainConfig
+from finetune.core.strategies import (
     STRATEGIES,
     BitFit,
     DiscriminativeLR,
@@ -23,7 +23,7 @@ from finetune.strategies import (
     LinearProbeThenFinetune,
     build_strategy,
 )
-from finetune.trainer import Trainer
+from finetune.core.trainer import Trainer
 from tests.conftest import make_tiny_backbone
 
 TINY = {

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune import precision as precision_module
 from finetune.callbacks import Callback, Checkpoint
-from finetune.config import TrainConfig
+from finetune.core import precision as precision_module
+from finetune.core.config import TrainConfig
+from finetune.core.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
+from finetune.core.trainer import NonFiniteLossError, Trainer
 from finetune.errors import CheckpointError
-from finetune.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
-from finetune.trainer import NonFiniteLossError, Trainer
 from tests.conftest import make_tiny_backbone
 
 FP32 = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")
@@ -301,7 +301,7 @@ def test_data_with_other_class_count_than_the_head_is_refused(tmp_path: Path) ->
 
 
 def test_cpu_fit_asks_malloc_to_keep_freed_memory_unless_told_not_to(monkeypatch) -> None:
-    import finetune.trainer as trainer_module
+    import finetune.core.trainer as trainer_module
 
     calls = []
     monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
@@ -315,7 +315,7 @@ def test_cpu_fit_asks_malloc_to_keep_freed_memory_unless_told_not_to(monkeypatch
 def test_keep_freed_memory_applies_on_glibc() -> None:
     import platform
 
-    from finetune.memory import keep_freed_memory
+    from finetune.core.memory import keep_freed_memory
 
     applied = keep_freed_memory()
     assert applied == (platform.libc_ver()[0] == "glibc")

@@ -1,9 +1,8 @@
-"""`Checkpoint`: best and last checkpoints, written atomically, loaded without unpickling.
+"""`Checkpoint`: when and where to write best and last checkpoints.
 
 The Trainer defines what a checkpoint holds (`Trainer.state_dict()`: model, optimizer,
-scheduler, strategy, epoch, RNG states, callback states); this callback decides when and
-where to write one. Each write goes to a temporary file in the same folder, is fsync'd and
-then renamed over the target, so a crash mid-save leaves the previous file intact.
+scheduler, strategy, epoch, RNG states, callback states) and `finetune.core.checkpoint` how
+it is written (atomically) and read (without unpickling); this callback decides when.
 """
 
 from __future__ import annotations
@@ -11,41 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from finetune.atomic import atomic_write
-from finetune.callbacks.base import Callback, is_improvement, monitored_value
-from finetune.errors import CheckpointError
+from finetune.callbacks.monitor import is_improvement, monitored_value
+from finetune.core.checkpoint import save_checkpoint
+from finetune.core.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.trainer import Trainer
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """`torch.save` to a temp file beside `path`, fsync, then `os.replace` onto `path`."""
-    return atomic_write(path, lambda file: torch.save(state, file), durable=True)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True`: tensors and plain data only, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it must be a "
-            "file written by finetune's Checkpoint callback."
-        ) from error
-    from finetune.trainer import CHECKPOINT_FORMAT
-
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a finetune checkpoint (format {CHECKPOINT_FORMAT}); for bare model "
-            "weights use backbone.model.load_state_dict(torch.load(path, weights_only=True))."
-        )
-    return state
+    from finetune.core.trainer import Trainer
 
 
 class Checkpoint(Callback):

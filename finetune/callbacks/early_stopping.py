@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from finetune.callbacks.base import Callback, is_improvement, monitored_value
+from finetune.callbacks.monitor import is_improvement, monitored_value
+from finetune.core.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.trainer import Trainer
+    from finetune.core.trainer import Trainer
 
 
 class EarlyStopping(Callback):

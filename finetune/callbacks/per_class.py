@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from finetune.callbacks.base import Callback
+from finetune.core.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.metrics import EvaluationReport
-    from finetune.trainer import History, Trainer
+    from finetune.core.metrics import EvaluationReport
+    from finetune.core.trainer import History, Trainer
 
 
 class PerClassEvaluation(Callback):

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from finetune.callbacks.base import Callback
+from finetune.core.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.metrics import EvaluationReport
-    from finetune.trainer import History, StepOutput, Trainer
+    from finetune.core.metrics import EvaluationReport
+    from finetune.core.trainer import History, StepOutput, Trainer
 
 
 class ProgressBar(Callback):

@@ -18,11 +18,11 @@ from urllib.parse import urlparse
 import attrs
 import numpy as np
 
-from finetune.callbacks.base import Callback
+from finetune.core.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.metrics import EvaluationReport
-    from finetune.trainer import History, Trainer
+    from finetune.core.metrics import EvaluationReport
+    from finetune.core.trainer import History, Trainer
 
 PER_CLASS_COLUMNS = ["class", "accuracy", "precision", "recall", "f1", "support"]
 
@@ -85,7 +85,7 @@ class WandbLogger(Callback):
         self._call("log", row)
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
-        report = trainer.state.report
+        report = trainer.state.val_report
         if report is not None:
             self._call("log", self._final_tables(report))
             self._call("summary.update", {"final/val_accuracy": report.accuracy,

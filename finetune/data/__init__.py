@@ -1,26 +1,31 @@
 """Data: iNaturalist 12K and any ImageFolder tree — download, verify, split, augment, load."""
 
-from finetune.data.cache import default_cache_root, resize_tree
 from finetune.data.datasets import (
+    DATA_ENV,
     DataSummary,
     ImageDataset,
     ImageFolderData,
     SeededShuffle,
     default_num_workers,
     find_tree,
+    resolve_data_root,
     stratified_split,
 )
 from finetune.data.download import INaturalist12K, download_file, safe_extract, verify_file
 from finetune.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
+from finetune.data.preprocessing import Preprocessing, preprocessing_from_weights
+from finetune.data.resized import default_cache_root, resize_tree
 from finetune.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
+    "DATA_ENV",
     "IMAGE_EXTENSIONS",
     "DataSummary",
     "EvalTransform",
     "INaturalist12K",
     "ImageDataset",
     "ImageFolderData",
+    "Preprocessing",
     "SeededShuffle",
     "TrainTransform",
     "default_cache_root",
@@ -28,7 +33,9 @@ __all__ = [
     "download_file",
     "find_tree",
     "load_rgb",
+    "preprocessing_from_weights",
     "resize_tree",
+    "resolve_data_root",
     "safe_extract",
     "stratified_split",
     "to_rgb",

@@ -16,15 +16,18 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finetune.backbone import Preprocessing
-from finetune.data.cache import cached_name, resize_tree
 from finetune.data.download import safe_extract
 from finetune.data.images import find_problems, list_classes, load_rgb, scan_split
+from finetune.data.preprocessing import Preprocessing
+from finetune.data.resized import resize_tree, resized_name
 from finetune.data.transforms import EvalTransform, TrainTransform, sized
 from finetune.errors import DataError
 
 Samples = list[tuple[Path, int]]
 _reported: set[Path] = set()
+
+
+DATA_ENV = "FINETUNE_DATA"
 
 
 def default_num_workers() -> int:
@@ -264,7 +267,7 @@ class ImageFolderData:
 
         def moved(samples: Samples) -> Samples:
             return [(p if p in problems_cached
-                     else self.cache / cached_name(p.relative_to(self.root)), label)
+                     else self.cache / resized_name(p.relative_to(self.root)), label)
                     for p, label in samples]
 
         return moved(train), moved(test), problems
@@ -288,6 +291,17 @@ class ImageFolderData:
             raise DataError(f"no readable images left in class(es) {names} under {self.root}; "
                             "replace the unreadable files listed above.")
         return kept
+
+
+def resolve_data_root(root: str | os.PathLike | None) -> Path:
+    """`root`, else `$FINETUNE_DATA`, else a DataError that says how to give one."""
+    value = root if root is not None else os.environ.get(DATA_ENV)
+    if not value:
+        raise DataError(
+            f"no dataset given: pass root='path/to/data' (an ImageFolder tree with train/ and "
+            f"val/, the extracted iNaturalist 12K folder, or its zip) or set ${DATA_ENV}."
+        )
+    return Path(value)
 
 
 def find_tree(root: Path, test_dir: str | None = None) -> tuple[Path, Path, Path]:

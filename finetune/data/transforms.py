@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from finetune.backbone import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
 
 _INTERPOLATION = {

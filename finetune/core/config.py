@@ -40,13 +40,13 @@ class TrainConfig:
       a run is repeatable on CPU and a resumed run shuffles exactly as an uninterrupted one.
       None leaves the RNGs alone.
     - `precision`: "fp32", "bf16" (autocast), or "auto" (bf16 only where a timed probe shows
-      it is faster for this model on this device; see `finetune.precision`).
+      it is faster for this model on this device; see `finetune.core.precision`).
     - `max_grad_norm`: clip the gradient norm of the trainable parameters; None does not clip.
     - `keep_freed_memory`: on the CPU with glibc, have malloc reuse freed memory instead of
-      returning it to the kernel every step (fewer page faults; see `finetune.memory`). It is
+      returning it to the kernel every step (fewer page faults; see `finetune.core.memory`). It is
       process-wide and keeps the process at its peak size.
     - `feature_cache`: run a frozen prefix once per image and train the rest on its stored
-      activations (see `finetune.feature_cache`). "auto" caches when that is exact: the
+      activations (see `finetune.core.activation_cache`). "auto" caches when that is exact: the
       strategy freezes a prefix, the dataset is deterministic (no augmentation) and the
       activations fit `cache_memory_gb` (or spill to `cache_dir`). "on" also caches datasets
       that do not declare themselves deterministic (you vouch for it); "off" never caches.

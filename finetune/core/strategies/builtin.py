@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import attrs
 
-from finetune.backbone import Backbone
-from finetune.strategies.base import FreezeStrategy, register
+from finetune.core.backbone import Backbone
+from finetune.core.strategies.base import FreezeStrategy, register, register_preset
 
 
 def _all(backbone: Backbone) -> dict[str, float]:
@@ -90,3 +90,7 @@ class FreezeFraction(FreezeStrategy):
             frozen_groups = set(backbone.group_names[: int(self.fraction * len(backbone.groups))])
             return {n: 1.0 for n, _ in named if backbone.group_of(n) not in frozen_groups}
         return {name: 1.0 for name, _ in named[frozen:]}
+
+
+# The reference work's setting: freeze the first 80% of the parameter tensors.
+register_preset("freeze-80", "freeze-fraction", fraction=0.8)

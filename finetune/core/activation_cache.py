@@ -4,7 +4,7 @@ A plain loop runs every frozen layer forward on every image in every epoch, whic
 freezing saves users less than they expect. When a strategy freezes a contiguous prefix of the
 network, its frozen BatchNorm layers are in eval mode, it has no stochastic layers and the
 images are not augmented, the prefix output of an image never changes — so the Trainer computes
-it once (`FeatureCache.fill`) and later epochs feed the stored activations to the suffix.
+it once (`ActivationCache.fill`) and later epochs feed the stored activations to the suffix.
 Shuffling is untouched: batches are drawn from the loader's own batch sampler.
 
 Activations are stored in the dtype the prefix produced (bf16 under bf16 autocast, fp32
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from finetune.atomic import atomic_write_json
-from finetune.backbone import Backbone
+from finetune.core.backbone import Backbone
 
 STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
 try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
@@ -169,7 +169,7 @@ def cache_key(backbone: Backbone, cut: Cut, dataset: Any, dtype: str) -> str:
     return digest.hexdigest()[:20]
 
 
-class FeatureCache:
+class ActivationCache:
     """Prefix activations of one dataset, indexed like the dataset."""
 
     def __init__(
@@ -226,7 +226,7 @@ class FeatureCache:
         its own batch sampler, iterated the way DataLoader does (which first draws a base seed
         from the loader's generator), so a cached epoch shuffles as an uncached one."""
         if self.features is None or self.labels is None:
-            raise RuntimeError("FeatureCache.fill must run before batches")
+            raise RuntimeError("ActivationCache.fill must run before batches")
         if loader.batch_sampler is None:
             raise ValueError("the activation cache needs a DataLoader with a batch size")
         indices = torch.utils.data.DataLoader(

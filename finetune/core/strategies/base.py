@@ -19,9 +19,12 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 from torch import nn
 
-from finetune.backbone import Backbone
+from finetune.core.backbone import Backbone
+from finetune.errors import CheckpointError
 
 STRATEGIES: dict[str, type[FreezeStrategy]] = {}
+# Named settings of a registered strategy: name -> (registered name, its options).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {}
 
 S = TypeVar("S", bound="type[FreezeStrategy]")
 
@@ -39,11 +42,37 @@ def register(name: str) -> Callable[[S], S]:
     return decorate
 
 
+def register_preset(name: str, strategy: str, **options: Any) -> None:
+    """Name a setting of a registered strategy (`freeze-80` is `freeze-fraction` with
+    fraction=0.8); options given when it is built override the preset's."""
+    if name in STRATEGIES or (name in PRESETS and PRESETS[name] != (strategy, options)):
+        raise ValueError(f"a strategy or preset is already registered as '{name}'")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"preset '{name}' names unregistered strategy '{strategy}'")
+    PRESETS[name] = (strategy, dict(options))
+
+
+def _known_names() -> str:
+    return ", ".join(sorted([*STRATEGIES, *PRESETS]))
+
+
+def _resolve(name: str) -> tuple[type[FreezeStrategy], dict[str, Any]]:
+    """The class and default options behind a registered name or preset."""
+    if name in PRESETS:
+        base, options = PRESETS[name]
+        return STRATEGIES[base], dict(options)
+    if name in STRATEGIES:
+        return STRATEGIES[name], {}
+    raise KeyError(name)
+
+
 def build_strategy(name: str, **options: Any) -> FreezeStrategy:
-    """Instantiate a registered strategy by its short name."""
-    if name not in STRATEGIES:
-        raise KeyError(f"unknown strategy '{name}'; registered: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](**options)
+    """Instantiate a registered strategy (or preset) by its short name."""
+    try:
+        cls, defaults = _resolve(name)
+    except KeyError:
+        raise KeyError(f"unknown strategy '{name}'; registered: {_known_names()}") from None
+    return cls(**{**defaults, **options})
 
 
 def parse_strategy(spec: str) -> FreezeStrategy:
@@ -54,11 +83,11 @@ def parse_strategy(spec: str) -> FreezeStrategy:
     true/false/none, else text. Errors name the valid strategies or options.
     """
     name, *items = re.split(r"[:,]", spec.strip())
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{name}'; registered: {', '.join(sorted(STRATEGIES))}")
-    cls = STRATEGIES[name]
+    try:
+        cls, options = _resolve(name)
+    except KeyError:
+        raise ValueError(f"unknown strategy '{name}'; registered: {_known_names()}") from None
     fields = {f.name: f for f in attrs.fields(cls)}
-    options: dict[str, Any] = {}
     for item in filter(None, items):
         key, equals, raw = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -181,6 +210,18 @@ class FreezeStrategy:
     def state_dict(self) -> dict[str, Any]:
         """Plain data that rebuilds this strategy (for checkpoints and results files)."""
         return {"class": type(self).__name__, "options": attrs.asdict(self)}
+
+    @staticmethod
+    def from_state_dict(state: dict[str, Any]) -> FreezeStrategy:
+        """The strategy `state_dict()` described; its class must be registered."""
+        classes = {cls.__name__: cls for cls in STRATEGIES.values()}
+        name = state.get("class")
+        if name not in classes:
+            raise CheckpointError(
+                f"the checkpoint was trained with strategy {name!r}, which is not registered; "
+                "import the module that registers it."
+            )
+        return classes[name](**state.get("options", {}))
 
     def _plan(self, backbone: Backbone, epoch: int) -> dict[str, float]:
         plan = dict(self.trainable(backbone, epoch))

@@ -22,17 +22,24 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from finetune.backbone import Backbone, state_dict_mismatch
-from finetune.callbacks.base import Callback, Event, callback_keys, dispatch
-from finetune.config import TrainConfig
-from finetune.errors import CheckpointError, DataError, FinetuneError
-from finetune.feature_cache import Cut, FeatureCache, find_cut, is_deterministic
-from finetune.memory import keep_freed_memory
-from finetune.metrics import EvaluationReport
-from finetune.precision import autocast, resolve_precision, uses_convolutions
-from finetune.strategies import FreezeReport, FreezeStrategy
+from finetune.core.activation_cache import ActivationCache, Cut, find_cut, is_deterministic
+from finetune.core.backbone import Backbone
+from finetune.core.checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_compatible,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from finetune.core.config import TrainConfig
+from finetune.core.events import Callback, Event, callback_keys, dispatch
+from finetune.core.memory import keep_freed_memory
+from finetune.core.metrics import EvaluationReport
+from finetune.core.precision import autocast, resolve_precision, uses_convolutions
+from finetune.core.state import History, StepOutput, TrainState
+from finetune.core.strategies import FreezeStrategy
+from finetune.errors import DataError, FinetuneError
 
-CHECKPOINT_FORMAT = 1
 _PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
 
 OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer] | None
@@ -42,68 +49,6 @@ LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], 
 
 class NonFiniteLossError(FinetuneError, FloatingPointError):
     """The loss became NaN or infinite; training cannot continue from these weights."""
-
-
-@attrs.define
-class StepOutput:
-    """What one train step produced (passed to `on_train_batch_end`)."""
-
-    loss: float
-    correct: int
-    count: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.count if self.count else 0.0
-
-
-@attrs.define
-class History:
-    """One row of metrics per finished epoch; `history["val_accuracy"]` is a column."""
-
-    records: list[dict[str, float]] = attrs.Factory(list)
-    stopped_early: bool = False
-
-    def __getitem__(self, metric: str) -> list[float]:
-        return [row[metric] for row in self.records if metric in row]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def best(self, metric: str, mode: str = "max") -> dict[str, float]:
-        """The row where `metric` was best."""
-        rows = [row for row in self.records if metric in row]
-        if not rows:
-            raise KeyError(f"no epoch recorded '{metric}'")
-        pick = max if mode == "max" else min
-        return pick(rows, key=lambda row: row[metric])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"records": [dict(r) for r in self.records], "stopped_early": self.stopped_early}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> History:
-        return cls(records=[dict(r) for r in data["records"]],
-                   stopped_early=bool(data["stopped_early"]))
-
-
-@attrs.define
-class TrainState:
-    """Mutable run state that callbacks may read (and `should_stop`, which they may set)."""
-
-    epoch: int = 0
-    batch: int = 0
-    global_step: int = 0
-    start_epoch: int = 0
-    batches_per_epoch: int | None = None
-    should_stop: bool = False
-    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
-    precision: str = "fp32"
-    channels_last: bool = False
-    freeze_report: FreezeReport | None = None
-    cached_prefix: str | None = None  # last module of the prefix whose activations are cached
-    report: EvaluationReport | None = None
-    history: History = attrs.Factory(History)
 
 
 def _default_device(spec: str) -> torch.device:
@@ -122,32 +67,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG's state as tensors and plain data (loadable with weights_only)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
-                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -215,7 +134,7 @@ class Trainer:
         self.state = TrainState()
         self._prepared = False
         self._cut: Cut | None = None
-        self._caches: dict[int, FeatureCache] = {}
+        self._caches: dict[int, ActivationCache] = {}
         self._cacheable: set[int] = set()
         self._model_forward: Callable[[torch.Tensor], torch.Tensor] = backbone
 
@@ -235,13 +154,13 @@ class Trainer:
         self._resolve_classes(train_loader)
         if config.seed is not None:
             _seed_everything(config.seed)
-        checkpoint = _read_checkpoint(resume) if resume is not None else None
+        checkpoint = load_checkpoint(resume) if resume is not None else None
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=_length(train_loader))
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
-            self._check_compatible(checkpoint, resume)
+            check_compatible(checkpoint, self.backbone, self.strategy, resume)
         self._cacheable = {id(train_loader), id(val_loader)} - {id(None)}
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
@@ -261,9 +180,9 @@ class Trainer:
                 started = time.perf_counter()
                 metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
                 if val_loader is not None:
-                    self.state.report = self._evaluate(val_loader)
-                    metrics.update(self._report_metrics(self.state.report))
-                    dispatch(self.callbacks, Event.VALIDATION_END, self, report=self.state.report)
+                    report = self.state.val_report = self._evaluate(val_loader)
+                    metrics.update(self._report_metrics(report))
+                    dispatch(self.callbacks, Event.VALIDATION_END, self, report=report)
                 metrics.update(self._learning_rates())
                 self._step_scheduler(metrics)
                 metrics["epoch_seconds"] = time.perf_counter() - started
@@ -368,7 +287,7 @@ class Trainer:
             self._caches.clear()
         self._cut = cut
 
-    def _feature_cache(self, loader: Iterable[Any]) -> FeatureCache | None:
+    def _feature_cache(self, loader: Iterable[Any]) -> ActivationCache | None:
         """The filled cache for one of fit's loaders, or None where caching is not exact."""
         if self._cut is None or id(loader) not in self._cacheable:
             return None
@@ -377,7 +296,7 @@ class Trainer:
         if self.config.feature_cache == "auto" and not is_deterministic(loader.dataset):
             return None
         if id(loader) not in self._caches:
-            cache = FeatureCache(
+            cache = ActivationCache(
                 self.backbone, self._cut,
                 memory_budget=int(self.config.cache_memory_gb * 2**30),
                 directory=self.config.cache_dir,
@@ -482,26 +401,6 @@ class Trainer:
             if key in saved:
                 callback.load_state_dict(saved[key])
         set_rng_state(checkpoint["rng"])
-
-    def _check_compatible(self, checkpoint: dict[str, Any], path: str | Path | None) -> None:
-        ours = {"name": self.backbone.name, "num_classes": self.backbone.num_classes}
-        theirs = checkpoint["backbone"]
-        if theirs != ours:
-            raise CheckpointError(
-                f"checkpoint {path} holds {theirs['name']} with {theirs['num_classes']} classes, "
-                f"but this trainer has {ours['name']} with {ours['num_classes']} classes; resume "
-                "with the backbone the checkpoint was trained with."
-            )
-        if checkpoint["strategy"] != self.strategy.state_dict():
-            raise CheckpointError(
-                f"checkpoint {path} was trained with strategy {checkpoint['strategy']}, but this "
-                f"trainer uses {self.strategy.state_dict()}; resume with the same strategy."
-            )
-        mismatch = state_dict_mismatch(self.backbone.model.state_dict(), checkpoint["model"])
-        if mismatch:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit {self.backbone.name}: {mismatch}"
-            )
 
     def _reseed(self, seed: int, loader: Iterable[Any]) -> None:
         """Seed every RNG from (seed, epoch): shuffling, dropout and augmentation of an epoch
@@ -658,9 +557,3 @@ def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
 
 def _is_plateau(scheduler: Any) -> bool:
     return isinstance(scheduler, _PLATEAU)
-
-
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    from finetune.callbacks.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)

@@ -4,25 +4,28 @@
 benchmarks. See docs/strategies.md.
 """
 
-from finetune.strategies.base import (
+from finetune.core.strategies.base import (
+    PRESETS,
     STRATEGIES,
     FreezeReport,
     FreezeStrategy,
     build_strategy,
     parse_strategy,
     register,
+    register_preset,
 )
-from finetune.strategies.builtin import (
+from finetune.core.strategies.builtin import (
     FreezeFraction,
     FreezeHeadOnly,
     FullUnfreeze,
     LastLayerOnly,
 )
-from finetune.strategies.lora import LoRA
-from finetune.strategies.scheduled import GradualUnfreeze, LinearProbeThenFinetune
-from finetune.strategies.selective import BitFit, DiscriminativeLR, FreezeAllBut
+from finetune.core.strategies.lora import LoRA
+from finetune.core.strategies.scheduled import GradualUnfreeze, LinearProbeThenFinetune
+from finetune.core.strategies.selective import BitFit, DiscriminativeLR, FreezeAllBut
 
 __all__ = [
+    "PRESETS",
     "STRATEGIES",
     "BitFit",
     "DiscriminativeLR",
@@ -39,4 +42,5 @@ __all__ = [
     "build_strategy",
     "parse_strategy",
     "register",
+    "register_preset",
 ]

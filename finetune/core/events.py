@@ -11,8 +11,8 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from finetune.metrics import EvaluationReport
-    from finetune.trainer import History, StepOutput, Trainer
+    from finetune.core.metrics import EvaluationReport
+    from finetune.core.trainer import History, StepOutput, Trainer
 
 
 class Event(str, enum.Enum):
@@ -77,18 +77,3 @@ def callback_keys(callbacks: list[Callback]) -> list[str]:
         keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return keys
 
-
-def monitored_value(metrics: dict[str, float], monitor: str, owner: str) -> float:
-    """The monitored metric from an epoch's row, or an error that lists what is there."""
-    if monitor not in metrics:
-        raise KeyError(
-            f"{owner} monitors '{monitor}', which this run does not produce; available: "
-            f"{', '.join(sorted(metrics))}. Pass a validation loader for val_* metrics."
-        )
-    return float(metrics[monitor])
-
-
-def is_improvement(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta

@@ -1,0 +1,30 @@
+"""Compare freezing strategies on one dataset and backbone, with the same data split, epochs, lr
+and seeds for all, and print a Markdown table.
+
+    python -m benchmarks.compare --data ../shared/data/ucmerced     # quick preset, 2-core CPU
+    python -m benchmarks.compare --preset reference --data nature_12K.zip   # ResNet50, GPU
+    python -m benchmarks.compare --data DIR --seeds 3 \\
+        --strategies last-layer,lp-ft,freeze-fraction:fraction=0.5:count=numel
+
+A strategy is a registered name or preset (`finetune.STRATEGIES`, `finetune.PRESETS`: e.g.
+`freeze-80`), optionally followed by `:key=value` options; `+` joins tuple items
+(`freeze-all-but:groups=layer4+head`); `:weights=none` trains that row from random init
+(`from-scratch` is short for `full-unfreeze:weights=none`).
+Rows are written to the output folder as each run finishes, so a crash or Ctrl-C keeps them and
+`--resume` skips them. See docs/benchmarks.md for what each column measures.
+"""
+
+from benchmarks.compare.measure import PeakMemory
+from benchmarks.compare.report import markdown_table, summarize, write_outputs
+from benchmarks.compare.run import main, make_backbone, run_one
+from benchmarks.compare.settings import (
+    DEFAULT_STRATEGIES,
+    PRESETS,
+    RunSpec,
+    Settings,
+    parse_run,
+)
+
+__all__ = ["DEFAULT_STRATEGIES", "PRESETS", "PeakMemory", "RunSpec", "Settings", "main",
+           "make_backbone", "markdown_table", "parse_run", "run_one", "summarize",
+           "write_outputs"]

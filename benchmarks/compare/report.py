@@ -1,0 +1,120 @@
+"""What a comparison writes: results.json/.csv/.md, per_class.csv/.md and the plots, each
+rewritten atomically (`finetune.atomic`) from the rows so far, so a crash keeps what finished;
+and the rows an earlier run left, for --resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import plots
+from benchmarks.compare.settings import Settings
+from finetune.atomic import atomic_write_text
+
+
+def summarize(rows: list[dict[str, Any]], strategies: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per strategy: accuracies as mean and std over seeds, costs as means."""
+    summary = []
+    for spec in strategies:
+        runs = [r for r in rows if r["strategy"] == spec]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"strategy": spec, "runs": len(runs), "epochs": runs[0]["epochs"],
+                               "trainable_params": runs[0]["trainable_params"],
+                               "trainable_pct": runs[0]["trainable_pct"]}
+        for key in ("val_accuracy", "test_accuracy"):
+            values = [r[key] for r in runs]
+            row[key] = statistics.fmean(values)
+            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for key in ("seconds_per_epoch", "images_per_second", "peak_memory_mib"):
+            row[key] = statistics.fmean(r[key] for r in runs)
+        summary.append(row)
+    return summary
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    def accuracy(s: dict[str, Any], key: str) -> str:
+        text = f"{100 * s[key]:.1f}"
+        return text + (f" ± {100 * s[key + '_std']:.1f}" if s["runs"] > 1 else "")
+
+    lines = ["| strategy | trainable params | val acc (%) | test acc (%) | s / epoch | "
+             "train img/s | peak mem (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s['strategy']} | {s['trainable_params']:,} ({s['trainable_pct']:.1f}%) | "
+              f"{accuracy(s, 'val_accuracy')} | {accuracy(s, 'test_accuracy')} | "
+              f"{s['seconds_per_epoch']:.1f} | {s['images_per_second']:.1f} | "
+              f"{s['peak_memory_mib']:.0f} |" for s in summary]
+    return "\n".join(lines)
+
+
+def per_class_matrix(rows: list[dict[str, Any]], strategies: Sequence[str],
+                     classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    names = [s for s in strategies if any(r["strategy"] == s for r in rows)]
+    matrix = np.array([[statistics.fmean(r["per_class_test_accuracy"][c] for r in rows
+                                         if r["strategy"] == s) for c in classes] for s in names])
+    return names, matrix.reshape(len(names), len(classes))
+
+
+def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
+                  rows: list[dict[str, Any]], failed: list[dict[str, Any]],
+                  draw: bool = True) -> str:
+    """(Re)write every output file from the rows so far; returns the Markdown table. The
+    PNGs take seconds, so runs in progress skip them (`draw=False`) and the end draws them."""
+    config = settings.to_dict()
+    order = {(s, seed): i for i, (s, seed) in enumerate(
+        (s, seed) for s in settings.strategies for seed in settings.seeds)}
+    rows.sort(key=lambda r: order.get((r["strategy"], r["seed"]), len(order)))
+    atomic_write_text(output / "results.json", json.dumps(
+        {"config": config, "classes": list(classes), "rows": rows, "failed": failed},
+        indent=2, default=str))
+    flat = [{**{k: v for k, v in r.items() if not isinstance(v, (dict, list))},
+             **{f"config.{k}": v for k, v in config.items()}} for r in rows]
+    atomic_write_text(output / "results.csv", _csv(
+        list(flat[0]) if flat else ["strategy"], [list(row.values()) for row in flat]))
+    summary = summarize(rows, settings.strategies)
+    table = markdown_table(summary)
+    header = (f"`{settings.command}`\n\nbackbone {settings.backbone} · data "
+              f"{settings.data} · {settings.epochs} epochs · lr {settings.lr} · "
+              f"{settings.image_size} px · batch {settings.batch_size} · seeds "
+              f"{list(settings.seeds)}\n\n")
+    atomic_write_text(output / "results.md", header + table + "\n")
+    names, matrix = per_class_matrix(rows, settings.strategies, classes)
+    atomic_write_text(output / "per_class.csv", _csv(
+        ["strategy", *classes], [[name, *(f"{v:.4f}" for v in values)]
+                                 for name, values in zip(names, matrix, strict=True)]))
+    atomic_write_text(output / "per_class.md", "\n".join(
+        ["| strategy | " + " | ".join(classes) + " |", "|---" + "|---:" * len(classes) + "|"]
+        + [f"| {n} | " + " | ".join(f"{100 * v:.0f}" for v in vals) + " |"
+           for n, vals in zip(names, matrix, strict=True)]) + "\n")
+    if summary and draw:
+        plots.plot_accuracy(summary, output / "accuracy.png")
+        plots.plot_accuracy_vs_time(summary, output / "accuracy_vs_time.png")
+        plots.plot_per_class_heatmap(names, classes, matrix, output / "per_class_heatmap.png")
+    return table
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def load_previous(output: Path, settings: Settings) -> list[dict[str, Any]]:
+    """Rows of an earlier run in `output` with the same settings (for --resume)."""
+    path = output / "results.json"
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text())
+    changed = settings.changed_from(previous["config"])
+    if changed:
+        raise SystemExit(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
+                         "use another --output or the same settings.")
+    return list(previous["rows"])

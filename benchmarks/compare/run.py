@@ -1,0 +1,170 @@
+"""Running a comparison: one split for all, then every strategy × seed on it.
+
+`main` is `python -m benchmarks.compare` (see `benchmarks.compare` for the options).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.compare.measure import PeakMemory
+from benchmarks.compare.report import load_previous, write_outputs
+from benchmarks.compare.settings import (
+    Settings,
+    parse_args,
+    parse_run,
+    resolve_settings,
+    strategy_specs,
+)
+from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
+from finetune.callbacks import Callback, ProgressBar, WandbLogger
+from finetune.core.zoo import build_backbone
+from finetune.data import INaturalist12K, default_cache_root
+from finetune.errors import FinetuneError
+
+BackboneFactory = Callable[[str, int, bool], Backbone]
+
+
+def make_backbone(name: str, num_classes: int, pretrained: bool) -> Backbone:
+    """The default backbone factory (any name the CLI takes); `main(backbone_factory=...)`
+    swaps it (tests: a tiny one)."""
+    return build_backbone(name, num_classes, weights="DEFAULT" if pretrained else None)
+
+
+def resolve_data(data: str | None) -> Path:
+    """--data as given, else iNaturalist 12K in the cache folder (downloaded if possible)."""
+    if data:
+        return Path(data).expanduser().resolve()
+    root = default_cache_root() / "inaturalist"
+    try:
+        return INaturalist12K.download(root, progress=sys.stderr.isatty())
+    except (FinetuneError, OSError) as error:
+        raise SystemExit(
+            f"no --data given, and iNaturalist 12K is not in {root} and could not be downloaded "
+            f"from {INaturalist12K.URL} ({error}).\nPass the data instead: --data "
+            "/path/to/nature_12K.zip (or its extracted folder), or any ImageFolder tree with "
+            "train/ and val/ (or test/), e.g. --data ../shared/data/ucmerced"
+        ) from None
+
+
+def build_data(settings: Settings, root: Path, backbone: Backbone) -> ImageFolderData:
+    """One split for every strategy and seed (split seed 0); the test set is the tree's
+    test/ or val/ folder, and val is carved out of train."""
+    return ImageFolderData(
+        root, val_split=settings.val_split, seed=0, batch_size=settings.batch_size,
+        backbone=backbone, image_size=settings.image_size, num_workers=settings.workers,
+        train_per_class=settings.train_per_class, pre_resize=settings.pre_resize,
+        progress=sys.stderr.isatty(),
+    )
+
+
+# -- one run ------------------------------------------------------------------------------------
+def run_one(spec: str, seed: int, settings: Settings, data: ImageFolderData,
+            backbone_factory: BackboneFactory, output: Path) -> dict[str, Any]:
+    """Train `spec` with `seed` on the shared split; return its results row."""
+    run = parse_run(spec)
+    strategy, pretrained = run.strategy, run.pretrained
+    torch.manual_seed(seed)  # the new head (and from-scratch weights) depend on the seed
+    backbone = backbone_factory(settings.backbone, len(data.classes), pretrained)
+    config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
+                         precision=settings.precision, device=settings.device)
+    callbacks: list[Callback] = []
+    if sys.stderr.isatty():
+        callbacks.append(ProgressBar())
+    if settings.wandb_group:
+        callbacks.append(WandbLogger(
+            project=settings.wandb_project, name=f"{spec} seed{seed}",
+            group=settings.wandb_group, config={"compare": settings.to_dict()}, dir=str(output)))
+    trainer = Trainer(backbone, strategy, config, callbacks, classes=data.classes)
+    shuffled = copy.copy(data)  # same split; the shuffle and augmentation follow the run seed
+    shuffled.seed = seed
+    with PeakMemory(torch.device("cuda") if (settings.device != "cpu"
+                                             and torch.cuda.is_available())
+                    else torch.device("cpu")) as memory:
+        history = trainer.fit(shuffled.train_loader(), data.val_loader())
+        test = trainer.evaluate(data.test_loader())
+    freeze = trainer.state.freeze_report
+    assert freeze is not None  # fit() always applies the strategy
+    last = history.records[-1]
+    return {
+        "strategy": spec, "seed": seed, "strategy_state": strategy.state_dict(),
+        "pretrained": pretrained, "backbone": backbone.name, "weights": backbone.weights,
+        "trainable_params": freeze.trainable_params, "total_params": freeze.total_params,
+        "trainable_pct": 100 * freeze.trainable_fraction,
+        "val_accuracy": last["val_accuracy"], "best_val_accuracy": max(history["val_accuracy"]),
+        "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
+        "epochs": len(history), "seconds_per_epoch": statistics.fmean(history["epoch_seconds"]),
+        "train_seconds_per_epoch": statistics.fmean(history["train_seconds"]),
+        "images_per_second": sum(history["train_images"]) / max(sum(history["train_seconds"]),
+                                                                1e-9),
+        "peak_memory_mib": memory.mib, "memory_measure": memory.method,
+        "precision": trainer.state.precision, "device": str(trainer.state.device),
+        "train_images": len(data.train_samples), "val_images": len(data.val_samples),
+        "test_images": len(data.test_samples),
+        "per_class_test_accuracy": dict(zip(data.classes, map(float, test.per_class_accuracy),
+                                            strict=True)),
+        "history": history.records, "config": settings.to_dict(),
+    }
+
+
+# -- main ---------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None,
+         backbone_factory: BackboneFactory = make_backbone) -> int:
+    """Run every strategy × seed; returns 0, 1 if a run failed, 130 on Ctrl-C."""
+    args = parse_args(argv)
+    specs = strategy_specs(args)
+    command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}" if args.wandb else None
+    settings = resolve_settings(args, specs, str(resolve_data(args.data)), command, group)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = load_previous(output, settings) if args.resume else []
+    for key, value in settings.to_dict().items():
+        print(f"{key:>16}: {value}")
+    probe = backbone_factory(settings.backbone, 2, True)  # for its preprocessing only
+    data = build_data(settings, Path(settings.data), probe)
+    print(f"{'split':>16}: {len(data.classes)} classes · {len(data.train_samples)} train · "
+          f"{len(data.val_samples)} val · {len(data.test_samples)} test images")
+    done = {(r["strategy"], r["seed"]) for r in rows}
+    failed: list[dict[str, Any]] = []
+    runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
+    for index, (spec, seed) in enumerate(runs, start=1):
+        tag = f"[{index}/{len(runs)}] {spec} seed {seed}"
+        if (spec, seed) in done:
+            print(f"{tag}: already in {output / 'results.json'}, skipped (--resume)")
+            continue
+        try:
+            row = run_one(spec, seed, settings, data, backbone_factory, output)
+        except KeyboardInterrupt:
+            write_outputs(output, settings, data.classes, rows, failed)
+            print(f"{tag}: interrupted; {len(rows)} finished runs kept in {output}. Continue "
+                  "with the same command plus --resume.", file=sys.stderr)
+            return 130
+        except Exception as error:
+            traceback.print_exc()
+            failed.append({"strategy": spec, "seed": seed, "error": repr(error)})
+            print(f"{tag}: FAILED ({error}); continuing with the others", file=sys.stderr)
+            write_outputs(output, settings, data.classes, rows, failed, draw=False)
+            continue
+        rows.append(row)
+        write_outputs(output, settings, data.classes, rows, failed, draw=False)
+        print(f"{tag}: val {100 * row['val_accuracy']:.1f}% · test "
+              f"{100 * row['test_accuracy']:.1f}% · {row['seconds_per_epoch']:.1f} s/epoch · "
+              f"{row['images_per_second']:.1f} img/s · peak +{row['peak_memory_mib']:.0f} MiB · "
+              f"{row['trainable_params']:,} trainable ({row['trainable_pct']:.1f}%) · "
+              f"{row['precision']}", flush=True)
+    print("\n" + write_outputs(output, settings, data.classes, rows, failed))
+    print(f"\nresults in {output}/ (results.json, results.csv, results.md, per_class.*, *.png)")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {[f['strategy'] for f in failed]}", file=sys.stderr)
+    return 1 if failed else 0
+

@@ -1,0 +1,164 @@
+"""What a comparison runs: presets, the resolved `Settings`, and each run's `RunSpec`.
+
+Every choice ends up in `Settings` (printed at the start, stored in results.json); the fields
+marked `resume` must match for `--resume` to reuse an earlier run's rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+import finetune
+from finetune import FreezeStrategy
+from finetune.core.zoo import default_backbone_name
+
+DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
+                      "from-scratch")
+# Row names that stand for a strategy spec with its weights flag.
+SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
+    "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
+                  "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True},
+    # Minutes on a 2-core CPU: 20 images per class (16 train + 4 val), 160 px, 3 epochs, batch
+    # 16 for more steps per image; Adam at 5e-4 so a linear probe gets somewhere in 60 steps
+    # without wrecking full fine-tuning. The test set is always the whole test/val folder.
+    "quick": {"backbone": "auto", "epochs": 3, "train_per_class": 20, "val_split": 0.2,
+              "image_size": 160, "batch_size": 16, "lr": 5e-4, "pre_resize": False},
+}
+
+
+def _resume(**kwargs: Any) -> Any:
+    """A field that must be equal for `--resume` to reuse rows."""
+    return attrs.field(metadata={"resume": True}, **kwargs)
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """One comparison's settings: the preset with the command line's overrides on top."""
+
+    backbone: str = _resume()
+    data: str = _resume()
+    epochs: int = _resume()
+    train_per_class: int | None = _resume()
+    val_split: float = _resume()
+    image_size: int = _resume()
+    batch_size: int = _resume()
+    lr: float = _resume()
+    precision: str = _resume()
+    device: str = _resume()
+    pre_resize: bool
+    preset: str
+    strategies: tuple[str, ...] = attrs.field(converter=tuple)
+    seeds: tuple[int, ...] = attrs.field(converter=tuple)
+    workers: int | None = None
+    command: str = ""
+    backbone_choice: str | None = None
+    wandb_project: str | None = None
+    wandb_group: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in attrs.asdict(self).items()}
+
+    def changed_from(self, previous: dict[str, Any]) -> list[str]:
+        """`key: old -> new` for each resume field that differs from an earlier run's."""
+        ours = self.to_dict()
+        return [f"{f.name}: {previous.get(f.name)!r} -> {ours[f.name]!r}"
+                for f in attrs.fields(Settings)
+                if f.metadata.get("resume") and previous.get(f.name) != ours[f.name]]
+
+
+@attrs.frozen
+class RunSpec:
+    """One row's strategy and whether its backbone starts from pretrained weights."""
+
+    label: str
+    strategy: FreezeStrategy
+    pretrained: bool = True
+
+
+def parse_run(spec: str) -> RunSpec:
+    """`name[:key=value]...[:weights=none]` -> RunSpec. `weights=none` trains from random
+    init; `from-scratch` is short for `full-unfreeze:weights=none`. Strategy names and options
+    are `finetune.parse_strategy`'s (presets such as `freeze-80` included)."""
+    name, colon, rest = spec.partition(":")
+    text = SHORTHANDS[name] + colon + rest if name in SHORTHANDS else spec
+    items = re.split(r"[:,]", text)
+    weights = [item.partition("=")[2].lower() for item in items if item.startswith("weights=")]
+    if any(value not in ("none", "default") for value in weights):
+        raise ValueError(f"bad option in '{spec}': weights takes none (random init) or default")
+    strategy = finetune.parse_strategy(":".join(i for i in items if not i.startswith("weights=")))
+    return RunSpec(spec, strategy, pretrained=not weights or weights[-1] == "default")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from benchmarks.compare import __doc__ as description
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--data", help="iNaturalist zip, its folder, or an ImageFolder tree with "
+                   "train/ and test/ or val/; default: iNaturalist 12K in the cache folder")
+    p.add_argument("--backbone", help="any name `finetune train --backbone` takes: lite0, a "
+                   "torchvision architecture, timm/<model>, ...")
+    p.add_argument("--strategies", nargs="+", help="comma- or space-separated; default: "
+                   + ",".join(DEFAULT_STRATEGIES))
+    p.add_argument("--seeds", type=int, default=1, help="runs per strategy (seeds 0..N-1)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-per-class", type=int, help="images per class before the val split")
+    p.add_argument("--val-split", type=float)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="data loader workers (default: library's)")
+    p.add_argument("--output", default="runs/compare", help="folder for results and plots")
+    p.add_argument("--resume", action="store_true", help="skip runs already in --output")
+    p.add_argument("--wandb", action="store_true", help="log each run to wandb (offline "
+                   "without an API key), all in one group")
+    p.add_argument("--wandb-project", default="finetune-compare")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    return args
+
+
+def strategy_specs(args: argparse.Namespace) -> list[str]:
+    """--strategies split on commas; each parsed once, so a typo fails before anything
+    trains."""
+    specs = [s for item in (args.strategies or DEFAULT_STRATEGIES) for s in item.split(",") if s]
+    for spec in specs:
+        try:
+            parse_run(spec)
+        except ValueError as error:
+            raise SystemExit(f"--strategies: {error}") from None
+    return specs
+
+
+def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
+                     command: str, wandb_group: str | None = None) -> Settings:
+    """The preset with the command line's overrides on top."""
+    chosen = dict(PRESETS[args.preset])
+    for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
+                "batch_size", "lr"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    if chosen["backbone"] == "auto":
+        chosen["backbone"] = default_backbone_name()
+        chosen["backbone_choice"] = (
+            "ResNet50 weights found in the torch hub cache" if chosen["backbone"] == "resnet50"
+            else "ResNet50 weights not cached: packaged Lite0 weights")
+    if chosen["backbone"] == "lite0":
+        chosen["backbone"] = "efficientnet_lite0"
+    return Settings(**chosen, preset=args.preset, data=data, strategies=specs,
+                    seeds=range(args.seeds), precision=args.precision, device=args.device,
+                    workers=args.workers, command=command,
+                    wandb_project=args.wandb_project if wandb_group else None,
+                    wandb_group=wandb_group)

@@ -1,0 +1,98 @@
+"""Checkpoint I/O: the format, every RNG's state, safe save/load and the resume checks.
+
+`Trainer.state_dict()` says what a checkpoint holds; this module writes and reads it —
+atomically, and with `weights_only=True` so loading never runs pickled code — and refuses a
+resume that would not fit. `FreezeStrategy.from_state_dict` rebuilds the strategy it names.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.atomic import atomic_write
+from finetune.core.backbone import Backbone
+from finetune.core.strategies import FreezeStrategy
+from finetune.core.weights import state_dict_mismatch
+from finetune.errors import CheckpointError
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """`torch.save` to a temp file beside `path`, fsync, then `os.replace` onto `path`."""
+    return atomic_write(path, lambda file: torch.save(state, file), durable=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`: tensors and plain data only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it must be a "
+            "file written by finetune's Checkpoint callback."
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a finetune checkpoint (format {CHECKPOINT_FORMAT}); for bare model "
+            "weights use backbone.model.load_state_dict(torch.load(path, weights_only=True))."
+        )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG's state as tensors and plain data (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: FreezeStrategy,
+                     path: str | Path | None) -> None:
+    """Refuse a resume into another architecture, head size, strategy or weight layout."""
+    ours = {"name": backbone.name, "num_classes": backbone.num_classes}
+    theirs = checkpoint["backbone"]
+    if theirs != ours:
+        raise CheckpointError(
+            f"checkpoint {path} holds {theirs['name']} with {theirs['num_classes']} classes, "
+            f"but this trainer has {ours['name']} with {ours['num_classes']} classes; resume "
+            "with the backbone the checkpoint was trained with."
+        )
+    if checkpoint["strategy"] != strategy.state_dict():
+        raise CheckpointError(
+            f"checkpoint {path} was trained with strategy {checkpoint['strategy']}, but this "
+            f"trainer uses {strategy.state_dict()}; resume with the same strategy."
+        )
+    mismatch = state_dict_mismatch(backbone.model.state_dict(), checkpoint["model"])
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {backbone.name}: {mismatch}"
+        )
+
