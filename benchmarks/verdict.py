@@ -2,7 +2,7 @@
 they cost.
 
 The most accurate strategy (highest mean test accuracy) and every strategy whose paired
-difference from it is not significant (`finetune.significance.pairwise`, Holm-corrected) are
+difference from it is not significant (`finetune.core.significance.pairwise`, Holm-corrected) are
 "best within noise"; among those, the cost columns decide — the share of parameters trained and
 the time per epoch. Pure functions over plain values, so a results.json can be re-judged.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from finetune.significance import Pairwise
+from finetune.core.significance import Pairwise
 
 
 @attrs.frozen(kw_only=True)

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, FreezeFraction, FreezeStrategy, LastLayerOnly, TrainConfig, Trainer
-from finetune.errors import ArchitectureError
 from finetune.core.zoo import build_backbone
+from finetune.errors import ArchitectureError
 from tests.test_cli import FAST, TINY, run
 from tests.test_functional import make_tree
 

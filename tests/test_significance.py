@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from finetune.metrics import EvaluationReport
 from scipy import stats
 
 from benchmarks.verdict import Candidate, judge
-from finetune import significance
-from finetune.significance import Bootstrap, holm, mcnemar_exact, pairwise
+from finetune.core import significance
+from finetune.core.metrics import EvaluationReport
+from finetune.core.significance import Bootstrap, holm, mcnemar_exact, pairwise
 
 
 def model(targets: np.ndarray, accuracy: float, seed: int) -> np.ndarray:
