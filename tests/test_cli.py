@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from finetune.callbacks import load_checkpoint
-from finetune.cli import main, parse_strategy
+from finetune.cli import main, strategy_argument
 from finetune.core.backbone import Backbone
-from finetune.core.strategies import STRATEGIES, FreezeFraction, GradualUnfreeze
+from finetune.core.strategies import PRESETS, STRATEGIES, FreezeFraction, GradualUnfreeze
 from finetune.data import ImageFolderData
 from tests.test_functional import make_tree
 
@@ -108,19 +108,24 @@ def test_resume_continues_and_wandb_writes_offline(tree, tmp_path, capsys, offli
     assert state["epoch"] == 2 and len(state["history"]["records"]) == 3
 
 
-def test_strategies_lists_the_registry_one_line_each(capsys):
+def test_strategies_lists_the_registry_and_presets_one_line_each(capsys):
     code, out, _ = run(["strategies"], capsys)
     lines = out.strip().splitlines()
-    assert code == 0 and len(lines) == len(STRATEGIES)
-    for line, (name, cls) in zip(lines, sorted(STRATEGIES.items()), strict=True):
-        assert line.split()[:2] == [name, cls.__name__]
+    names = {**{name: cls.__name__ for name, cls in STRATEGIES.items()},
+             **{name: STRATEGIES[base].__name__ for name, (base, _) in PRESETS.items()}}
+    assert code == 0 and len(lines) == len(names)
+    for line, (name, class_name) in zip(lines, sorted(names.items()), strict=True):
+        assert line.split()[:2] == [name, class_name]
     assert "Train only the new head" in out
+    assert re.search(r"^freeze-80 +FreezeFraction +preset: freeze-fraction with fraction=0.8$",
+                     out, re.MULTILINE)
 
 
 def test_strategy_options_are_parsed_and_validated():
-    assert parse_strategy("freeze-fraction:fraction=0.5,count=numel") == FreezeFraction(
+    assert strategy_argument("freeze-fraction:fraction=0.5,count=numel") == FreezeFraction(
         fraction=0.5, count="numel")
-    assert parse_strategy("gradual-unfreeze:at=2+4,depth=none") == GradualUnfreeze(at=(2, 4))
+    assert strategy_argument("gradual-unfreeze:at=2+4,depth=none") == GradualUnfreeze(at=(2, 4))
+    assert strategy_argument("freeze-80:count=numel") == FreezeFraction(0.8, count="numel")
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["strategies"]])
