@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half.
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half;
+and an advisory lock for work that two processes must not do at once.
 
 Everything is written to a temporary file in the target's folder and renamed onto it; a
 failure removes the temporary file and leaves the target as it was.
@@ -9,9 +10,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any],
@@ -60,3 +67,24 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, *, wait: bool = True, busy: str = "") -> Iterator[None]:
+    """Hold an advisory lock on the file `path` (created if missing) for the `with` block.
+
+    Other processes (and other open files in this one) asking for it wait, or with
+    `wait=False` get a `BlockingIOError` whose message is `busy`. The lock goes with the
+    process: a killed holder never leaves a stale lock behind, unlike a marker file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:  # POSIX; elsewhere runs are not serialised
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise BlockingIOError(busy or f"{path} is locked by another process") from None
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock

@@ -88,3 +88,122 @@ def test_spill_to_disk_under_channels_last_trains_as_the_plain_loop(
     for (name, a), b in zip(plain.backbone.state_dict().items(),
                             spilled.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+# -- 3: images changed in place are not served stale activations ----------------------------
+def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> None:
+    from finetune import ImageFolderData
+    from finetune.feature_cache import FeatureCache, find_cut
+
+    root = make_tree(tmp_path / "data", classes=2, n_train=2, n_test=1, size=32)
+    torch.manual_seed(0)
+    backbone = Backbone.from_torchvision("resnet18", 2, weights=None)
+    LastLayerOnly().apply(backbone)
+
+    def fill() -> torch.Tensor:
+        nonlocal paths
+        data = ImageFolderData(root, backbone=backbone, image_size=32, batch_size=4,
+                               val_split=0.0, num_workers=0, progress=False,
+                               data_augmentation=False)
+        paths = [path for path, _ in data.train_samples]
+        cache = FeatureCache(backbone, find_cut(backbone), memory_budget=0,
+                             directory=tmp_path / "cache")
+        cache.fill(data.train_loader(), lambda prefix, x: prefix(x), torch.device("cpu"))
+        return cache.features.clone()
+
+    paths: list[Path] = []
+    before = fill()
+    a, b = root / "train/class0/img0.jpg", root / "train/class1/img0.jpg"
+    a.rename(tmp_path / "swap.jpg")
+    b.rename(a)
+    (tmp_path / "swap.jpg").rename(b)  # same names, same sizes and mtimes, other pictures
+    after = fill()
+    a_index, b_index = paths.index(a), paths.index(b)
+    assert not torch.allclose(before[a_index], before[b_index], atol=1e-3)  # they differ
+    assert torch.allclose(after[a_index], before[b_index], atol=1e-5)
+    assert torch.allclose(after[b_index], before[a_index], atol=1e-5)
+
+
+# -- 5, 6: extraction is safe under concurrency and never deletes what it did not create ------
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as handle:
+        for name, payload in members.items():
+            handle.writestr(name, payload)
+    return path
+
+
+def test_concurrent_extractions_of_one_zip_leave_one_complete_tree(tmp_path, monkeypatch):
+    import threading
+    import time
+    import zipfile
+
+    from finetune.data import safe_extract
+
+    members = {f"tree/train/c{i % 3}/{i}.txt": f"image {i}".encode() for i in range(12)}
+    archive = _zip(tmp_path / "a.zip", members)
+    extract = zipfile.ZipFile.extract
+
+    def slow_extract(self, member, path=None, pwd=None):  # interleave the two extractions
+        time.sleep(0.01)
+        return extract(self, member, path, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", slow_extract)
+    target, errors = tmp_path / "out", []
+
+    def worker() -> None:
+        try:
+            safe_extract(archive, target)
+        except Exception as error:  # collected: the test reports them
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert (target / ".extracted").is_file()
+    found = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*.txt")}
+    assert found == members
+    assert not list(target.glob(".staging-*"))
+
+
+def test_extraction_never_replaces_what_the_archive_did_not_create(tmp_path):
+    from finetune.data import safe_extract
+    from finetune.errors import DataError
+
+    root = tmp_path / "root"
+    (root / "mywork").mkdir(parents=True)
+    (root / "mywork" / "important.txt").write_text("keep me")
+    archive = _zip(tmp_path / "a.zip", {"mywork/other.txt": b"x", "tree/train/a/1.txt": b"y"})
+    with pytest.raises(DataError, match=r"would replace mywork, which the archive did not"):
+        safe_extract(archive, root)
+    assert (root / "mywork" / "important.txt").read_text() == "keep me"
+    assert not (root / "tree").exists() and not (root / ".extracted").exists()
+
+
+def test_an_extraction_killed_midway_completes_when_run_again(tmp_path, monkeypatch):
+    import os
+
+    from finetune.data import download, safe_extract
+
+    archive = _zip(tmp_path / "a.zip", {"one/a.txt": b"1", "two/b.txt": b"2"})
+    moves = []
+
+    def dies_on_second_move(source, destination):
+        if not Path(destination).name.startswith("."):  # an entry, not a marker file
+            moves.append(destination)
+        if len(moves) == 2:
+            raise KeyboardInterrupt  # killed between the two moves
+        os.rename(source, destination)
+
+    monkeypatch.setattr(download.os, "replace", dies_on_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "one").is_dir() and not (tmp_path / "out" / "two").exists()
+    monkeypatch.undo()
+    safe_extract(archive, tmp_path / "out")  # replaces its own half-moved entry, nothing else
+    assert (tmp_path / "out" / "two" / "b.txt").read_bytes() == b"2"
+    assert (tmp_path / "out" / ".extracted").is_file()

@@ -123,16 +123,26 @@ class _Indices(torch.utils.data.Dataset):
         return int(key[0]) if isinstance(key, (tuple, list)) else int(key)
 
 
+def file_stamp(path: str | os.PathLike) -> str:
+    """Size, mtime and inode of a file: changes when an image is rewritten or another file is
+    renamed onto its path (a swap keeps both mtimes), so its cached activations are not reused."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+
 def dataset_fingerprint(dataset: Any) -> str:
-    """A digest of what a dataset holds: its (path, label) samples and transform, or its
-    tensors. Datasets of neither kind get their identity, so their disk cache is never shared
-    across processes."""
+    """A digest of what a dataset holds: its (path, label) samples with each file's
+    `file_stamp`, and its transform; or its tensors. Datasets of neither kind get their
+    identity, so their disk cache is never shared across processes."""
     digest = hashlib.sha1()
     samples = getattr(dataset, "samples", None)
     tensors = getattr(dataset, "tensors", None)
     if samples is not None:
         for path, label in samples:
-            digest.update(f"{path}\0{label}\n".encode())
+            digest.update(f"{path}\0{label}\0{file_stamp(path)}\n".encode())
         digest.update(repr(getattr(dataset, "transform", None)).encode())
     elif tensors is not None:
         for tensor in tensors:

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -23,10 +24,13 @@ from urllib.parse import unquote, urlparse
 
 from tqdm.auto import tqdm
 
+from finetune.atomic import atomic_write, exclusive_lock
 from finetune.errors import DataError
 
 _CHUNK = 1 << 20
 _DONE_MARKER = ".extracted"
+_LOCK = ".extract.lock"
+_PENDING = ".extracting"  # the top-level names an unfinished extraction moved into the target
 _JUNK = ("__MACOSX/",)
 
 
@@ -149,36 +153,64 @@ def verify_file(path: Path, expected_size: int | None, sha256: str | None) -> No
 # -- extraction -------------------------------------------------------------------------------
 def safe_extract(archive: Path | str, target: Path | str) -> Path:
     """Extract a zip into `target`, refusing any member that would land outside it (absolute
-    paths, `..`, drive letters). Idempotent: a marker file records a finished extraction, and
-    files appear in `target` only once the whole archive extracted cleanly."""
-    archive, target = Path(archive), Path(target)
+    paths, `..`, drive letters). Idempotent: a marker file records a finished extraction.
+
+    Each process extracts into its own staging folder; the move into `target` happens under a
+    lock and the marker is written only over a complete tree, so concurrent calls cannot mix
+    two half-trees. Entries of `target` the archive did not create are never replaced: an
+    archive whose top-level names collide with them is refused."""
+    archive, target = Path(archive).expanduser(), Path(target).expanduser()
     marker = target / _DONE_MARKER
     if marker.is_file():
         return target
     members = zip_members(archive)
-    staging = target.with_name(f".{target.name}.extracting")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    for info in members:
+        _check_member(info.filename, archive)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
+    try:
+        _extract_members(archive, members, staging)
+        with exclusive_lock(target / _LOCK):
+            if not marker.is_file():  # else another process finished while we extracted
+                _move_into(staging, target, archive)
+                atomic_write(marker, lambda f: f.write(f"{archive.resolve()}\n".encode()))
+                (target / _PENDING).unlink()  # after the marker: a kill between keeps ours
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _extract_members(archive: Path, members: list[zipfile.ZipInfo], staging: Path) -> None:
     try:
         with zipfile.ZipFile(archive) as handle:
             for info in members:
-                _check_member(info.filename, archive)
-            for info in members:
                 handle.extract(info, staging)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        shutil.rmtree(staging, ignore_errors=True)
         raise DataError(
             f"{archive} is damaged ({error}); delete it and download it again."
         ) from error
-    target.mkdir(parents=True, exist_ok=True)
-    for child in staging.iterdir():
-        destination = target / child.name
-        if destination.exists():
+
+
+def _move_into(staging: Path, target: Path, archive: Path) -> None:
+    """Move the staged top-level entries into `target`. `_PENDING` lists them first, so an
+    extraction killed midway may replace what it had already moved when run again — and
+    nothing else."""
+    pending = target / _PENDING
+    ours = set(pending.read_text().split("\n")) - {""} if pending.is_file() else set()
+    names = sorted(child.name for child in staging.iterdir())
+    taken = [n for n in names if (target / n).exists() or (target / n).is_symlink()]
+    foreign = [n for n in taken if n not in ours]
+    if foreign:
+        raise DataError(
+            f"extracting {archive} into {target} would replace {', '.join(foreign)}, which the "
+            "archive did not create; move them away or extract into another folder."
+        )
+    atomic_write(pending, lambda f: f.write("\n".join(sorted(ours | set(names))).encode()))
+    for name in names:
+        destination = target / name
+        if name in taken:
             shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-        os.replace(child, destination)
-    staging.rmdir()
-    marker.write_text(f"{archive.resolve()}\n")
-    return target
+        os.replace(staging / name, destination)
 
 
 def zip_members(archive: Path) -> list[zipfile.ZipInfo]:
