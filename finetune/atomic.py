@@ -50,6 +50,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda file: file.write(text.encode()))
 
 
+def remove_orphaned_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files `atomic_write(path, ...)` leaves when its process is killed
+    mid-write (a checkpoint's can take hundreds of MB); returns what it removed. Call it only
+    where no other process writes `path` at the same time."""
+    path = Path(path)
+    orphans = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
+
+
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = None) -> Path:
     """`data` as JSON (UTF-8, trailing newline), written atomically."""
     return atomic_write_text(path, json.dumps(data, indent=indent) + "\n")

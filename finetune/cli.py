@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", type=Path, default=None,
                        help="write best.pt, last.pt and run.json here (default: the --resume "
                             "checkpoint's folder, else none)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --checkpoint-dir (refused otherwise)")
     train.add_argument("--resume", type=Path, default=None,
                        help="continue from this checkpoint (same backbone and strategy)")
     train.set_defaults(handler=run_train, parser=train)
@@ -226,9 +228,11 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
     if checkpoint_dir is not None:
-        checkpoint = Checkpoint(checkpoint_dir, save_best=args.val_split > 0)
-        callbacks += [_RunFile(checkpoint_dir, _run_record(args, backbone, data, strategy)),
-                      checkpoint]
+        checkpoint = Checkpoint(checkpoint_dir, save_best=args.val_split > 0,
+                                overwrite=args.overwrite)
+        # Checkpoint first: it refuses a folder holding another run before run.json is written.
+        callbacks += [checkpoint,
+                      _RunFile(checkpoint_dir, _run_record(args, backbone, data, strategy))]
     if args.wandb_project:
         callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
                                      config={"cli": _cli_config(args)}))
@@ -323,6 +327,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     path = _checkpoint_file(args.checkpoint)
     checkpoint = load_checkpoint(path)
     record = read_run_file(path)
+    if path.name == "last.pt" and path != args.checkpoint:
+        best = checkpoint.get("callbacks", {}).get("Checkpoint", {}).get("best_epoch")
+        if best is not None:
+            print(f"note: {path.parent} has no best.pt though last.pt records a best at epoch "
+                  f"{best + 1}; evaluating last.pt (epoch {int(checkpoint['epoch']) + 1})",
+                  file=sys.stderr)
     classes = list(checkpoint["classes"])
     num_classes = int(checkpoint["backbone"]["num_classes"])
     if record is None:

@@ -93,7 +93,7 @@ def test_spill_to_disk_under_channels_last_trains_as_the_plain_loop(
 # -- 3: images changed in place are not served stale activations ----------------------------
 def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> None:
     from finetune import ImageFolderData
-    from finetune.feature_cache import FeatureCache, find_cut
+    from finetune.core.activation_cache import ActivationCache, find_cut
 
     root = make_tree(tmp_path / "data", classes=2, n_train=2, n_test=1, size=32)
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> 
                                val_split=0.0, num_workers=0, progress=False,
                                data_augmentation=False)
         paths = [path for path, _ in data.train_samples]
-        cache = FeatureCache(backbone, find_cut(backbone), memory_budget=0,
+        cache = ActivationCache(backbone, find_cut(backbone), memory_budget=0,
                              directory=tmp_path / "cache")
         cache.fill(data.train_loader(), lambda prefix, x: prefix(x), torch.device("cpu"))
         return cache.features.clone()
@@ -207,3 +207,73 @@ def test_an_extraction_killed_midway_completes_when_run_again(tmp_path, monkeypa
     safe_extract(archive, tmp_path / "out")  # replaces its own half-moved entry, nothing else
     assert (tmp_path / "out" / "two" / "b.txt").read_bytes() == b"2"
     assert (tmp_path / "out" / ".extracted").is_file()
+
+
+# -- 4: best.pt is never lost to a crash between the two writes -----------------------------
+def _fit_checkpointed(folder: Path, epochs: int, resume: Path | None = None,
+                      mode: str = "max", **kwargs: object) -> Trainer:
+    from finetune.callbacks import Checkpoint
+    from tests.conftest import make_tiny_backbone
+    from tests.test_trainer import make_loader
+
+    checkpoint = Checkpoint(folder, monitor="epoch", mode=mode, **kwargs)  # max: every epoch
+    trainer = Trainer(make_tiny_backbone(), LastLayerOnly(), TrainConfig(
+        epochs=epochs, lr=1e-2, seed=0, precision="fp32", device="cpu"), callbacks=[checkpoint])
+    trainer.fit(make_loader(n=8), resume=resume)
+    return trainer
+
+
+def test_a_kill_between_the_best_and_last_writes_never_loses_best(tmp_path, monkeypatch):
+    from finetune.callbacks import checkpoint as checkpoint_module
+    from finetune.callbacks import load_checkpoint
+
+    real_save, saves = checkpoint_module.save_checkpoint, []
+
+    def killed_on_the_fourth_write(state, path):  # epoch 2's second write
+        saves.append(path)
+        if len(saves) == 4:
+            raise KeyboardInterrupt
+        return real_save(state, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", killed_on_the_fourth_write)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_checkpointed(tmp_path, epochs=2)
+    recorded = load_checkpoint(tmp_path / "last.pt")["callbacks"]["Checkpoint"]["best_epoch"]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] >= recorded
+
+
+def test_resume_rewrites_a_lost_best_and_removes_orphaned_temporaries(tmp_path):
+    from finetune.callbacks import load_checkpoint
+
+    _fit_checkpointed(tmp_path, epochs=1, mode="min")  # "epoch" min: only epoch 1 is best
+    (tmp_path / "best.pt").unlink()
+    (tmp_path / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    with pytest.warns(RuntimeWarning, match="best.pt is missing"):
+        _fit_checkpointed(tmp_path, epochs=2, resume=tmp_path / "last.pt", mode="min")
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+# -- 8: a folder holding another run is never overwritten by a new one -------------------------
+def test_a_new_run_refuses_a_folder_holding_another(tmp_path):
+    from finetune.callbacks import load_checkpoint
+    from finetune.errors import CheckpointError
+
+    _fit_checkpointed(tmp_path, epochs=2)
+    with pytest.raises(CheckpointError, match=r"already holds last.pt and best.pt.*overwrite"):
+        _fit_checkpointed(tmp_path, epochs=1)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # untouched
+    _fit_checkpointed(tmp_path, epochs=1, overwrite=True)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+
+
+def test_cli_train_refuses_a_folder_holding_another_run(tree, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _train(tree, runs, capsys)
+    record = (runs / "run.json").read_text()
+    code, _, err = run(["train", "--data", str(tree), "--backbone", TINY, "--epochs", "1",
+                        "--lr", "0.5", "--checkpoint-dir", str(runs), *FAST], capsys)
+    assert code == 2 and "--overwrite" in err and "CheckpointError" in err
+    assert (runs / "run.json").read_text() == record
+    _train(tree, runs, capsys, "--overwrite", "--lr", "0.5")
+    assert json.loads((runs / "run.json").read_text())["cli"]["lr"] == 0.5

@@ -7,12 +7,15 @@ it is written (atomically) and read (without unpickling); this callback decides 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.atomic import remove_orphaned_temporaries
 from finetune.callbacks.monitor import is_improvement, monitored_value
 from finetune.core.checkpoint import save_checkpoint
 from finetune.core.events import Callback
+from finetune.errors import CheckpointError
 
 if TYPE_CHECKING:
     from finetune.core.trainer import Trainer
@@ -23,6 +26,11 @@ class Checkpoint(Callback):
 
     `monitor` names a column of the epoch metrics ("val_accuracy", "val_loss", …); `mode` is
     "max" or "min". Resume with `trainer.fit(..., resume=checkpoint.last_path)`.
+
+    A new run (not a resume) refuses a folder that already holds `last.pt` or `best.pt`
+    unless `overwrite=True`, so an earlier run's results are never replaced by accident.
+    `best.pt` is written before `last.pt` records it, so a crash between the two never leaves
+    a `last.pt` that names a best `best.pt` does not hold.
     """
 
     def __init__(
@@ -32,6 +40,7 @@ class Checkpoint(Callback):
         mode: str = "max",
         save_last: bool = True,
         save_best: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min' (got {mode!r})")
@@ -40,6 +49,7 @@ class Checkpoint(Callback):
         self.mode = mode
         self.save_last = save_last
         self.save_best = save_best
+        self.overwrite = overwrite
         self.best: float | None = None
         self.best_epoch: int | None = None
 
@@ -61,10 +71,32 @@ class Checkpoint(Callback):
         if not (self.save_last or improved):
             return
         state = trainer.state_dict()  # after updating `best`, so it is saved with it
+        if improved:  # first: last.pt may only record a best that best.pt holds
+            save_checkpoint(state, self.best_path)
         if self.save_last:
             save_checkpoint(state, self.last_path)
-        if improved:
-            save_checkpoint(state, self.best_path)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Refuse to start a new run over another one's files; on resume, clean what a killed
+        run left (temporary files) and rewrite a best.pt that went missing."""
+        resuming = trainer.state.start_epoch > 0
+        existing = [p.name for p in (self.last_path, self.best_path) if p.is_file()]
+        if existing and not resuming and not self.overwrite:
+            raise CheckpointError(
+                f"{self.dirpath} already holds {' and '.join(existing)} of another run; resume "
+                "it (fit(..., resume=...), `finetune train --resume`), choose another folder, or "
+                "pass Checkpoint(..., overwrite=True) (`--overwrite`) to replace it."
+            )
+        for path in (self.last_path, self.best_path):
+            remove_orphaned_temporaries(path)
+        if self.save_best and self.best is not None and not self.best_path.is_file():
+            if self.last_path.is_file():  # not a resume into a fresh folder: a lost best.pt
+                warnings.warn(
+                    f"the resumed checkpoint records a best {self.monitor} of {self.best:.4g} "
+                    f"at epoch {(self.best_epoch or 0) + 1}, but {self.best_path} is missing; "
+                    "best.pt is written again at the next epoch.", RuntimeWarning, stacklevel=2,
+                )
+            self.best = self.best_epoch = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
