@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str = "") -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="ImageFolder tree (train/, val/ or test/), the iNaturalist 12K "
-                             f"folder or its zip (default: ${DATA_ENV}){data_required_hint}")
+                             "folder or its zip, or 'sample' (the small dataset shipped with "
+                             f"finetune) (default: ${DATA_ENV}){data_required_hint}")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
     parser.add_argument("--workers", type=_non_negative_int, default=None,
                         help="data loader worker processes (default: 1 on ≥ 2 cores)")

@@ -1,4 +1,5 @@
-"""Data: iNaturalist 12K and any ImageFolder tree — download, verify, split, augment, load."""
+"""Data: iNaturalist 12K, any ImageFolder tree and the packaged sample — download, verify,
+split, augment, load."""
 
 from finetune.data.datasets import (
     DATA_ENV,
@@ -15,6 +16,7 @@ from finetune.data.download import INaturalist12K, download_file, safe_extract, 
 from finetune.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
 from finetune.data.preprocessing import Preprocessing, preprocessing_from_weights
 from finetune.data.resized import default_cache_root, resize_tree
+from finetune.data.sample import sample_dataset
 from finetune.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "resize_tree",
     "resolve_data_root",
     "safe_extract",
+    "sample_dataset",
     "stratified_split",
     "to_rgb",
     "verify_file",

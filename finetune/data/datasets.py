@@ -20,6 +20,7 @@ from finetune.data.download import safe_extract
 from finetune.data.images import find_problems, list_classes, load_rgb, scan_split
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.resized import resize_tree, resized_name
+from finetune.data.sample import resolve_named_data
 from finetune.data.transforms import EvalTransform, TrainTransform, sized
 from finetune.errors import DataError
 
@@ -155,10 +156,11 @@ def stratified_split(
 
 class ImageFolderData:
     """Train/val/test loaders from `root`: a folder with `train/<class>/` and `val/<class>/`
-    (or `test/`), a folder holding one such tree (the extracted iNaturalist 12K), or a zip of
-    either. `val` is split off `train`, stratified by class and seeded; the test loader reads
-    the test folder. Preprocessing comes from `backbone` (or `preprocessing`), so each model
-    gets its own resize, crop and mean/std; `image_size` trains at another crop size.
+    (or `test/`), a folder holding one such tree (the extracted iNaturalist 12K), a zip of
+    either, or "sample" — the 10-class aerial-image sample shipped with the package. `val` is
+    split off `train`, stratified by class and seeded; the test loader reads the test folder.
+    Preprocessing comes from `backbone` (or `preprocessing`), so each model gets its own
+    resize, crop and mean/std; `image_size` trains at another crop size.
 
     Unreadable or truncated files are found up front and skipped with one warning listing them
     (`strict=True` raises instead); `pre_resize=True` makes a one-time copy with shorter side
@@ -305,12 +307,14 @@ def resolve_data_root(root: str | os.PathLike | None) -> Path:
 
 
 def find_tree(root: Path, test_dir: str | None = None) -> tuple[Path, Path, Path]:
-    """(tree, train folder, test folder) for a tree, a folder holding one, or a zip."""
-    root = root.expanduser()
+    """(tree, train folder, test folder) for a tree, a folder holding one, a zip, or the
+    name "sample" (the packaged sample dataset)."""
+    root = resolve_named_data(root).expanduser()
     if not root.exists():
         raise DataError(
             f"{root} does not exist. Fix: pass the folder holding train/ and val/ (or its zip); "
-            "for iNaturalist 12K, INaturalist12K.download(folder) fetches it."
+            "for iNaturalist 12K, INaturalist12K.download(folder) fetches it; \"sample\" is "
+            "the small dataset packaged with finetune."
         )
     if root.is_file():
         if not zipfile.is_zipfile(root):
