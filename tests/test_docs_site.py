@@ -22,7 +22,9 @@ def build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
 
 def test_the_site_builds_strictly_with_the_api_reference(tmp_path: Path) -> None:
     result = build(CONFIG, tmp_path / "site")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, ("mkdocs build --strict failed (a new page must also be "
+                                    "listed under nav: in docs/mkdocs/mkdocs.yml):\n"
+                                    + result.stderr[-3000:])
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     for name in ("FreezeStrategyCallback", "ImageFolderData", "sample_dataset", "Trainer"):
         assert name in api, name
