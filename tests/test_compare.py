@@ -20,6 +20,7 @@ from finetune import (
     LastLayerOnly,
 )
 from finetune.data import INaturalist12K
+from finetune.data.sample import SAMPLE_CLASSES
 from tests.conftest import make_tiny_backbone
 
 CLASSES = ("cat", "dog", "owl")
@@ -198,15 +199,33 @@ def test_resume_refuses_other_settings(tree: Path, tmp_path: Path) -> None:
         compare.main(changed, backbone_factory=Factory())
 
 
-def test_without_data_or_network_says_what_to_pass(
+def test_inaturalist_without_network_says_what_to_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(INaturalist12K, "URL", (tmp_path / "missing.zip").as_uri())
     with pytest.raises(SystemExit, match=r"--data /path/to/nature_12K\.zip") as error:
-        compare.main(["--backbone", "tiny", "--output", str(tmp_path / "out")],
-                     backbone_factory=Factory())
+        compare.main(["--data", "inaturalist", "--backbone", "tiny", "--output",
+                      str(tmp_path / "out")], backbone_factory=Factory())
     assert "ImageFolder tree" in str(error.value)
+
+
+def test_without_data_it_runs_on_the_packaged_sample_and_says_how_to_go_further(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no network and no data here: the package alone suffices
+    monkeypatch.setattr(INaturalist12K, "URL", (tmp_path / "missing.zip").as_uri())
+    args = ["--backbone", "tiny", "--epochs", "1", "--train-per-class", "3", "--image-size",
+            "32", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--strategies",
+            "last-layer", "--output", str(tmp_path / "out")]
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    results = read_results(tmp_path / "out")
+    assert results["classes"] == list(SAMPLE_CLASSES)
+    row = results["rows"][0]
+    assert row["train_images"] + row["val_images"] == 30 and row["test_images"] == 80
+    out = capsys.readouterr().out
+    assert "--data inaturalist --preset reference" in out and "--data DIR" in out
+    assert "one image moves accuracy by 1.2 points" in out
 
 
 def test_wandb_logs_each_strategy_offline_in_one_group(

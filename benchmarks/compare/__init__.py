@@ -1,7 +1,7 @@
 """Compare freezing strategies on one dataset and backbone, with the same data split, epochs, lr
 and seeds for all, and print a Markdown table.
 
-    python -m benchmarks.compare --data ../shared/data/ucmerced     # quick preset, 2-core CPU
+    python -m benchmarks.compare                    # quick preset on the packaged sample, offline
     python -m benchmarks.compare --preset reference --data nature_12K.zip   # ResNet50, GPU
     python -m benchmarks.compare --data DIR --seeds 3 \\
         --strategies last-layer,lp-ft,freeze-fraction:fraction=0.5:count=numel

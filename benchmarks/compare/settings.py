@@ -103,8 +103,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--data", help="iNaturalist zip, its folder, or an ImageFolder tree with "
-                   "train/ and test/ or val/; default: iNaturalist 12K in the cache folder")
+    p.add_argument("--data", help="an ImageFolder tree with train/ and test/ or val/, the "
+                   "iNaturalist 12K zip or its folder, 'inaturalist' (downloaded once into the "
+                   "cache folder), or 'sample'; default: the sample dataset shipped with the "
+                   "package (10 classes, 360 images, offline)")
     p.add_argument("--backbone", help="any name `finetune train --backbone` takes: lite0, a "
                    "torchvision architecture, timm/<model>, ...")
     p.add_argument("--strategies", nargs="+", help="comma- or space-separated; default: "
