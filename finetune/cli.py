@@ -24,9 +24,9 @@ from typing import Any
 
 import attrs
 
-from finetune.atomic import atomic_write_json
 from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
 from finetune.callbacks.console import FreezeReportLines, progress_callback
+from finetune.callbacks.run_file import RUN_FILE, RUN_FORMAT, RunFile, read_run_file
 from finetune.core.backbone import Backbone
 from finetune.core.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy, parse_strategy
@@ -36,9 +36,6 @@ from finetune.data import DATA_ENV, ImageFolderData, find_tree, resolve_data_roo
 from finetune.data.images import list_classes
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import ArchitectureError, CheckpointError, DataError, FinetuneError
-
-RUN_FILE = "run.json"
-RUN_FORMAT = 1
 
 
 # -- argument types ---------------------------------------------------------------------------
@@ -188,25 +185,6 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
                         help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
-# -- run.json -----------------------------------------------------------------------------------
-def write_run_file(directory: Path, record: dict[str, Any]) -> Path:
-    """Write `run.json` atomically (temp file, then rename), so a crash never leaves half."""
-    return atomic_write_json(directory / RUN_FILE, record, indent=2)
-
-
-def read_run_file(checkpoint: Path) -> dict[str, Any] | None:
-    path = checkpoint.parent / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path} ({error}); delete it or re-train.") from error
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{path} is not a finetune run file (format {RUN_FORMAT})")
-    return record
-
-
 # -- commands ---------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
     root = resolve_data_root(args.data)
@@ -233,7 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite)
         # Checkpoint first: it refuses a folder holding another run before run.json is written.
         callbacks += [checkpoint,
-                      _RunFile(checkpoint_dir, _run_record(args, backbone, data, strategy))]
+                      RunFile(checkpoint_dir, _run_record(args, backbone, data, strategy))]
     if args.wandb_project:
         callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
                                      config={"cli": _cli_config(args)}))
@@ -246,17 +224,6 @@ def run_train(args: argparse.Namespace) -> int:
     report = trainer.evaluate(data.test_loader())
     print(f"test set (weights after the last epoch):\n{report.table()}")
     return 0
-
-
-class _RunFile(Callback):
-    """Writes run.json when fit starts: after a resume was checked against the checkpoint,
-    so a refused resume never overwrites the record of the run it belongs to."""
-
-    def __init__(self, directory: Path, record: dict[str, Any]) -> None:
-        self.directory, self.record = directory, record
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        write_run_file(self.directory, self.record)
 
 
 def _count_classes(root: Path) -> int:

@@ -172,7 +172,7 @@ def test_cached_training_is_bit_exact_in_fp32(strategy: FreezeStrategy) -> None:
     plain, plain_history = _fit(strategy, "off")
     cached, cached_history = _fit(strategy, "auto")
     assert plain.state.cached_prefix is None and cached.state.cached_prefix is not None
-    assert cached._caches == {}  # released when fit returns
+    assert len(cached._activations) == 0  # released when fit returns
     for (name, a), b in zip(plain.backbone.state_dict().items(),
                             cached.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -198,7 +198,7 @@ def test_augmented_data_is_not_cached_in_auto_mode() -> None:
     trainer = Trainer(backbone, LastLayerOnly(),
                       TrainConfig(epochs=1, precision="fp32", feature_cache="auto"))
     trainer.fit(DataLoader(data, batch_size=4))
-    assert trainer._cut is not None and trainer.state.cached_prefix is None
+    assert trainer._activations.cut is not None and trainer.state.cached_prefix is None
 
 
 @pytest.mark.parametrize("augment", [False, True])

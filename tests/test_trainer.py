@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from finetune import Backbone
 from finetune.callbacks import Callback, Checkpoint
 from finetune.core import precision as precision_module
 from finetune.core.config import TrainConfig
@@ -300,16 +301,59 @@ def test_data_with_other_class_count_than_the_head_is_refused(tmp_path: Path) ->
         trainer.fit(data.train_loader())
 
 
-def test_cpu_fit_asks_malloc_to_keep_freed_memory_unless_told_not_to(monkeypatch) -> None:
+def test_malloc_tuning_is_scoped_to_cpu_fit_and_reported(monkeypatch) -> None:
     import finetune.core.trainer as trainer_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
-    Trainer(make_tiny_backbone(), LastLayerOnly(), FP32).fit(make_loader(8))
-    assert calls == [1]
-    off = attrs.evolve(FP32, keep_freed_memory=False, epochs=1)
-    Trainer(make_tiny_backbone(), LastLayerOnly(), off).fit(make_loader(8))
-    assert calls == [1]
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(trainer_module, "restore_malloc_defaults",
+                        lambda: calls.append("restore") or True)
+    trainer = Trainer(make_tiny_backbone(), LastLayerOnly(), FP32)
+    trainer.fit(make_loader(8))
+    assert calls == ["keep", "restore"] and trainer.state.malloc_tuned is True
+    trainer.evaluate(make_loader(8))  # evaluation alone never tunes the allocator
+    Trainer(make_tiny_backbone(), LastLayerOnly(), FP32).evaluate(make_loader(8))
+    assert calls == ["keep", "restore"]
+    off = Trainer(make_tiny_backbone(), LastLayerOnly(),
+                  attrs.evolve(FP32, keep_freed_memory=False, epochs=1))
+    off.fit(make_loader(8))
+    assert calls == ["keep", "restore"] and off.state.malloc_tuned is False
+
+
+def test_evaluate_alone_runs_no_speed_probe(monkeypatch) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "_CACHE", {})
+
+    def no_probe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluate() timed training steps")
+
+    monkeypatch.setattr(precision_module, "probe_precision", no_probe)
+    trainer = Trainer(make_tiny_backbone(), LastLayerOnly(), attrs.evolve(FP32, precision="auto"))
+    report = trainer.evaluate(make_loader(8))
+    assert trainer.state.precision == "fp32" and report.num_samples == 8
+
+
+def test_precision_verdict_is_kept_per_model_structure_not_name(monkeypatch) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "_CACHE", {})
+    probed = []
+
+    def probe(model: nn.Module, images: torch.Tensor, channels_last: bool):
+        probed.append(model)
+        return ("bf16" if any(isinstance(m, nn.Conv2d) for m in model.modules()) else "fp32"), {}
+
+    monkeypatch.setattr(precision_module, "probe_precision", probe)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.ReLU(), nn.Linear(4, 3))
+    verdicts = [
+        precision_module.resolve_precision(
+            "auto", Backbone.from_module(model, head="3", groups=[("body", r"^[0-2]\.")],
+                                         num_classes=3, name="custom"),
+            torch.device("cpu"), (3, 8, 8), channels_last=False)
+        for model in (conv, mlp, conv)
+    ]
+    assert verdicts == ["bf16", "fp32", "bf16"] and len(probed) == 2  # the third reuses
 
 
 def test_keep_freed_memory_applies_on_glibc() -> None:

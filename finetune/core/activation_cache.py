@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,77 @@ def _pairs(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
     for batch in loader:
         images, labels = batch[0], batch[1]
         yield images, torch.as_tensor(labels)
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+PrefixForward = Callable[[Forward, torch.Tensor], torch.Tensor]
+
+
+class ActivationCaches:
+    """The Trainer's seam to the cache: for each loader it asks `batches(loader)` and gets
+    the batches to run and the forward to run them through — the loader and the whole model,
+    or stored prefix activations and the suffix.
+
+    `mode` is `TrainConfig.feature_cache` ("auto", "on", "off"); only loaders named with
+    `allow` (fit's train and val loaders) are cached, and `release` drops every activation.
+    """
+
+    def __init__(self, mode: str, memory_budget: int, directory: str | Path | None) -> None:
+        self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
+        self.cut: Cut | None = None
+        self._caches: dict[int, ActivationCache] = {}
+        self._cacheable: set[int] = set()
+
+    def __len__(self) -> int:
+        """How many loaders' activations are held now."""
+        return len(self._caches)
+
+    def plan(self, backbone: Backbone) -> None:
+        """Find the cacheable prefix for what the strategy now freezes; drop stale caches."""
+        cut = None if self.mode == "off" else find_cut(backbone)
+        if cut != self.cut:
+            self._caches.clear()
+        self.cut = cut
+
+    def allow(self, *loaders: Any) -> None:
+        self._cacheable = {id(loader) for loader in loaders if loader is not None}
+
+    def release(self) -> None:
+        """Activations can take GiBs; and once fit returns the weights may change."""
+        self._caches.clear()
+        self._cacheable.clear()
+
+    def label(self, loader: Any) -> str | None:
+        """Where `loader`'s activations are cut (the prefix's last module), if cached."""
+        cache = self._caches.get(id(loader))
+        return cache.cut.label if cache is not None else None
+
+    def batches(self, loader: Iterable[Any], backbone: Backbone, prefix_forward: PrefixForward,
+                device: torch.device) -> tuple[Iterable[Any], Forward]:
+        cache = self._cache_for(loader, backbone, prefix_forward, device)
+        if cache is None:
+            return loader, backbone
+        return cache.batches(loader), cache.suffix
+
+    def _cache_for(self, loader: Iterable[Any], backbone: Backbone,
+                   prefix_forward: PrefixForward, device: torch.device) -> ActivationCache | None:
+        """The filled cache for one of fit's loaders, or None where caching is not exact."""
+        if self.cut is None or id(loader) not in self._cacheable:
+            return None
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
+            return None
+        if self.mode == "auto" and not is_deterministic(loader.dataset):
+            return None
+        if id(loader) not in self._caches:
+            cache = ActivationCache(backbone, self.cut, memory_budget=self.memory_budget,
+                                    directory=self.directory)
+            try:
+                cache.fill(loader, prefix_forward, device)
+            except MemoryError as error:
+                if self.mode == "on":
+                    raise
+                warnings.warn(f"activation cache off: {error}", RuntimeWarning, stacklevel=4)
+                self._cacheable.discard(id(loader))
+                return None
+            self._caches[id(loader)] = cache
+        return self._caches[id(loader)]

@@ -43,8 +43,9 @@ class TrainConfig:
       it is faster for this model on this device; see `finetune.core.precision`).
     - `max_grad_norm`: clip the gradient norm of the trainable parameters; None does not clip.
     - `keep_freed_memory`: on the CPU with glibc, have malloc reuse freed memory instead of
-      returning it to the kernel every step (fewer page faults; see `finetune.core.memory`). It is
-      process-wide and keeps the process at its peak size.
+      returning it to the kernel every step (fewer page faults; see `finetune.core.memory`).
+      It is process-wide, so it holds for the length of `fit` only and is undone when fit
+      returns; `TrainState.malloc_tuned` reports it. `evaluate` alone never applies it.
     - `feature_cache`: run a frozen prefix once per image and train the rest on its stored
       activations (see `finetune.core.activation_cache`). "auto" caches when that is exact: the
       strategy freezes a prefix, the dataset is deterministic (no augmentation) and the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 
 # bf16 must beat fp32 by this factor to be chosen: a tie is not worth the lower precision.
 MIN_SPEEDUP = 1.15
-_CACHE: dict[tuple[str, str, tuple[int, ...], int], str] = {}
+_CACHE: dict[tuple[str, str, tuple[int, ...], bool], str] = {}
 
 
 @functools.cache
@@ -92,14 +93,16 @@ def resolve_precision(
     model: nn.Module,
     device: torch.device,
     sample_shape: tuple[int, ...],
-    name: str,
     channels_last: bool,
     probe_batch: int = 8,
+    probe: bool = True,
 ) -> str:
     """Turn "auto" into "fp32" or "bf16" for this model on this device.
 
     CUDA: bf16 when the GPU supports it. CPU: fp32 without native bf16; with it, a short timed
-    probe on a batch of `probe_batch` random images of `sample_shape` (C, H, W).
+    probe on a batch of `probe_batch` random images of `sample_shape` (C, H, W). The verdict is
+    kept per model structure (`model_signature`), device and input shape. `probe=False`
+    (evaluation) reuses a verdict but never times training steps: fp32 without one.
     """
     if requested != "auto":
         return requested
@@ -107,10 +110,22 @@ def resolve_precision(
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "fp32"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    key = (name, str(device), tuple(sample_shape), trainable)
+    key = (model_signature(model), str(device), tuple(sample_shape), channels_last)
+    if key not in _CACHE and not probe:
+        return "fp32"
     if key not in _CACHE:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
         _CACHE[key], _ = probe_precision(model, images, channels_last)
     return _CACHE[key]
+
+
+def model_signature(model: nn.Module) -> str:
+    """What makes two models time alike: their classes, parameter names, shapes and which
+    train — not their display name (two `Backbone.from_module(..., name="custom")` differ)."""
+    digest = hashlib.sha1()
+    for module_name, module in model.named_modules():
+        digest.update(f"{module_name}:{type(module).__qualname__};".encode())
+    for name, parameter in model.named_parameters():
+        digest.update(f"{name}{tuple(parameter.shape)}{parameter.requires_grad};".encode())
+    return digest.hexdigest()

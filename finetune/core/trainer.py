@@ -9,7 +9,6 @@ The loop is split into small methods (`_run_epoch`, `_train_step`, `_forward`,
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from finetune.core.activation_cache import ActivationCache, Cut, find_cut, is_deterministic
+from finetune.core.activation_cache import ActivationCaches
 from finetune.core.backbone import Backbone
 from finetune.core.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -33,55 +31,36 @@ from finetune.core.checkpoint import (
 )
 from finetune.core.config import TrainConfig
 from finetune.core.events import Callback, Event, callback_keys, dispatch
-from finetune.core.memory import keep_freed_memory
+from finetune.core.loops import (
+    LossSpec,
+    dataset_classes,
+    default_device,
+    epoch_seed,
+    loader_length,
+    make_loss,
+    reseed,
+    sample_shape,
+    seed_everything,
+    set_sampler_epoch,
+    split_batch,
+)
+from finetune.core.memory import keep_freed_memory, restore_malloc_defaults
 from finetune.core.metrics import EvaluationReport
+from finetune.core.optim import (
+    Optimization,
+    OptimizerSpec,
+    SchedulerSpec,
+    learning_rates,
+    step_scheduler,
+)
 from finetune.core.precision import autocast, resolve_precision, uses_convolutions
 from finetune.core.state import History, StepOutput, TrainState
 from finetune.core.strategies import FreezeStrategy
 from finetune.errors import DataError, FinetuneError
 
-_PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
-
-OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer] | None
-SchedulerSpec = Callable[[Optimizer], Any] | None
-LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
-
 
 class NonFiniteLossError(FinetuneError, FloatingPointError):
     """The loss became NaN or infinite; training cannot continue from these weights."""
-
-
-def _default_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{spec}' requested but CUDA is not available; use 'auto'.")
-    return torch.device(spec)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels) from a tuple/list batch, a dict batch, or bare images."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        images = batch.get("image", batch.get("images"))
-        labels = batch.get("label", batch.get("labels"))
-        if images is None:
-            raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}")
-        return images, labels
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise TypeError(f"cannot read images and labels from a batch of type {type(batch).__name__}")
 
 
 class Trainer:
@@ -113,29 +92,18 @@ class Trainer:
                 f"strategy must be a FreezeStrategy (got {type(strategy).__name__}); e.g. "
                 "finetune.build_strategy('last-layer')."
             )
-        if scheduler is not None and (not callable(scheduler) or isinstance(
-            scheduler, (torch.optim.lr_scheduler.LRScheduler, _PLATEAU))):
-            raise TypeError(
-                "scheduler must be a factory taking the optimizer, e.g. "
-                "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5): the Trainer "
-                "rebuilds the optimizer when the strategy changes, and a scheduler instance is "
-                "bound to one optimizer."
-            )
         self.backbone = backbone
         self.strategy = strategy
         self.config = config or TrainConfig()
         self.callbacks: list[Callback] = list(callbacks)
-        self._optimizer_spec = optimizer
-        self._scheduler_spec = scheduler
-        self.loss_fn = self._make_loss(loss)
+        self._optimization = Optimization(optimizer, scheduler)
+        self.loss_fn = make_loss(loss)
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
         self.state = TrainState()
         self._prepared = False
-        self._cut: Cut | None = None
-        self._caches: dict[int, ActivationCache] = {}
-        self._cacheable: set[int] = set()
+        self._activations = ActivationCaches("off", 0, None)  # configured by _prepare
         self._model_forward: Callable[[torch.Tensor], torch.Tensor] = backbone
 
     @property
@@ -153,15 +121,15 @@ class Trainer:
         config = self.config
         self._resolve_classes(train_loader)
         if config.seed is not None:
-            _seed_everything(config.seed)
+            seed_everything(config.seed)
         checkpoint = load_checkpoint(resume) if resume is not None else None
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
-                                batches_per_epoch=_length(train_loader))
+                                batches_per_epoch=loader_length(train_loader))
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, self.strategy, resume)
-        self._cacheable = {id(train_loader), id(val_loader)} - {id(None)}
+        self._activations.allow(train_loader, val_loader)
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -171,11 +139,11 @@ class Trainer:
                 self.state.epoch = epoch
                 if epoch != configured_epoch and self.strategy.changes_at(epoch):
                     self.state.freeze_report = self.strategy.apply(self.backbone, epoch)
-                    self._plan_cache()
+                    self._activations.plan(self.backbone)
                     self._configure_optimizer(epoch, previous=self.optimizer)
                 if config.seed is not None:
-                    self._reseed(_epoch_seed(config.seed, epoch), train_loader)
-                _set_sampler_epoch(train_loader, epoch)
+                    reseed(epoch_seed(config.seed, epoch), train_loader)
+                set_sampler_epoch(train_loader, epoch)
                 dispatch(self.callbacks, Event.EPOCH_START, self, epoch=epoch)
                 started = time.perf_counter()
                 metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
@@ -183,8 +151,8 @@ class Trainer:
                     report = self.state.val_report = self._evaluate(val_loader)
                     metrics.update(self._report_metrics(report))
                     dispatch(self.callbacks, Event.VALIDATION_END, self, report=report)
-                metrics.update(self._learning_rates())
-                self._step_scheduler(metrics)
+                metrics.update(learning_rates(self._require_optimizer()))
+                step_scheduler(self.scheduler, metrics)
                 metrics["epoch_seconds"] = time.perf_counter() - started
                 self.history.records.append(metrics)
                 dispatch(self.callbacks, Event.EPOCH_END, self, metrics=metrics)
@@ -196,9 +164,10 @@ class Trainer:
             self._notify_exception(error)
             raise
         finally:  # activations can take GiBs; and after fit the weights may change
-            self._caches.clear()
-            self._cacheable.clear()
+            self._activations.release()
             self._model_forward = self.backbone
+            if self.state.malloc_tuned:  # process-wide: scoped to this fit
+                restore_malloc_defaults()
         return self.history
 
     def evaluate(self, loader: Iterable[Any]) -> EvaluationReport:
@@ -240,7 +209,7 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _resolve_classes(self, loader: Iterable[Any]) -> None:
         if self.classes is None:
-            names = _dataset_classes(loader)
+            names = dataset_classes(loader)
             if names is not None and len(names) != self.backbone.num_classes:
                 raise DataError(
                     f"the data has {len(names)} classes ({', '.join(map(str, names[:5]))}"
@@ -257,13 +226,14 @@ class Trainer:
                 f"{len(self.classes)} class names for a {self.backbone.num_classes}-class head"
             )
 
-    def _prepare(self, epoch: int, loader: Iterable[Any]) -> None:
+    def _prepare(self, epoch: int, loader: Iterable[Any], training: bool = True) -> None:
         """Device, strategy, memory format and precision (probed with the strategy applied,
-        since what is frozen changes what bf16 saves)."""
+        since what is frozen changes what bf16 saves). Evaluation alone (`training=False`)
+        neither tunes malloc nor runs the training-speed probe."""
         config, state = self.config, self.state
-        state.device = _default_device(config.device)
-        if config.keep_freed_memory and state.device.type == "cpu":
-            keep_freed_memory()
+        state.device = default_device(config.device)
+        if training and config.keep_freed_memory and state.device.type == "cpu":
+            state.malloc_tuned = keep_freed_memory()
         model = self.backbone.model
         state.channels_last = (uses_convolutions(model) if config.channels_last == "auto"
                                else bool(config.channels_last))
@@ -272,46 +242,15 @@ class Trainer:
         state.freeze_report = self.strategy.apply(self.backbone, epoch)
         crop = self.backbone.preprocessing.crop_size
         state.precision = resolve_precision(
-            config.precision, self.backbone, state.device, self._sample_shape(loader, crop),
-            name=self.backbone.name, channels_last=state.channels_last,
+            config.precision, self.backbone, state.device, sample_shape(loader, crop),
+            channels_last=state.channels_last, probe=training,
         )
-        self._caches.clear()
-        self._plan_cache()
+        self._activations = ActivationCaches(
+            config.feature_cache, int(config.cache_memory_gb * 2**30), config.cache_dir)
+        self._activations.plan(self.backbone)
         self._prepared = True
 
     # -- frozen-prefix activation cache -------------------------------------------------------
-    def _plan_cache(self) -> None:
-        """Find the cacheable prefix for what the strategy now freezes; drop stale caches."""
-        cut = None if self.config.feature_cache == "off" else find_cut(self.backbone)
-        if cut != self._cut:
-            self._caches.clear()
-        self._cut = cut
-
-    def _feature_cache(self, loader: Iterable[Any]) -> ActivationCache | None:
-        """The filled cache for one of fit's loaders, or None where caching is not exact."""
-        if self._cut is None or id(loader) not in self._cacheable:
-            return None
-        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
-            return None
-        if self.config.feature_cache == "auto" and not is_deterministic(loader.dataset):
-            return None
-        if id(loader) not in self._caches:
-            cache = ActivationCache(
-                self.backbone, self._cut,
-                memory_budget=int(self.config.cache_memory_gb * 2**30),
-                directory=self.config.cache_dir,
-            )
-            try:
-                cache.fill(loader, self._prefix_forward, self.state.device)
-            except MemoryError as error:
-                if self.config.feature_cache == "on":
-                    raise
-                warnings.warn(f"activation cache off: {error}", RuntimeWarning, stacklevel=3)
-                self._cacheable.discard(id(loader))
-                return None
-            self._caches[id(loader)] = cache
-        return self._caches[id(loader)]
-
     def _prefix_forward(self, prefix: Callable[[torch.Tensor], torch.Tensor],
                         images: torch.Tensor) -> torch.Tensor:
         if self.state.channels_last and images.dim() == 4:
@@ -322,71 +261,19 @@ class Trainer:
     def _batches(self, loader: Iterable[Any]) -> Iterable[Any]:
         """The loader's batches, or the same batches as cached activations (the model's
         forward then runs only the suffix)."""
-        cache = self._feature_cache(loader)
-        self._model_forward = self.backbone if cache is None else cache.suffix
-        return loader if cache is None else cache.batches(loader)
+        batches, self._model_forward = self._activations.batches(
+            loader, self.backbone, self._prefix_forward, self.state.device)
+        return batches
 
     def _ensure_ready(self, loader: Iterable[Any]) -> None:
         if not self._prepared:
             self._resolve_classes(loader)
-            self._prepare(0, loader)
-
-    @staticmethod
-    def _sample_shape(loader: Iterable[Any], crop: int) -> tuple[int, ...]:
-        dataset = getattr(loader, "dataset", None)
-        try:
-            images, _ = _split_batch(dataset[0])  # type: ignore[index]
-            return tuple(images.shape)
-        except Exception:
-            return (3, crop, crop)
-
-    def _make_loss(self, loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        if loss is None:
-            return nn.CrossEntropyLoss()
-        if isinstance(loss, type):
-            return loss()
-        if not callable(loss):
-            raise TypeError(f"loss must be a module, a module class or a function, not {loss!r}")
-        return loss
-
-    def _make_optimizer(self, groups: list[dict[str, Any]]) -> Optimizer:
-        spec = self._optimizer_spec
-        if spec is None:
-            return torch.optim.Adam(groups, lr=self.config.lr,
-                                    weight_decay=self.config.weight_decay)
-        if isinstance(spec, Optimizer):
-            return type(spec)(groups, **spec.defaults)
-        return spec(groups)
+            self._prepare(0, loader, training=False)
 
     def _configure_optimizer(self, epoch: int, previous: Optimizer | None) -> None:
-        """Build the optimizer from the strategy's groups for `epoch`, carrying per-parameter
-        state (e.g. Adam moments) over for parameters that still train — and none for the
-        rest — then rebuild the scheduler and bring it to `epoch`."""
         groups = self.strategy.param_groups(self.backbone, self.config.lr, epoch)
-        if not groups:
-            raise ValueError(
-                f"{self.strategy.describe()} leaves nothing trainable at epoch {epoch}; "
-                "there is nothing to optimise."
-            )
-        optimizer = self._make_optimizer(groups)
-        held = [p for g in optimizer.param_groups for p in g["params"]]
-        frozen = sum(1 for p in held if not p.requires_grad)
-        if frozen:
-            raise ValueError(f"the optimizer factory added {frozen} frozen parameters; build "
-                             "the optimizer from the param groups it is given.")
-        if previous is not None:
-            for parameter in held:
-                if parameter in previous.state:
-                    optimizer.state[parameter] = previous.state[parameter]
-        self.optimizer = optimizer
-        self.scheduler = None
-        if self._scheduler_spec is not None:
-            self.scheduler = self._scheduler_spec(optimizer)
-            if not _is_plateau(self.scheduler):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    for _ in range(epoch):
-                        self.scheduler.step()
+        self.optimizer, self.scheduler = self._optimization.build(
+            groups, epoch, self.config, self.strategy.describe(), previous)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.backbone.model.load_state_dict(checkpoint["model"])
@@ -402,15 +289,6 @@ class Trainer:
                 callback.load_state_dict(saved[key])
         set_rng_state(checkpoint["rng"])
 
-    def _reseed(self, seed: int, loader: Iterable[Any]) -> None:
-        """Seed every RNG from (seed, epoch): shuffling, dropout and augmentation of an epoch
-        then do not depend on what ran before it, so a resumed run matches a straight one."""
-        _seed_everything(seed)
-        for generator in (getattr(loader, "generator", None),
-                          getattr(getattr(loader, "sampler", None), "generator", None)):
-            if isinstance(generator, torch.Generator):
-                generator.manual_seed(seed)
-
     # -- the loop -----------------------------------------------------------------------------
     def _run_epoch(self, loader: Iterable[Any]) -> dict[str, float]:
         """One training pass; its metrics include `train_seconds` (filling an activation cache
@@ -419,8 +297,7 @@ class Trainer:
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
         batches = self._batches(loader)
-        cache = self._caches.get(id(loader))
-        self.state.cached_prefix = cache.cut.label if cache is not None else None
+        self.state.cached_prefix = self._activations.label(loader)
         for index, batch in enumerate(batches):
             self.state.batch = index
             outputs = self._train_step(batch)
@@ -461,7 +338,7 @@ class Trainer:
             return self._model_forward(images)
 
     def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        images, labels = _split_batch(batch)
+        images, labels = split_batch(batch)
         device = self.state.device
         images = images.to(device, non_blocking=True)
         if self.state.channels_last and images.dim() == 4:
@@ -508,23 +385,6 @@ class Trainer:
         return {"val_loss": float(report.loss or 0.0), "val_accuracy": report.accuracy,
                 "val_macro_f1": report.macro_f1}
 
-    def _learning_rates(self) -> dict[str, float]:
-        rates, seen = {}, {}
-        for group in self._require_optimizer().param_groups:
-            name = str(group.get("name", "group"))
-            seen[name] = seen.get(name, 0) + 1
-            key = f"lr/{name}" if seen[name] == 1 else f"lr/{name}#{seen[name]}"
-            rates[key] = float(group["lr"])
-        return rates
-
-    def _step_scheduler(self, metrics: dict[str, float]) -> None:
-        if self.scheduler is None:
-            return
-        if _is_plateau(self.scheduler):
-            self.scheduler.step(metrics.get("val_loss", metrics["train_loss"]))
-        else:
-            self.scheduler.step()
-
     def _notify_exception(self, error: BaseException) -> None:
         for callback in self.callbacks:
             try:
@@ -532,28 +392,3 @@ class Trainer:
             except Exception as inner:  # the original error matters more
                 warnings.warn(f"{type(callback).__name__}.on_exception failed: {inner}",
                               RuntimeWarning, stacklevel=2)
-
-
-def _length(loader: Iterable[Any]) -> int | None:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _dataset_classes(loader: Iterable[Any]) -> list[Any] | None:
-    """Class names a loader's dataset declares (ImageFolder, finetune.data), if any."""
-    names = getattr(getattr(loader, "dataset", None), "classes", None)
-    return list(names) if names is not None else None
-
-
-def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
-    """Tell an epoch-aware sampler (DistributedSampler, finetune.data's SeededShuffle) which
-    epoch runs, so its order depends on the epoch number alone — also after a resume."""
-    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(epoch)
-
-
-def _is_plateau(scheduler: Any) -> bool:
-    return isinstance(scheduler, _PLATEAU)
