@@ -121,8 +121,8 @@ def fed_training(root: Path, cache: Path, args: argparse.Namespace) -> list[str]
         rows.append(f"{name:<10} fixed batch           : {synthetic:7.1f} images/s")
         print(rows[-1], flush=True)
         for workers in args.workers:
-            data = ImageFolderData(root, backbone=model, pre_resize=True, cache_dir=cache,
-                                   num_workers=workers, batch_size=args.batch,
+            data = ImageFolderData(root, preprocessing=model.preprocessing, pre_resize=True,
+                                   cache_dir=cache, num_workers=workers, batch_size=args.batch,
                                    image_size=args.size, val_split=0.0, progress=False)
             rate = training_rate(model, batches(data), args.steps)
             rows.append(f"{name:<10} fed, workers={workers}       : {rate:7.1f} images/s"

@@ -32,8 +32,7 @@ from finetune.core.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy, parse_strategy
 from finetune.core.trainer import Trainer
 from finetune.core.zoo import build_backbone, check_backbone_name, is_import_path
-from finetune.data import DATA_ENV, ImageFolderData, find_tree, resolve_data_root
-from finetune.data.images import list_classes
+from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import ArchitectureError, CheckpointError, DataError, FinetuneError
 
@@ -187,14 +186,15 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
 
 # -- commands ---------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
-    root = resolve_data_root(args.data)
-    # Built before the data so its preprocessing (mean/std, resize) drives the loaders.
-    probe_classes = _count_classes(root)
-    backbone = build_backbone(args.backbone, probe_classes, args.weights)
+    # The tree first (the head's size), then the backbone, whose preprocessing the loaders use.
+    splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
+                              split_seed=args.seed, train_per_class=args.train_per_class,
+                              progress=False)
+    backbone = build_backbone(args.backbone, len(splits.classes), args.weights)
     data = ImageFolderData(
-        root, val_split=args.val_split, seed=args.seed, batch_size=args.batch_size,
-        data_augmentation=args.augment, backbone=backbone, image_size=args.image_size,
-        num_workers=args.workers, train_per_class=args.train_per_class, progress=False,
+        splits, seed=args.seed, batch_size=args.batch_size, data_augmentation=args.augment,
+        preprocessing=backbone.preprocessing, image_size=args.image_size,
+        num_workers=args.workers,
     )
     print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
           f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
@@ -224,13 +224,6 @@ def run_train(args: argparse.Namespace) -> int:
     report = trainer.evaluate(data.test_loader())
     print(f"test set (weights after the last epoch):\n{report.table()}")
     return 0
-
-
-def _count_classes(root: Path) -> int:
-    # The head's size must be known before the backbone, which must exist before the data
-    # (for its preprocessing): count the class folders the way ImageFolderData will.
-    _, train_folder, _ = find_tree(root)
-    return len(list_classes(train_folder))
 
 
 def _run_record(args: argparse.Namespace, backbone: Backbone, data: ImageFolderData,

@@ -210,7 +210,8 @@ def test_image_folder_loaders_are_cached_only_without_augmentation(
 
     root = make_tree(tmp_path / "tree", n_train=4, n_test=1)
     backbone = Backbone.from_torchvision("resnet18", 3, weights=None)
-    data = ImageFolderData(root, backbone=backbone, image_size=32, batch_size=4, val_split=0.25,
+    data = ImageFolderData(root, preprocessing=backbone.preprocessing, image_size=32,
+                           batch_size=4, val_split=0.25,
                            data_augmentation=augment, num_workers=0, progress=False)
     trainer = Trainer(backbone, LastLayerOnly(), TrainConfig(epochs=2, precision="fp32"))
     history = trainer.fit(data.train_loader(), data.val_loader())

@@ -68,7 +68,8 @@ def test_train_then_evaluate_round_trip(tree, tmp_path, capsys):
     model = Backbone.efficientnet_lite0(3, pretrained=False)
     model.model.load_state_dict(load_checkpoint(runs / "best.pt")["model"])
     model.eval()
-    data = ImageFolderData(tree, backbone=model, image_size=32, num_workers=0, progress=False)
+    data = ImageFolderData(tree, preprocessing=model.preprocessing, image_size=32, num_workers=0,
+                           progress=False)
     with torch.no_grad():
         pairs = [(model(x).argmax(1), y) for x, y in data.test_loader()]
     predicted, labels = torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])

@@ -176,15 +176,15 @@ def test_failed_strategy_keeps_finished_rows_and_resume_skips_them(
     factory = Factory()
     resumed = argv(tree, tmp_path, "--strategies", "last-layer,bitfit,full-unfreeze", "--resume")
     assert compare.main(resumed, backbone_factory=factory) == 0
-    assert len(factory.calls) == 2  # the preprocessing probe and full-unfreeze only
+    assert factory.calls == [("tiny", 3, True)]  # full-unfreeze only: no backbone probe
     assert "last-layer seed 0: already in" in capsys.readouterr().out
     rows = read_results(tmp_path)["rows"]
     assert [r["strategy"] for r in rows] == ["last-layer", "bitfit", "full-unfreeze"]
 
 
 def test_ctrl_c_keeps_finished_rows(tree: Path, tmp_path: Path) -> None:
-    # Calls: 1 = preprocessing probe, 2 = last-layer, 3 = bitfit (interrupted).
-    factory = Factory(fail_on_call=3, error=KeyboardInterrupt())
+    # Calls: 1 = last-layer, 2 = bitfit (interrupted).
+    factory = Factory(fail_on_call=2, error=KeyboardInterrupt())
     args = argv(tree, tmp_path, "--strategies", "last-layer,bitfit")
     assert compare.main(args, backbone_factory=factory) == 130
     assert [r["strategy"] for r in read_results(tmp_path)["rows"]] == ["last-layer"]

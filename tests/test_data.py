@@ -17,6 +17,7 @@ from finetune.core.backbone import LITE0_PREPROCESSING
 from finetune.data import (
     EvalTransform,
     ImageFolderData,
+    ImageSplits,
     TrainTransform,
     load_rgb,
     stratified_split,
@@ -61,6 +62,31 @@ def data(root: Path, **kwargs) -> ImageFolderData:
 
 
 # -- splitting ----------------------------------------------------------------------------------
+def test_split_seed_and_shuffle_seed_are_separate(tree: Path) -> None:
+    def order(loader: torch.utils.data.DataLoader) -> list[int]:
+        return [index for index, _ in loader.sampler]
+
+    base = data(tree, val_split=0.3, seed=1)
+    reshuffled = data(tree, val_split=0.3, split_seed=1, shuffle_seed=7)
+    assert reshuffled.val_samples == base.val_samples and reshuffled.split_seed == 1
+    assert order(reshuffled.train_loader()) != order(base.train_loader())
+    assert order(base.train_loader(shuffle_seed=7)) == order(reshuffled.train_loader())
+    assert base.shuffle_seed == base.seed == 1  # train_loader(shuffle_seed=) changed nothing
+    resplit = data(tree, val_split=0.3, split_seed=2, shuffle_seed=1)
+    assert resplit.val_samples != base.val_samples
+    assert order(resplit.train_loader()) == order(base.train_loader())  # same size and seed
+
+
+def test_a_scanned_split_serves_loaders_for_any_preprocessing(tree: Path) -> None:
+    splits = ImageSplits.scan(tree, val_split=0.3, split_seed=1, progress=False)
+    assert splits.classes == ("cat", "dog", "owl") and len(splits.val) == 9
+    lite = ImageFolderData(splits, preprocessing=LITE0_PREPROCESSING, num_workers=0)
+    imagenet = ImageFolderData(splits, num_workers=0)
+    assert lite.val_samples == imagenet.val_samples == data(tree, val_split=0.3,
+                                                             seed=1).val_samples
+    assert lite.preprocessing.mean == (0.5, 0.5, 0.5) != imagenet.preprocessing.mean
+
+
 def test_split_is_stratified_seeded_and_disjoint(tree: Path) -> None:
     a, b = data(tree, val_split=0.3, seed=1), data(tree, val_split=0.3, seed=1)
     assert a.classes == ["cat", "dog", "owl"]
@@ -118,9 +144,12 @@ def test_backbone_preprocessing_is_wired_through(tmp_path: Path) -> None:
                 path = root / split / name / f"{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (40, 40), (255, 255, 255)).save(path)
-    lite = types.SimpleNamespace(preprocessing=LITE0_PREPROCESSING)
-    images, _ = next(iter(data(root, backbone=lite).test_loader()))
+    images, _ = next(iter(data(root, preprocessing=LITE0_PREPROCESSING).test_loader()))
     assert torch.allclose(images, torch.ones_like(images))  # (1 - 0.5) / 0.5
+    lite = types.SimpleNamespace(preprocessing=LITE0_PREPROCESSING)  # anything with one
+    with pytest.warns(DeprecationWarning, match="preprocessing=backbone.preprocessing"):
+        old = data(root, backbone=lite)
+    assert old.preprocessing == data(root, preprocessing=LITE0_PREPROCESSING).preprocessing
     images, _ = next(iter(data(root).test_loader()))  # ImageNet mean/std by default
     expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(images[0, :, 0, 0], expected, atol=1e-5)
@@ -354,22 +383,22 @@ def test_pre_resize_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with pytest.warns(UserWarning, match="broken.jpg"):
         d = data(tree, pre_resize=True, cache_dir=cache, val_split=0.0, batch_size=16)
-    assert d.cache is not None and d.cache.is_relative_to(cache)
+    assert d.resized_copy is not None and d.resized_copy.is_relative_to(cache)
     cached = [p for p, _ in d.train_samples + d.test_samples]
-    assert all(p.is_relative_to(d.cache) for p in cached)
+    assert all(p.is_relative_to(d.resized_copy) for p in cached)
     assert {min(Image.open(p).size) for p in cached} == {256}
-    assert (d.cache / "train" / "dog" / "alpha.png.jpg").is_file()
+    assert (d.resized_copy / "train" / "dog" / "alpha.png.jpg").is_file()
     assert [p for p, _ in d.skipped] == [bad]
     images, _ = next(iter(d.train_loader()))
     assert images.shape == (7, 3, 32, 32)
     stamps = {p: p.stat().st_mtime_ns for p in cached}
     with pytest.warns(UserWarning, match="broken.jpg"):
         again = data(tree, pre_resize=True, cache_dir=cache, val_split=0.0)
-    assert again.cache == d.cache
+    assert again.resized_copy == d.resized_copy
     assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not rebuilt
     with pytest.warns(UserWarning):
         other = data(tree, pre_resize=300, cache_dir=cache, val_split=0.0)
-    assert other.cache != d.cache  # keyed by the settings
+    assert other.resized_copy != d.resized_copy  # keyed by the settings
 
 
 # -- the real photos ----------------------------------------------------------------------------

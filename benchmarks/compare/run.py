@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from benchmarks.compare.settings import (
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.core.zoo import build_backbone
-from finetune.data import INaturalist12K, default_cache_root
+from finetune.data import ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError
 
@@ -68,25 +67,32 @@ def resolve_data(data: str | None) -> Path:
         ) from None
 
 
-def build_data(settings: Settings, root: Path, backbone: Backbone) -> ImageFolderData:
+def scan_data(settings: Settings, root: Path) -> ImageSplits:
     """One split for every strategy and seed (split seed 0); the test set is the tree's
     test/ or val/ folder, and val is carved out of train."""
-    return ImageFolderData(
-        root, val_split=settings.val_split, seed=0, batch_size=settings.batch_size,
-        backbone=backbone, image_size=settings.image_size, num_workers=settings.workers,
-        train_per_class=settings.train_per_class, pre_resize=settings.pre_resize,
+    return ImageSplits.scan(
+        root, val_split=settings.val_split, split_seed=0,
+        train_per_class=settings.train_per_class, pre_resize=256 if settings.pre_resize else None,
         progress=sys.stderr.isatty(),
     )
 
 
+def loaders_for(splits: ImageSplits, settings: Settings, backbone: Backbone) -> ImageFolderData:
+    """Loaders over the shared split, decoding as this run's backbone expects."""
+    return ImageFolderData(splits, batch_size=settings.batch_size,
+                           preprocessing=backbone.preprocessing,
+                           image_size=settings.image_size, num_workers=settings.workers)
+
+
 # -- one run ------------------------------------------------------------------------------------
-def run_one(spec: str, seed: int, settings: Settings, data: ImageFolderData,
+def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
             backbone_factory: BackboneFactory, output: Path) -> dict[str, Any]:
     """Train `spec` with `seed` on the shared split; return its results row."""
     run = parse_run(spec)
     strategy, pretrained = run.strategy, run.pretrained
     torch.manual_seed(seed)  # the new head (and from-scratch weights) depend on the seed
-    backbone = backbone_factory(settings.backbone, len(data.classes), pretrained)
+    backbone = backbone_factory(settings.backbone, len(splits.classes), pretrained)
+    data = loaders_for(splits, settings, backbone)
     config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
                          precision=settings.precision, device=settings.device)
     callbacks: list[Callback] = []
@@ -97,12 +103,11 @@ def run_one(spec: str, seed: int, settings: Settings, data: ImageFolderData,
             project=settings.wandb_project, name=f"{spec} seed{seed}",
             group=settings.wandb_group, config={"compare": settings.to_dict()}, dir=str(output)))
     trainer = Trainer(backbone, strategy, config, callbacks, classes=data.classes)
-    shuffled = copy.copy(data)  # same split; the shuffle and augmentation follow the run seed
-    shuffled.seed = seed
     with PeakMemory(torch.device("cuda") if (settings.device != "cpu"
                                              and torch.cuda.is_available())
                     else torch.device("cpu")) as memory:
-        history = trainer.fit(shuffled.train_loader(), data.val_loader())
+        # Same split for every run; the shuffle and augmentation follow the run's seed.
+        history = trainer.fit(data.train_loader(shuffle_seed=seed), data.val_loader())
         test = trainer.evaluate(data.test_loader())
     freeze = trainer.state.freeze_report
     assert freeze is not None  # fit() always applies the strategy
@@ -142,10 +147,9 @@ def main(argv: Sequence[str] | None = None,
     rows = load_previous(output, settings) if args.resume else []
     for key, value in settings.to_dict().items():
         print(f"{key:>16}: {value}")
-    probe = backbone_factory(settings.backbone, 2, True)  # for its preprocessing only
-    data = build_data(settings, Path(settings.data), probe)
-    print(f"{'split':>16}: {len(data.classes)} classes · {len(data.train_samples)} train · "
-          f"{len(data.val_samples)} val · {len(data.test_samples)} test images")
+    splits = scan_data(settings, Path(settings.data))
+    print(f"{'split':>16}: {len(splits.classes)} classes · {len(splits.train)} train · "
+          f"{len(splits.val)} val · {len(splits.test)} test images")
     on_sample = Path(settings.data) == SAMPLE_ROOT.resolve()
     if on_sample:
         print(f"{'':>16}  the packaged sample (UC Merced Land Use, public domain). {OTHER_DATA}")
@@ -158,9 +162,9 @@ def main(argv: Sequence[str] | None = None,
             print(f"{tag}: already in {output / 'results.json'}, skipped (--resume)")
             continue
         try:
-            row = run_one(spec, seed, settings, data, backbone_factory, output)
+            row = run_one(spec, seed, settings, splits, backbone_factory, output)
         except KeyboardInterrupt:
-            write_outputs(output, settings, data.classes, rows, failed)
+            write_outputs(output, settings, splits.classes, rows, failed)
             print(f"{tag}: interrupted; {len(rows)} finished runs kept in {output}. Continue "
                   "with the same command plus --resume.", file=sys.stderr)
             return 130
@@ -168,20 +172,20 @@ def main(argv: Sequence[str] | None = None,
             traceback.print_exc()
             failed.append({"strategy": spec, "seed": seed, "error": repr(error)})
             print(f"{tag}: FAILED ({error}); continuing with the others", file=sys.stderr)
-            write_outputs(output, settings, data.classes, rows, failed, draw=False)
+            write_outputs(output, settings, splits.classes, rows, failed, draw=False)
             continue
         rows.append(row)
-        write_outputs(output, settings, data.classes, rows, failed, draw=False)
+        write_outputs(output, settings, splits.classes, rows, failed, draw=False)
         print(f"{tag}: val {100 * row['val_accuracy']:.1f}% · test "
               f"{100 * row['test_accuracy']:.1f}% · {row['seconds_per_epoch']:.1f} s/epoch · "
               f"{row['images_per_second']:.1f} img/s · peak +{row['peak_memory_mib']:.0f} MiB · "
               f"{row['trainable_params']:,} trainable ({row['trainable_pct']:.1f}%) · "
               f"{row['precision']}", flush=True)
-    print("\n" + write_outputs(output, settings, data.classes, rows, failed))
+    print("\n" + write_outputs(output, settings, splits.classes, rows, failed))
     print(f"\nresults in {output}/ (results.json, results.csv, results.md, per_class.*, *.png)")
     if on_sample:
-        print(f"That was the packaged sample: {len(data.test_samples)} test images, so one "
-              f"image moves accuracy by {100 / len(data.test_samples):.2g} points. {OTHER_DATA}")
+        print(f"That was the packaged sample: {len(splits.test)} test images, so one "
+              f"image moves accuracy by {100 / len(splits.test):.2g} points. {OTHER_DATA}")
     if failed:
         print(f"{len(failed)} run(s) failed: {[f['strategy'] for f in failed]}", file=sys.stderr)
     return 1 if failed else 0

@@ -2,15 +2,11 @@
 split, augment, load."""
 
 from finetune.data.datasets import (
-    DATA_ENV,
     DataSummary,
     ImageDataset,
     ImageFolderData,
     SeededShuffle,
     default_num_workers,
-    find_tree,
-    resolve_data_root,
-    stratified_split,
 )
 from finetune.data.download import INaturalist12K, download_file, safe_extract, verify_file
 from finetune.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
@@ -18,6 +14,13 @@ from finetune.data.preprocessing import Preprocessing, preprocessing_from_weight
 from finetune.data.resized import default_cache_root, resize_tree
 from finetune.data.sample import sample_dataset
 from finetune.data.transforms import EvalTransform, TrainTransform
+from finetune.data.tree import (
+    DATA_ENV,
+    ImageSplits,
+    find_tree,
+    resolve_data_root,
+    stratified_split,
+)
 
 __all__ = [
     "DATA_ENV",
@@ -27,6 +30,7 @@ __all__ = [
     "INaturalist12K",
     "ImageDataset",
     "ImageFolderData",
+    "ImageSplits",
     "Preprocessing",
     "SeededShuffle",
     "TrainTransform",
