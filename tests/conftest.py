@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CPU backbone with real groups and BatchNorm, and random data."""
+"""Shared fixtures and helpers: a tiny CPU backbone with real groups and BatchNorm, random
+batches and loaders, small image trees on disk, and running the CLI in-process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.core.backbone import Backbone
 from finetune.data.preprocessing import Preprocessing
@@ -81,3 +84,69 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real images not present at {SHARED_DATA} (see shared/data/README.md)")
     return SHARED_DATA
+
+
+# -- helpers shared by several test modules ------------------------------------------------------
+TINY = "tests.conftest:make_tiny_backbone"
+FAST = ["--workers", "0", "--precision", "fp32"]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """main(argv) → (exit code, stdout, stderr), whether it returns or exits."""
+    from finetune.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make_loader(n: int = 32, seed: int = 0, shuffle: bool = True, num_classes: int = 3
+                ) -> DataLoader:
+    """Random images whose class shifts the mean, so a model can learn something."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    images = torch.randn(n, 3, 32, 32, generator=generator) + labels.view(-1, 1, 1, 1) * 0.5
+    return DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(123) if shuffle else None)
+
+
+def make_tree(root: Path, classes: int = 3, n_train: int = 5, n_test: int = 2,
+              size: int = 24) -> Path:
+    """`root/train/<class>/` and `root/val/<class>/`, each class a distinct flat colour with a
+    little texture, so a model can separate them."""
+    for split, count in (("train", n_train), ("val", n_test)):
+        for c in range(classes):
+            colour = ((67 * c) % 256, (255 - 41 * c) % 256, (113 * c + 40) % 256)
+            for i in range(count):
+                image = Image.new("RGB", (size, size), colour)
+                image.putpixel((i % size, (3 * i) % size), (255, 255, 255))
+                path = root / split / f"class{c}" / f"img{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path)
+    return root
+
+
+COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "owl": (30, 30, 200)}
+
+
+def write_image(path: Path, colour=(128, 128, 128), size=(48, 40), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, colour)
+    # a little texture so crops and flips change pixels
+    for x in range(0, size[0], 7):
+        image.putpixel((x, x % size[1]), (255, 255, 255))
+    image.convert(mode).save(path)
+    return path
+
+
+def make_named_tree(root: Path, n_train: int = 10, n_test: int = 3, size=(48, 40),
+                    classes=("cat", "dog", "owl")) -> Path:
+    """`root/train/<name>/` and `root/val/<name>/` of textured flat-colour images."""
+    for split, count in (("train", n_train), ("val", n_test)):
+        for name in classes:
+            for i in range(count):
+                write_image(root / split / name / f"{name}{i:03d}.jpg", COLOURS[name], size)
+    return root

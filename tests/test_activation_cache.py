@@ -206,7 +206,7 @@ def test_image_folder_loaders_are_cached_only_without_augmentation(
     tmp_path: Path, augment: bool
 ) -> None:
     from finetune import ImageFolderData
-    from tests.test_data import make_tree
+    from tests.conftest import make_named_tree as make_tree
 
     root = make_tree(tmp_path / "tree", n_train=4, n_test=1)
     backbone = Backbone.from_torchvision("resnet18", 3, weights=None)

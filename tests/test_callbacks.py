@@ -34,8 +34,7 @@ from finetune.core.config import TrainConfig
 from finetune.core.strategies import LastLayerOnly
 from finetune.core.trainer import NonFiniteLossError, Trainer, TrainState
 from finetune.errors import CheckpointError
-from tests.conftest import make_tiny_backbone
-from tests.test_trainer import make_loader
+from tests.conftest import make_loader, make_tiny_backbone
 
 CONFIG = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")
 CLASSES = ["ant", "bee", "wasp"]

@@ -13,32 +13,19 @@ import pytest
 import torch
 
 from finetune.callbacks import load_checkpoint
-from finetune.cli import main, strategy_argument
+from finetune.cli import strategy_argument
 from finetune.core.backbone import Backbone
 from finetune.core.strategies import PRESETS, STRATEGIES, FreezeFraction, GradualUnfreeze
 from finetune.data import ImageFolderData
-from tests.test_functional import make_tree
+from tests.conftest import FAST, TINY, make_tree
+from tests.conftest import run_cli as run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["class0", "class1", "class2"]
 ROW = re.compile(r"^(class\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", re.M)
-TINY = "tests.conftest:make_tiny_backbone"
-FAST = ["--workers", "0", "--precision", "fp32"]
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "data", classes=3, n_train=4, n_test=2, size=40)
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """main(argv) → (exit code, stdout, stderr), whether it returns or exits."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_then_evaluate_round_trip(tree, tmp_path, capsys):

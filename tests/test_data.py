@@ -24,30 +24,10 @@ from finetune.data import (
 )
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
+from tests.conftest import COLOURS, write_image
+from tests.conftest import make_named_tree as make_tree
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "owl": (30, 30, 200)}
-
-
-def write_image(path: Path, colour=(128, 128, 128), size=(48, 40), mode="RGB") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", size, colour)
-    # a little texture so crops and flips change pixels
-    for x in range(0, size[0], 7):
-        image.putpixel((x, x % size[1]), (255, 255, 255))
-    image.convert(mode).save(path)
-    return path
-
-
-def make_tree(root: Path, n_train: int = 10, n_test: int = 3, size=(48, 40),
-              classes=("cat", "dog", "owl")) -> Path:
-    for split, count in (("train", n_train), ("val", n_test)):
-        for name in classes:
-            for i in range(count):
-                write_image(root / split / name / f"{name}{i:03d}.jpg", COLOURS[name], size)
-    return root
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "data")

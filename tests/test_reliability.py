@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from finetune import Backbone, FreezeFraction, FreezeStrategy, LastLayerOnly, TrainConfig, Trainer
 from finetune.core.zoo import build_backbone
 from finetune.errors import ArchitectureError
-from tests.test_cli import FAST, TINY, run
-from tests.test_functional import make_tree
+from tests.conftest import FAST, TINY, make_tree
+from tests.conftest import run_cli as run
 
 HOSTILE = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\ndef make(n):\n    pass\n"
 

@@ -11,7 +11,6 @@ import attrs
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone
 from finetune.callbacks import Callback, Checkpoint
@@ -20,19 +19,9 @@ from finetune.core.config import TrainConfig
 from finetune.core.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
 from finetune.core.trainer import NonFiniteLossError, Trainer
 from finetune.errors import CheckpointError
-from tests.conftest import make_tiny_backbone
+from tests.conftest import make_loader, make_tiny_backbone
 
 FP32 = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")
-
-
-def make_loader(n: int = 32, seed: int = 0, shuffle: bool = True, num_classes: int = 3
-                ) -> DataLoader:
-    """Random images whose class shifts the mean, so a model can learn something."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, (n,), generator=generator)
-    images = torch.randn(n, 3, 32, 32, generator=generator) + labels.view(-1, 1, 1, 1) * 0.5
-    return DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(123) if shuffle else None)
 
 
 @attrs.frozen
@@ -168,7 +157,9 @@ def test_resume_continues_exactly(tmp_path: Path):
 
     assert_same_weights(weights(straight), weights(resumed))
     assert len(history) == 4 and history["epoch"] == [0, 1, 2, 3]
-    assert resumed_checkpoint.best is not None and resumed_checkpoint.best_epoch >= 0
+    losses = history["train_loss"]  # the restored epochs' rows included
+    assert resumed_checkpoint.best == min(losses)
+    assert resumed_checkpoint.best_epoch == losses.index(min(losses))
 
 
 def test_resume_refuses_other_class_count_architecture_or_strategy(tmp_path: Path):
@@ -283,8 +274,7 @@ def test_probe_timing_leaves_the_model_untouched():
     before = weights(backbone)
     images = torch.randn(2, 3, 32, 32)
     rng = torch.get_rng_state()
-    seconds = precision_module.train_step_seconds(backbone, images, "bf16", True, steps=1)
-    assert seconds > 0
+    precision_module.train_step_seconds(backbone, images, "bf16", True, steps=1)
     assert_same_weights(before, weights(backbone))
     assert all(p.grad is None for p in backbone.parameters())
     assert torch.equal(rng, torch.get_rng_state())
@@ -292,7 +282,7 @@ def test_probe_timing_leaves_the_model_untouched():
 
 def test_data_with_other_class_count_than_the_head_is_refused(tmp_path: Path) -> None:
     from finetune import ImageFolderData
-    from tests.test_data import make_tree
+    from tests.conftest import make_named_tree as make_tree
 
     data = ImageFolderData(make_tree(tmp_path, n_train=2, n_test=1), image_size=16,
                            val_split=0.0, num_workers=0, progress=False)
