@@ -102,8 +102,8 @@ def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> 
 
     def fill() -> torch.Tensor:
         nonlocal paths
-        data = ImageFolderData(root, backbone=backbone, image_size=32, batch_size=4,
-                               val_split=0.0, num_workers=0, progress=False,
+        data = ImageFolderData(root, preprocessing=backbone.preprocessing, image_size=32,
+                               batch_size=4, val_split=0.0, num_workers=0, progress=False,
                                data_augmentation=False)
         paths = [path for path, _ in data.train_samples]
         cache = ActivationCache(backbone, find_cut(backbone), memory_budget=0,

@@ -157,9 +157,10 @@ def test_resume_continues_exactly(tmp_path: Path):
 
     assert_same_weights(weights(straight), weights(resumed))
     assert len(history) == 4 and history["epoch"] == [0, 1, 2, 3]
-    losses = history["train_loss"]  # the restored epochs' rows included
-    assert resumed_checkpoint.best == min(losses)
-    assert resumed_checkpoint.best_epoch == losses.index(min(losses))
+    # Resumed into a fresh folder (no best.pt there): best is tracked anew from epoch 2.
+    resumed_losses = history["train_loss"][2:]
+    assert resumed_checkpoint.best == min(resumed_losses)
+    assert resumed_checkpoint.best_epoch == 2 + resumed_losses.index(min(resumed_losses))
 
 
 def test_resume_refuses_other_class_count_architecture_or_strategy(tmp_path: Path):
