@@ -119,7 +119,7 @@ def test_budget_without_a_directory_is_a_clear_error(resnet18: Backbone) -> None
     LastLayerOnly().apply(resnet18)
     loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4).long()))
     cache = ActivationCache(resnet18, find_cut(resnet18), memory_budget=16)
-    with pytest.raises(MemoryError, match=r"over the 0.00 GiB budget.*cache_dir"):
+    with pytest.raises(MemoryError, match=r"over the 0.00 GiB budget.*activation_cache_dir"):
         cache.fill(loader, _fp32, torch.device("cpu"))
 
 

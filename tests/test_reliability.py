@@ -82,7 +82,8 @@ def test_spill_to_disk_under_channels_last_trains_as_the_plain_loop(
         return trainer
 
     plain = fit(feature_cache="off")
-    spilled = fit(feature_cache="on", cache_memory_gb=0, cache_dir=str(tmp_path))
+    spilled = fit(feature_cache="on", cache_memory_gb=0,
+                  activation_cache_dir=str(tmp_path))
     assert spilled.state.channels_last and spilled.state.cached_prefix is not None
     assert list(tmp_path.glob("*.bin")) and list(tmp_path.glob("*.json"))
     for (name, a), b in zip(plain.backbone.state_dict().items(),

@@ -258,8 +258,8 @@ class ActivationCache:
                 raise MemoryError(
                     f"caching {self.cut.label} activations needs {nbytes / 2**30:.2f} GiB, over "
                     f"the {self.memory_budget / 2**30:.2f} GiB budget; raise "
-                    "TrainConfig.cache_memory_gb, give cache_dir to spill to disk, or set "
-                    "feature_cache='off'."
+                    "TrainConfig.cache_memory_gb, give activation_cache_dir to spill to disk, or "
+                    "set feature_cache='off'."
                 )
             self.features = torch.empty(shape, dtype=dtype)
             return

@@ -246,7 +246,8 @@ class Trainer:
             channels_last=state.channels_last, probe=training,
         )
         self._activations = ActivationCaches(
-            config.feature_cache, int(config.cache_memory_gb * 2**30), config.cache_dir)
+            config.feature_cache, int(config.cache_memory_gb * 2**30),
+            config.activation_cache_dir)
         self._activations.plan(self.backbone)
         self._prepared = True
 
