@@ -2,9 +2,10 @@
 they cost.
 
 The most accurate strategy (highest mean test accuracy) and every strategy whose paired
-difference from it is not significant (`finetune.core.significance.pairwise`, Holm-corrected) are
-"best within noise"; among those, the cost columns decide — the share of parameters trained and
-the time per epoch. Pure functions over plain values, so a results.json can be re-judged.
+difference from it is not significant (`finetune.core.significance.Bootstrap.pairwise`,
+Holm-corrected) are "best within noise"; among those, the cost columns decide — the share of
+parameters trained and the time per epoch. Pure functions over plain values, so a results.json
+can be re-judged.
 """
 
 from __future__ import annotations

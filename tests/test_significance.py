@@ -10,7 +10,7 @@ from scipy import stats
 from benchmarks.verdict import Candidate, judge
 from finetune.core import significance
 from finetune.core.metrics import EvaluationReport
-from finetune.core.significance import Bootstrap, holm, mcnemar_exact, pairwise
+from finetune.core.significance import Bootstrap, holm, mcnemar_exact
 
 
 def model(targets: np.ndarray, accuracy: float, seed: int) -> np.ndarray:
@@ -104,7 +104,7 @@ def test_clearly_better_model_is_significant_and_a_tie_is_not() -> None:
     reseeded = bootstrap.difference(strong, strong)  # runs drawn independently for each side
     assert reseeded.low < 0 < reseeded.high and reseeded.p_value > 0.2
 
-    pairs = pairwise(bootstrap, {"strong": strong, "weak": weak, "twin": twin})
+    pairs = bootstrap.pairwise({"strong": strong, "weak": weak, "twin": twin})
     found = {(p.a, p.b): p for p in pairs}
     assert set(found) == {("strong", "weak"), ("strong", "twin"), ("weak", "twin")}
     assert found["strong", "weak"].significant and found["weak", "twin"].significant
@@ -162,7 +162,7 @@ def test_verdict_names_the_tied_and_their_cost() -> None:
     predictions = {"full-unfreeze": np.stack(good), "last-layer": np.stack(
         [model(targets, 0.88, s + 5) for s in range(3)]),
         "from-scratch": np.stack([model(targets, 0.05, s + 9) for s in range(3)])}
-    verdict = judge(candidates(), pairwise(Bootstrap(targets=targets), predictions))
+    verdict = judge(candidates(), Bootstrap(targets=targets).pairwise(predictions))
     assert verdict.best == ("full-unfreeze", "last-layer")
     assert verdict.text == (
         "full-unfreeze and last-layer are tied within noise (paired bootstrap, 95%, "
@@ -173,7 +173,7 @@ def test_verdict_names_the_tied_and_their_cost() -> None:
 def test_verdict_names_a_clear_winner_and_a_single_seed() -> None:
     predictions = {"full-unfreeze": model(TARGETS, 0.95, 1), "last-layer": model(TARGETS, 0.6, 2),
                    "from-scratch": model(TARGETS, 0.05, 3)}
-    verdict = judge(candidates(runs=1), pairwise(Bootstrap(targets=TARGETS), predictions))
+    verdict = judge(candidates(runs=1), Bootstrap(targets=TARGETS).pairwise(predictions))
     assert verdict.best == ("full-unfreeze",)
     assert verdict.text.startswith("full-unfreeze is the most accurate, ahead of every other "
                                    "strategy beyond noise")

@@ -12,7 +12,7 @@ weights). Everything here is computed from stored predictions, so no model is ne
   every draw scores both on the same resampled images (the pairing removes the images both get
   right or both get wrong from the noise), their runs drawn independently. The p-value is the
   smallest level at which the equal-tailed percentile interval of the difference excludes 0.
-- `pairwise`: every pair, with Holm–Bonferroni adjusted p-values (`holm`).
+- `Bootstrap.pairwise`: every pair, with Holm–Bonferroni adjusted p-values (`holm`).
 - `mcnemar_exact`: the textbook exact test for two single models on one test set.
 
 Numpy only. The percentile method (not BCa) because BCa's acceleration needs a jackknife with
@@ -22,6 +22,7 @@ accuracies near 0 or 1 on small test sets — is stated in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import combinations
@@ -120,9 +121,8 @@ class Bootstrap:
     def accuracy(self, predictions: Any) -> Estimate:
         """Accuracy (mean over runs) and its interval."""
         correct = self._runs(predictions) == self.targets
-        draws = self._run_draws(len(correct), stream=1)
-        boot = self._resample(lambda w: w @ correct.T.astype(np.float64) / self.images, draws)
-        return self._estimate(float(correct.mean()), boot, len(correct))
+        return self._estimate(float(correct.mean()), self.accuracy_draws(predictions)[0],
+                              len(correct))
 
     def macro_f1(self, predictions: Any) -> Estimate:
         """Macro F1 (mean over runs, each the unweighted mean of per-class F1) and its
@@ -139,23 +139,60 @@ class Bootstrap:
             return per_class.reshape(len(weights), len(runs), k).mean(axis=2)
 
         value = float(f1(np.ones((1, self.images)))[0].mean())
-        boot = self._resample(f1, self._run_draws(len(runs), stream=1))
+        boot = self._resample(f1, [self._run_draws(len(runs), stream=1)])[0]
         return self._estimate(value, boot, len(runs))
 
     def difference(self, predictions_a: Any, predictions_b: Any) -> Difference:
         """Accuracy of a minus b, paired on the same resampled images; runs of each model are
         drawn independently (a and b may have different numbers of runs)."""
-        correct_a = self._runs(predictions_a) == self.targets
-        correct_b = self._runs(predictions_b) == self.targets
-        both = np.concatenate([correct_a, correct_b]).T.astype(np.float64)  # n × (Ra + Rb)
-        boot = self._resample(lambda w: w @ both / self.images,
-                              self._run_draws(len(correct_a), stream=1),
-                              self._run_draws(len(correct_b), stream=2) + len(correct_a))
-        value = float(correct_a.mean() - correct_b.mean())
+        draws_a, draws_b = self.accuracy_draws(predictions_a, predictions_b)
+        value = float((self._runs(predictions_a) == self.targets).mean()
+                      - (self._runs(predictions_b) == self.targets).mean())
+        return self._difference(value, draws_a - draws_b)
+
+    def accuracy_draws(self, *models: Any) -> list[np.ndarray]:
+        """Each model's accuracy in every draw (`resamples` values each): the same resampled
+        images for all models — the pairing — and each model's runs drawn independently."""
+        correct = [self._runs(m) == self.targets for m in models]
+        columns = np.concatenate(correct).T.astype(np.float64)  # images × all runs
+        offsets = np.cumsum([0, *(len(c) for c in correct)])
+        draws = [self._run_draws(len(c), stream=i + 1) + offsets[i]
+                 for i, c in enumerate(correct)]
+        return self._resample(lambda w: w @ columns / self.images, draws)
+
+    def _difference(self, value: float, boot: np.ndarray) -> Difference:
         below, above = int((boot <= 0).sum()), int((boot >= 0).sum())
         p_value = min(1.0, 2 * (min(below, above) + 1) / (self.resamples + 1))
         low, high = self._percentiles(boot)
         return Difference(value, low, high, self.level, p_value)
+
+    def differences(self, predictions: Mapping[str, Any],
+                    pairs: Sequence[tuple[str, str]]) -> list[Difference]:
+        """`difference(predictions[a], predictions[b])` for each pair, from one pass over the
+        images for all models (unadjusted p-values)."""
+        names = list(predictions)
+        draws = dict(zip(names, self.accuracy_draws(*predictions.values()), strict=True))
+        means = {name: float((self._runs(m) == self.targets).mean())
+                 for name, m in predictions.items()}
+        return [self._difference(means[a] - means[b], draws[a] - draws[b]) for a, b in pairs]
+
+    def pairwise(self, predictions: Mapping[str, Any],
+                 alpha: float | None = None) -> list[Pairwise]:
+        """Every pair of models (in the mapping's order, a before b), significant where the
+        Holm-adjusted p-value is below `alpha` (default: 1 − the level).
+
+        The draws are raised to at least `draws_for(pairs, alpha)`, so that the smallest
+        p-value a bootstrap can give survives Holm's correction.
+        """
+        alpha = 1 - self.level if alpha is None else alpha
+        pairs = list(combinations(predictions, 2))
+        if draws_for(len(pairs), alpha) > self.resamples:
+            bootstrap = attrs.evolve(self, resamples=draws_for(len(pairs), alpha))
+            return bootstrap.pairwise(predictions, alpha)
+        found = self.differences(predictions, pairs)
+        adjusted = holm([d.p_value for d in found])
+        return [Pairwise(a, b, d, p, p < alpha)
+                for (a, b), d, p in zip(pairs, found, adjusted, strict=True)]
 
     # -- machinery ----------------------------------------------------------------------------
     def _runs(self, predictions: Any) -> np.ndarray:
@@ -180,26 +217,24 @@ class Bootstrap:
 
     def _image_weights(self) -> Iterator[np.ndarray]:
         """How often each image is drawn, chunk × images, `resamples` rows in all."""
+        if self.images * self.resamples <= _CHUNK_VALUES:  # the common case: one chunk, reused
+            yield _one_chunk(self.images, self.resamples, self.seed)
+            return
         rng = np.random.default_rng([self.seed, 0])
-        n = self.images
-        chunk = max(1, _CHUNK_VALUES // n)
+        chunk = max(1, _CHUNK_VALUES // self.images)
         for start in range(0, self.resamples, chunk):
-            rows = min(chunk, self.resamples - start)
-            drawn = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
-            yield np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n).astype(
-                np.float64)
+            yield _draw_counts(rng, min(chunk, self.resamples - start), self.images)
 
-    def _resample(self, statistic: Any, plus: np.ndarray,
-                  minus: np.ndarray | None = None) -> np.ndarray:
-        """Per draw: the mean of `statistic(weights)` (draws × runs) over the runs in that row
-        of `plus`, minus the mean over the runs in `minus` (the difference of two models)."""
-        out, start = np.empty(self.resamples), 0
+    def _resample(self, statistic: Any, draws: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per draw of images: `statistic(weights)` (draws × runs), averaged over the runs
+        that each array in `draws` (resamples × its runs, column indices) picks."""
+        out = [np.empty(self.resamples) for _ in draws]
+        start = 0
         for weights in self._image_weights():
             values = statistic(weights)
             rows = slice(start, start + len(weights))
-            out[rows] = np.take_along_axis(values, plus[rows], axis=1).mean(axis=1)
-            if minus is not None:
-                out[rows] -= np.take_along_axis(values, minus[rows], axis=1).mean(axis=1)
+            for result, picks in zip(out, draws, strict=True):
+                result[rows] = np.take_along_axis(values, picks[rows], axis=1).mean(axis=1)
             start += len(weights)
         return out
 
@@ -211,6 +246,26 @@ class Bootstrap:
     def _estimate(self, value: float, boot: np.ndarray, runs: int) -> Estimate:
         low, high = self._percentiles(boot)
         return Estimate(value, low, high, self.level, runs)
+
+
+def draws_for(tests: int, alpha: float) -> int:
+    """Draws enough for `tests` Holm-corrected bootstrap tests at `alpha`: the smallest p-value
+    a bootstrap gives, 2 / (draws + 1), times `tests` stays below alpha / 10."""
+    return math.ceil(20 * tests / alpha)
+
+
+def _draw_counts(rng: np.random.Generator, rows: int, images: int) -> np.ndarray:
+    drawn = rng.integers(0, images, size=(rows, images)) + images * np.arange(rows)[:, None]
+    counts = np.bincount(drawn.ravel(), minlength=rows * images)
+    return counts.reshape(rows, images).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=4)
+def _one_chunk(images: int, resamples: int, seed: int) -> np.ndarray:
+    """The draws of one chunk, kept: intervals and tests on one test set reuse them."""
+    counts = _draw_counts(np.random.default_rng([seed, 0]), resamples, images)
+    counts.flags.writeable = False
+    return counts
 
 
 def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -266,15 +321,3 @@ class Pairwise:
                 interval: [self.difference.low, self.difference.high],
                 "p_value": self.p_adjusted, "p_unadjusted": self.difference.p_value,
                 "significant": self.significant}
-
-
-def pairwise(bootstrap: Bootstrap, predictions: Mapping[str, Any],
-             alpha: float | None = None) -> list[Pairwise]:
-    """Every pair of models (in the mapping's order, a before b), significant where the
-    Holm-adjusted p-value is below `alpha` (default: 1 − the bootstrap's level)."""
-    alpha = 1 - bootstrap.level if alpha is None else alpha
-    pairs = list(combinations(predictions, 2))
-    found = [bootstrap.difference(predictions[a], predictions[b]) for a, b in pairs]
-    adjusted = holm([d.p_value for d in found])
-    return [Pairwise(a, b, d, p, p < alpha)
-            for (a, b), d, p in zip(pairs, found, adjusted, strict=True)]
