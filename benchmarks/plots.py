@@ -8,6 +8,7 @@ is used instead of pyplot so the caller's backend and open figures are left alon
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,34 @@ from finetune.atomic import atomic_write
 Summary = Sequence[dict[str, Any]]
 
 
+def test_error_bars(summary: Summary) -> np.ndarray:
+    """2 × strategies distances (points) from the mean test accuracy down and up to its 95%
+    interval; the std over seeds where a row has no interval."""
+    bars = []
+    for s in summary:
+        mean = 100 * s["test_accuracy"]
+        low, high = (100 * v for v in s.get("test_accuracy_ci95") or (np.nan, np.nan))
+        std = 100 * s["test_accuracy_std"]
+        bars.append((std, std) if np.isnan(low) else (mean - low, high - mean))
+    return np.array(bars, dtype=float).reshape(-1, 2).T.clip(min=0)
+
+
 def plot_accuracy(summary: Summary, path: Path) -> Path:
-    """Grouped bars of val and test accuracy per strategy, error bars = std over seeds."""
+    """Grouped bars of val and test accuracy per strategy; error bars: std over seeds (val),
+    the 95% bootstrap interval (test)."""
     names = [s["strategy"] for s in summary]
     x = np.arange(len(names))
     figure = Figure(figsize=(max(6.0, 1.3 * len(names) + 2), 4.5), layout="constrained")
     axes = figure.subplots()
-    for offset, split, colour in ((-0.2, "val", "tab:blue"), (0.2, "test", "tab:orange")):
-        means = [100 * s[f"{split}_accuracy"] for s in summary]
-        stds = [100 * s[f"{split}_accuracy_std"] for s in summary]
-        axes.bar(x + offset, means, width=0.4, yerr=stds, capsize=4, label=split, color=colour)
+    val = [100 * s["val_accuracy"] for s in summary]
+    axes.bar(x - 0.2, val, width=0.4, yerr=[100 * s["val_accuracy_std"] for s in summary],
+             capsize=4, label="val (± std over seeds)", color="tab:blue")
+    axes.bar(x + 0.2, [100 * s["test_accuracy"] for s in summary], width=0.4,
+             yerr=test_error_bars(summary), capsize=4, label="test (95% interval)",
+             color="tab:orange")
     axes.set_xticks(x)
     axes.set_xticklabels(names, rotation=30, ha="right")
-    axes.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per strategy (mean ± std)")
+    axes.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per strategy")
     axes.legend()
     axes.grid(axis="y", alpha=0.3)
     atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
@@ -44,13 +60,14 @@ def plot_accuracy_vs_time(summary: Summary, path: Path) -> Path:
     each point of accuracy at a glance."""
     figure = Figure(figsize=(6.5, 4.5), layout="constrained")
     axes = figure.subplots()
-    for s in summary:
+    for s, bar in zip(summary, test_error_bars(summary).T, strict=True):
         seconds = s["seconds_per_epoch"] * s["epochs"]
-        accuracy, std = 100 * s["test_accuracy"], 100 * s["test_accuracy_std"]
-        axes.errorbar(seconds, accuracy, yerr=std, fmt="o", capsize=4)
+        accuracy = 100 * s["test_accuracy"]
+        axes.errorbar(seconds, accuracy, yerr=bar.reshape(2, 1), fmt="o", capsize=4)
         axes.annotate(s["strategy"], (seconds, accuracy), textcoords="offset points",
                       xytext=(5, 5), fontsize=8)
-    axes.set(xlabel="training time (s, all epochs incl. validation)", ylabel="test accuracy (%)",
+    axes.set(xlabel="training time (s, all epochs incl. validation)",
+             ylabel="test accuracy (%), 95% interval",
              title="accuracy against training time")
     axes.grid(alpha=0.3)
     atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
@@ -58,9 +75,12 @@ def plot_accuracy_vs_time(summary: Summary, path: Path) -> Path:
 
 
 def plot_per_class_heatmap(
-    strategies: Sequence[str], classes: Sequence[str], matrix: np.ndarray, path: Path
+    strategies: Sequence[str], classes: Sequence[str], matrix: np.ndarray, path: Path,
+    marked: np.ndarray | None = None, note: str = "",
 ) -> Path:
-    """Strategies × classes test accuracy (mean over seeds), values printed in each cell."""
+    """Strategies × classes test accuracy (mean over seeds), values printed in each cell; a
+    `*` on the cells `marked` (differs from the best strategy beyond noise), explained by
+    `note` under the plot."""
     rows, cols = matrix.shape
     figure = Figure(figsize=(max(6.0, 0.55 * cols + 3), max(3.0, 0.5 * rows + 2)),
                     layout="constrained")
@@ -74,8 +94,11 @@ def plot_per_class_heatmap(
     for i in range(rows):
         for j in range(cols):
             value = 100 * matrix[i, j]
-            axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
+            star = "*" if marked is not None and marked[i, j] else ""
+            axes.text(j, i, f"{value:.0f}{star}", ha="center", va="center", fontsize=6,
                       color="black" if value > 60 else "white")
-    axes.set_title("per-class test accuracy")
+    width = max(60, int(10 * figure.get_figwidth()))  # characters that fit across the figure
+    axes.set_title("\n".join(["per-class test accuracy", *textwrap.wrap(note, width)]),
+                   fontsize=9)
     atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
     return path
