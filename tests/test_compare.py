@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import compare
+from benchmarks.compare import run as compare_run
 from finetune import (
     STRATEGIES,
     Backbone,
@@ -94,6 +95,21 @@ def test_default_strategies_write_every_output(
         assert row["images_per_second"] == pytest.approx(8 / row["train_seconds_per_epoch"])
         assert row["peak_memory_mib"] == row["peak_memory_mib"]  # measured, not NaN
         assert set(row["per_class_test_accuracy"]) == set(CLASSES)
+        predictions = np.array(row["test_predictions"])  # stored: intervals need no retraining
+        assert np.mean(predictions == results["test_targets"]) == pytest.approx(
+            row["test_accuracy"])
+        low, high = row["test_accuracy_ci95"]
+        assert 0.0 <= low <= row["test_accuracy"] <= high <= 1.0
+        low, high = row["test_macro_f1_ci95"]
+        assert 0.0 <= low <= high <= 1.0
+    assert sorted(results["test_targets"]) == [0, 0, 1, 1, 2, 2]
+    assert len(results["summary"]) == 5 and "test_accuracy_ci95" in results["summary"][0]
+    assert len(results["pairwise"]) == 10  # 5 strategies, every pair once
+    assert set(results["pairwise"][0]) >= {"a", "b", "difference", "ci95", "p_value",
+                                            "significant"}
+    assert results["verdict"] and results["best_within_noise"]
+    assert (tmp_path / "pairwise.md").read_text().startswith("| a | b | a − b (points)")
+    assert (tmp_path / "pairwise.csv").read_text().count("\n") == 11
 
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -105,7 +121,9 @@ def test_default_strategies_write_every_output(
     for name in compare.DEFAULT_STRATEGIES:
         assert f"| {name} |" in table
     assert "| strategy | trainable params | val acc (%) | test acc (%)" in table
-    assert "| strategy | trainable params" in capsys.readouterr().out
+    assert "| 95% CI | runs |" in table and results["verdict"] in table
+    out = capsys.readouterr().out
+    assert "| strategy | trainable params" in out and results["verdict"] in out
 
     with open(tmp_path / "per_class.csv") as handle:
         per_class = list(csv.reader(handle))
@@ -188,8 +206,10 @@ def test_failed_strategy_keeps_finished_rows_and_resume_skips_them(
     assert compare.main(resumed, backbone_factory=factory) == 0
     assert factory.calls == [("tiny", 3, True)]  # full-unfreeze only: no backbone probe
     assert "last-layer seed 0: already in" in capsys.readouterr().out
-    rows = read_results(tmp_path)["rows"]
-    assert [r["strategy"] for r in rows] == ["last-layer", "bitfit", "full-unfreeze"]
+    results = read_results(tmp_path)
+    assert [r["strategy"] for r in results["rows"]] == ["last-layer", "bitfit", "full-unfreeze"]
+    assert all(len(r["test_predictions"]) == 6 for r in results["rows"])  # kept by --resume
+    assert len(results["pairwise"]) == 3
 
 
 def test_ctrl_c_keeps_finished_rows(tree: Path, tmp_path: Path) -> None:
@@ -259,3 +279,88 @@ def test_real_photos(shared_data: Path, tmp_path: Path) -> None:
     assert compare.main(args, backbone_factory=Factory()) == 0
     row = read_results(tmp_path)["rows"][0]
     assert row["train_images"] + row["val_images"] == 12 and row["test_images"] == 153
+
+
+# -- how sure the comparison is -----------------------------------------------------------------
+def synthetic_row(strategy: str, seed: int, predictions: np.ndarray, targets: np.ndarray,
+                  trainable_pct: float, seconds: float) -> dict:
+    accuracy = float(np.mean(predictions == targets))
+    return {"strategy": strategy, "seed": seed, "epochs": 1, "trainable_params": 10,
+            "trainable_pct": trainable_pct, "val_accuracy": accuracy, "test_accuracy": accuracy,
+            "seconds_per_epoch": seconds, "images_per_second": 1.0, "peak_memory_mib": 1.0,
+            "per_class_test_accuracy": {c: float(np.mean(predictions[targets == k] == k))
+                                        for k, c in enumerate(CLASSES)},
+            "test_predictions": predictions.tolist()}
+
+
+def test_clear_winner_is_significant_a_tie_is_a_tie_and_the_verdict_says_so(
+    tmp_path: Path,
+) -> None:
+    """Known answer, no training: `good` and `twin` are 95% right (other images wrong),
+    `bad` 40%; two seeds each."""
+    targets = np.repeat(np.arange(3), 40)
+    rng = np.random.default_rng(0)
+
+    def model(accuracy: float) -> np.ndarray:
+        return np.where(rng.random(targets.size) < accuracy, targets, (targets + 1) % 3)
+
+    specs = {"good": (100.0, 9.0, 0.95), "twin": (1.0, 3.0, 0.95), "bad": (1.0, 3.0, 0.4)}
+    rows = [synthetic_row(name, seed, model(accuracy), targets, pct, seconds)
+            for name, (pct, seconds, accuracy) in specs.items() for seed in (0, 1)]
+    settings = compare.Settings(
+        backbone="tiny", data="synthetic", epochs=1, train_per_class=None, val_split=0.2,
+        image_size=32, batch_size=4, lr=1e-3, precision="fp32", device="cpu", pre_resize=False,
+        preset="quick", strategies=list(specs), seeds=(0, 1), command="synthetic")
+    printed = compare.write_outputs(tmp_path, settings, CLASSES, rows, [],
+                                    targets=targets.tolist())
+
+    results = read_results(tmp_path)
+    pairs = {(p["a"], p["b"]): p for p in results["pairwise"]}
+    assert pairs["good", "bad"]["significant"] and pairs["twin", "bad"]["significant"]
+    assert pairs["good", "bad"]["ci95"][0] > 0.4  # 55 points apart, give or take
+    assert not pairs["good", "twin"]["significant"]
+    assert pairs["good", "twin"]["ci95"][0] < 0 < pairs["good", "twin"]["ci95"][1]
+    assert set(results["best_within_noise"]) == {"good", "twin"}
+    assert results["verdict"].endswith(
+        "are tied within noise (paired bootstrap, 95%, Holm-corrected); twin trains 1.0% of "
+        "the parameters and is 3.0× faster than good.")
+    assert results["verdict"] in printed and results["verdict"] in (
+        tmp_path / "results.md").read_text()
+    assert "| good | bad | +" in (tmp_path / "pairwise.md").read_text()
+    # Per class: bad is 55 points worse on each class's 40 images: every bad cell is starred.
+    per_class = (tmp_path / "per_class.md").read_text()
+    bad_line = next(line for line in per_class.splitlines() if line.startswith("| bad |"))
+    assert bad_line.count("*") == 3 and "| good |" in per_class
+    reference = results["per_class_differs_from"]["reference"]  # the more accurate of the two
+    assert reference == results["best_within_noise"][0] in {"good", "twin"}
+    assert f"differs from {reference}'s accuracy on that class beyond noise" in per_class
+
+
+def test_auto_seeds_follow_the_cost_of_one_run() -> None:
+    rows = [{"strategy": name, "seed": 0, "seconds_per_epoch": seconds, "epochs": 2}
+            for name, seconds in (("probe", 1.0), ("half", 4.9), ("full", 10.0))]
+    rows.append({"strategy": "probe", "seed": 1, "seconds_per_epoch": 99.0, "epochs": 2})
+    plan = compare_run.auto_seeds(rows, ["probe", "half", "full", "failed"])
+    assert plan == {"probe": 5, "half": 2, "full": 1}  # 10/1 capped at 5; int(10/4.9); itself
+    assert compare_run.describe_auto_seeds(plan, rows).startswith(
+        "--seeds auto: each strategy gets as many seeds as fit in one run of the slowest "
+        "(full, 20 s), at most 5: probe 5, half 2, full 1")
+
+
+def test_seeds_auto_runs_the_planned_extra_seeds(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tiny-backbone epoch times are noise, so the plan itself is fixed here (tested above).
+    monkeypatch.setattr(compare_run, "auto_seeds",
+                        lambda rows, strategies: {"last-layer": 2, "bitfit": 1})
+    args = argv(tree, tmp_path, "--strategies", "last-layer,bitfit", "--seeds", "auto")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    rows = read_results(tmp_path)["rows"]
+    assert [(r["strategy"], r["seed"]) for r in rows] == [
+        ("last-layer", 0), ("last-layer", 1), ("bitfit", 0)]
+    assert "--seeds auto: each strategy gets" in capsys.readouterr().out
+    assert "seeds auto (per strategy: the runs column)" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        compare.main(argv(tree, tmp_path, "--seeds", "some"), backbone_factory=Factory())
+    assert "'some' is neither a number nor auto" in capsys.readouterr().err

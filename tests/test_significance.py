@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.verdict import Candidate, judge
+from benchmarks.compare.verdict import Candidate, judge
 from finetune.core import significance
 from finetune.core.metrics import EvaluationReport
 from finetune.core.significance import Bootstrap, holm, mcnemar_exact

@@ -1,6 +1,7 @@
-"""What a comparison writes: results.json/.csv/.md, per_class.csv/.md and the plots, each
-rewritten atomically (`finetune.atomic`) from the rows so far, so a crash keeps what finished;
-and the rows an earlier run left, for --resume."""
+"""What a comparison writes: results.json/.csv/.md, pairwise.csv/.md, per_class.csv/.md and
+the plots, each rewritten atomically (`finetune.atomic`) from the rows so far, so a crash keeps
+what finished; and the rows an earlier run left, for --resume. The intervals, pairwise tests
+and verdict come from the stored test predictions (`benchmarks.compare.noise`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import plots
+from benchmarks.compare import noise
 from benchmarks.compare.settings import Settings
 from finetune.atomic import atomic_write_text
 
@@ -40,16 +42,23 @@ def summarize(rows: list[dict[str, Any]], strategies: Sequence[str]) -> list[dic
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
+    """Accuracies as mean ± std over seeds; the test accuracy's 95% interval (over test images
+    and seeds) where the rows had predictions to compute it from."""
     def accuracy(s: dict[str, Any], key: str) -> str:
         text = f"{100 * s[key]:.1f}"
         return text + (f" ± {100 * s[key + '_std']:.1f}" if s["runs"] > 1 else "")
 
-    lines = ["| strategy | trainable params | val acc (%) | test acc (%) | s / epoch | "
-             "train img/s | peak mem (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    def interval(s: dict[str, Any]) -> str:
+        bounds = s.get("test_accuracy_ci95")
+        return noise.percent_interval(bounds) if bounds else "–"
+
+    lines = ["| strategy | trainable params | val acc (%) | test acc (%) | 95% CI | runs | "
+             "s / epoch | train img/s | peak mem (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {s['strategy']} | {s['trainable_params']:,} ({s['trainable_pct']:.1f}%) | "
               f"{accuracy(s, 'val_accuracy')} | {accuracy(s, 'test_accuracy')} | "
-              f"{s['seconds_per_epoch']:.1f} | {s['images_per_second']:.1f} | "
-              f"{s['peak_memory_mib']:.0f} |" for s in summary]
+              f"{interval(s)} | {s['runs']} | {s['seconds_per_epoch']:.1f} | "
+              f"{s['images_per_second']:.1f} | {s['peak_memory_mib']:.0f} |" for s in summary]
     return "\n".join(lines)
 
 
@@ -63,40 +72,69 @@ def per_class_matrix(rows: list[dict[str, Any]], strategies: Sequence[str],
 
 def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
                   rows: list[dict[str, Any]], failed: list[dict[str, Any]],
-                  draw: bool = True) -> str:
-    """(Re)write every output file from the rows so far; returns the Markdown table. The
-    PNGs take seconds, so runs in progress skip them (`draw=False`) and the end draws them."""
+                  draw: bool = True, targets: Sequence[int] | None = None) -> str:
+    """(Re)write every output file from the rows so far; returns the Markdown table and the
+    verdict. The PNGs and the per-class tests take seconds, so runs in progress skip them
+    (`draw=False`) and the end does them. `targets`: the test labels, in the order of each
+    row's `test_predictions`."""
     config = settings.to_dict()
-    order = {(s, seed): i for i, (s, seed) in enumerate(
-        (s, seed) for s in settings.strategies for seed in settings.seeds)}
-    rows.sort(key=lambda r: order.get((r["strategy"], r["seed"]), len(order)))
+    strategy_order = {name: i for i, name in enumerate(settings.strategies)}
+    rows.sort(key=lambda r: (strategy_order.get(r["strategy"], len(strategy_order)), r["seed"]))
+    if targets is not None:  # rows resumed from a run that stored predictions only
+        for row in rows:
+            if "test_predictions" in row and "test_accuracy_ci95" not in row:
+                row.update(noise.run_intervals(targets, row["test_predictions"], len(classes)))
+    summary = summarize(rows, settings.strategies)
+    analysis = noise.analyze(rows, summary, targets, classes, per_class=draw)
+    if analysis is not None:
+        for entry in summary:
+            entry.update(analysis.intervals[entry["strategy"]])
     atomic_write_text(output / "results.json", json.dumps(
-        {"config": config, "classes": list(classes), "rows": rows, "failed": failed},
+        {"config": config, "classes": list(classes), "rows": rows, "failed": failed,
+         "test_targets": None if targets is None else list(targets), "summary": summary,
+         **(analysis.to_dict() if analysis is not None else {})},
         indent=2, default=str))
     flat = [{**{k: v for k, v in r.items() if not isinstance(v, (dict, list))},
              **{f"config.{k}": v for k, v in config.items()}} for r in rows]
     atomic_write_text(output / "results.csv", _csv(
         list(flat[0]) if flat else ["strategy"], [list(row.values()) for row in flat]))
-    summary = summarize(rows, settings.strategies)
     table = markdown_table(summary)
+    verdict = analysis.verdict.text if analysis is not None else ""
+    seeds = ("auto (per strategy: the runs column)" if settings.seeds_auto
+             else str(list(settings.seeds)))
     header = (f"`{settings.command}`\n\nbackbone {settings.backbone} · data "
               f"{settings.data} · {settings.epochs} epochs · lr {settings.lr} · "
-              f"{settings.image_size} px · batch {settings.batch_size} · seeds "
-              f"{list(settings.seeds)}\n\n")
-    atomic_write_text(output / "results.md", header + table + "\n")
+              f"{settings.image_size} px · batch {settings.batch_size} · seeds {seeds}\n\n")
+    pairwise = "" if analysis is None else noise.pairwise_markdown(analysis.pairs)
+    atomic_write_text(output / "results.md", header + table + "\n" + (
+        f"\n{verdict}\n\nPairwise differences of test accuracy (points):\n\n{pairwise}\n"
+        if analysis is not None else ""))
+    if analysis is not None:
+        atomic_write_text(output / "pairwise.md", pairwise + "\n")
+        atomic_write_text(output / "pairwise.csv", _csv(
+            ["a", "b", "difference", "ci95_low", "ci95_high", "p_value", "p_unadjusted",
+             "significant"],
+            [[p.a, p.b, p.difference.value, p.difference.low, p.difference.high, p.p_adjusted,
+              p.difference.p_value, p.significant] for p in analysis.pairs]))
     names, matrix = per_class_matrix(rows, settings.strategies, classes)
+    marks = analysis.classes if analysis is not None else None
+    star = marks.marked if marks is not None else np.zeros(matrix.shape, dtype=bool)
     atomic_write_text(output / "per_class.csv", _csv(
         ["strategy", *classes], [[name, *(f"{v:.4f}" for v in values)]
                                  for name, values in zip(names, matrix, strict=True)]))
     atomic_write_text(output / "per_class.md", "\n".join(
         ["| strategy | " + " | ".join(classes) + " |", "|---" + "|---:" * len(classes) + "|"]
-        + [f"| {n} | " + " | ".join(f"{100 * v:.0f}" for v in vals) + " |"
-           for n, vals in zip(names, matrix, strict=True)]) + "\n")
+        + [f"| {n} | " + " | ".join(f"{100 * v:.0f}{'*' if m else ''}"
+                                    for v, m in zip(vals, marked, strict=True)) + " |"
+           for n, vals, marked in zip(names, matrix, star, strict=True)])
+        + "\n\n" + noise.class_marks_note(marks) + "\n")
     if summary and draw:
         plots.plot_accuracy(summary, output / "accuracy.png")
         plots.plot_accuracy_vs_time(summary, output / "accuracy_vs_time.png")
-        plots.plot_per_class_heatmap(names, classes, matrix, output / "per_class_heatmap.png")
-    return table
+        plots.plot_per_class_heatmap(names, classes, matrix, output / "per_class_heatmap.png",
+                                     star if marks is not None else None,
+                                     noise.class_marks_note(marks))
+    return table + (f"\n\n{verdict}" if verdict else "")
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

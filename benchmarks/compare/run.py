@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.compare import noise
 from benchmarks.compare.measure import PeakMemory
 from benchmarks.compare.report import load_previous, write_outputs
 from benchmarks.compare.settings import (
@@ -32,6 +33,7 @@ from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
+MAX_AUTO_SEEDS = 5
 
 
 def make_backbone(name: str, num_classes: int, pretrained: bool) -> Backbone:
@@ -119,6 +121,8 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
         "trainable_pct": 100 * freeze.trainable_fraction,
         "val_accuracy": last["val_accuracy"], "best_val_accuracy": max(history["val_accuracy"]),
         "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
+        **noise.run_intervals(test.targets, test.predictions, len(data.classes)),
+        "test_predictions": test.predictions.tolist(),
         "epochs": len(history), "seconds_per_epoch": statistics.fmean(history["epoch_seconds"]),
         "train_seconds_per_epoch": statistics.fmean(history["train_seconds"]),
         "images_per_second": sum(history["train_images"]) / max(sum(history["train_seconds"]),
@@ -131,6 +135,70 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
                                             strict=True)),
         "history": history.records, "config": settings.to_dict(),
     }
+
+
+# -- seeds by cost -------------------------------------------------------------------------------
+def auto_seeds(rows: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, int]:
+    """`--seeds auto`: each strategy as many seeds as fit in the time one run of the slowest
+    strategy takes (at least 1, at most MAX_AUTO_SEEDS), from the seed-0 runs' epoch times —
+    so extra seeds go where runs are cheap (a frozen backbone, the activation cache)."""
+    cost = _first_run_seconds(rows, strategies)
+    if not cost:
+        return {}
+    slowest = max(cost.values())
+    return {name: max(1, min(MAX_AUTO_SEEDS, int(slowest / max(seconds, 1e-9))))
+            for name, seconds in cost.items()}
+
+
+def _first_run_seconds(rows: Sequence[dict[str, Any]],
+                       strategies: Sequence[str]) -> dict[str, float]:
+    return {r["strategy"]: r["seconds_per_epoch"] * r["epochs"] for r in rows
+            if r["seed"] == 0 and r["strategy"] in strategies}
+
+
+def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) -> str:
+    cost = _first_run_seconds(rows, list(plan))
+    slowest = max(plan, key=lambda name: cost[name])
+    counts = ", ".join(f"{name} {count}" for name, count in plan.items())
+    return (f"--seeds auto: each strategy gets as many seeds as fit in one run of the slowest "
+            f"({slowest}, {cost[slowest]:.0f} s), at most {MAX_AUTO_SEEDS}: {counts}")
+
+
+def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
+            failed: list[dict[str, Any]], settings: Settings, splits: ImageSplits,
+            targets: list[int], backbone_factory: BackboneFactory, output: Path) -> int | None:
+    """Run each (strategy, seed) not yet in `rows`, rewriting the outputs after each; a run
+    that raises goes to `failed`. Returns 130 on Ctrl-C (outputs written), else None."""
+    done = {(r["strategy"], r["seed"]) for r in rows}
+    for index, (spec, seed) in enumerate(runs, start=1):
+        tag = f"[{index}/{len(runs)}] {spec} seed {seed}"
+        if (spec, seed) in done:
+            print(f"{tag}: already in {output / 'results.json'}, skipped (--resume)")
+            continue
+        try:
+            row = run_one(spec, seed, settings, splits, backbone_factory, output)
+        except KeyboardInterrupt:
+            write_outputs(output, settings, splits.classes, rows, failed, targets=targets)
+            print(f"{tag}: interrupted; {len(rows)} finished runs kept in {output}. Continue "
+                  "with the same command plus --resume.", file=sys.stderr)
+            return 130
+        except Exception as error:
+            traceback.print_exc()
+            failed.append({"strategy": spec, "seed": seed, "error": repr(error)})
+            print(f"{tag}: FAILED ({error}); continuing with the others", file=sys.stderr)
+            write_outputs(output, settings, splits.classes, rows, failed, draw=False,
+                          targets=targets)
+            continue
+        rows.append(row)
+        write_outputs(output, settings, splits.classes, rows, failed, draw=False, targets=targets)
+        low, high = row["test_accuracy_ci95"]
+        print(f"{tag}: val {100 * row['val_accuracy']:.1f}% · test "
+              f"{100 * row['test_accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] · "
+              f"{row['seconds_per_epoch']:.1f} s/epoch · "
+              f"{row['images_per_second']:.1f} img/s · peak +{row['peak_memory_mib']:.0f} MiB · "
+              f"{row['trainable_params']:,} trainable ({row['trainable_pct']:.1f}%) · "
+              f"{row['precision']}", flush=True)
+    return None
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -153,36 +221,21 @@ def main(argv: Sequence[str] | None = None,
     on_sample = Path(settings.data) == SAMPLE_ROOT.resolve()
     if on_sample:
         print(f"{'':>16}  the packaged sample (UC Merced Land Use, public domain). {OTHER_DATA}")
-    done = {(r["strategy"], r["seed"]) for r in rows}
+    targets = [label for _, label in splits.test]
     failed: list[dict[str, Any]] = []
     runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
-    for index, (spec, seed) in enumerate(runs, start=1):
-        tag = f"[{index}/{len(runs)}] {spec} seed {seed}"
-        if (spec, seed) in done:
-            print(f"{tag}: already in {output / 'results.json'}, skipped (--resume)")
-            continue
-        try:
-            row = run_one(spec, seed, settings, splits, backbone_factory, output)
-        except KeyboardInterrupt:
-            write_outputs(output, settings, splits.classes, rows, failed)
-            print(f"{tag}: interrupted; {len(rows)} finished runs kept in {output}. Continue "
-                  "with the same command plus --resume.", file=sys.stderr)
-            return 130
-        except Exception as error:
-            traceback.print_exc()
-            failed.append({"strategy": spec, "seed": seed, "error": repr(error)})
-            print(f"{tag}: FAILED ({error}); continuing with the others", file=sys.stderr)
-            write_outputs(output, settings, splits.classes, rows, failed, draw=False)
-            continue
-        rows.append(row)
-        write_outputs(output, settings, splits.classes, rows, failed, draw=False)
-        print(f"{tag}: val {100 * row['val_accuracy']:.1f}% · test "
-              f"{100 * row['test_accuracy']:.1f}% · {row['seconds_per_epoch']:.1f} s/epoch · "
-              f"{row['images_per_second']:.1f} img/s · peak +{row['peak_memory_mib']:.0f} MiB · "
-              f"{row['trainable_params']:,} trainable ({row['trainable_pct']:.1f}%) · "
-              f"{row['precision']}", flush=True)
-    print("\n" + write_outputs(output, settings, splits.classes, rows, failed))
-    print(f"\nresults in {output}/ (results.json, results.csv, results.md, per_class.*, *.png)")
+    status = run_all(runs, rows, failed, settings, splits, targets, backbone_factory, output)
+    if status is None and settings.seeds_auto:
+        plan = auto_seeds(rows, settings.strategies)
+        if plan:
+            print(describe_auto_seeds(plan, rows), flush=True)
+        extra = [(s, seed) for s in settings.strategies for seed in range(1, plan.get(s, 1))]
+        status = run_all(extra, rows, failed, settings, splits, targets, backbone_factory, output)
+    if status is not None:
+        return status
+    print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets))
+    print(f"\nresults in {output}/ (results.json, results.csv, results.md, pairwise.*, "
+          "per_class.*, *.png)")
     if on_sample:
         print(f"That was the packaged sample: {len(splits.test)} test images, so one "
               f"image moves accuracy by {100 / len(splits.test):.2g} points. {OTHER_DATA}")

@@ -56,6 +56,7 @@ class Settings:
     preset: str
     strategies: tuple[str, ...] = attrs.field(converter=tuple)
     seeds: tuple[int, ...] = attrs.field(converter=tuple)
+    seeds_auto: bool = False  # more seeds where a run is cheap: see `run.auto_seeds`
     workers: int | None = None
     command: str = ""
     backbone_choice: str | None = None
@@ -111,7 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "torchvision architecture, timm/<model>, ...")
     p.add_argument("--strategies", nargs="+", help="comma- or space-separated; default: "
                    + ",".join(DEFAULT_STRATEGIES))
-    p.add_argument("--seeds", type=int, default=1, help="runs per strategy (seeds 0..N-1)")
+    p.add_argument("--seeds", type=_seeds, default=1, help="runs per strategy (seeds 0..N-1), "
+                   "or auto: each strategy as many seeds (1 to 5) as fit in the time of one "
+                   "run of the slowest")
     p.add_argument("--epochs", type=int)
     p.add_argument("--train-per-class", type=int, help="images per class before the val split")
     p.add_argument("--val-split", type=float)
@@ -127,9 +130,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "without an API key), all in one group")
     p.add_argument("--wandb-project", default="finetune-compare")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
+    if args.seeds != "auto" and args.seeds < 1:
+        p.error("--seeds must be at least 1, or auto")
     return args
+
+
+def _seeds(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
 
 
 def strategy_specs(args: argparse.Namespace) -> list[str]:
@@ -160,7 +172,8 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     if chosen["backbone"] == "lite0":
         chosen["backbone"] = "efficientnet_lite0"
     return Settings(**chosen, preset=args.preset, data=data, strategies=specs,
-                    seeds=range(args.seeds), precision=args.precision, device=args.device,
+                    seeds=range(1 if args.seeds == "auto" else args.seeds),
+                    seeds_auto=args.seeds == "auto", precision=args.precision, device=args.device,
                     workers=args.workers, command=command,
                     wandb_project=args.wandb_project if wandb_group else None,
                     wandb_group=wandb_group)

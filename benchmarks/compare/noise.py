@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from benchmarks.verdict import Candidate, Verdict, judge
+from benchmarks.compare.verdict import Candidate, Verdict, judge
 from finetune.core.significance import Bootstrap, Estimate, Pairwise, draws_for, holm
 
 RESAMPLES = 2000
@@ -51,6 +51,15 @@ class Analysis:
     verdict: Verdict
     classes: ClassMarks | None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The results.json fields (the intervals go into each summary row instead)."""
+        marks = self.classes
+        return {"pairwise": [p.to_dict() for p in self.pairs], "verdict": self.verdict.text,
+                "best_within_noise": list(self.verdict.best),
+                "per_class_differs_from": None if marks is None else {
+                    "reference": marks.reference, "tests": marks.tests,
+                    "marked": marks.marked.tolist()}}
+
 
 def predictions_by_strategy(rows: Sequence[dict[str, Any]],
                             strategies: Sequence[str]) -> dict[str, np.ndarray]:
@@ -64,9 +73,11 @@ def predictions_by_strategy(rows: Sequence[dict[str, Any]],
 
 
 def analyze(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
-            targets: Sequence[int] | None, classes: Sequence[str]) -> Analysis | None:
-    """Everything above for the summary's strategies; None if a row has no stored predictions
-    (results.json files written before they were stored)."""
+            targets: Sequence[int] | None, classes: Sequence[str],
+            per_class: bool = True) -> Analysis | None:
+    """Everything above for the summary's strategies (the per-class tests only if
+    `per_class`); None if a row has no stored predictions (results.json files written before
+    they were stored)."""
     if targets is None or not rows or any("test_predictions" not in r for r in rows):
         return None
     bootstrap = Bootstrap(targets=np.asarray(targets), num_classes=len(classes),
@@ -81,7 +92,8 @@ def analyze(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
                             seconds_per_epoch=s["seconds_per_epoch"], runs=s["runs"])
                   for s in summary]
     verdict = judge(candidates, pairs)
-    marks = class_marks(bootstrap, predictions, verdict.best[0]) if len(predictions) > 1 else None
+    marks = (class_marks(bootstrap, predictions, verdict.best[0])
+             if per_class and len(predictions) > 1 else None)
     return Analysis(intervals, pairs, verdict, marks)
 
 
@@ -109,10 +121,6 @@ def class_marks(bootstrap: Bootstrap, predictions: dict[str, np.ndarray],
 # -- rendering ----------------------------------------------------------------------------------
 def percent_interval(bounds: Sequence[float]) -> str:
     return f"[{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
-
-
-def pairwise_rows(pairs: Sequence[Pairwise]) -> list[dict[str, Any]]:
-    return [p.to_dict() for p in pairs]
 
 
 def pairwise_markdown(pairs: Sequence[Pairwise]) -> str:
