@@ -3,6 +3,7 @@ synthetic comparisons whose answer is known."""
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 from scipy import stats
@@ -178,5 +179,8 @@ def test_verdict_names_a_clear_winner_and_a_single_seed() -> None:
     assert verdict.text.startswith("full-unfreeze is the most accurate, ahead of every other "
                                    "strategy beyond noise")
     assert "One run per strategy: only test-set noise is measured" in verdict.text
+    mixed = [*candidates()[:2], attrs.evolve(candidates()[2], runs=1)]
+    assert judge(mixed, Bootstrap(targets=TARGETS).pairwise(predictions)).text.endswith(
+        " from-scratch ran once: its seed-to-seed noise is not measured.")
     alone = judge(candidates()[:1], [])
     assert alone.text == "Only full-unfreeze ran: nothing to compare it with."

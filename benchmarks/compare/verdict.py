@@ -59,7 +59,7 @@ def judge(candidates: Sequence[Candidate], pairs: Sequence[Pairwise]) -> Verdict
                 f"noise {method}; it trains {_share(best[0])} of the parameters.")
     else:
         text = f"{_join(names)} are tied within noise {method}; {_costs(best)}."
-    return Verdict(names, text + _seed_caveat(best, candidates))
+    return Verdict(names, text + _seed_caveat(candidates))
 
 
 def _costs(tied: Sequence[Candidate]) -> str:
@@ -77,11 +77,11 @@ def _costs(tied: Sequence[Candidate]) -> str:
             f"{fastest.name} is the fastest, {speed}")
 
 
-def _seed_caveat(best: Sequence[Candidate], candidates: Sequence[Candidate]) -> str:
+def _seed_caveat(candidates: Sequence[Candidate]) -> str:
     if all(c.runs == 1 for c in candidates):
         return (" One run per strategy: only test-set noise is measured, not the seed's "
                 "(--seeds 3 or --seeds auto adds it).")
-    single = [c.name for c in best if c.runs == 1]
+    single = [c.name for c in candidates if c.runs == 1]  # its comparisons lack seed noise
     if single:
         whose = "its" if len(single) == 1 else "their"
         return f" {_join(single)} ran once: {whose} seed-to-seed noise is not measured."
