@@ -1,10 +1,11 @@
 """Images/s of the input pipeline (decode + augment + normalise + collate) on this CPU.
 
-    python -m benchmarks.data_pipeline [--images 256] [--workers 0 1 2] [--size 224] [--train]
+    python -m benchmarks.data_pipeline [--data ROOT] [--images 256] [--workers 0 1 2] [--train]
 
-Two sources: the real 256 px photos in ../shared/data/ucmerced, and ~800 px JPEGs (made
-in a temporary folder by upscaling those photos to 800x600, the size of iNaturalist's) to
-mimic iNaturalist 12K. Each is read as is and through the pre-resize cache (shorter side
+Two sources: the photos of an ImageFolder tree (`--data`, default: the packaged sample; the
+published figures use a 256 px UC Merced Land Use copy), and ~800 px JPEGs (made in a
+temporary folder by upscaling those photos to 800x600, the size of iNaturalist's) to mimic
+iNaturalist 12K. Each is read as is and through the pre-resize cache (shorter side
 256), with 0, 1 and 2 loader workers; one more row decodes the 800 px JPEGs at full
 resolution (no DCT-domain downscaling) to show what that saves. "CPU per image" is the CPU
 time one decode + augment takes in-process; it barely moves when other jobs share the
@@ -28,13 +29,14 @@ from torch import nn
 
 from finetune.core.backbone import Backbone
 from finetune.data import ImageFolderData
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from finetune.data.sample import SAMPLE_NAME, resolve_named_data
 
 
 def make_large_copy(source: Path, target: Path, per_class: int, size=(800, 600)) -> Path:
     """An iNaturalist-sized tree: the first `per_class` photos of each class, upscaled."""
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
+        if not (source / split).is_dir():
+            continue
         for class_dir in sorted((source / split).iterdir()):
             for path in sorted(class_dir.glob("*.jpg"))[:per_class]:
                 out = target / split / class_dir.name / path.name
@@ -143,7 +145,7 @@ def run(name: str, root: Path, args: argparse.Namespace, cache: Path) -> list[st
         label = "pre-resized" if pre_resize else "as is"
         rows.append(f"{name:<10} {label:<12} setup (scan{' + resize' if pre_resize else ''}): "
                     f"{setup:6.1f} s for {count} images ({count / setup:7.1f} images/s)")
-        for full_decode in (False, True) if not pre_resize and name != "ucmerced" else (False,):
+        for full_decode in (False, True) if not pre_resize and name == "800px" else (False,):
             cost = cpu_ms_per_image(data, args.images, full_decode)
             how = "full decode" if full_decode else label
             rows.append(f"{name:<10} {how:<12} CPU per image, one core: {cost:5.1f} ms "
@@ -155,7 +157,7 @@ def run(name: str, root: Path, args: argparse.Namespace, cache: Path) -> list[st
             rate = images_per_second(data, args.images)
             rows.append(f"{name:<10} {label:<12} workers={workers}: {rate:7.1f} images/s")
             print(rows[-1], flush=True)
-        if not pre_resize and name != "ucmerced":
+        if not pre_resize and name == "800px":
             data = ImageFolderData(root, num_workers=0, **common)
             rate = images_per_second(data, args.images, full_decode=True)
             rows.append(f"{name:<10} {'full decode':<12} workers=0: {rate:7.1f} images/s")
@@ -175,14 +177,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="crop size")
     parser.add_argument("--per-class", type=int, default=20,
                         help="photos per class in the 800 px copy")
+    parser.add_argument("--data", default=SAMPLE_NAME,
+                        help="ImageFolder tree to read (default: the packaged sample)")
     args = parser.parse_args()
-    source = SHARED_DATA / "ucmerced"
+    source = resolve_named_data(args.data)
     if not source.is_dir():
-        raise SystemExit(f"{source} is absent: this benchmark needs the real photos.")
+        raise SystemExit(f"{source} is not a folder; pass --data with an ImageFolder tree "
+                         "(train/<class>/ and val/ or test/).")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
-        rows += run("ucmerced", source, args, cache)
+        rows += run(source.name, source, args, cache)
         large = make_large_copy(source, Path(tmp) / "large", args.per_class)
         rows += run("800px", large, args, cache)
         if args.train:
