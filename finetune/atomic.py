@@ -80,12 +80,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+class LockBusyError(BlockingIOError):
+    """`exclusive_lock(..., wait=False)` found the lock held by someone else."""
+
+
 @contextmanager
 def exclusive_lock(path: str | Path, *, wait: bool = True, busy: str = "") -> Iterator[None]:
     """Hold an advisory lock on the file `path` (created if missing) for the `with` block.
 
     Other processes (and other open files in this one) asking for it wait, or with
-    `wait=False` get a `BlockingIOError` whose message is `busy`. The lock goes with the
+    `wait=False` get a `LockBusyError` whose message is `busy`. The lock goes with the
     process: a killed holder never leaves a stale lock behind, unlike a marker file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def exclusive_lock(path: str | Path, *, wait: bool = True, busy: str = "") -> It
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                raise BlockingIOError(busy or f"{path} is locked by another process") from None
+                raise LockBusyError(busy or f"{path} is locked by another process") from None
         yield
     finally:
         os.close(descriptor)  # closing releases the lock

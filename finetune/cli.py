@@ -53,9 +53,10 @@ def _backbone_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool],
-             wanted: str) -> Callable[[str], Any]:
-    """An argparse `type` that converts, then checks, naming what it expected either way."""
+def checked_number(convert: Callable[[str], Any], accept: Callable[[Any], bool],
+                   wanted: str) -> Callable[[str], Any]:
+    """An argparse `type` that converts, then checks, naming what it expected either way
+    (also used by `benchmarks.compare`)."""
 
     def parse(text: str) -> Any:
         try:
@@ -69,10 +70,10 @@ def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool],
     return parse
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _checked(int, lambda v: v >= 0, "an integer ≥ 0")
-_positive_float = _checked(float, lambda v: v > 0, "a number > 0")
-_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = checked_number(int, lambda v: v >= 0, "an integer ≥ 0")
+positive_float = checked_number(float, lambda v: v > 0, "a number > 0")
+val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _device(text: str) -> str:
@@ -117,17 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", default="DEFAULT",
                        help="DEFAULT (ImageNet), none (random init), a weights enum name "
                             "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
-    train.add_argument("--epochs", type=_positive_int, default=5, help="(default: 5)")
-    train.add_argument("--lr", type=_positive_float, default=1e-4,
+    train.add_argument("--epochs", type=positive_int, default=5, help="(default: 5)")
+    train.add_argument("--lr", type=positive_float, default=1e-4,
                        help="Adam learning rate (default: 1e-4)")
-    train.add_argument("--val-split", type=_fraction, default=0.2,
+    train.add_argument("--val-split", type=val_fraction, default=0.2,
                        help="share of each class's training images held out for validation; "
                             "0 for none (default: 0.2)")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                        help="random resized crops and flips on training images (default: off)")
-    train.add_argument("--image-size", type=_positive_int, default=None,
+    train.add_argument("--image-size", type=positive_int, default=None,
                        help="train and test at this crop size (default: the weights' own)")
-    train.add_argument("--train-per-class", type=_positive_int, default=None,
+    train.add_argument("--train-per-class", type=positive_int, default=None,
                        help="use at most N images of each class (before the val split)")
     train.add_argument("--seed", type=int, default=0, help="(default: 0)")
     train.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
@@ -175,8 +176,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
                         help="ImageFolder tree (train/, val/ or test/), the iNaturalist 12K "
                              "folder or its zip, or 'sample' (the small dataset shipped with "
                              f"finetune) (default: ${DATA_ENV}){data_required_hint}")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
-    parser.add_argument("--workers", type=_non_negative_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="(default: 32)")
+    parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="data loader worker processes (default: 1 on ≥ 2 cores)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto picks bf16 only where it is measurably faster (default: auto)")
@@ -190,7 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
     splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
                               split_seed=args.seed, train_per_class=args.train_per_class,
                               progress=False)
-    backbone = build_backbone(args.backbone, len(splits.classes), args.weights)
+    backbone = build_backbone(args.backbone, len(splits.classes), args.weights, seed=args.seed)
     data = ImageFolderData(
         splits, seed=args.seed, batch_size=args.batch_size, data_augmentation=args.augment,
         preprocessing=backbone.preprocessing, image_size=args.image_size,

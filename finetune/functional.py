@@ -34,7 +34,7 @@ from finetune.core.config import TrainConfig
 from finetune.core.metrics import EvaluationReport
 from finetune.core.strategies import FreezeFraction, FreezeStrategy, LastLayerOnly
 from finetune.core.trainer import Trainer
-from finetune.core.zoo import build_backbone, default_backbone, default_preprocessing
+from finetune.core.zoo import build_backbone, default_backbone, default_preprocessing, seeded
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 
 __all__ = [
@@ -103,6 +103,7 @@ def pretrain_model(
     *,
     backbone: Backbone | str | None = None,
     count: str = "tensors",
+    seed: int | None = 0,
 ) -> Backbone:
     """A pretrained classifier with a fresh `num_classes` head and the reference's freezing.
 
@@ -110,12 +111,14 @@ def pretrain_model(
     first `freeze_percent` of `list(model.parameters())` is frozen (`FreezeFraction`, counting
     tensors as the reference did; `count="numel"` or `"groups"` count otherwise), so 0 trains
     everything. `backbone`: a Backbone, a name for `build_backbone`, or None for
-    `default_backbone` (ResNet50 when its weights are cached, else EfficientNet-Lite0).
+    `default_backbone` (ResNet50 when its weights are cached, else EfficientNet-Lite0), built
+    under `seed` so the fresh head is the same every time (None: from the global RNG).
     Prints what trains. Returns the Backbone (an nn.Module).
     """
     strategy: FreezeStrategy = (LastLayerOnly() if freeze_all_except_last_layer
                                 else FreezeFraction(fraction=freeze_percent, count=count))
-    model = _resolve_backbone(backbone, num_classes)
+    with seeded(seed):
+        model = _resolve_backbone(backbone, num_classes)
     print(f"finetune: {strategy.describe()}: {strategy.apply(model)}")
     _STRATEGIES[model] = strategy
     return model

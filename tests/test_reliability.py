@@ -278,3 +278,123 @@ def test_cli_train_refuses_a_folder_holding_another_run(tree, tmp_path, capsys):
     assert (runs / "run.json").read_text() == record
     _train(tree, runs, capsys, "--overwrite", "--lr", "0.5")
     assert json.loads((runs / "run.json").read_text())["cli"]["lr"] == 0.5
+
+
+# -- 7: the same seed gives the same model, whatever ran before ------------------------------
+def test_cli_train_with_one_seed_is_repeatable(tree, tmp_path, capsys):
+    from finetune.callbacks import load_checkpoint
+
+    states = []
+    for name in ("a", "b"):
+        torch.rand(7)  # whatever ran before in the process must not matter
+        code, _, err = run(["train", "--data", str(tree), "--backbone", "resnet18", "--weights",
+                            "none", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+                            "--strategy", "last-layer", "--seed", "3", "--checkpoint-dir",
+                            str(tmp_path / name), *FAST], capsys)
+        assert code == 0, err
+        states.append(load_checkpoint(tmp_path / name / "last.pt")["model"])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_models_built_by_name_depend_on_the_seed_alone():
+    from finetune.functional import pretrain_model
+
+    first = pretrain_model(num_classes=3, backbone="lite0", seed=5).head.weight
+    torch.rand(11)
+    again = pretrain_model(num_classes=3, backbone="lite0", seed=5).head.weight
+    other = pretrain_model(num_classes=3, backbone="lite0", seed=6).head.weight
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    state = torch.random.get_rng_state()
+    build_backbone("resnet18", 3, weights=None, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+
+
+# -- 8: resume refuses other data and says when settings changed -------------------------------
+def test_cli_resume_refuses_other_classes_and_leaves_the_run_alone(tree, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _train(tree, runs, capsys)
+    before = {name: (runs / name).read_bytes() for name in ("last.pt", "run.json")}
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        for index, folder in enumerate(sorted((tree / split).iterdir())):
+            (other / split).mkdir(parents=True, exist_ok=True)
+            folder.rename(other / split / f"kind{index}")  # same images, other class names
+    code, _, err = run(["train", "--data", str(other), "--backbone", TINY, "--batch-size", "4",
+                        "--epochs", "2", "--resume", str(runs / "last.pt"), *FAST], capsys)
+    assert code == 2 and "trained on the classes ['class0'" in err and "kind0" in err
+    assert {name: (runs / name).read_bytes() for name in before} == before
+
+
+def test_resume_refuses_other_images_and_warns_about_changed_settings(tmp_path):
+    from finetune import ImageFolderData
+    from finetune.callbacks import Checkpoint
+    from finetune.errors import CheckpointError
+    from tests.conftest import make_tiny_backbone
+
+    root = make_tree(tmp_path / "data", classes=3, n_train=6, n_test=1, size=32)
+
+    def fit(val_split: float, lr: float, resume: Path | None = None) -> None:
+        backbone = make_tiny_backbone()
+        data = ImageFolderData(root, backbone=backbone, val_split=val_split, batch_size=4,
+                               num_workers=0, progress=False)
+        config = TrainConfig(epochs=2 if resume else 1, lr=lr, seed=0, precision="fp32")
+        Trainer(backbone, LastLayerOnly(), config,
+                callbacks=[Checkpoint(tmp_path / "run", monitor="train_loss", mode="min")]
+                ).fit(data.train_loader(), resume=resume)
+
+    fit(val_split=0.0, lr=1e-2)
+    last = tmp_path / "run" / "last.pt"
+    with pytest.raises(CheckpointError, match=r"trained on 18 other images than the 15"):
+        fit(val_split=0.2, lr=1e-2, resume=last)
+    with pytest.warns(RuntimeWarning, match=r"lr 0.1 \(was 0.01\)"):
+        fit(val_split=0.0, lr=0.1, resume=last)
+
+
+# -- 9: benchmarks.compare checks its numbers and never shrinks or mixes results -----------------
+@pytest.mark.parametrize("option, value", [
+    ("--epochs", "0"), ("--lr", "-1"), ("--batch-size", "0"), ("--image-size", "0"),
+    ("--train-per-class", "0"), ("--val-split", "0"), ("--val-split", "1.5"), ("--workers", "-1"),
+    ("--seeds", "0"), ("--lr", "fast"),
+])
+def test_compare_refuses_out_of_range_numbers(tree, tmp_path, capsys, option, value):
+    from benchmarks import compare
+    from tests.test_compare import Factory, argv
+
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([*argv(tree, tmp_path / "out"), option, value], backbone_factory=Factory())
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_compare_never_shrinks_earlier_results(tree, tmp_path):
+    from benchmarks import compare
+    from tests.test_compare import Factory, argv, read_results
+
+    output = tmp_path / "out"
+    assert compare.main(argv(tree, output, "--strategies", "last-layer,bitfit"),
+                        backbone_factory=Factory()) == 0
+    before = (output / "results.json").read_text()
+    failing = Factory(fail_on_call=2, error=RuntimeError("boom"))
+    with pytest.raises(SystemExit, match=r"holds the results of an earlier comparison.*--resume"):
+        compare.main(argv(tree, output, "--strategies", "last-layer"), backbone_factory=failing)
+    assert (output / "results.json").read_text() == before
+    assert compare.main(argv(tree, output, "--strategies", "last-layer,bitfit", "--resume"),
+                        backbone_factory=failing) == 0  # both rows kept, nothing rerun
+    assert len(read_results(output)["rows"]) == 2
+
+
+def test_two_compares_never_write_one_output_at_once(tree, tmp_path):
+    from benchmarks import compare
+    from benchmarks.compare.run import LOCK_FILE
+    from finetune.atomic import exclusive_lock
+    from tests.test_compare import Factory, argv
+
+    output = tmp_path / "out"
+    with exclusive_lock(output / LOCK_FILE), pytest.raises(
+            SystemExit, match=r"another benchmarks\.compare is writing to"):
+        compare.main(argv(tree, output, "--strategies", "last-layer"),
+                     backbone_factory=Factory())
+    assert not (output / "results.json").exists()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -26,14 +27,16 @@ from benchmarks.compare.settings import (
     strategy_specs,
 )
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
+from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
-from finetune.core.zoo import build_backbone
+from finetune.core.zoo import build_backbone, seeded
 from finetune.data import ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
+LOCK_FILE = ".compare.lock"  # held while a comparison writes its output folder
 
 
 def make_backbone(name: str, num_classes: int, pretrained: bool) -> Backbone:
@@ -92,8 +95,8 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
     """Train `spec` with `seed` on the shared split; return its results row."""
     run = parse_run(spec)
     strategy, pretrained = run.strategy, run.pretrained
-    torch.manual_seed(seed)  # the new head (and from-scratch weights) depend on the seed
-    backbone = backbone_factory(settings.backbone, len(splits.classes), pretrained)
+    with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
+        backbone = backbone_factory(settings.backbone, len(splits.classes), pretrained)
     data = loaders_for(splits, settings, backbone)
     config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
                          precision=settings.precision, device=settings.device)
@@ -207,11 +210,28 @@ def main(argv: Sequence[str] | None = None,
     """Run every strategy × seed; returns 0, 1 if a run failed, 130 on Ctrl-C."""
     args = parse_args(argv)
     specs = strategy_specs(args)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    busy = (f"another benchmarks.compare is writing to {output}; wait for it to finish or "
+            "choose another --output")
+    try:
+        with exclusive_lock(output / LOCK_FILE, wait=False, busy=busy):
+            return _compare(args, specs, output, argv, backbone_factory)
+    except LockBusyError as error:
+        raise SystemExit(str(error)) from None
+
+
+def _compare(args: argparse.Namespace, specs: list[str], output: Path,
+             argv: Sequence[str] | None, backbone_factory: BackboneFactory) -> int:
+    """main's work, while it holds the output folder's lock."""
+    previous = output / "results.json"
+    if previous.is_file() and not (args.resume or args.overwrite):
+        raise SystemExit(
+            f"{output} holds the results of an earlier comparison; continue it with --resume, "
+            "replace them with --overwrite, or choose another --output.")
     command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}" if args.wandb else None
     settings = resolve_settings(args, specs, str(resolve_data(args.data)), command, group)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     rows = load_previous(output, settings) if args.resume else []
     for key, value in settings.to_dict().items():
         print(f"{key:>16}: {value}")

@@ -15,10 +15,13 @@ import attrs
 
 import finetune
 from finetune import FreezeStrategy
+from finetune.cli import checked_number, non_negative_int, positive_float, positive_int
 from finetune.core.zoo import default_backbone_name
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
+# Every row needs a validation accuracy, so unlike `finetune train` 0 is not allowed.
+OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
 SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -115,33 +118,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_seeds, default=1, help="runs per strategy (seeds 0..N-1), "
                    "or auto: each strategy as many seeds (1 to 5) as fit in the time of one "
                    "run of the slowest")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--train-per-class", type=int, help="images per class before the val split")
-    p.add_argument("--val-split", type=float)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--train-per-class", type=positive_int,
+                   help="images per class before the val split")
+    p.add_argument("--val-split", type=OPEN_FRACTION, help="share of train held out (0 < F < 1)")
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="data loader workers (default: library's)")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="data loader workers (default: library's)")
     p.add_argument("--output", default="runs/compare", help="folder for results and plots")
     p.add_argument("--resume", action="store_true", help="skip runs already in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --output (refused otherwise)")
     p.add_argument("--wandb", action="store_true", help="log each run to wandb (offline "
                    "without an API key), all in one group")
     p.add_argument("--wandb-project", default="finetune-compare")
     args = p.parse_args(argv)
-    if args.seeds != "auto" and args.seeds < 1:
-        p.error("--seeds must be at least 1, or auto")
+    if args.resume and args.overwrite:
+        p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
     return args
 
 
+_SEED_COUNT = checked_number(int, lambda v: v >= 1, "a positive integer or auto")
+
+
 def _seeds(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
+    return text if text == "auto" else _SEED_COUNT(text)
 
 
 def strategy_specs(args: argparse.Namespace) -> list[str]:

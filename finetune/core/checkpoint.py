@@ -7,7 +7,10 @@ resume that would not fit. `FreezeStrategy.from_state_dict` rebuilds the strateg
 
 from __future__ import annotations
 
+import hashlib
 import random
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,9 @@ from finetune.core.weights import state_dict_mismatch
 from finetune.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
+# TrainConfig fields whose change on resume alters the run's outcome; the others (epochs,
+# device, precision, cache settings) are expected to differ.
+OUTCOME_SETTINGS = ("lr", "weight_decay", "seed", "max_grad_norm")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -72,6 +78,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_fingerprint(classes: Sequence[str], loader: Iterable[Any]) -> dict[str, Any]:
+    """What a run trains on: its class names, and — for datasets that list (path, label)
+    samples — their count and a digest of the sorted `class-folder/file-stem` and label of each.
+    Stems, not full paths: a dataset moved to another folder (or pre-resized) is the same data."""
+    samples = getattr(getattr(loader, "dataset", None), "samples", None)
+    record: dict[str, Any] = {"classes": [str(c) for c in classes], "count": None,
+                              "samples": None}
+    if samples is not None:
+        entries = sorted(f"{Path(p).parent.name}/{Path(p).stem}\0{int(label)}"
+                         for p, label in samples)
+        record["count"] = len(entries)
+        record["samples"] = hashlib.sha1("\n".join(entries).encode()).hexdigest()[:16]
+    return record
+
+
+def check_same_data(checkpoint: dict[str, Any], data: dict[str, Any],
+                    path: str | Path | None) -> None:
+    """Refuse a resume on other classes or other training images than the checkpoint's."""
+    theirs = checkpoint.get("data") or {"classes": checkpoint.get("classes"), "samples": None}
+    if theirs["classes"] and theirs["classes"] != data["classes"]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on the classes {theirs['classes']}, but this data "
+            f"has {data['classes']}; resume on the data it was trained on, or start a new run "
+            "in another folder."
+        )
+    if theirs["samples"] is not None and data["samples"] not in (None, theirs["samples"]):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {theirs['count']} other images than the "
+            f"{data['count']} this loader holds; resume with the same data, validation split, "
+            "seed and per-class limit, or start a new run in another folder."
+        )
+
+
+def warn_on_changed_settings(checkpoint: dict[str, Any], config: Any,
+                             path: str | Path | None) -> None:
+    """A resumed run that trains differently from how it started is allowed, but said."""
+    saved = checkpoint.get("config") or {}
+    changed = [f"{name} {getattr(config, name)!r} (was {saved[name]!r})"
+               for name in OUTCOME_SETTINGS
+               if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        warnings.warn(f"resuming {path} with other settings: {', '.join(changed)}; the result "
+                      "will differ from an uninterrupted run.", RuntimeWarning, stacklevel=3)
 
 
 def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: FreezeStrategy,

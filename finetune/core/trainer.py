@@ -25,9 +25,12 @@ from finetune.core.backbone import Backbone
 from finetune.core.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
+    check_same_data,
+    data_fingerprint,
     load_checkpoint,
     rng_state,
     set_rng_state,
+    warn_on_changed_settings,
 )
 from finetune.core.config import TrainConfig
 from finetune.core.events import Callback, Event, callback_keys, dispatch
@@ -105,6 +108,7 @@ class Trainer:
         self._prepared = False
         self._activations = ActivationCaches("off", 0, None)  # configured by _prepare
         self._model_forward: Callable[[torch.Tensor], torch.Tensor] = backbone
+        self._data: dict[str, Any] | None = None  # data_fingerprint of the loader fit trains on
 
     @property
     def history(self) -> History:
@@ -120,6 +124,7 @@ class Trainer:
         """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`)."""
         config = self.config
         self._resolve_classes(train_loader)
+        self._data = data_fingerprint(self.classes or [], train_loader)
         if config.seed is not None:
             seed_everything(config.seed)
         checkpoint = load_checkpoint(resume) if resume is not None else None
@@ -129,6 +134,8 @@ class Trainer:
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, self.strategy, resume)
+            check_same_data(checkpoint, self._data, resume)
+            warn_on_changed_settings(checkpoint, config, resume)
         self._activations.allow(train_loader, val_loader)
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
@@ -194,6 +201,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "backbone": {"name": self.backbone.name, "num_classes": self.backbone.num_classes},
             "classes": list(self.classes or []),
+            "data": self._data,
             "model": {k: v.detach().cpu() for k, v in self.backbone.model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,

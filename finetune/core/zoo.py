@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import torch
 import torchvision
 
 from finetune.core.architectures import TORCHVISION_ARCHITECTURES
@@ -53,8 +56,21 @@ def default_preprocessing() -> Preprocessing:
     return preprocessing_from_weights(weights) if weights is not None else LITE0_PREPROCESSING
 
 
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded by `seed` (nothing when None), restoring the
+    caller's RNG state after: a model built inside (its fresh head, from-scratch weights) is a
+    function of the seed, whatever ran before, and the process's own RNG is left alone."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT", *,
-                   allow_import: bool = True) -> Backbone:
+                   allow_import: bool = True, seed: int | None = None) -> Backbone:
     """A backbone by name, as the CLI spells it.
 
     `name`: "auto" (`default_backbone`), "lite0" (also "efficientnet_lite0"), a torchvision
@@ -63,8 +79,14 @@ def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT",
     `weights`: "DEFAULT" (the published ImageNet weights), None / "none" (random init), an
     enum name such as "IMAGENET1K_V1", or a path to a local state dict (torchvision only).
     `allow_import=False` builds registered names only: a name read from a file (run.json, a
-    checkpoint) must never import code.
+    checkpoint) must never import code. `seed`: build under `seeded(seed)`, so the same seed
+    gives the same head every time (every entry point that builds before training passes it).
     """
+    with seeded(seed):
+        return _build(name, num_classes, weights, allow_import)
+
+
+def _build(name: str, num_classes: int, weights: str | None, allow_import: bool) -> Backbone:
     check_backbone_name(name)
     weights = None if weights is None or str(weights).lower() == "none" else str(weights)
     if name == "auto":
@@ -74,7 +96,7 @@ def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT",
                 "architecture to load other weights."
             )
         if weights is None:
-            return build_backbone(default_backbone_name(), num_classes, None)
+            return _build(default_backbone_name(), num_classes, None, allow_import)
         return default_backbone(num_classes)
     if name in LITE0_NAMES:
         if weights not in (None, "DEFAULT"):
