@@ -31,6 +31,7 @@ from finetune.errors import (
     ArchitectureError,
     CheckpointError,
     DataError,
+    DeviceError,
     FinetuneError,
     WeightsUnavailableError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "BitFit",
     "CheckpointError",
     "DataError",
+    "DeviceError",
     "DiscriminativeLR",
     "EvaluationReport",
     "FinetuneError",

@@ -34,7 +34,7 @@ from finetune.core.trainer import Trainer
 from finetune.core.zoo import build_backbone, check_backbone_name, is_import_path
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
 from finetune.data.preprocessing import Preprocessing
-from finetune.errors import ArchitectureError, CheckpointError, DataError, FinetuneError
+from finetune.errors import ArchitectureError, CheckpointError, DataError, FinetuneError, redact
 
 
 # -- argument types ---------------------------------------------------------------------------
@@ -364,8 +364,19 @@ def run_strategies(args: argparse.Namespace) -> int:
 
 
 # -- entry point --------------------------------------------------------------------------------
+def tolerate_unencodable_output() -> None:
+    """Print what the terminal's encoding cannot show as `\\xe9` escapes instead of failing: a
+    class named 'café' must not crash a finished run at its last print (LANG=C, a pipe on
+    Windows). Only streams still in the default strict mode are changed."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure) and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; library errors exit with code 2 and a one-line message on stderr."""
+    tolerate_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -381,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        args.parser.error(f"{message} ({type(error).__name__}; --traceback for details)")
+        args.parser.error(redact(f"{message} ({type(error).__name__}; --traceback for details)"))
     return 2  # unreachable: parser.error exits
 
 

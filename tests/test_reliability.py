@@ -398,3 +398,145 @@ def test_two_compares_never_write_one_output_at_once(tree, tmp_path):
         compare.main(argv(tree, output, "--strategies", "last-layer"),
                      backbone_factory=Factory())
     assert not (output / "results.json").exists()
+
+
+# -- 10: downloads stop at the expected size; ~ expands; zip bombs are refused -----------------
+def test_a_download_stops_once_it_exceeds_the_expected_size(tmp_path, monkeypatch):
+    import contextlib
+
+    from finetune.data import download
+    from finetune.errors import DataError
+
+    served = []
+
+    class Endless:  # a server that never stops sending
+        def read(self, size: int = -1) -> bytes:
+            if len(served) >= 64:
+                return b""
+            served.append(size)
+            return b"\0" * size
+
+    @contextlib.contextmanager
+    def endless(url, offset, timeout):
+        yield Endless(), 0, None
+
+    monkeypatch.setattr(download, "_open_remote", endless)
+    with pytest.raises(DataError, match=r"sent more than the expected 1,000 bytes"):
+        download.download_file("https://example.org/a.zip", tmp_path / "a.zip",
+                               expected_size=1000, progress=False)
+    assert len(served) == 1  # stopped after the first chunk, not after 64 MiB
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_expands_the_home_folder(tmp_path, monkeypatch):
+    from finetune.data import INaturalist12K
+    from tests.test_data_download import build_archive
+
+    archive = build_archive(tmp_path / "nature_12K.zip")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    folder = INaturalist12K.download("~/data", url=archive.as_uri(), progress=False)
+    assert folder == tmp_path / "home" / "data" / "inaturalist_12K" and folder.is_dir()
+    assert not (tmp_path / "~").exists()
+
+
+def test_zip_bombs_are_refused_before_anything_is_written(tmp_path):
+    import zipfile
+
+    from finetune.data import safe_extract
+    from finetune.errors import DataError
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as handle, \
+            handle.open("tree/train/a/zeros.jpg", "w") as member:
+        for _ in range(80):
+            member.write(bytes(1 << 20))  # 80 MiB of zeros: ~80 KB packed
+    with pytest.raises(DataError, match="zip bomb"):
+        safe_extract(bomb, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    small = _zip(tmp_path / "small.zip", {"tree/a.txt": b"x" * 100})
+    with pytest.raises(DataError, match=r"limit 10 bytes"):
+        safe_extract(small, tmp_path / "out", max_bytes=10)
+
+
+# -- 11: hidden folders and __MACOSX inside class folders are skipped -----------------------
+def test_hidden_folders_inside_class_folders_are_not_images(tmp_path):
+    import shutil
+
+    from finetune import ImageFolderData
+
+    root = make_tree(tmp_path / "data", classes=2, n_train=2, n_test=1, size=16)
+    image = root / "train" / "class0" / "img0.jpg"
+    for junk in (".thumbnails/img0.jpg", "__MACOSX/img0.jpg", "sub/.cache/img0.jpg"):
+        (root / "train" / "class0" / junk).parent.mkdir(parents=True)
+        shutil.copy(image, root / "train" / "class0" / junk)
+    shutil.copy(image, root / "train" / "class0" / "sub" / "kept.jpg")
+    data = ImageFolderData(root, val_split=0.0, image_size=16, num_workers=0, progress=False)
+    names = sorted(str(p.relative_to(root / "train")) for p, _ in data.train_samples)
+    assert names == ["class0/img0.jpg", "class0/img1.jpg", "class0/sub/kept.jpg",
+                     "class1/img0.jpg", "class1/img1.jpg"]
+
+
+# -- 12: a class name the terminal cannot encode does not fail the run --------------------------
+def test_train_and_evaluate_survive_an_ascii_stdout(tmp_path):
+    import os
+    import subprocess
+
+    root = make_tree(tmp_path / "data", classes=2, n_train=2, n_test=1, size=16)
+    for split in ("train", "val"):
+        (root / split / "class1").rename(root / split / "café")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(repo)}
+    for command in (["train", "--data", str(root), "--backbone", TINY, "--epochs", "1",
+                     "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "run"), *FAST],
+                    ["evaluate", "--checkpoint", str(tmp_path / "run"), "--backbone", TINY,
+                     *FAST]):
+        result = subprocess.run([sys.executable, "-m", "finetune", *command], cwd=repo, env=env,
+                                capture_output=True, timeout=300)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+        assert b"caf\\xe9" in result.stdout  # the table's row, escaped
+
+
+# -- 13: clear device and weights errors; credentials never shown -------------------------------
+def test_a_missing_cuda_device_is_a_one_line_error(tree, tmp_path, capsys):
+    code, _, err = run(["train", "--data", str(tree), "--backbone", TINY, "--epochs", "1",
+                        "--device", f"cuda:{torch.cuda.device_count()}", "--workers", "0"],
+                       capsys)
+    assert code == 2 and "DeviceError" in err and "--device cpu" in err
+    assert "Traceback" not in err
+
+
+def test_a_corrupt_hub_cache_file_gets_the_local_files_message(tmp_path, monkeypatch):
+    from finetune.core.weights import hub_checkpoint_path
+    from finetune.errors import WeightsUnavailableError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import torchvision
+
+    cached = hub_checkpoint_path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"<html>captive portal</html>")
+    with pytest.raises(WeightsUnavailableError, match=r"cannot read weights file .*delete it"):
+        Backbone.from_torchvision("resnet18", 3, weights="IMAGENET1K_V1")
+    local = tmp_path / "mine.pth"
+    local.write_bytes(b"garbage")
+    with pytest.raises(WeightsUnavailableError, match=r"cannot read weights file .*mine\.pth"):
+        Backbone.from_torchvision("resnet18", 3, weights=str(local))
+
+
+def test_credentials_in_urls_are_redacted_from_messages(tmp_path, monkeypatch):
+    from finetune.data import download_file
+    from finetune.errors import DataError, WeightsUnavailableError, redact
+
+    assert redact("https://ann:hunter2@host/a.zip?dl=1&X-Amz-Signature=abc123&token=t0k") == (
+        "https://***@host/a.zip?dl=1&X-Amz-Signature=***&token=***")
+    with pytest.raises(DataError) as caught:
+        download_file("http://ann:hunter2@127.0.0.1:9/a.zip?sig=s3cr3t", tmp_path / "a.zip",
+                      progress=False, timeout=2)
+    assert "hunter2" not in str(caught.value) and "s3cr3t" not in str(caught.value)
+    assert "http://***@127.0.0.1:9/a.zip?sig=***" in str(caught.value)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("FINETUNE_WEIGHTS_MIRROR", "http://bob:pa55@127.0.0.1:9/mirror")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        Backbone.from_torchvision("resnet18", 3)
+    assert "pa55" not in str(caught.value) and "http://***@127.0.0.1:9/mirror" in str(caught.value)

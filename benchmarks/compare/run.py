@@ -29,10 +29,11 @@ from benchmarks.compare.settings import (
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
+from finetune.cli import tolerate_unencodable_output
 from finetune.core.zoo import build_backbone, seeded
 from finetune.data import ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, redact
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
@@ -186,9 +187,10 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
                   "with the same command plus --resume.", file=sys.stderr)
             return 130
         except Exception as error:
-            traceback.print_exc()
-            failed.append({"strategy": spec, "seed": seed, "error": repr(error)})
-            print(f"{tag}: FAILED ({error}); continuing with the others", file=sys.stderr)
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+            failed.append({"strategy": spec, "seed": seed, "error": redact(repr(error))})
+            print(redact(f"{tag}: FAILED ({error}); continuing with the others"),
+                  file=sys.stderr)
             write_outputs(output, settings, splits.classes, rows, failed, draw=False,
                           targets=targets)
             continue
@@ -208,6 +210,7 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
 def main(argv: Sequence[str] | None = None,
          backbone_factory: BackboneFactory = make_backbone) -> int:
     """Run every strategy × seed; returns 0, 1 if a run failed, 130 on Ctrl-C."""
+    tolerate_unencodable_output()
     args = parse_args(argv)
     specs = strategy_specs(args)
     output = Path(args.output)

@@ -142,11 +142,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-_SEED_COUNT = checked_number(int, lambda v: v >= 1, "a positive integer or auto")
-
-
 def _seeds(text: str) -> int | str:
-    return text if text == "auto" else _SEED_COUNT(text)
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {count}")
+    return count
 
 
 def strategy_specs(args: argparse.Namespace) -> list[str]:

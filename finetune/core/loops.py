@@ -11,14 +11,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.errors import DeviceError
+
 LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 def default_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{spec}' requested but CUDA is not available; use 'auto'.")
+    if spec.startswith("cuda"):
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(spec.partition(":")[2] or 0)
+        if index >= available:
+            raise DeviceError(
+                f"device '{spec}' requested but this machine has "
+                f"{available or 'no usable'} CUDA device{'s' if available != 1 else ''}; use "
+                "--device auto (CUDA when present, else the CPU) or --device cpu."
+            )
     return torch.device(spec)
 
 

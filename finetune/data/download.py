@@ -32,6 +32,9 @@ _DONE_MARKER = ".extracted"
 _LOCK = ".extract.lock"
 _PENDING = ".extracting"  # the top-level names an unfinished extraction moved into the target
 _JUNK = ("__MACOSX/",)
+MAX_EXTRACTED_BYTES = 64 << 30  # iNaturalist 12K is 3.6 GB; an order of magnitude above
+MAX_RATIO = 100  # photos hardly compress; text does ~10x; a bomb does 1000x
+_RATIO_FLOOR = 64 << 20  # small archives cannot hurt, whatever their ratio
 
 
 # -- download ---------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def download_file(
     """Fetch `url` (http, https or file) to `destination`, resuming `<destination>.part` if an
     earlier attempt was interrupted. Nothing is fetched when `destination` already exists and
     matches the expected size/sha256. The file only takes its final name once complete."""
-    destination = Path(destination)
+    destination = Path(destination).expanduser()
     if destination.is_file():
         verify_file(destination, expected_size, sha256)
         return destination
@@ -67,12 +70,20 @@ def download_file(
                 while chunk := stream.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
+                    if expected_size is not None and out.tell() > expected_size:
+                        break  # handled below, once the file is closed
             except (http.client.IncompleteRead, OSError, TimeoutError) as error:
                 raise DataError(
                     f"download of {url} was interrupted after {out.tell():,} bytes ({error}); "
                     f"the partial file {partial} is kept: call again to resume."
                 ) from error
     got = partial.stat().st_size
+    if expected_size is not None and got > expected_size:
+        partial.unlink()
+        raise DataError(
+            f"{url} sent more than the expected {expected_size:,} bytes; stopped and removed "
+            f"the download. Check the URL (and expected_size), then call again."
+        )
     if total is not None and got != total:
         raise DataError(
             f"download of {url} stopped at {got:,} of {total:,} bytes; the partial file "
@@ -151,14 +162,16 @@ def verify_file(path: Path, expected_size: int | None, sha256: str | None) -> No
 
 
 # -- extraction -------------------------------------------------------------------------------
-def safe_extract(archive: Path | str, target: Path | str) -> Path:
+def safe_extract(archive: Path | str, target: Path | str,
+                 max_bytes: int = MAX_EXTRACTED_BYTES) -> Path:
     """Extract a zip into `target`, refusing any member that would land outside it (absolute
     paths, `..`, drive letters). Idempotent: a marker file records a finished extraction.
 
     Each process extracts into its own staging folder; the move into `target` happens under a
     lock and the marker is written only over a complete tree, so concurrent calls cannot mix
     two half-trees. Entries of `target` the archive did not create are never replaced: an
-    archive whose top-level names collide with them is refused."""
+    archive whose top-level names collide with them is refused. An archive that would expand
+    to more than `max_bytes`, or implausibly far (`check_expansion`), is refused unopened."""
     archive, target = Path(archive).expanduser(), Path(target).expanduser()
     marker = target / _DONE_MARKER
     if marker.is_file():
@@ -166,6 +179,7 @@ def safe_extract(archive: Path | str, target: Path | str) -> Path:
     members = zip_members(archive)
     for info in members:
         _check_member(info.filename, archive)
+    check_expansion(members, archive, max_bytes)
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
     try:
@@ -211,6 +225,19 @@ def _move_into(staging: Path, target: Path, archive: Path) -> None:
         if name in taken:
             shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
         os.replace(staging / name, destination)
+
+
+def check_expansion(members: list[zipfile.ZipInfo], archive: Path, max_bytes: int) -> None:
+    """Refuse a zip bomb before writing anything: more than `max_bytes` in all, or a large
+    archive that claims to expand more than `MAX_RATIO` times (images hardly compress)."""
+    expanded = sum(info.file_size for info in members)
+    packed = sum(info.compress_size for info in members)
+    if expanded > max_bytes or (expanded > _RATIO_FLOOR and expanded > MAX_RATIO * packed):
+        raise DataError(
+            f"{archive} would expand to {expanded:,} bytes from {packed:,} (limit {max_bytes:,} "
+            f"bytes, {MAX_RATIO}x); refusing what looks like a zip bomb. If you trust it, pass "
+            "max_bytes= to safe_extract, or unzip it yourself and pass the folder."
+        )
 
 
 def zip_members(archive: Path) -> list[zipfile.ZipInfo]:
@@ -266,7 +293,7 @@ class INaturalist12K:
         """Download, verify and extract into `root`; return `root/inaturalist_12K`. A second
         call finds the extracted folder and does nothing. `url` defaults to `URL` (a mirror or
         a `file://` path works too)."""
-        root = Path(root)
+        root = Path(root).expanduser()
         folder = root / cls.FOLDER
         if (root / _DONE_MARKER).is_file() and folder.is_dir():
             return folder
@@ -279,7 +306,7 @@ class INaturalist12K:
     @classmethod
     def extract(cls, archive: Path | str, root: Path | str, *, keep_archive: bool = True) -> Path:
         """Check the layout of a local `nature_12K.zip`, extract it safely into `root`."""
-        archive, root = Path(archive), Path(root)
+        archive, root = Path(archive).expanduser(), Path(root).expanduser()
         cls.check_layout(archive)
         safe_extract(archive, root)
         if not keep_archive:

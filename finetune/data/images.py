@@ -104,7 +104,8 @@ def scan_split(folder: Path, classes: Iterable[str]) -> list[tuple[Path, int]]:
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p))
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p)
+                       and not any(map(_hidden, p.relative_to(class_dir).parents)))
         if not files:
             raise DataError(
                 f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -115,4 +116,5 @@ def scan_split(folder: Path, classes: Iterable[str]) -> list[tuple[Path, int]]:
 
 
 def _hidden(path: Path) -> bool:
+    """Hidden folders (`.thumbnails`, `.git`) and macOS `__MACOSX` junk, at any depth."""
     return path.name.startswith((".", "__MACOSX"))
