@@ -122,12 +122,18 @@ def warn_on_changed_settings(checkpoint: dict[str, Any], config: Any,
                if name in saved and saved[name] != getattr(config, name)]
     if changed:
         warnings.warn(f"resuming {path} with other settings: {', '.join(changed)}; the result "
-                      "will differ from an uninterrupted run.", RuntimeWarning, stacklevel=3)
+                      "will differ from an uninterrupted run.", RuntimeWarning, stacklevel=4)
 
 
 def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: FreezeStrategy,
-                     path: str | Path | None) -> None:
-    """Refuse a resume into another architecture, head size, strategy or weight layout."""
+                     path: str | Path | None, data: dict[str, Any] | None = None,
+                     config: Any = None) -> None:
+    """Refuse a resume into another architecture, head size, strategy or weight layout, or
+    (given its `data_fingerprint`) other data; warn when `config` trains differently."""
+    if data is not None:
+        check_same_data(checkpoint, data, path)
+    if config is not None:
+        warn_on_changed_settings(checkpoint, config, path)
     ours = {"name": backbone.name, "num_classes": backbone.num_classes}
     theirs = checkpoint["backbone"]
     if theirs != ours:

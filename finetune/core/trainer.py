@@ -25,12 +25,10 @@ from finetune.core.backbone import Backbone
 from finetune.core.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
-    check_same_data,
     data_fingerprint,
     load_checkpoint,
     rng_state,
     set_rng_state,
-    warn_on_changed_settings,
 )
 from finetune.core.config import TrainConfig
 from finetune.core.events import Callback, Event, callback_keys, dispatch
@@ -133,9 +131,7 @@ class Trainer:
                                 batches_per_epoch=loader_length(train_loader))
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
-            check_compatible(checkpoint, self.backbone, self.strategy, resume)
-            check_same_data(checkpoint, self._data, resume)
-            warn_on_changed_settings(checkpoint, config, resume)
+            check_compatible(checkpoint, self.backbone, self.strategy, resume, self._data, config)
         self._activations.allow(train_loader, val_loader)
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
