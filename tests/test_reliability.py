@@ -336,8 +336,8 @@ def test_resume_refuses_other_images_and_warns_about_changed_settings(tmp_path):
 
     def fit(val_split: float, lr: float, resume: Path | None = None) -> None:
         backbone = make_tiny_backbone()
-        data = ImageFolderData(root, backbone=backbone, val_split=val_split, batch_size=4,
-                               num_workers=0, progress=False)
+        data = ImageFolderData(root, preprocessing=backbone.preprocessing, val_split=val_split,
+                               batch_size=4, num_workers=0, progress=False)
         config = TrainConfig(epochs=2 if resume else 1, lr=lr, seed=0, precision="fp32")
         Trainer(backbone, LastLayerOnly(), config,
                 callbacks=[Checkpoint(tmp_path / "run", monitor="train_loss", mode="min")]
