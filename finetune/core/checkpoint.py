@@ -130,10 +130,6 @@ def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: F
                      config: Any = None) -> None:
     """Refuse a resume into another architecture, head size, strategy or weight layout, or
     (given its `data_fingerprint`) other data; warn when `config` trains differently."""
-    if data is not None:
-        check_same_data(checkpoint, data, path)
-    if config is not None:
-        warn_on_changed_settings(checkpoint, config, path)
     ours = {"name": backbone.name, "num_classes": backbone.num_classes}
     theirs = checkpoint["backbone"]
     if theirs != ours:
@@ -152,4 +148,8 @@ def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: F
         raise CheckpointError(
             f"checkpoint {path} does not fit {backbone.name}: {mismatch}"
         )
+    if data is not None:
+        check_same_data(checkpoint, data, path)
+    if config is not None:
+        warn_on_changed_settings(checkpoint, config, path)
 
