@@ -1,15 +1,19 @@
 """Training throughput per strategy: the loop users write against the library's Trainer.
 
-    python -m benchmarks.throughput --backbone resnet50 --strategies last-layer freeze-80 \
-        full-unfreeze
+    python -m benchmarks.throughput --backbone resnet50 \
+        --strategies last-layer,freeze-80,full-unfreeze
+    python -m benchmarks.throughput --backbone lite0 --strategies last-layer,freeze-80
 
 Both sides train the same randomly initialised backbone (speed does not depend on the weights)
 on the same random images, in one process:
 
 - naive: fp32, NCHW, the full forward every step, `requires_grad=False` on the parameters the
   strategy freezes, Adam over the rest — the loop from the tutorials;
-- library: `Trainer` with its defaults (precision "auto", channels_last, activation cache,
-  glibc malloc keeping freed memory).
+- library: `Trainer` with its defaults (precision and memory format by timed probes,
+  activation cache, glibc malloc keeping freed memory).
+
+The table is headed by the CPU and its kind — native bf16 (AVX512-BF16 / AMX) or not — since
+the ratios differ between the two.
 
 It prints images/s for the naive epoch, the library's first epoch (which fills the cache) and
 its later epochs, the ratios, and minor page faults per step (an allocator that returns memory
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, TrainConfig, Trainer, parse_strategy
 from finetune.callbacks import Callback
+from finetune.core.precision import cpu_has_native_bf16
 from finetune.core.strategies import FreezeStrategy
 from finetune.core.zoo import build_backbone
 
@@ -40,7 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--strategies", nargs="+",
-                        default=["last-layer", "freeze-80", "full-unfreeze"])
+                        default=["last-layer", "freeze-80", "full-unfreeze"],
+                        help="comma- or space-separated, as benchmarks.compare takes them")
     parser.add_argument("--images", type=int, default=64, help="images per epoch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
@@ -52,6 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: epoch 1 fills the cache, later ones use it")
+    args.strategies = [spec for item in args.strategies for spec in item.split(",") if spec]
+    for spec in args.strategies:
+        try:
+            make_strategy(spec)
+        except ValueError as error:
+            parser.error(f"--strategies: {error}")
     return args
 
 
@@ -128,6 +140,7 @@ def library_epochs(backbone: Backbone, strategy: FreezeStrategy, loader: DataLoa
         "precision": trainer.state.precision,
         "channels_last": trainer.state.channels_last,
         "cached_at": trainer.state.cached_prefix,
+        "uncached_reason": trainer.state.uncached_reason,
     }
 
 
@@ -143,6 +156,7 @@ def machine() -> dict[str, Any]:
         "cpu": model,
         "threads": torch.get_num_threads(),
         "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
@@ -167,6 +181,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rows": rows}
 
 
+def cpu_kind(info: dict[str, Any]) -> str:
+    if info["native_bf16"]:
+        return "CPU with native bf16"
+    return "CPU without native bf16 (bf16 emulated: fp32 is faster)"
+
+
 HEADER = ("| strategy | naive img/s | library epoch 1 img/s | library epoch 2+ img/s | "
           "ratio epoch 1 | ratio epoch 2+ | precision | cached up to | faults/step naive → lib |\n"
           "|---|---|---|---|---|---|---|---|---|")
@@ -185,9 +205,9 @@ def format_row(row: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info = machine()
-    print(f"{info['cpu']} · {info['threads']} threads · {', '.join(info['flags'])} · "
-          f"torch {info['torch']} · {args.backbone} · {args.images} images of "
-          f"{args.image_size}px · batch {args.batch_size}")
+    print(f"{info['cpu']} · {cpu_kind(info)} · {info['threads']} threads · "
+          f"{', '.join(info['flags'])} · torch {info['torch']} · {args.backbone} · "
+          f"{args.images} images of {args.image_size}px · batch {args.batch_size}")
     print(HEADER)
     results = run(args)
     if args.out is not None:

@@ -19,6 +19,7 @@ from finetune import (
     Trainer,
 )
 from finetune.core.activation_cache import ActivationCache, cache_key, find_cut, split
+from finetune.core.cache_plan import plan_cut
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,16 @@ def test_train_bn_stops_the_cut_at_the_first_batchnorm(resnet18: Backbone) -> No
     assert find_cut(resnet18).label == "conv1"  # bn1's statistics move under training
 
 
-def test_architectures_without_a_sequence_are_not_cut() -> None:
-    backbone = Backbone.from_torchvision("mobilenet_v3_large", 3, weights=None)
-    LastLayerOnly().apply(backbone)
-    assert find_cut(backbone) is None
+def test_architectures_without_a_sequence_are_cut_by_tracing(resnet18: Backbone) -> None:
+    from tests.conftest import make_tiny_backbone
+
+    tiny = make_tiny_backbone()
+    LastLayerOnly().apply(tiny)
+    assert find_cut(tiny) is None  # no declared chain
+    cut, reason = plan_cut(tiny)
+    assert (cut.label, reason) == ("pool", "") and cut.graph is not None
+    LastLayerOnly().apply(resnet18)
+    assert plan_cut(resnet18)[0] == find_cut(resnet18)  # declared chains are cut directly
 
 
 def test_prefix_then_suffix_equals_the_full_forward(resnet18: Backbone) -> None:
@@ -149,7 +156,7 @@ def test_key_changes_with_weights_preprocessing_cut_and_data(resnet18: Backbone)
 
 # -- through the Trainer --------------------------------------------------------------------
 def _fit(strategy: FreezeStrategy, feature_cache: str, precision: str = "fp32",
-         epochs: int = 2) -> tuple[Trainer, History]:
+         epochs: int = 2) -> tuple[Trainer, History, DataLoader]:
 
     torch.manual_seed(0)
     backbone = Backbone.from_torchvision("resnet18", 3, weights=None)
@@ -160,19 +167,22 @@ def _fit(strategy: FreezeStrategy, feature_cache: str, precision: str = "fp32",
                        generator=torch.Generator())
     val = DataLoader(TensorDataset(images[:8], labels[:8]), batch_size=4)
     config = TrainConfig(epochs=epochs, lr=1e-2, seed=0, precision=precision,
-                         feature_cache=feature_cache)
+                         channels_last=False, feature_cache=feature_cache)
     trainer = Trainer(backbone, strategy, config)
     history = trainer.fit(train, val)
-    return trainer, history
+    return trainer, history, train
 
 
 @pytest.mark.parametrize("strategy", [LastLayerOnly(), FreezeFraction(0.8)],
                          ids=["last-layer", "freeze-80"])
 def test_cached_training_is_bit_exact_in_fp32(strategy: FreezeStrategy) -> None:
-    plain, plain_history = _fit(strategy, "off")
-    cached, cached_history = _fit(strategy, "auto")
+    plain, plain_history, _ = _fit(strategy, "off")
+    cached, cached_history, train = _fit(strategy, "auto")
     assert plain.state.cached_prefix is None and cached.state.cached_prefix is not None
-    assert len(cached._activations) == 0  # released when fit returns
+    assert plain.state.uncached_reason == "feature_cache='off'"
+    assert len(cached.activations) == 0  # released when fit returns
+    assert cached.activations.batches(train, cached.backbone, None, None) == (
+        train, cached.backbone)
     for (name, a), b in zip(plain.backbone.state_dict().items(),
                             cached.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -181,8 +191,8 @@ def test_cached_training_is_bit_exact_in_fp32(strategy: FreezeStrategy) -> None:
 
 
 def test_cached_training_matches_within_bf16_tolerance() -> None:
-    plain, plain_history = _fit(LastLayerOnly(), "off", precision="bf16")
-    cached, cached_history = _fit(LastLayerOnly(), "auto", precision="bf16")
+    plain, plain_history, _ = _fit(LastLayerOnly(), "off", precision="bf16")
+    cached, cached_history, _ = _fit(LastLayerOnly(), "auto", precision="bf16")
     assert cached.state.cached_prefix == "avgpool"
     assert torch.allclose(plain.backbone.head.weight, cached.backbone.head.weight, atol=2e-2)
     assert plain_history["train_loss"] == pytest.approx(cached_history["train_loss"], rel=2e-2)
@@ -198,7 +208,8 @@ def test_augmented_data_is_not_cached_in_auto_mode() -> None:
     trainer = Trainer(backbone, LastLayerOnly(),
                       TrainConfig(epochs=1, precision="fp32", feature_cache="auto"))
     trainer.fit(DataLoader(data, batch_size=4))
-    assert trainer._activations.cut is not None and trainer.state.cached_prefix is None
+    assert trainer.activations.cut is not None and trainer.state.cached_prefix is None
+    assert "does not declare itself deterministic" in trainer.state.uncached_reason
 
 
 @pytest.mark.parametrize("augment", [False, True])

@@ -35,7 +35,7 @@ def test_train_then_evaluate_round_trip(tree, tmp_path, capsys):
                           "--strategy", "freeze-fraction:fraction=0.8,count=tensors",
                           "--checkpoint-dir", str(runs), *FAST], capsys)
     assert code == 0, err
-    assert "FreezeFraction(train_bn=False, fraction=0.8, count='tensors')" in out
+    assert "FreezeFraction(train_bn=False, frozen_eval=True, fraction=0.8, count='tensors')" in out
     assert "parameters train" in out  # the FreezeReport
     assert re.search(r"epoch 1/1 · train loss [\d.]+ acc [\d.]+ · val loss", out)
     assert "test set" in out and {m[0] for m in ROW.findall(out)} == set(CLASSES)
@@ -130,10 +130,10 @@ def test_every_command_has_help(command, capsys):
          "cannot build strategy 'freeze-fraction:fraction=2': fraction must be between 0 and 1"),
         (["train", "--strategy", "freeze-fraction:oops"],
          "bad option 'oops' in 'freeze-fraction:oops'; write key=value with a key from "
-         "train_bn, fraction, count"),
+         "train_bn, frozen_eval, fraction, count"),
         (["train", "--strategy", "last-layer:colour=red"],
          "bad option 'colour=red' in 'last-layer:colour=red'; write key=value with a key from "
-         "train_bn"),
+         "train_bn, frozen_eval"),
         (["train", "--epochs", "0"], "expected a positive integer, got 0"),
         (["train", "--val-split", "1.5"], "expected a number in [0, 1), got 1.5"),
         (["train", "--lr", "-1"], "expected a number > 0"),

@@ -105,7 +105,9 @@ def test_frozen_batchnorm_survives_train_calls_and_train_bn_opts_out() -> None:
                    if isinstance(m, torch.nn.BatchNorm2d))
     LastLayerOnly(train_bn=True).apply(backbone)
     assert backbone.frozen_norm_layers == frozenset()
-    assert all(m.training for m in backbone.model.modules())
+    assert all(m.training for m in backbone.model.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+    assert not backbone.model.stem[0].training  # frozen conv: inference mode (frozen_eval)
 
 
 def test_a_batchnorm_with_one_trainable_parameter_keeps_training() -> None:
@@ -212,7 +214,7 @@ def test_state_dict_is_plain_data() -> None:
     state = FreezeFraction(0.7, count="groups").state_dict()
     assert state == {
         "class": "FreezeFraction",
-        "options": {"train_bn": False, "fraction": 0.7, "count": "groups"},
+        "options": {"train_bn": False, "frozen_eval": True, "fraction": 0.7, "count": "groups"},
     }
 
 
@@ -230,7 +232,8 @@ def test_parse_strategy_reads_the_command_line_spelling() -> None:
     assert parse_strategy("gradual-unfreeze:at=2+4:depth=none") == GradualUnfreeze(at=(2, 4))
     with pytest.raises(ValueError, match=r"unknown strategy 'freez'; registered: bitfit"):
         parse_strategy("freez")
-    with pytest.raises(ValueError, match=r"bad option 'depth' .* key from train_bn, every"):
+    with pytest.raises(ValueError,
+                       match=r"bad option 'depth' .* key from train_bn, frozen_eval, every"):
         parse_strategy("gradual-unfreeze:depth")
     with pytest.raises(ValueError, match="fraction must be between 0 and 1"):
         parse_strategy("freeze-fraction:fraction=2")

@@ -12,7 +12,7 @@ from benchmarks import throughput
 def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "throughput.json"
     results = throughput.main([
-        "--backbone", "resnet18", "--strategies", "last-layer", "freeze-80", "full-unfreeze",
+        "--backbone", "resnet18", "--strategies", "last-layer,freeze-80", "full-unfreeze",
         "--images", "8", "--batch-size", "4", "--image-size", "32", "--epochs", "2",
         "--precision", "fp32", "--out", str(out),
     ])
@@ -30,6 +30,17 @@ def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     assert [row["strategy"] for row in written["rows"]] == list(rows)
     printed = capsys.readouterr().out
     assert printed.count("| last-layer |") == 1 and "ratio epoch 2+" in printed
+    kind = "with native bf16" if throughput.cpu_has_native_bf16() else "without native bf16"
+    assert f"CPU {kind}" in printed.splitlines()[0]
+
+
+def test_throughput_takes_lite0_and_rejects_unknown_strategies_clearly() -> None:
+    args = throughput.parse_args(["--backbone", "lite0", "--strategies", "last-layer,freeze-80"])
+    assert args.strategies == ["last-layer", "freeze-80"]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--strategies", "last-layer,nope"])
+    pytest.importorskip("efficientnet_lite_pytorch", reason="optional [lite] extra")
+    assert throughput.make_backbone("efficientnet_lite0", 3).name == "efficientnet_lite0"
 
 
 def test_throughput_needs_two_epochs() -> None:

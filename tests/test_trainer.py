@@ -246,7 +246,7 @@ def test_auto_precision_uses_the_probe_verdict_and_bf16_trains(monkeypatch):
                         lambda model, images, channels_last: ("bf16", {}))
     monkeypatch.setattr(precision_module, "_CACHE", {})
     trainer = Trainer(make_tiny_backbone(), FullUnfreeze(),
-                      attrs.evolve(FP32, precision="auto", epochs=1))
+                      attrs.evolve(FP32, precision="auto", epochs=1, channels_last=True))
     history = trainer.fit(make_loader(n=16))
     assert trainer.state.precision == "bf16" and trainer.state.channels_last
     assert torch.isfinite(torch.tensor(history["train_loss"])).all()
@@ -267,6 +267,32 @@ def test_probe_keeps_bf16_only_when_clearly_faster(monkeypatch, fp32, bf16, expe
                         lambda model, images, precision, channels_last, steps: timings[precision])
     choice, seconds = precision_module.probe_precision(nn.Linear(2, 2), torch.zeros(1, 2), False)
     assert choice == expected and seconds == timings
+
+
+@pytest.mark.parametrize(("nchw", "nhwc", "expected"),
+                         [(1.0, 0.5, True), (1.0, 0.97, False), (1.0, 2.0, False)])
+def test_layout_probe_keeps_channels_last_only_when_faster_per_model(
+        monkeypatch, nchw, nhwc, expected):
+    calls = []
+
+    def timed(model, images, precision, channels_last, steps, fastest):
+        calls.append(channels_last)
+        return nhwc if channels_last else nchw
+
+    monkeypatch.setattr(precision_module, "train_step_seconds", timed)
+    monkeypatch.setattr(precision_module, "_LAYOUTS", {})
+    model, twin = make_tiny_backbone(), make_tiny_backbone(seed=1)
+    resolve = precision_module.resolve_channels_last
+    cpu = torch.device("cpu")
+    assert resolve("auto", model, cpu, (3, 32, 32), "fp32") is expected
+    assert resolve("auto", twin, cpu, (3, 32, 32), "fp32") is expected
+    assert len(calls) == 2  # one timing per layout; a model built alike shares the verdict
+    other = make_tiny_backbone()
+    other.model.fc = nn.Linear(16, 3, bias=False)  # same name, another structure: probed
+    resolve("auto", other, cpu, (3, 32, 32), "fp32")
+    assert len(calls) == 4
+    assert resolve(False, model, cpu, (3, 32, 32), "fp32") is False
+    assert resolve("auto", nn.Linear(2, 2), cpu, (2,), "fp32") is False  # no convolutions
 
 
 def test_probe_timing_leaves_the_model_untouched():

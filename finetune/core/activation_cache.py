@@ -1,10 +1,12 @@
 """Frozen-prefix activation cache: run a frozen prefix once per image, train the suffix after.
 
 A plain loop runs every frozen layer forward on every image in every epoch, which is why
-freezing saves users less than they expect. When a strategy freezes a contiguous prefix of the
-network, its frozen BatchNorm layers are in eval mode, it has no stochastic layers and the
+freezing saves users less than they expect. When a strategy freezes a prefix of the network
+(a run of its declared chain here, or of its traced graph: `finetune.core.graph_cut`), its
+frozen BatchNorm layers are in eval mode, its stochastic layers are off or absent and the
 images are not augmented, the prefix output of an image never changes — so the Trainer computes
 it once (`ActivationCache.fill`) and later epochs feed the stored activations to the suffix.
+`finetune.core.cache_plan` decides which loaders are cached.
 Shuffling is untouched: batches are drawn from the loader's own batch sampler.
 
 Activations are stored in the dtype the prefix produced (bf16 under bf16 autocast, fp32
@@ -18,8 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from finetune.atomic import atomic_write_json
 from finetune.core.backbone import Backbone
+from finetune.core.graph_cut import GraphSplit, UncacheableError
 
 STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
 try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
@@ -43,10 +45,12 @@ FLATTEN = "flatten"
 
 @attrs.frozen
 class Cut:
-    """Where a backbone is split: the first `index` units of its sequence form the prefix."""
+    """Where a backbone is split: the first `index` units of its sequence form the prefix,
+    or, for a traced model (`graph`), its nodes up to the `index`-th."""
 
     index: int
-    label: str  # the last unit of the prefix, e.g. "layer3.4"
+    label: str  # the last module of the prefix, e.g. "layer3.4"
+    graph: GraphSplit | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class Chain:
@@ -80,6 +84,8 @@ def units(backbone: Backbone) -> list[tuple[str, nn.Module | None]]:
 
 def split(backbone: Backbone, cut: Cut) -> tuple[Chain, Chain]:
     """(prefix, suffix) callables whose composition is the backbone's forward."""
+    if cut.graph is not None:
+        return cut.graph.prefix, cut.graph.suffix
     steps = [module for _, module in units(backbone)]
     return Chain(steps[: cut.index]), Chain(steps[cut.index :])
 
@@ -101,13 +107,12 @@ def find_cut(backbone: Backbone) -> Cut | None:
 def _exactly_frozen(backbone: Backbone, path: str, module: nn.Module) -> bool:
     if any(p.requires_grad for p in module.parameters()):
         return False
+    off_in_training = backbone.frozen_norm_layers | backbone.inference_modules
     for name, sub in module.named_modules():
-        if isinstance(sub, STOCHASTIC_MODULES):
+        full = f"{path}.{name}" if name else path
+        if (isinstance(sub, (*STOCHASTIC_MODULES, nn.modules.batchnorm._BatchNorm))
+                and full not in off_in_training):
             return False
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            full = f"{path}.{name}" if name else path
-            if full not in backbone.frozen_norm_layers:
-                return False
     return True
 
 
@@ -175,7 +180,7 @@ def cache_key(backbone: Backbone, cut: Cut, dataset: Any, dtype: str) -> str:
     for name, tensor in backbone.model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor_bytes(tensor))
-    digest.update(f"{backbone.name}|{cut.label}|{backbone.preprocessing}|{dtype}".encode())
+    digest.update(f"{backbone.name}|{cut.label}@{cut.index}|{backbone.preprocessing}|{dtype}".encode())
     digest.update(dataset_fingerprint(dataset).encode())
     return digest.hexdigest()[:20]
 
@@ -207,17 +212,23 @@ class ActivationCache:
         """Run the prefix once over the loader's dataset, in dataset order, with the loader's
         batch size; `forward(prefix, images)` applies precision and memory format."""
         dataset = loader.dataset
-        order = torch.utils.data.DataLoader(
+        order = torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
             dataset, batch_size=loader.batch_size or 32, shuffle=False,
             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+            generator=torch.Generator(),
         )
         position = 0
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            with torch.no_grad():  # not inference_mode: the store feeds autograd later
+            with torch.inference_mode():  # copied into a normal tensor, which autograd reads
                 for images, labels in _pairs(order):
                     out = forward(self.prefix, images.to(device))
+                    if not isinstance(out, torch.Tensor) or out.dim() == 0 or len(out) != len(
+                            images):
+                        raise UncacheableError(
+                            f"the prefix up to {self.cut.label} does not give one activation "
+                            "row per image")
                     if self.features is None:
                         self._allocate(len(dataset), out, dataset)
                         if self.complete:
@@ -286,77 +297,3 @@ def _pairs(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
     for batch in loader:
         images, labels = batch[0], batch[1]
         yield images, torch.as_tensor(labels)
-
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
-PrefixForward = Callable[[Forward, torch.Tensor], torch.Tensor]
-
-
-class ActivationCaches:
-    """The Trainer's seam to the cache: for each loader it asks `batches(loader)` and gets
-    the batches to run and the forward to run them through — the loader and the whole model,
-    or stored prefix activations and the suffix.
-
-    `mode` is `TrainConfig.feature_cache` ("auto", "on", "off"); only loaders named with
-    `allow` (fit's train and val loaders) are cached, and `release` drops every activation.
-    """
-
-    def __init__(self, mode: str, memory_budget: int, directory: str | Path | None) -> None:
-        self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
-        self.cut: Cut | None = None
-        self._caches: dict[int, ActivationCache] = {}
-        self._cacheable: set[int] = set()
-
-    def __len__(self) -> int:
-        """How many loaders' activations are held now."""
-        return len(self._caches)
-
-    def plan(self, backbone: Backbone) -> None:
-        """Find the cacheable prefix for what the strategy now freezes; drop stale caches."""
-        cut = None if self.mode == "off" else find_cut(backbone)
-        if cut != self.cut:
-            self._caches.clear()
-        self.cut = cut
-
-    def allow(self, *loaders: Any) -> None:
-        self._cacheable = {id(loader) for loader in loaders if loader is not None}
-
-    def release(self) -> None:
-        """Activations can take GiBs; and once fit returns the weights may change."""
-        self._caches.clear()
-        self._cacheable.clear()
-
-    def label(self, loader: Any) -> str | None:
-        """Where `loader`'s activations are cut (the prefix's last module), if cached."""
-        cache = self._caches.get(id(loader))
-        return cache.cut.label if cache is not None else None
-
-    def batches(self, loader: Iterable[Any], backbone: Backbone, prefix_forward: PrefixForward,
-                device: torch.device) -> tuple[Iterable[Any], Forward]:
-        cache = self._cache_for(loader, backbone, prefix_forward, device)
-        if cache is None:
-            return loader, backbone
-        return cache.batches(loader), cache.suffix
-
-    def _cache_for(self, loader: Iterable[Any], backbone: Backbone,
-                   prefix_forward: PrefixForward, device: torch.device) -> ActivationCache | None:
-        """The filled cache for one of fit's loaders, or None where caching is not exact."""
-        if self.cut is None or id(loader) not in self._cacheable:
-            return None
-        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
-            return None
-        if self.mode == "auto" and not is_deterministic(loader.dataset):
-            return None
-        if id(loader) not in self._caches:
-            cache = ActivationCache(backbone, self.cut, memory_budget=self.memory_budget,
-                                    directory=self.directory)
-            try:
-                cache.fill(loader, prefix_forward, device)
-            except MemoryError as error:
-                if self.mode == "on":
-                    raise
-                warnings.warn(f"activation cache off: {error}", RuntimeWarning, stacklevel=4)
-                self._cacheable.discard(id(loader))
-                return None
-            self._caches[id(loader)] = cache
-        return self._caches[id(loader)]

@@ -83,6 +83,7 @@ class Backbone(nn.Module):
         self.preprocessing = preprocessing or Preprocessing()
         self.weights = weights
         self.frozen_norm_layers: frozenset[str] = frozenset()
+        self.inference_modules: frozenset[str] = frozenset()
         old_head = _get_submodule(model, architecture.head)
         if not isinstance(old_head, nn.Linear):
             raise ArchitectureError(
@@ -230,12 +231,14 @@ class Backbone(nn.Module):
         return self.model(images)
 
     def train(self, mode: bool = True) -> Backbone:
-        """Like nn.Module.train, but BatchNorm layers a strategy froze stay in eval mode, so
-        their running statistics never move (the classic `requires_grad=False` trap)."""
+        """Like nn.Module.train, but what a strategy froze stays in inference mode: BatchNorm
+        layers it froze (their running statistics never move — the classic
+        `requires_grad=False` trap) and the modules of `inference_modules` (frozen parts, whose
+        dropout, stochastic depth and drop-connect then stay off)."""
         super().train(mode)
         if mode:
-            for name in self.frozen_norm_layers:
-                self.model.get_submodule(name).eval()
+            for name in self.frozen_norm_layers | self.inference_modules:
+                self.model.get_submodule(name).training = False
         return self
 
     # -- groups ---------------------------------------------------------------------------

@@ -21,7 +21,10 @@ from torch import nn
 
 # bf16 must beat fp32 by this factor to be chosen: a tie is not worth the lower precision.
 MIN_SPEEDUP = 1.15
+# channels_last must beat NCHW by this factor: either layout is fine when they tie.
+MIN_LAYOUT_SPEEDUP = 1.05
 _CACHE: dict[tuple[str, str, tuple[int, ...], bool], str] = {}
+_LAYOUTS: dict[tuple[str, str, tuple[int, ...], str], bool] = {}
 
 
 @functools.cache
@@ -54,9 +57,11 @@ def train_step_seconds(
     channels_last: bool,
     steps: int = 2,
     warmup: int = 1,
+    fastest: bool = False,
 ) -> float:
-    """Median wall time of forward + cross-entropy + backward on a copy of `model` (the
-    original's weights, BatchNorm statistics and gradients are untouched)."""
+    """Median (or with `fastest`, least: robust to a busy machine) wall time of forward +
+    cross-entropy + backward on a copy of `model` (the original's weights, BatchNorm
+    statistics and gradients are untouched)."""
     probe = copy.deepcopy(model).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     probe = probe.to(images.device, memory_format=memory_format)
@@ -75,7 +80,7 @@ def train_step_seconds(
             if step >= warmup:
                 times.append(time.perf_counter() - start)
             probe.zero_grad(set_to_none=True)
-    return sorted(times)[len(times) // 2]
+    return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
 def probe_precision(
@@ -129,3 +134,36 @@ def model_signature(model: nn.Module) -> str:
     for name, parameter in model.named_parameters():
         digest.update(f"{name}{tuple(parameter.shape)}{parameter.requires_grad};".encode())
     return digest.hexdigest()
+
+
+def resolve_channels_last(
+    requested: str | bool,
+    model: nn.Module,
+    device: torch.device,
+    sample_shape: tuple[int, ...],
+    precision: str,
+    probe: bool = True,
+    probe_batch: int = 2,
+) -> bool:
+    """Turn channels_last="auto" into True or False for this model, device and precision.
+
+    Only conv nets can gain from NHWC, and not all of them on every CPU (depthwise
+    convolutions, AVX2-only oneDNN kernels), so "auto" times a train step in both layouts on
+    a copy of the model (best of two after a warm-up) and keeps channels_last only if it is at
+    least MIN_LAYOUT_SPEEDUP faster. The verdict is kept per model structure
+    (`model_signature`), device, input shape and precision, so runs in one process compute
+    alike. `probe=False` (evaluation) reuses a verdict, else takes NHWC for conv nets."""
+    if requested != "auto":
+        return bool(requested)
+    if not uses_convolutions(model) or len(sample_shape) != 3:
+        return False
+    key = (model_signature(model), str(device), tuple(sample_shape), precision)
+    if key not in _LAYOUTS and not probe:
+        return True
+    if key not in _LAYOUTS:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
+        nchw, nhwc = (train_step_seconds(model, images, precision, layout, steps=2, fastest=True)
+                      for layout in (False, True))
+        _LAYOUTS[key] = nchw >= MIN_LAYOUT_SPEEDUP * nhwc
+    return _LAYOUTS[key]

@@ -70,6 +70,7 @@ class TrainState:
     channels_last: bool = False
     freeze_report: FreezeReport | None = None
     cached_prefix: str | None = None  # last module of the prefix whose activations are cached
+    uncached_reason: str | None = None  # why the training pass runs the whole model, if it does
     malloc_tuned: bool = False  # keep_freed_memory() is in effect for this fit (CPU, glibc)
     val_report: EvaluationReport | None = None
     history: History = attrs.Factory(History)

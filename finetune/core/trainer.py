@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from finetune.core.activation_cache import ActivationCaches
 from finetune.core.backbone import Backbone
+from finetune.core.cache_plan import ActivationCaches, Forward
 from finetune.core.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
@@ -54,7 +54,12 @@ from finetune.core.optim import (
     learning_rates,
     step_scheduler,
 )
-from finetune.core.precision import autocast, resolve_precision, uses_convolutions
+from finetune.core.precision import (
+    autocast,
+    resolve_channels_last,
+    resolve_precision,
+    uses_convolutions,
+)
 from finetune.core.state import History, StepOutput, TrainState
 from finetune.core.strategies import FreezeStrategy
 from finetune.errors import DataError, FinetuneError
@@ -104,8 +109,7 @@ class Trainer:
         self.scheduler: Any = None
         self.state = TrainState()
         self._prepared = False
-        self._activations = ActivationCaches("off", 0, None)  # configured by _prepare
-        self._model_forward: Callable[[torch.Tensor], torch.Tensor] = backbone
+        self.activations = ActivationCaches("off", 0, None)  # configured by _prepare
         self._data: dict[str, Any] | None = None  # data_fingerprint of the loader fit trains on
 
     @property
@@ -132,7 +136,7 @@ class Trainer:
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, self.strategy, resume, self._data, config)
-        self._activations.allow(train_loader, val_loader)
+        self.activations.allow(train_loader, val_loader)
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -142,7 +146,7 @@ class Trainer:
                 self.state.epoch = epoch
                 if epoch != configured_epoch and self.strategy.changes_at(epoch):
                     self.state.freeze_report = self.strategy.apply(self.backbone, epoch)
-                    self._activations.plan(self.backbone)
+                    self.activations.plan(self.backbone)
                     self._configure_optimizer(epoch, previous=self.optimizer)
                 if config.seed is not None:
                     reseed(epoch_seed(config.seed, epoch), train_loader)
@@ -167,8 +171,7 @@ class Trainer:
             self._notify_exception(error)
             raise
         finally:  # activations can take GiBs; and after fit the weights may change
-            self._activations.release()
-            self._model_forward = self.backbone
+            self.activations.release()
             if self.state.malloc_tuned:  # process-wide: scoped to this fit
                 restore_malloc_defaults()
         return self.history
@@ -231,44 +234,38 @@ class Trainer:
             )
 
     def _prepare(self, epoch: int, loader: Iterable[Any], training: bool = True) -> None:
-        """Device, strategy, memory format and precision (probed with the strategy applied,
-        since what is frozen changes what bf16 saves). Evaluation alone (`training=False`)
-        neither tunes malloc nor runs the training-speed probe."""
+        """Device, strategy, precision and memory format (probed with the strategy applied);
+        evaluation alone (`training=False`) neither tunes malloc nor probes nor caches."""
         config, state = self.config, self.state
         state.device = default_device(config.device)
         if training and config.keep_freed_memory and state.device.type == "cpu":
             state.malloc_tuned = keep_freed_memory()
-        model = self.backbone.model
-        state.channels_last = (uses_convolutions(model) if config.channels_last == "auto"
-                               else bool(config.channels_last))
-        memory_format = torch.channels_last if state.channels_last else torch.preserve_format
-        self.backbone.to(state.device, memory_format=memory_format)
+        self.backbone.to(state.device)
         state.freeze_report = self.strategy.apply(self.backbone, epoch)
-        crop = self.backbone.preprocessing.crop_size
+        shape = sample_shape(loader, self.backbone.preprocessing.crop_size)
         state.precision = resolve_precision(
-            config.precision, self.backbone, state.device, sample_shape(loader, crop),
-            channels_last=state.channels_last, probe=training,
-        )
-        self._activations = ActivationCaches(
-            config.feature_cache, int(config.cache_memory_gb * 2**30),
-            config.activation_cache_dir)
-        self._activations.plan(self.backbone)
+            config.precision, self.backbone, state.device, shape, probe=training,
+            channels_last=(uses_convolutions(self.backbone) if config.channels_last == "auto"
+                           else bool(config.channels_last)))
+        state.channels_last = resolve_channels_last(  # NHWC only where measured faster
+            config.channels_last, self.backbone, state.device, shape, state.precision, training)
+        self.backbone.to(memory_format=torch.channels_last if state.channels_last
+                         else torch.contiguous_format)
+        self.activations = ActivationCaches(config.feature_cache, int(
+            config.cache_memory_gb * 2**30), config.activation_cache_dir)
+        if training:
+            self.activations.plan(self.backbone)
         self._prepared = True
 
-    # -- frozen-prefix activation cache -------------------------------------------------------
-    def _prefix_forward(self, prefix: Callable[[torch.Tensor], torch.Tensor],
-                        images: torch.Tensor) -> torch.Tensor:
+    def _prefix_forward(self, prefix: Forward, images: torch.Tensor) -> torch.Tensor:
         if self.state.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.state.device, self.state.precision):
-            return prefix(images)
+        return self._forward(images, prefix)
 
-    def _batches(self, loader: Iterable[Any]) -> Iterable[Any]:
-        """The loader's batches, or the same batches as cached activations (the model's
-        forward then runs only the suffix)."""
-        batches, self._model_forward = self._activations.batches(
-            loader, self.backbone, self._prefix_forward, self.state.device)
-        return batches
+    def _route(self, loader: Iterable[Any]) -> tuple[Iterable[Any], Forward]:
+        """(loader, model) or (cached activations, suffix), as the cache decides."""
+        return self.activations.batches(loader, self.backbone, self._prefix_forward,
+                                         self.state.device)
 
     def _ensure_ready(self, loader: Iterable[Any]) -> None:
         if not self._prepared:
@@ -301,11 +298,12 @@ class Trainer:
         started = time.perf_counter()
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
-        batches = self._batches(loader)
-        self.state.cached_prefix = self._activations.label(loader)
+        batches, forward = self._route(loader)
+        self.state.cached_prefix = self.activations.label(loader)
+        self.state.uncached_reason = self.activations.why_uncached(loader)
         for index, batch in enumerate(batches):
             self.state.batch = index
-            outputs = self._train_step(batch)
+            outputs = self._train_step(batch, forward)
             self.state.global_step += 1
             total_loss += outputs.loss * outputs.count
             correct += outputs.correct
@@ -316,13 +314,15 @@ class Trainer:
         return {"train_loss": total_loss / count, "train_accuracy": correct / count,
                 "train_seconds": time.perf_counter() - started, "train_images": float(count)}
 
-    def _train_step(self, batch: Any) -> StepOutput:
+    def _train_step(self, batch: Any, forward: Forward | None = None) -> StepOutput:
+        """One optimizer step through `forward` (the whole model unless the cache routes the
+        batch through the suffix)."""
         images, labels = self._to_device(batch)
         if labels is None:
             raise ValueError("training batches must hold (images, labels)")
         optimizer = self._require_optimizer()
         optimizer.zero_grad(set_to_none=True)
-        logits = self._forward(images)
+        logits = self._forward(images, forward)
         loss = self.loss_fn(logits.float(), labels)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -338,9 +338,9 @@ class Trainer:
         correct = int((logits.detach().argmax(dim=1) == labels).sum())
         return StepOutput(loss=value, correct=correct, count=len(labels))
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, forward: Forward | None = None) -> torch.Tensor:
         with autocast(self.state.device, self.state.precision):
-            return self._model_forward(images)
+            return (forward or self.backbone)(images)
 
     def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = split_batch(batch)
@@ -357,9 +357,10 @@ class Trainer:
         self.backbone.eval()
         try:
             with torch.inference_mode():
-                for batch in self._batches(loader):
+                batches, forward = self._route(loader)
+                for batch in batches:
                     images, labels = self._to_device(batch)
-                    yield self._forward(images), labels
+                    yield self._forward(images, forward), labels
         finally:
             self.backbone.train(was_training)
 

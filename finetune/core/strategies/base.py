@@ -149,10 +149,16 @@ class FreezeStrategy:
 
     `train_bn=True` lets BatchNorm layers whose parameters are frozen keep updating their
     running statistics (fastai's and Lightning's `train_bn`); by default they stay in eval mode.
+    `frozen_eval=True` (the default) runs every module whose parameters are all frozen in
+    inference mode during training, as Keras runs a frozen base with `training=False`: its
+    dropout, stochastic depth and drop-connect are off, so a frozen feature extractor computes
+    a fixed function of the image (and its activations can be cached). `frozen_eval=False`
+    keeps them random in training, as a plain `requires_grad=False` loop does.
     """
 
     registry_name: ClassVar[str] = ""
     train_bn: bool = attrs.field(default=False, kw_only=True)
+    frozen_eval: bool = attrs.field(default=True, kw_only=True)
 
     def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
         """Parameter name (as in `backbone.model.named_parameters()`) → lr multiplier, for
@@ -166,6 +172,8 @@ class FreezeStrategy:
         for name, parameter in backbone.model.named_parameters():
             parameter.requires_grad_(name in plan)
         backbone.frozen_norm_layers = frozenset() if self.train_bn else _frozen_norms(backbone)
+        backbone.inference_modules = (_frozen_modules(backbone, keep_norms_training=self.train_bn)
+                                      if self.frozen_eval else frozenset())
         backbone.train(backbone.training)
         return self.report(backbone)
 
@@ -265,3 +273,26 @@ def _frozen_norms(backbone: Backbone) -> frozenset[str]:
             if params and not any(p.requires_grad for p in params):
                 names.append(name)
     return frozenset(names)
+
+
+def _frozen_modules(backbone: Backbone, keep_norms_training: bool) -> frozenset[str]:
+    """Every module inside a subtree whose parameters are all frozen (a subtree holding at
+    least one parameter), BatchNorm layers left out when their statistics should still move.
+    Parameter-free layers outside such subtrees (a dropout before the head) keep training."""
+    names: list[str] = []
+    for root, module in backbone.model.named_modules():
+        if names and _inside(root, names[-1]):
+            continue  # inside the subtree found last (named_modules walks depth first)
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            names.append(root)
+    result = set()
+    for root in names:
+        for name, module in backbone.model.get_submodule(root).named_modules():
+            if not (keep_norms_training and isinstance(module, nn.modules.batchnorm._BatchNorm)):
+                result.add(f"{root}.{name}".strip(".") if name else root)
+    return frozenset(result)
+
+
+def _inside(path: str, root: str) -> bool:
+    return root == "" or path == root or path.startswith(f"{root}.")

@@ -1,0 +1,140 @@
+"""The Trainer's seam to the activation cache: for each loader, which batches to run and which
+forward to run them through.
+
+After the strategy has set what trains, `ActivationCaches.plan` finds the cut — the declared
+chain of the architecture where there is one (the ResNet family), else a torch.fx graph split
+(`finetune.core.graph_cut`) — or records why there is none. `batches(loader, ...)` then
+answers per loader: `(the loader, the whole model)`, or `(stored activations in the loader's
+own batch order, the suffix)`, filling the cache on first use. `why_uncached(loader)` says
+why a loader runs the whole model. Nothing else in the loop knows a cache exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.core.activation_cache import ActivationCache, Cut, find_cut, is_deterministic
+from finetune.core.backbone import Backbone
+from finetune.core.graph_cut import UncacheableError, split_graph
+
+log = logging.getLogger("finetune")
+Forward = Callable[[torch.Tensor], torch.Tensor]
+PrefixForward = Callable[[Forward, torch.Tensor], torch.Tensor]
+
+
+def plan_cut(backbone: Backbone) -> tuple[Cut | None, str]:
+    """The cut for what the applied strategy freezes, or (None, why there is none). Leaves
+    the backbone in the mode it was in."""
+    if backbone.architecture.sequence:
+        cut = find_cut(backbone)
+        return cut, "" if cut is not None else "the first layer of the chain trains"
+    was_training = backbone.training
+    try:
+        graph = split_graph(backbone.model, lambda: backbone.train())
+    except UncacheableError as error:
+        return None, str(error)
+    finally:
+        backbone.train(was_training)
+    return Cut(graph.position, graph.label, graph=graph), ""
+
+
+class ActivationCaches:
+    """Which of fit's loaders run on stored prefix activations, and the forward for each.
+
+    `mode` is `TrainConfig.feature_cache` ("auto", "on", "off"); only loaders named with
+    `allow` (fit's train and val loaders) are cached, and `release` drops every activation.
+    """
+
+    def __init__(self, mode: str, memory_budget: int, directory: str | Path | None) -> None:
+        self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
+        self.cut: Cut | None = None
+        self.reason = "fit has not planned a cut"
+        self._caches: dict[int, ActivationCache] = {}
+        self._cacheable: set[int] = set()
+        self._refused: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        """How many loaders' activations are held now."""
+        return len(self._caches)
+
+    def plan(self, backbone: Backbone) -> None:
+        """Find the cut for what the strategy now freezes; activations of an unchanged prefix
+        are kept (the suffix is re-traced: what trains after the cut may have changed)."""
+        cut, reason = (None, "feature_cache='off'") if self.mode == "off" else plan_cut(backbone)
+        if cut is None and reason != self.reason:  # said once, and kept for why_uncached
+            log.info("activation cache off for %s: %s", backbone.name, reason)
+        if cut != self.cut:
+            self._caches.clear()
+            self._refused.clear()
+        elif cut is not None and cut.graph is not None:
+            for cache in self._caches.values():
+                cache.suffix = cut.graph.suffix
+        self.cut, self.reason = cut, reason
+
+    def allow(self, *loaders: Any) -> None:
+        self._cacheable = {id(loader) for loader in loaders if loader is not None}
+
+    def release(self) -> None:
+        """Activations can take GiBs; and once fit returns the weights may change."""
+        self._caches.clear()
+        self._cacheable.clear()
+        self._refused.clear()
+
+    def label(self, loader: Any) -> str | None:
+        """Where `loader`'s activations are cut (the prefix's last module), if cached."""
+        cache = self._caches.get(id(loader))
+        return cache.cut.label if cache is not None else None
+
+    def why_uncached(self, loader: Any) -> str | None:
+        """Why `loader` runs the whole model; None when it runs on stored activations."""
+        if id(loader) in self._caches:
+            return None
+        if self.cut is None:
+            return self.reason
+        return self._refused.get(id(loader)) or self._refusal(loader) or None
+
+    def batches(self, loader: Iterable[Any], backbone: Backbone, prefix_forward: PrefixForward,
+                device: torch.device) -> tuple[Iterable[Any], Forward]:
+        cache = self._cache_for(loader, backbone, prefix_forward, device)
+        if cache is None:
+            return loader, backbone
+        return cache.batches(loader), cache.suffix
+
+    def _refusal(self, loader: Any) -> str:
+        if id(loader) not in self._cacheable:
+            return "only fit's own loaders are cached"
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
+            return "the loader is not a torch DataLoader with a batch size"
+        if self.mode == "auto" and not is_deterministic(loader.dataset):
+            return ("the dataset does not declare itself deterministic (augmentation?); "
+                    "feature_cache='on' vouches for it")
+        return ""
+
+    def _cache_for(self, loader: Iterable[Any], backbone: Backbone,
+                   prefix_forward: PrefixForward, device: torch.device) -> ActivationCache | None:
+        """The filled cache for one of fit's loaders, or None where caching is not exact."""
+        if self.cut is None or id(loader) in self._refused:
+            return None
+        if id(loader) not in self._caches:
+            refusal = self._refusal(loader)
+            if refusal:
+                self._refused[id(loader)] = refusal
+                return None
+            cache = ActivationCache(backbone, self.cut, memory_budget=self.memory_budget,
+                                    directory=self.directory)
+            try:
+                cache.fill(loader, prefix_forward, device)
+            except (MemoryError, UncacheableError) as error:
+                if self.mode == "on" and isinstance(error, MemoryError):
+                    raise
+                warnings.warn(f"activation cache off: {error}", RuntimeWarning, stacklevel=4)
+                self._refused[id(loader)] = str(error)
+                return None
+            self._caches[id(loader)] = cache
+        return self._caches[id(loader)]
