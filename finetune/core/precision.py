@@ -125,14 +125,16 @@ def resolve_precision(
     return _CACHE[key]
 
 
-def model_signature(model: nn.Module) -> str:
-    """What makes two models time alike: their classes, parameter names, shapes and which
-    train — not their display name (two `Backbone.from_module(..., name="custom")` differ)."""
+def model_signature(model: nn.Module, trainable: bool = True) -> str:
+    """What makes two models time alike: their classes, parameter names, shapes and (with
+    `trainable`) which train — not their display name (two `Backbone.from_module(...,
+    name="custom")` differ)."""
     digest = hashlib.sha1()
     for module_name, module in model.named_modules():
         digest.update(f"{module_name}:{type(module).__qualname__};".encode())
     for name, parameter in model.named_parameters():
-        digest.update(f"{name}{tuple(parameter.shape)}{parameter.requires_grad};".encode())
+        flag = parameter.requires_grad if trainable else ""
+        digest.update(f"{name}{tuple(parameter.shape)}{flag};".encode())
     return digest.hexdigest()
 
 
@@ -151,13 +153,15 @@ def resolve_channels_last(
     convolutions, AVX2-only oneDNN kernels), so "auto" times a train step in both layouts on
     a copy of the model (best of two after a warm-up) and keeps channels_last only if it is at
     least MIN_LAYOUT_SPEEDUP faster. The verdict is kept per model structure
-    (`model_signature`), device, input shape and precision, so runs in one process compute
-    alike. `probe=False` (evaluation) reuses a verdict, else takes NHWC for conv nets."""
+    (`model_signature` without what trains), device, input shape and precision, so runs in
+    one process compute alike. `probe=False` (evaluation) reuses a verdict, else takes NHWC
+    for conv nets."""
     if requested != "auto":
         return bool(requested)
     if not uses_convolutions(model) or len(sample_shape) != 3:
         return False
-    key = (model_signature(model), str(device), tuple(sample_shape), precision)
+    # by structure alone: a resume into a later phase of a schedule keeps the first verdict
+    key = (model_signature(model, trainable=False), str(device), tuple(sample_shape), precision)
     if key not in _LAYOUTS and not probe:
         return True
     if key not in _LAYOUTS:
