@@ -3,6 +3,7 @@ photos in ../shared/data."""
 
 from __future__ import annotations
 
+import os
 import random
 import types
 import warnings
@@ -397,3 +398,26 @@ def test_real_photos_load_split_and_iterate(name: str, n_classes: int) -> None:
     images, labels = next(iter(d.train_loader()))
     assert images.shape == (8, 3, 64, 64) and labels.max() < n_classes
     assert -3 < images.mean() < 3 and images.std() > 0.1
+
+
+def test_resized_copy_is_redone_for_images_swapped_under_the_same_names(tmp_path):
+    """Two same-size files renamed onto each other keep their sizes and mtimes; the resized
+    copy must still notice (the file's inode changed) and not serve the other image."""
+    from finetune.data.resized import resize_tree
+
+    source = tmp_path / "src"
+    red, blue = source / "red.bmp", source / "blue.bmp"
+    source.mkdir()
+    Image.new("RGB", (300, 300), (255, 0, 0)).save(red)
+    Image.new("RGB", (300, 300), (0, 0, 255)).save(blue)
+    os.utime(blue, ns=(red.stat().st_atime_ns, red.stat().st_mtime_ns))  # same second, same mtime
+    assert (red.stat().st_size, red.stat().st_mtime_ns) == (blue.stat().st_size,
+                                                           blue.stat().st_mtime_ns)
+    folder, _ = resize_tree(source, [red, blue], cache_root=tmp_path / "cache", progress=False)
+    swap = source / "swap.bmp"
+    red.rename(swap)
+    blue.rename(red)
+    swap.rename(blue)
+    folder, _ = resize_tree(source, [red, blue], cache_root=tmp_path / "cache", progress=False)
+    assert Image.open(folder / "red.bmp.jpg").getpixel((10, 10))[2] > 200  # now blue
+    assert Image.open(folder / "blue.bmp.jpg").getpixel((10, 10))[0] > 200  # now red

@@ -31,6 +31,7 @@ from torch import nn
 from finetune.atomic import atomic_write_json
 from finetune.core.backbone import Backbone
 from finetune.core.graph_cut import GraphSplit, UncacheableError
+from finetune.data.images import file_stamp
 
 STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
 try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
@@ -127,16 +128,6 @@ class _Indices(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Any) -> int:
         return int(key[0]) if isinstance(key, (tuple, list)) else int(key)
-
-
-def file_stamp(path: str | os.PathLike) -> str:
-    """Size, mtime and inode of a file: changes when an image is rewritten or another file is
-    renamed onto its path (a swap keeps both mtimes), so its cached activations are not reused."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
 
 def dataset_fingerprint(dataset: Any) -> str:

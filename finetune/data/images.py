@@ -118,3 +118,14 @@ def scan_split(folder: Path, classes: Iterable[str]) -> list[tuple[Path, int]]:
 def _hidden(path: Path) -> bool:
     """Hidden folders (`.thumbnails`, `.git`) and macOS `__MACOSX` junk, at any depth."""
     return path.name.startswith((".", "__MACOSX"))
+
+
+def file_stamp(path: str | os.PathLike) -> str:
+    """Size, mtime and inode of a file: changes when an image is rewritten or another file is
+    renamed onto its path (a swap keeps both mtimes), so nothing derived from the old file —
+    its resized copy, its cached activations — is reused."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"

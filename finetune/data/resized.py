@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from finetune.atomic import atomic_write, atomic_write_json
-from finetune.data.images import load_rgb
+from finetune.data.images import file_stamp, load_rgb
 
 _VERSION = 1
 _MANIFEST = "manifest.json"
@@ -65,15 +65,14 @@ def resize_tree(
     todo = []
     for path in files:
         relative = str(path.relative_to(source))
-        stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        stamp = file_stamp(path)
         entry = entries.get(relative)
         target = folder / resized_name(Path(relative))
         if entry is None or entry["stamp"] != stamp or (entry["error"] is None
                                                         and not target.is_file()):
             todo.append((path, relative, stamp, target))
     if todo:
-        def work(item: tuple[Path, str, list[int], Path]) -> tuple[str, dict]:
+        def work(item: tuple[Path, str, str, Path]) -> tuple[str, dict]:
             path, relative, stamp, target = item
             return relative, {"stamp": stamp, "error": _resize_one(path, target, shorter_side,
                                                                   quality)}
