@@ -4,6 +4,7 @@ from finetune.core.architectures import Architecture
 from finetune.core.backbone import Backbone, ParameterGroup
 from finetune.core.config import TrainConfig
 from finetune.core.metrics import EvaluationReport
+from finetune.core.stepping import NonFiniteLossError
 from finetune.core.strategies import (
     PRESETS,
     STRATEGIES,
@@ -24,7 +25,7 @@ from finetune.core.strategies import (
     register,
     register_preset,
 )
-from finetune.core.trainer import History, NonFiniteLossError, Trainer, TrainState
+from finetune.core.trainer import History, Trainer, TrainState
 from finetune.data import ImageFolderData, INaturalist12K
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import (

@@ -8,6 +8,7 @@ one may ask of the Trainer is to stop (`trainer.state.should_stop = True`).
 from __future__ import annotations
 
 import enum
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -77,3 +78,14 @@ def callback_keys(callbacks: list[Callback]) -> list[str]:
         keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return keys
 
+
+
+def notify_exception(callbacks: list[Callback], trainer: Trainer, error: BaseException) -> None:
+    """`on_exception` on every callback; one that fails is warned about, since the original
+    error matters more and every callback must get its chance to clean up."""
+    for callback in callbacks:
+        try:
+            callback.on_exception(trainer, error)
+        except Exception as inner:
+            warnings.warn(f"{type(callback).__name__}.on_exception failed: {inner}",
+                          RuntimeWarning, stacklevel=3)

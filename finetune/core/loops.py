@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.errors import DeviceError
+from finetune.errors import DataError, DeviceError
 
 LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
@@ -86,6 +86,25 @@ def dataset_classes(loader: Iterable[Any]) -> list[Any] | None:
     """Class names a loader's dataset declares (ImageFolder, finetune.data), if any."""
     names = getattr(getattr(loader, "dataset", None), "classes", None)
     return list(names) if names is not None else None
+
+
+def resolve_classes(classes: list[str] | None, loader: Iterable[Any], model: Any) -> list[str]:
+    """Class names for reports: `classes` if given, else the loader's dataset's, else "0"…"K-1";
+    refuses names that do not match `model.num_classes` (a head built for other data)."""
+    if classes is None:
+        names = dataset_classes(loader)
+        if names is not None and len(names) != model.num_classes:
+            raise DataError(
+                f"the data has {len(names)} classes ({', '.join(map(str, names[:5]))}"
+                f"{', …' if len(names) > 5 else ''}) but {model.name}'s head has "
+                f"{model.num_classes} outputs; build the backbone with "
+                f"num_classes={len(names)}."
+            )
+        classes = ([str(n) for n in names] if names is not None
+                   else [str(i) for i in range(model.num_classes)])
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a {model.num_classes}-class head")
+    return classes
 
 
 def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:

@@ -8,16 +8,13 @@ The loop is split into small methods (`_run_epoch`, `_train_step`, `_forward`,
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-from torch import nn
 from torch.optim import Optimizer
 
 from finetune.core.backbone import Backbone
@@ -31,15 +28,15 @@ from finetune.core.checkpoint import (
     set_rng_state,
 )
 from finetune.core.config import TrainConfig
-from finetune.core.events import Callback, Event, callback_keys, dispatch
+from finetune.core.events import Callback, Event, callback_keys, dispatch, notify_exception
 from finetune.core.loops import (
     LossSpec,
-    dataset_classes,
     default_device,
     epoch_seed,
     loader_length,
     make_loss,
     reseed,
+    resolve_classes,
     sample_shape,
     seed_everything,
     set_sampler_epoch,
@@ -61,12 +58,9 @@ from finetune.core.precision import (
     uses_convolutions,
 )
 from finetune.core.state import History, StepOutput, TrainState
+from finetune.core.stepping import NonFiniteLossError as NonFiniteLossError  # its old home
+from finetune.core.stepping import OptimizerStep
 from finetune.core.strategies import FreezeStrategy
-from finetune.errors import DataError, FinetuneError
-
-
-class NonFiniteLossError(FinetuneError, FloatingPointError):
-    """The loss became NaN or infinite; training cannot continue from these weights."""
 
 
 class Trainer:
@@ -104,6 +98,7 @@ class Trainer:
         self.callbacks: list[Callback] = list(callbacks)
         self._optimization = Optimization(optimizer, scheduler)
         self.loss_fn = make_loss(loss)
+        self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm)
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
@@ -168,7 +163,7 @@ class Trainer:
                     break
             dispatch(self.callbacks, Event.FIT_END, self, history=self.history)
         except BaseException as error:
-            self._notify_exception(error)
+            notify_exception(self.callbacks, self, error)
             raise
         finally:  # activations can take GiBs; and after fit the weights may change
             self.activations.release()
@@ -215,23 +210,7 @@ class Trainer:
 
     # -- setup --------------------------------------------------------------------------------
     def _resolve_classes(self, loader: Iterable[Any]) -> None:
-        if self.classes is None:
-            names = dataset_classes(loader)
-            if names is not None and len(names) != self.backbone.num_classes:
-                raise DataError(
-                    f"the data has {len(names)} classes ({', '.join(map(str, names[:5]))}"
-                    f"{', …' if len(names) > 5 else ''}) but {self.backbone.name}'s head has "
-                    f"{self.backbone.num_classes} outputs; build the backbone with "
-                    f"num_classes={len(names)}."
-                )
-            if names is not None:
-                self.classes = [str(n) for n in names]
-            else:
-                self.classes = [str(i) for i in range(self.backbone.num_classes)]
-        if len(self.classes) != self.backbone.num_classes:
-            raise ValueError(
-                f"{len(self.classes)} class names for a {self.backbone.num_classes}-class head"
-            )
+        self.classes = resolve_classes(self.classes, loader, self.backbone)
 
     def _prepare(self, epoch: int, loader: Iterable[Any], training: bool = True) -> None:
         """Device, strategy, precision and memory format (probed with the strategy applied);
@@ -316,27 +295,12 @@ class Trainer:
 
     def _train_step(self, batch: Any, forward: Forward | None = None) -> StepOutput:
         """One optimizer step through `forward` (the whole model unless the cache routes the
-        batch through the suffix)."""
+        batch through the suffix); `self.step` does the zero_grad/backward/clip/step."""
         images, labels = self._to_device(batch)
         if labels is None:
             raise ValueError("training batches must hold (images, labels)")
-        optimizer = self._require_optimizer()
-        optimizer.zero_grad(set_to_none=True)
-        logits = self._forward(images, forward)
-        loss = self.loss_fn(logits.float(), labels)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at epoch {self.state.epoch}, batch {self.state.batch}; "
-                "lower the learning rate, set max_grad_norm, or check the inputs for NaN."
-            )
-        loss.backward()
-        if self.config.max_grad_norm is not None:
-            trainable = [p for g in optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
-        optimizer.step()
-        correct = int((logits.detach().argmax(dim=1) == labels).sum())
-        return StepOutput(loss=value, correct=correct, count=len(labels))
+        return self.step(self._require_optimizer(), lambda: self._forward(images, forward),
+                         labels, where=f"epoch {self.state.epoch}, batch {self.state.batch}")
 
     def _forward(self, images: torch.Tensor, forward: Forward | None = None) -> torch.Tensor:
         with autocast(self.state.device, self.state.precision):
@@ -390,11 +354,3 @@ class Trainer:
     def _report_metrics(report: EvaluationReport) -> dict[str, float]:
         return {"val_loss": float(report.loss or 0.0), "val_accuracy": report.accuracy,
                 "val_macro_f1": report.macro_f1}
-
-    def _notify_exception(self, error: BaseException) -> None:
-        for callback in self.callbacks:
-            try:
-                callback.on_exception(self, error)
-            except Exception as inner:  # the original error matters more
-                warnings.warn(f"{type(callback).__name__}.on_exception failed: {inner}",
-                              RuntimeWarning, stacklevel=2)
