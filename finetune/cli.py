@@ -18,7 +18,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,61 +27,25 @@ import attrs
 from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
 from finetune.callbacks.console import FreezeReportLines, progress_callback
 from finetune.callbacks.run_file import RUN_FILE, RUN_FORMAT, RunFile, read_run_file
+from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
+    add_recipe_arguments,
+    backbone_name,
+    device_argument,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    recipe_settings,
+    strategy_argument,
+    val_fraction,
+)
 from finetune.core.backbone import Backbone
 from finetune.core.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
-from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy, parse_strategy
+from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.core.trainer import Trainer
-from finetune.core.zoo import build_backbone, check_backbone_name, is_import_path
+from finetune.core.zoo import build_backbone, is_import_path
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
 from finetune.data.preprocessing import Preprocessing
-from finetune.errors import ArchitectureError, CheckpointError, DataError, FinetuneError, redact
-
-
-# -- argument types ---------------------------------------------------------------------------
-def strategy_argument(spec: str) -> FreezeStrategy:
-    """argparse `type` for --strategy: `finetune.parse_strategy`, errors as usage errors."""
-    try:
-        return parse_strategy(spec)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error} (see `finetune strategies`)") from None
-
-
-def _backbone_name(text: str) -> str:
-    try:
-        return check_backbone_name(text)
-    except ArchitectureError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def checked_number(convert: Callable[[str], Any], accept: Callable[[Any], bool],
-                   wanted: str) -> Callable[[str], Any]:
-    """An argparse `type` that converts, then checks, naming what it expected either way
-    (also used by `benchmarks.compare`)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got '{text}'") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = checked_number(int, lambda v: v >= 0, "an integer ≥ 0")
-positive_float = checked_number(float, lambda v: v > 0, "a number > 0")
-val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-
-
-def _device(text: str) -> str:
-    try:
-        TrainConfig(device=text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+from finetune.errors import CheckpointError, DataError, FinetuneError, redact
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -111,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(lists joined with '+'), e.g. freeze-fraction:fraction=0.5,"
                             "count=numel; `finetune strategies` lists them "
                             "(default: freeze-fraction, the reference's 80%%)")
-    train.add_argument("--backbone", type=_backbone_name, default="auto", metavar="NAME",
+    train.add_argument("--backbone", type=backbone_name, default="auto", metavar="NAME",
                        help="auto (resnet50 if its weights are cached, else lite0), lite0, a "
                             "torchvision name (resnet50, convnext_tiny, ...), timm/<model>, or "
                             "package.module:function returning a Backbone (default: auto)")
@@ -131,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-per-class", type=positive_int, default=None,
                        help="use at most N images of each class (before the val split)")
     train.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    add_recipe_arguments(train)
     train.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
                        help="run a frozen prefix once per image and train on its stored "
                             "activations; auto does so where that is exact (default: auto)")
@@ -154,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True,
                           help="a .pt file, or a checkpoint folder (best.pt, else last.pt)")
     _add_data_arguments(evaluate, data_required_hint=" (default: the data recorded at training)")
-    evaluate.add_argument("--backbone", type=_backbone_name, default=None, metavar="NAME",
+    evaluate.add_argument("--backbone", type=backbone_name, default=None, metavar="NAME",
                           help="rebuild this backbone instead of the one recorded; required "
                                "when run.json names a package.module:function factory, which "
                                "is never imported from the file")
@@ -180,8 +145,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="data loader worker processes (default: 1 on ≥ 2 cores)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto picks bf16 only where it is measurably faster (default: auto)")
-    parser.add_argument("--device", type=_device, default="auto",
+                        help="auto: on CUDA bf16 where the card has it natively, else fp16; "
+                             "on the CPU bf16 only where measurably faster (default: auto)")
+    parser.add_argument("--device", type=device_argument, default="auto",
                         help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
@@ -203,7 +169,7 @@ def run_train(args: argparse.Namespace) -> int:
     strategy: FreezeStrategy = args.strategy
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                          precision=args.precision, device=args.device,
-                         feature_cache=args.feature_cache)
+                         feature_cache=args.feature_cache, **recipe_settings(args))
     callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None

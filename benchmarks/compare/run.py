@@ -100,7 +100,9 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
         backbone = backbone_factory(settings.backbone, len(splits.classes), pretrained)
     data = loaders_for(splits, settings, backbone)
     config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
-                         precision=settings.precision, device=settings.device)
+                         precision=settings.precision, device=settings.device,
+                         schedule=settings.schedule, warmup=settings.warmup,
+                         label_smoothing=settings.label_smoothing)
     callbacks: list[Callback] = []
     if sys.stderr.isatty():
         callbacks.append(ProgressBar())

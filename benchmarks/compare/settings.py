@@ -15,7 +15,15 @@ import attrs
 
 import finetune
 from finetune import FreezeStrategy
-from finetune.cli import checked_number, non_negative_int, positive_float, positive_int
+from finetune.cli_options import (
+    checked_number,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    smoothing,
+    warmup_argument,
+)
+from finetune.core.config import PRECISIONS, SCHEDULES
 from finetune.core.zoo import default_backbone_name
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
@@ -55,6 +63,9 @@ class Settings:
     lr: float = _resume()
     precision: str = _resume()
     device: str = _resume()
+    schedule: str = _resume(default="constant")
+    warmup: int | float | None = _resume(default=None)
+    label_smoothing: float = _resume(default=0.0)
     pre_resize: bool
     preset: str
     strategies: tuple[str, ...] = attrs.field(converter=tuple)
@@ -73,9 +84,11 @@ class Settings:
     def changed_from(self, previous: dict[str, Any]) -> list[str]:
         """`key: old -> new` for each resume field that differs from an earlier run's."""
         ours = self.to_dict()
-        return [f"{f.name}: {previous.get(f.name)!r} -> {ours[f.name]!r}"
-                for f in attrs.fields(Settings)
-                if f.metadata.get("resume") and previous.get(f.name) != ours[f.name]]
+        # results written before a field existed ran with its default
+        old = {f.name: previous.get(f.name, None if f.default is attrs.NOTHING else f.default)
+               for f in attrs.fields(Settings)}
+        return [f"{f.name}: {old[f.name]!r} -> {ours[f.name]!r}" for f in attrs.fields(Settings)
+                if f.metadata.get("resume") and old[f.name] != ours[f.name]]
 
 
 @attrs.frozen
@@ -125,7 +138,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="per-step learning-rate schedule (default: the preset's)")
+    p.add_argument("--warmup", type=warmup_argument, help="warm-up steps or share of the run")
+    p.add_argument("--label-smoothing", type=smoothing, help="cross-entropy label smoothing")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=non_negative_int,
                    help="data loader workers (default: library's)")
@@ -171,7 +188,7 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     """The preset with the command line's overrides on top."""
     chosen = dict(PRESETS[args.preset])
     for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
-                "batch_size", "lr"):
+                "batch_size", "lr", "schedule", "warmup", "label_smoothing"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     if chosen["backbone"] == "auto":

@@ -26,7 +26,8 @@ from finetune.errors import CheckpointError
 CHECKPOINT_FORMAT = 1
 # TrainConfig fields whose change on resume alters the run's outcome; the others (epochs,
 # device, precision, cache settings) are expected to differ.
-OUTCOME_SETTINGS = ("lr", "weight_decay", "seed", "max_grad_norm")
+OUTCOME_SETTINGS = ("lr", "weight_decay", "seed", "max_grad_norm", "schedule", "warmup",
+                    "accumulate_steps", "label_smoothing")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

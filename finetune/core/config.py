@@ -9,7 +9,8 @@ import warnings
 import attrs
 from attrs import validators as v
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "linear", "cosine", "one-cycle")  # finetune.core.schedules
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -27,6 +28,16 @@ def _check_channels_last(_: object, attribute: attrs.Attribute, value: object) -
         raise ValueError(f"channels_last must be 'auto', True or False (got {value!r})")
 
 
+def _check_warmup(_: object, attribute: attrs.Attribute, value: object) -> None:
+    ok = (value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+          or (isinstance(value, float) and 0.0 <= value < 1.0))
+    if not ok:
+        raise ValueError(
+            f"warmup must be a number of optimizer steps (an int >= 0), a share of the run "
+            f"(a float in [0, 1)) or None for the schedule's default (got {value!r})"
+        )
+
+
 def _positive_or_none(_: object, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{attribute.name} must be a positive number or None (got {value!r})")
@@ -42,7 +53,15 @@ class TrainConfig:
       None leaves the RNGs alone.
     - `precision`: "fp32", "bf16" (autocast), or "auto" (bf16 only where a timed probe shows
       it is faster for this model on this device; see `finetune.core.precision`).
-    - `max_grad_norm`: clip the gradient norm of the trainable parameters; None does not clip.
+    - `precision`: also "fp16" (autocast with a gradient scaler); on CUDA "auto" is bf16 where
+      the card computes it natively (compute capability >= 8.0), else fp16.
+    - `max_grad_norm`: clip the gradient norm of the trainable parameters (after unscaling
+      fp16 gradients); None does not clip.
+    - `schedule` / `warmup`: the lr per optimizer step, as a multiplier on each group's lr
+      (see `finetune.core.schedules`); `warmup` is steps (int) or a share of the run (float).
+    - `accumulate_steps`: one optimizer step per this many batches (and at the end of an
+      epoch for a remainder), each batch's loss weighted by its share of the step's images.
+    - `label_smoothing`: for the default cross-entropy loss (a custom `loss=` is refused).
     - `keep_freed_memory`: on the CPU with glibc, have malloc reuse freed memory instead of
       returning it to the kernel every step (fewer page faults; see `finetune.core.memory`).
       It is process-wide, so it holds for the length of `fit` only and is undone when fit
@@ -64,6 +83,11 @@ class TrainConfig:
     device: str = attrs.field(default="auto", validator=_check_device)
     channels_last: str | bool = attrs.field(default="auto", validator=_check_channels_last)
     max_grad_norm: float | None = attrs.field(default=None, validator=_positive_or_none)
+    schedule: str = attrs.field(default="constant", validator=v.in_(SCHEDULES))
+    warmup: int | float | None = attrs.field(default=None, validator=_check_warmup)
+    accumulate_steps: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1)])
+    label_smoothing: float = attrs.field(default=0.0, converter=float,
+                                         validator=[v.ge(0.0), v.lt(1.0)])
     keep_freed_memory: bool = attrs.field(default=True, validator=v.instance_of(bool))
     feature_cache: str = attrs.field(default="auto", validator=v.in_(FEATURE_CACHE_MODES))
     cache_memory_gb: float = attrs.field(default=4.0, converter=float, validator=v.ge(0.0))

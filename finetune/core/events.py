@@ -41,7 +41,8 @@ class Callback:
     def on_train_batch_end(
         self, trainer: Trainer, batch: Any, outputs: StepOutput
     ) -> None:
-        """After each optimizer step; `outputs` holds the batch's loss and correct count."""
+        """After each training batch; `outputs` holds its loss and correct count, and
+        `stepped` (the optimizer stepped after it: always unless gradients accumulate)."""
 
     def on_validation_end(self, trainer: Trainer, report: EvaluationReport) -> None:
         """After the validation pass of an epoch (not fired without a validation loader)."""

@@ -115,10 +115,18 @@ def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
         set_epoch(epoch)
 
 
-def make_loss(loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss function for a `Trainer(loss=...)` spec (None: cross-entropy)."""
+def make_loss(loss: LossSpec, label_smoothing: float = 0.0
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss function for a `Trainer(loss=...)` spec (None: cross-entropy, with
+    `label_smoothing`; a custom loss smooths labels itself, if it wants to)."""
     if loss is None:
-        return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError(
+            f"label_smoothing={label_smoothing} applies to the default cross-entropy loss, "
+            "but a custom loss= was given; smooth inside that loss (e.g. "
+            "nn.CrossEntropyLoss(label_smoothing=...)) and leave label_smoothing at 0."
+        )
     if isinstance(loss, type):
         return loss()
     if not callable(loss):

@@ -1,4 +1,8 @@
-"""Pick fp32 or bf16 per model and device, because bf16 is not always faster.
+"""Pick fp32, bf16 or fp16 per model and device, because bf16 is not always faster.
+
+CUDA: bf16 where the card computes it natively (compute capability >= 8.0, Ampere on), else
+fp16 autocast with a gradient scaler — `torch.cuda.is_bf16_supported()` also says yes on
+older cards that only emulate bf16, slowly.
 
 On CPUs with native bf16 (AVX512-BF16 / AMX) ResNet50 trains ~3x faster under bf16 autocast
 with channels_last, but EfficientNet-Lite0's depthwise convolutions gain nothing, so "auto"
@@ -38,10 +42,22 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+# the first CUDA compute capability with native bf16 tensor cores (A100, Ampere)
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def cuda_precision(capability: tuple[int, int]) -> str:
+    """"auto" precision for a CUDA card of compute `capability` (major, minor): bf16 where
+    it is native (>= 8.0: A100, RTX 30xx, L4, H100), else fp16 with a gradient scaler (T4 7.5,
+    V100 7.0, P100 6.0), which those cards run on their fp16 units."""
+    return "bf16" if tuple(capability) >= NATIVE_BF16_CAPABILITY else "fp16"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for `precision` ("bf16" or "fp32") on `device`."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """The autocast context for `precision` ("bf16", "fp16" or "fp32") on `device`."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -102,17 +118,18 @@ def resolve_precision(
     probe_batch: int = 8,
     probe: bool = True,
 ) -> str:
-    """Turn "auto" into "fp32" or "bf16" for this model on this device.
+    """Turn "auto" into "fp32", "bf16" or "fp16" for this model on this device.
 
-    CUDA: bf16 when the GPU supports it. CPU: fp32 without native bf16; with it, a short timed
-    probe on a batch of `probe_batch` random images of `sample_shape` (C, H, W). The verdict is
-    kept per model structure (`model_signature`), device and input shape. `probe=False`
-    (evaluation) reuses a verdict but never times training steps: fp32 without one.
+    CUDA: `cuda_precision` of the card's compute capability (never fp32). CPU (never fp16):
+    fp32 without native bf16; with it, a short timed probe on a batch of `probe_batch` random
+    images of `sample_shape` (C, H, W). The verdict is kept per model structure
+    (`model_signature`), device and input shape. `probe=False` (evaluation) reuses a verdict
+    but never times training steps: fp32 without one.
     """
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return cuda_precision(torch.cuda.get_device_capability(device))
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "fp32"
     key = (model_signature(model), str(device), tuple(sample_shape), channels_last)

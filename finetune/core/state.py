@@ -14,11 +14,13 @@ from finetune.core.strategies import FreezeReport
 
 @attrs.define
 class StepOutput:
-    """What one train step produced (passed to `on_train_batch_end`)."""
+    """What one training batch produced (passed to `on_train_batch_end`); `stepped`: the
+    optimizer stepped after it (always, unless gradients are accumulated)."""
 
     loss: float
     correct: int
     count: int
+    stepped: bool = True
 
     @property
     def accuracy(self) -> float:
@@ -57,7 +59,10 @@ class History:
 
 @attrs.define
 class TrainState:
-    """Mutable run state that callbacks may read (and `should_stop`, which they may set)."""
+    """Mutable run state that callbacks may read (and `should_stop`, which they may set).
+
+    `batch` is the batch's index in its epoch; `global_step` counts optimizer steps over the
+    run (one per batch unless `accumulate_steps` > 1) and drives per-step lr schedules."""
 
     epoch: int = 0
     batch: int = 0

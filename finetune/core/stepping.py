@@ -1,11 +1,21 @@
 """`OptimizerStep`: what one training batch does to the weights — zero the gradients, forward,
-loss, backward, clip, step — kept apart from the loop so the Trainer stays a loop and the step
-can grow (accumulation, loss scaling, schedules) without touching it."""
+loss, backward, and (on the last batch of an accumulation window) unscale, clip and step —
+kept apart from the loop so the Trainer stays a loop.
+
+Gradient accumulation: a window of `accumulate_steps` batches (fewer for an epoch's
+remainder) makes one optimizer step. Each batch's loss is weighted by its share of the
+window's images, so k batches of B images step exactly like one batch of kB (for models
+without BatchNorm, whose statistics see B at a time). Only the window's last batch needs
+gradients synchronised across processes; `no_sync` (a context-manager factory, e.g.
+`DistributedDataParallel.no_sync`) wraps the forward and backward of the others.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,32 +32,115 @@ class NonFiniteLossError(FinetuneError, FloatingPointError):
 
 
 class OptimizerStep:
-    """One optimizer step over one batch, with the run's loss and gradient clipping.
+    """One batch's share of an optimizer step, with the run's loss, clipping, accumulation and
+    (fp16) gradient scaler.
 
     `loss_fn(logits, labels)` gets fp32 logits; `max_grad_norm` clips the norm of the
-    optimizer's parameters' gradients (None does not clip)."""
+    optimizer's parameters' gradients after unscaling (None does not clip)."""
 
-    def __init__(self, loss_fn: LossFunction, max_grad_norm: float | None = None) -> None:
+    def __init__(self, loss_fn: LossFunction, max_grad_norm: float | None = None,
+                 accumulate_steps: int = 1) -> None:
         self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
+        self.accumulate_steps = accumulate_steps
+        self.scaler: torch.amp.GradScaler | None = None
+        self.no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.ends_epoch = False  # set by the loop: this batch is its epoch's last
+        self._batches = 0  # batches in the open window
+        self._reference = 0  # images in the window's first batch
+        self._images = 0  # images in the open window
 
+    # -- the decision the loop and a DDP wrapper share -----------------------------------------
+    @property
+    def pending(self) -> bool:
+        """Whether gradients of an unfinished window wait for their optimizer step."""
+        return self._batches > 0
+
+    def steps_now(self) -> bool:
+        """Whether the coming batch is the last of its window (the optimizer steps after it,
+        so its backward is the one whose gradients must be synchronised)."""
+        return self._batches + 1 >= self.accumulate_steps or self.ends_epoch
+
+    def use_scaler(self, device: torch.device, precision: str) -> None:
+        """A GradScaler for fp16 (its small range would flush small gradients to zero)."""
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    # -- one batch -----------------------------------------------------------------------------
     def __call__(self, optimizer: Optimizer, logits_of: Callable[[], torch.Tensor],
                  labels: torch.Tensor, where: str) -> StepOutput:
-        """Run `logits_of()` (the forward, under the run's autocast) and update the weights;
-        `where` ("epoch E, batch B") names the batch in a non-finite loss error."""
-        optimizer.zero_grad(set_to_none=True)
-        logits = logits_of()
-        loss = self.loss_fn(logits.float(), labels)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at {where}; lower the learning rate, set max_grad_norm, or "
-                "check the inputs for NaN."
-            )
-        loss.backward()
-        if self.max_grad_norm is not None:
-            trainable = [p for g in optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
-        optimizer.step()
+        """Run `logits_of()` (the forward, under the run's autocast), backward its weighted
+        loss, and update the weights if the window is complete; `where` ("epoch E, batch B")
+        names the batch in a non-finite loss error."""
+        stepping = self.steps_now()
+        if self._batches == 0:
+            optimizer.zero_grad(set_to_none=True)
+            self._reference = len(labels)
+        with contextlib.nullcontext() if stepping else self.no_sync():
+            logits = logits_of()
+            loss = self.loss_fn(logits.float(), labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self._batches = self._images = 0
+                raise NonFiniteLossError(
+                    f"loss is {value} at {where}; lower the learning rate, set max_grad_norm, "
+                    "or check the inputs for NaN."
+                )
+            # its share of a nominal window (k batches like the first); update() corrects a
+            # window whose images differ from that, e.g. an epoch's short remainder
+            share = len(labels) / (self.accumulate_steps * self._reference)
+            weighted = loss * share if share != 1.0 else loss
+            (self.scaler.scale(weighted) if self.scaler else weighted).backward()
+        self._batches += 1
+        self._images += len(labels)
+        if stepping:
+            self.update(optimizer)
         correct = int((logits.detach().argmax(dim=1) == labels).sum())
-        return StepOutput(loss=value, correct=correct, count=len(labels))
+        return StepOutput(loss=value, correct=correct, count=len(labels), stepped=stepping)
+
+    def update(self, optimizer: Optimizer) -> None:
+        """Close the window: rescale to the true image count, unscale, clip, step."""
+        nominal = self.accumulate_steps * self._reference
+        correction = nominal / self._images if self._images else 1.0
+        self._batches = self._images = 0
+        if self.scaler is not None and (correction != 1.0 or self.max_grad_norm is not None):
+            self.scaler.unscale_(optimizer)  # clip and rescale true gradients
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        if correction != 1.0:
+            torch._foreach_mul_([p.grad for p in trainable if p.grad is not None], correction)
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(trainable, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any] | None:
+        """The scaler's state (its current scale and growth tracker), None without one."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore `state_dict()`; None (an older checkpoint, or a run without fp16) keeps
+        the fresh scaler."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+def flag_last(batches: Iterable[Any], length: int | None, look_ahead: bool
+              ) -> Iterator[tuple[Any, bool]]:
+    """Each batch with whether it is the epoch's last: by `length` when known, else (with
+    `look_ahead`, needed only when accumulating) by fetching one batch ahead."""
+    if length is not None or not look_ahead:
+        for index, batch in enumerate(batches):
+            yield batch, length is not None and index + 1 == length
+        return
+    iterator = iter(batches)
+    current = next(iterator, _END)
+    while current is not _END:
+        following = next(iterator, _END)
+        yield current, following is _END
+        current = following
+
+
+_END = object()

@@ -57,9 +57,10 @@ from finetune.core.precision import (
     resolve_precision,
     uses_convolutions,
 )
+from finetune.core.schedules import StepSchedule, check_scheduler_combination, total_steps
 from finetune.core.state import History, StepOutput, TrainState
 from finetune.core.stepping import NonFiniteLossError as NonFiniteLossError  # its old home
-from finetune.core.stepping import OptimizerStep
+from finetune.core.stepping import OptimizerStep, flag_last
 from finetune.core.strategies import FreezeStrategy
 
 
@@ -97,8 +98,14 @@ class Trainer:
         self.config = config or TrainConfig()
         self.callbacks: list[Callback] = list(callbacks)
         self._optimization = Optimization(optimizer, scheduler)
-        self.loss_fn = make_loss(loss)
-        self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm)
+        check_scheduler_combination(self.config.schedule, self.config.warmup, scheduler)
+        self.loss_fn = make_loss(loss, self.config.label_smoothing)  # training
+        self.eval_loss_fn = make_loss(loss) if loss is not None else self.loss_fn
+        if self.config.label_smoothing:  # validation loss stays comparable across runs
+            self.eval_loss_fn = make_loss(None)
+        self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm,
+                                  self.config.accumulate_steps)
+        self.schedule = StepSchedule("constant", None, None)  # sized by fit
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
@@ -128,6 +135,8 @@ class Trainer:
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=loader_length(train_loader))
+        self.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
+            config.epochs, self.state.batches_per_epoch, config.accumulate_steps))
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, self.strategy, resume, self._data, config)
@@ -202,6 +211,7 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "epoch": self.state.epoch,
             "global_step": self.state.global_step,
+            "scaler": self.step.state_dict(),
             "history": self.history.to_dict(),
             "rng": rng_state(),
             "callbacks": {k: cb.state_dict() for k, cb in zip(keys, self.callbacks, strict=True)},
@@ -230,6 +240,7 @@ class Trainer:
             config.channels_last, self.backbone, state.device, shape, state.precision, training)
         self.backbone.to(memory_format=torch.channels_last if state.channels_last
                          else torch.contiguous_format)
+        self.step.use_scaler(state.device, state.precision)
         self.activations = ActivationCaches(config.feature_cache, int(
             config.cache_memory_gb * 2**30), config.activation_cache_dir)
         if training:
@@ -263,6 +274,7 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state.history = History.from_dict(checkpoint["history"])
         self.state.global_step = int(checkpoint["global_step"])
+        self.step.load_state_dict(checkpoint.get("scaler"))  # older checkpoints have none
         self.state.epoch = int(checkpoint["epoch"])
         saved = checkpoint["callbacks"]
         for key, callback in zip(callback_keys(self.callbacks), self.callbacks, strict=True):
@@ -280,16 +292,22 @@ class Trainer:
         batches, forward = self._route(loader)
         self.state.cached_prefix = self.activations.label(loader)
         self.state.uncached_reason = self.activations.why_uncached(loader)
-        for index, batch in enumerate(batches):
-            self.state.batch = index
+        optimizer, step = self._require_optimizer(), self.step
+        for index, (batch, last) in enumerate(flag_last(
+                batches, self.state.batches_per_epoch, step.accumulate_steps > 1)):
+            self.state.batch, step.ends_epoch = index, last
+            self.schedule.apply(optimizer, self.state.global_step)
             outputs = self._train_step(batch, forward)
-            self.state.global_step += 1
+            self.state.global_step += outputs.stepped
             total_loss += outputs.loss * outputs.count
             correct += outputs.correct
             count += outputs.count
             dispatch(self.callbacks, Event.TRAIN_BATCH_END, self, batch=batch, outputs=outputs)
         if count == 0:
             raise ValueError("the training loader yielded no batches")
+        if step.pending:  # a loader shorter than its len(): its last window still steps
+            step.update(optimizer)
+            self.state.global_step += 1
         return {"train_loss": total_loss / count, "train_accuracy": correct / count,
                 "train_seconds": time.perf_counter() - started, "train_images": float(count)}
 
@@ -333,7 +351,7 @@ class Trainer:
         for logits, labels in self._inference(loader):
             if labels is None:
                 raise ValueError("evaluation batches must hold (images, labels)")
-            total_loss += float(self.loss_fn(logits.float(), labels)) * len(labels)
+            total_loss += float(self.eval_loss_fn(logits.float(), labels)) * len(labels)
             count += len(labels)
             predictions.append(logits.argmax(dim=1).cpu())
             targets.append(labels.cpu())

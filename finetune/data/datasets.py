@@ -137,7 +137,9 @@ class ImageFolderData:
     order and augmentation); give either to set it alone. Unreadable or truncated files are
     found up front and skipped with one warning listing them (`strict=True` raises instead);
     `pre_resize=True` makes a one-time resized copy (shorter side 256) in `cache_dir`, which
-    decodes ~800 px photos several times faster.
+    decodes ~800 px photos several times faster. `pin_memory` (default: when CUDA is
+    available) puts batches in page-locked memory, so the Trainer's non-blocking copies to
+    the GPU overlap the next batch's loading.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class ImageFolderData:
         test_dir: str | None = None,
         progress: bool = True,
         backbone: Any = None,
+        pin_memory: bool | None = None,
     ) -> None:
         _check_loader_arguments(batch_size, num_workers)
         if backbone is not None:
@@ -173,6 +176,7 @@ class ImageFolderData:
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.batch_size, self.data_augmentation, self.strict = batch_size, data_augmentation, strict
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         if isinstance(root, ImageSplits):
             self.splits = root
         else:
@@ -242,7 +246,7 @@ class ImageFolderData:
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            drop_last=drop_last,
+            drop_last=drop_last, pin_memory=self.pin_memory,
         )
 
 

@@ -1,0 +1,98 @@
+"""argparse types and the training-recipe options of `finetune train`: each type converts
+and checks, naming what it expected, so a bad value is a usage error, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from finetune.core.config import SCHEDULES, TrainConfig
+from finetune.core.strategies import FreezeStrategy, parse_strategy
+from finetune.core.zoo import check_backbone_name
+from finetune.errors import ArchitectureError
+
+
+def strategy_argument(spec: str) -> FreezeStrategy:
+    """argparse `type` for --strategy: `finetune.parse_strategy`, errors as usage errors."""
+    try:
+        return parse_strategy(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (see `finetune strategies`)") from None
+
+
+def backbone_name(text: str) -> str:
+    try:
+        return check_backbone_name(text)
+    except ArchitectureError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def checked_number(convert: Callable[[str], Any], accept: Callable[[Any], bool],
+                   wanted: str) -> Callable[[str], Any]:
+    """An argparse `type` that converts, then checks, naming what it expected either way
+    (also used by `benchmarks.compare`)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got '{text}'") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = checked_number(int, lambda v: v >= 0, "an integer ≥ 0")
+positive_float = checked_number(float, lambda v: v > 0, "a number > 0")
+val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def device_argument(text: str) -> str:
+    try:
+        TrainConfig(device=text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def warmup_argument(text: str) -> int | float:
+    """--warmup: optimizer steps (an integer) or a share of the run (a number in [0, 1))."""
+    try:
+        value: int | float = int(text) if text.strip().lstrip("+").isdigit() else float(text)
+        TrainConfig(warmup=value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected optimizer steps (an integer >= 0) or a share of the run (a number in "
+            f"[0, 1)), got '{text}'") from None
+    return value
+
+
+smoothing = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """--schedule, --warmup, --accumulate, --label-smoothing, --max-grad-norm."""
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                        help="learning rate per optimizer step: constant, or linear / cosine "
+                             "decay to 0, or one-cycle (default: constant)")
+    parser.add_argument("--warmup", type=warmup_argument, default=None, metavar="N|SHARE",
+                        help="linear warm-up over N optimizer steps, or a share of the run "
+                             "such as 0.1 (default: none; one-cycle: 0.3)")
+    parser.add_argument("--accumulate", type=positive_int, default=1, metavar="K",
+                        help="one optimizer step per K batches: an effective batch of K x "
+                             "--batch-size (default: 1)")
+    parser.add_argument("--label-smoothing", type=smoothing, default=0.0,
+                        help="cross-entropy label smoothing, e.g. 0.1 (default: 0)")
+    parser.add_argument("--max-grad-norm", type=positive_float, default=None,
+                        help="clip the gradient norm to this (default: no clipping)")
+
+
+def recipe_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields `add_recipe_arguments` set."""
+    return {"schedule": args.schedule, "warmup": args.warmup,
+            "accumulate_steps": args.accumulate, "label_smoothing": args.label_smoothing,
+            "max_grad_norm": args.max_grad_norm}

@@ -1,0 +1,115 @@
+"""Per-step learning-rate schedules: linear warm-up, then constant, linear or cosine decay, or
+a one-cycle ramp up and down.
+
+A schedule is a pure function of the global optimizer step: each param group's lr is its base
+lr (what the strategy gave it when the optimizer was built) times `lr_multiplier(step)`. So an
+optimizer rebuilt at an epoch boundary (gradual unfreezing, LP-FT) or restored from a
+checkpoint needs nothing but the restored `global_step` to continue on the same curve — no
+scheduler state to carry, and a resumed run sets exactly the lrs of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch.optim import Optimizer
+
+from finetune.core.config import SCHEDULES
+
+# one-cycle without an explicit warm-up spends this share of the steps rising (fastai, torch)
+ONE_CYCLE_WARMUP = 0.3
+# one-cycle starts at max/25 and ends at max/(25 * 1e4), as torch's OneCycleLR and fastai
+ONE_CYCLE_START = 1 / 25
+ONE_CYCLE_END = ONE_CYCLE_START / 1e4
+BASE_LR_KEY = "base_lr"  # the group's unscheduled lr, kept in the group (and its checkpoint)
+
+
+def warmup_steps(schedule: str, warmup: int | float | None, total: int | None) -> int:
+    """Warm-up length in optimizer steps: an int is steps, a float in [0, 1) a share of
+    `total`; None is the schedule's default (0.3 of the run for one-cycle, else none)."""
+    if warmup is None:
+        warmup = ONE_CYCLE_WARMUP if schedule == "one-cycle" else 0
+    if isinstance(warmup, int):
+        return warmup
+    if total is None:
+        raise ValueError(
+            f"warmup={warmup} is a share of the run's optimizer steps, but the training loader "
+            "has no length; give the warm-up in steps (an int) or a loader with __len__."
+        )
+    return round(warmup * total)
+
+
+def lr_multiplier(schedule: str, step: int, total: int | None, warmup: int) -> float:
+    """The factor on the base lr for optimizer step `step` (0-based) of `total`.
+
+    Warm-up rises linearly to 1 over `warmup` steps (step 0 already moves: (step+1)/warmup);
+    one-cycle's rise is a half cosine from 1/25. After it: constant 1, or a linear or cosine
+    decay that reaches 0 (one-cycle: 1/250000) at step `total`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
+    if step < warmup:
+        if schedule == "one-cycle":
+            return _cosine_between(ONE_CYCLE_START, 1.0, step / warmup)
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if total is None:
+        raise ValueError(
+            f"schedule={schedule!r} decays over the whole run, but the training loader has no "
+            "length to count its steps; use a loader with __len__ or schedule='constant'."
+        )
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return _cosine_between(1.0, 0.0, progress)
+    return _cosine_between(1.0, ONE_CYCLE_END, progress)
+
+
+def _cosine_between(start: float, end: float, progress: float) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class StepSchedule:
+    """Sets every param group's lr for a global step; `total` optimizer steps in the run (None
+    when the loader has no length: only warm-up + constant can run then)."""
+
+    def __init__(self, schedule: str, warmup: int | float | None, total: int | None) -> None:
+        self.schedule = schedule
+        self.total = total
+        self.warmup = warmup_steps(schedule, warmup, total)
+        lr_multiplier(schedule, 0, total, self.warmup)  # a bad name or a missing total fails now
+
+    @property
+    def active(self) -> bool:
+        """Whether the lrs ever differ from the base lrs (else nothing is written)."""
+        return self.schedule != "constant" or self.warmup > 0
+
+    def apply(self, optimizer: Optimizer, step: int) -> None:
+        """lr = base lr × multiplier(step) in each group; the base is recorded in the group on
+        first sight, so a freshly built optimizer starts from the strategy's lrs."""
+        if not self.active:
+            return
+        factor = lr_multiplier(self.schedule, step, self.total, self.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault(BASE_LR_KEY, group["lr"]) * factor
+
+
+def check_scheduler_combination(schedule: str, warmup: int | float | None,
+                                scheduler: Any) -> None:
+    """A per-step schedule and an epoch-wise `scheduler=` factory would both write the lr;
+    refuse the pair rather than let one silently overwrite the other."""
+    if scheduler is not None and (schedule != "constant" or warmup):
+        raise ValueError(
+            f"TrainConfig(schedule={schedule!r}, warmup={warmup!r}) sets the lr at every "
+            "optimizer step and scheduler= sets it once per epoch; use one of them (for an "
+            "epoch-wise scheduler keep schedule='constant' and warmup=None)."
+        )
+
+
+def total_steps(epochs: int, batches_per_epoch: int | None, accumulate_steps: int) -> int | None:
+    """Optimizer steps in a run: an epoch's remainder window steps too."""
+    if batches_per_epoch is None:
+        return None
+    return epochs * math.ceil(batches_per_epoch / accumulate_steps)
