@@ -105,6 +105,16 @@ def test_resume_with_schedule_accumulation_and_rebuilt_optimizer_equals_a_straig
     assert peak == pytest.approx(1e-2, rel=0.2) and straight_lrs.seen[-1][1] < peak / 10
 
 
+def test_resume_with_other_epochs_warns_when_a_schedule_decays(tmp_path: Path):
+    checkpoint = Checkpoint(tmp_path, monitor="train_loss", mode="min")
+    config = attrs.evolve(FP32, epochs=1, schedule="linear")
+    Trainer(make_tiny_backbone(), FullUnfreeze(), config, callbacks=[checkpoint]).fit(
+        make_loader(n=8))
+    with pytest.warns(RuntimeWarning, match=r"epochs 2 \(was 1\)"):
+        Trainer(make_tiny_backbone(), FullUnfreeze(), attrs.evolve(config, epochs=2)).fit(
+            make_loader(n=8), resume=checkpoint.last_path)
+
+
 class NoBatchNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

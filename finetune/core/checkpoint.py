@@ -118,9 +118,11 @@ def warn_on_changed_settings(checkpoint: dict[str, Any], config: Any,
                              path: str | Path | None) -> None:
     """A resumed run that trains differently from how it started is allowed, but said."""
     saved = checkpoint.get("config") or {}
+    # a decaying lr schedule is planned over the run's epochs: more or fewer reshape its curve
+    names = OUTCOME_SETTINGS + (("epochs",) if saved.get("schedule", "constant") != "constant"
+                                else ())
     changed = [f"{name} {getattr(config, name)!r} (was {saved[name]!r})"
-               for name in OUTCOME_SETTINGS
-               if name in saved and saved[name] != getattr(config, name)]
+               for name in names if name in saved and saved[name] != getattr(config, name)]
     if changed:
         warnings.warn(f"resuming {path} with other settings: {', '.join(changed)}; the result "
                       "will differ from an uninterrupted run.", RuntimeWarning, stacklevel=4)
