@@ -14,19 +14,19 @@ the preprocessing the model was trained with.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from finetune.callbacks import Callback, Checkpoint, WandbLogger, load_checkpoint
+from finetune.callbacks import Callback, Checkpoint, WandbLogger
 from finetune.callbacks.console import FreezeReportLines, progress_callback
-from finetune.callbacks.run_file import RUN_FILE, RUN_FORMAT, RunFile, read_run_file
+from finetune.callbacks.run_file import RUN_FORMAT, RunFile
+from finetune.cli_evaluate import run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
     add_recipe_arguments,
     backbone_name,
@@ -38,14 +38,14 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     strategy_argument,
     val_fraction,
 )
+from finetune.core import distributed
 from finetune.core.backbone import Backbone
 from finetune.core.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.core.trainer import Trainer
-from finetune.core.zoo import build_backbone, is_import_path
+from finetune.core.zoo import build_backbone
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
-from finetune.data.preprocessing import Preprocessing
-from finetune.errors import CheckpointError, DataError, FinetuneError, redact
+from finetune.errors import FinetuneError, redact
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -153,6 +153,16 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
 
 # -- commands ---------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
+    """Under torchrun every process runs this; rank 0 alone prints and writes files."""
+    started = distributed.start(args.device)
+    try:
+        return _train(args, print if distributed.is_main() else lambda *_, **__: None)
+    finally:
+        if started:
+            distributed.stop()
+
+
+def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     # The tree first (the head's size), then the backbone, whose preprocessing the loaders use.
     splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
                               split_seed=args.seed, train_per_class=args.train_per_class,
@@ -163,9 +173,9 @@ def run_train(args: argparse.Namespace) -> int:
         preprocessing=backbone.preprocessing, image_size=args.image_size,
         num_workers=args.workers,
     )
-    print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
-          f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
-    print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
+    say(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
+        f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
+    say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
     strategy: FreezeStrategy = args.strategy
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                          precision=args.precision, device=args.device,
@@ -187,9 +197,9 @@ def run_train(args: argparse.Namespace) -> int:
     trainer.fit(data.train_loader(), val_loader, resume=args.resume)
     if checkpoint is not None:
         saved = [p for p in (checkpoint.best_path, checkpoint.last_path) if p.is_file()]
-        print("checkpoints: " + ", ".join(map(str, saved)))
+        say("checkpoints: " + ", ".join(map(str, saved)))
     report = trainer.evaluate(data.test_loader())
-    print(f"test set (weights after the last epoch):\n{report.table()}")
+    say(f"test set (weights after the last epoch):\n{report.table()}")
     return 0
 
 
@@ -208,6 +218,7 @@ def _run_record(args: argparse.Namespace, backbone: Backbone, data: ImageFolderD
         "val_split": args.val_split,
         "seed": args.seed,
         "train_per_class": args.train_per_class,
+        "world_size": distributed.world_size(),
         "cli": _cli_config(args),
     }
 
@@ -228,83 +239,6 @@ def _cli_config(args: argparse.Namespace) -> dict[str, Any]:
             value = str(value)
         out[key] = value
     return out
-
-
-def _checkpoint_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path} holds neither best.pt nor last.pt")
-    return path
-
-
-def _recorded_backbone(spec: str, source: Path, given: str | None) -> str:
-    """The backbone to rebuild: the recorded name, unless it is code (an import path) that
-    the user has not named on the command line themselves."""
-    if given is None and is_import_path(spec):
-        raise CheckpointError(
-            f"{source} names the backbone factory '{spec}', which is Python code; finetune "
-            "never imports code named in a data file. If you trust this run folder, pass "
-            f"--backbone {spec} (its module must be importable, e.g. via PYTHONPATH)."
-        )
-    return spec
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    path = _checkpoint_file(args.checkpoint)
-    checkpoint = load_checkpoint(path)
-    record = read_run_file(path)
-    if path.name == "last.pt" and path != args.checkpoint:
-        best = checkpoint.get("callbacks", {}).get("Checkpoint", {}).get("best_epoch")
-        if best is not None:
-            print(f"note: {path.parent} has no best.pt though last.pt records a best at epoch "
-                  f"{best + 1}; evaluating last.pt (epoch {int(checkpoint['epoch']) + 1})",
-                  file=sys.stderr)
-    classes = list(checkpoint["classes"])
-    num_classes = int(checkpoint["backbone"]["num_classes"])
-    if record is None:
-        spec = checkpoint["backbone"]["name"]
-        print(f"note: no {RUN_FILE} beside {path}; assuming {spec} with its default "
-              "preprocessing", file=sys.stderr)
-        preprocessing = None
-    else:
-        saved_name = checkpoint["backbone"]["name"]
-        if record["backbone_name"] != saved_name or record["classes"] != classes:
-            raise CheckpointError(
-                f"{path.parent / RUN_FILE} describes {record['backbone_name']} on "
-                f"{record['classes']} but {path} holds {saved_name} on "
-                f"{classes}; it belongs to another run."
-            )
-        spec = _recorded_backbone(record["backbone"], path.parent / RUN_FILE, args.backbone)
-        preprocessing = Preprocessing(**record["preprocessing"])
-    # No pretrained weights: every weight comes from the checkpoint. A name read from a file
-    # builds registered architectures only; an import path runs only when typed by the user.
-    backbone = build_backbone(args.backbone or spec, num_classes, weights=None,
-                              allow_import=args.backbone is not None)
-    strategy = FreezeStrategy.from_state_dict(checkpoint["strategy"])
-    strategy.apply(backbone)  # LoRA adds its adapters here, before their weights load
-    try:
-        backbone.model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit {backbone.name}: {error}") from error
-    data_root = args.data or (Path(record["data"]) if record else None) or os.environ.get(DATA_ENV)
-    data = ImageFolderData(
-        resolve_data_root(data_root), batch_size=args.batch_size, num_workers=args.workers,
-        preprocessing=preprocessing or backbone.preprocessing, progress=False,
-        val_split=record["val_split"] if record else 0.0, seed=record["seed"] if record else 0,
-        train_per_class=record["train_per_class"] if record else None,
-    )
-    if list(data.classes) != classes:
-        raise DataError(f"the data's classes {data.classes} are not the checkpoint's {classes}")
-    loader = data.test_loader() if args.split == "test" else data.val_loader()
-    config = TrainConfig(epochs=1, precision=args.precision, device=args.device)
-    report = Trainer(backbone, strategy, config, classes=classes).evaluate(loader)
-    print(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
-          f"{data.root}:\n{report.table()}")
-    if args.json is not None:
-        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return 0
 
 
 def _summary(cls: type, limit: int = 90) -> str:

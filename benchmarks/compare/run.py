@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -18,7 +22,8 @@ import torch
 
 from benchmarks.compare import noise
 from benchmarks.compare.measure import PeakMemory
-from benchmarks.compare.report import load_previous, write_outputs
+from benchmarks.compare.report import load_previous
+from benchmarks.compare.report import write_outputs as _write_outputs
 from benchmarks.compare.settings import (
     Settings,
     parse_args,
@@ -30,6 +35,7 @@ from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.cli import tolerate_unencodable_output
+from finetune.core import distributed
 from finetune.core.zoo import build_backbone, seeded
 from finetune.data import ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
@@ -135,6 +141,7 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
                                                                 1e-9),
         "peak_memory_mib": memory.mib, "memory_measure": memory.method,
         "precision": trainer.state.precision, "device": str(trainer.state.device),
+        "world_size": distributed.world_size(),
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),
         "test_images": len(data.test_samples),
         "per_class_test_accuracy": dict(zip(data.classes, map(float, test.per_class_accuracy),
@@ -208,13 +215,49 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
     return None
 
 
+def write_outputs(*args: Any, **kwargs: Any) -> str:
+    """`report.write_outputs` on rank 0; the other processes of a data-parallel comparison
+    write nothing."""
+    return _write_outputs(*args, **kwargs) if distributed.is_main() else ""
+
+
 # -- main ---------------------------------------------------------------------------------------
+def launch(argv: Sequence[str] | None, nproc: int) -> int:
+    """`--nproc N`: the same command under torchrun, N processes on this machine."""
+    rest, skip = [], False
+    for item in sys.argv[1:] if argv is None else argv:
+        if skip or item == "--nproc" or item.startswith("--nproc="):
+            skip = item == "--nproc"
+            continue
+        rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "benchmarks.compare", *rest]
+    print("running: " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command)
+
+
 def main(argv: Sequence[str] | None = None,
          backbone_factory: BackboneFactory = make_backbone) -> int:
-    """Run every strategy × seed; returns 0, 1 if a run failed, 130 on Ctrl-C."""
+    """Run every strategy × seed; returns 0, 1 if a run failed, 130 on Ctrl-C. Under
+    torchrun every process trains each run; rank 0 alone prints and writes."""
     tolerate_unencodable_output()
     args = parse_args(argv)
     specs = strategy_specs(args)
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return launch(argv, args.nproc)
+    started = distributed.start(args.device)
+    try:
+        if not distributed.is_main():
+            with contextlib.redirect_stdout(io.StringIO()):
+                return _compare(args, specs, Path(args.output), argv, backbone_factory)
+        return _locked(args, specs, argv, backbone_factory)
+    finally:
+        if started:
+            distributed.stop()
+
+
+def _locked(args: argparse.Namespace, specs: list[str], argv: Sequence[str] | None,
+            backbone_factory: BackboneFactory) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     busy = (f"another benchmarks.compare is writing to {output}; wait for it to finish or "
@@ -251,7 +294,8 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
     runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
     status = run_all(runs, rows, failed, settings, splits, targets, backbone_factory, output)
     if status is None and settings.seeds_auto:
-        plan = auto_seeds(rows, settings.strategies)
+        # rank 0's timings decide for every process of a data-parallel comparison
+        plan = distributed.same_as_main(auto_seeds(rows, settings.strategies))
         if plan:
             print(describe_auto_seeds(plan, rows), flush=True)
         extra = [(s, seed) for s in settings.strategies for seed in range(1, plan.get(s, 1))]

@@ -146,6 +146,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=non_negative_int,
                    help="data loader workers (default: library's)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="train each run data-parallel on N processes of this machine (started "
+                   "with torchrun; --batch-size is then per process); see docs/distributed.md")
     p.add_argument("--output", default="runs/compare", help="folder for results and plots")
     p.add_argument("--resume", action="store_true", help="skip runs already in --output")
     p.add_argument("--overwrite", action="store_true",

@@ -199,12 +199,16 @@ class ActivationCache:
     def nbytes(self) -> int:
         return 0 if self.features is None else self.features.numel() * self.features.itemsize
 
-    def fill(self, loader: Any, forward: Any, device: torch.device) -> None:
+    def fill(self, loader: Any, forward: Any, device: torch.device, shard: Any = None) -> None:
         """Run the prefix once over the loader's dataset, in dataset order, with the loader's
-        batch size; `forward(prefix, images)` applies precision and memory format."""
+        batch size; `forward(prefix, images)` applies precision and memory format. Under
+        data-parallel training `shard` (`finetune.core.distributed.RowShard`) names the rows
+        this process computes, and then exchanges them so that every process holds all."""
         dataset = loader.dataset
+        rows = range(len(dataset)) if shard is None else shard.rows
         order = torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
-            dataset, batch_size=loader.batch_size or 32, shuffle=False,
+            dataset if shard is None else torch.utils.data.Subset(dataset, rows),
+            batch_size=loader.batch_size or 32, shuffle=False,
             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
             generator=torch.Generator(),
         )
@@ -222,16 +226,21 @@ class ActivationCache:
                             "row per image")
                     if self.features is None:
                         self._allocate(len(dataset), out, dataset)
-                        if self.complete:
+                        if self.complete if shard is None else shard.agree(self.complete):
                             return
                     stop = position + len(out)
-                    self.features[position:stop] = out.to("cpu")  # type: ignore[index]
-                    self.labels[position:stop] = labels  # type: ignore[index]
+                    where = (slice(position, stop) if shard is None
+                             else torch.as_tensor(rows[position:stop]))
+                    self.features[where] = out.to("cpu")  # type: ignore[index]
+                    self.labels[where] = labels  # type: ignore[index]
                     position = stop
         finally:
             self.backbone.train(was_training)
-        if position != len(dataset):
-            raise RuntimeError(f"the loader gave {position} images for {len(dataset)} samples")
+        if position != len(rows):
+            raise RuntimeError(f"the loader gave {position} images for {len(rows)} samples")
+        if shard is not None:
+            with torch.inference_mode():  # where the storage was made: it may write there
+                shard.exchange(self.features, self.labels, loader.batch_size or 32)
         self._mark_complete()
 
     def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

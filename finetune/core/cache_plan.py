@@ -21,6 +21,7 @@ import torch
 
 from finetune.core.activation_cache import ActivationCache, Cut, find_cut, is_deterministic
 from finetune.core.backbone import Backbone
+from finetune.core.distributed import RowShard
 from finetune.core.graph_cut import UncacheableError, split_graph
 
 log = logging.getLogger("finetune")
@@ -129,7 +130,8 @@ class ActivationCaches:
             cache = ActivationCache(backbone, self.cut, memory_budget=self.memory_budget,
                                     directory=self.directory)
             try:
-                cache.fill(loader, prefix_forward, device)
+                cache.fill(loader, prefix_forward, device,
+                           shard=RowShard.for_dataset(len(loader.dataset)))
             except (MemoryError, UncacheableError) as error:
                 if self.mode == "on" and isinstance(error, MemoryError):
                     raise

@@ -11,6 +11,8 @@ import enum
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from finetune.core.distributed import is_main
+
 if TYPE_CHECKING:
     from finetune.core.metrics import EvaluationReport
     from finetune.core.trainer import History, StepOutput, Trainer
@@ -31,6 +33,8 @@ class Event(str, enum.Enum):
 class Callback:
     """No-op hooks. Stateful callbacks override `state_dict` / `load_state_dict` so a resumed
     run continues with, e.g., the same best score and patience counter."""
+
+    every_rank: bool = False  # under data-parallel training only rank 0 gets events
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch (after a resume has been restored)."""
@@ -65,8 +69,9 @@ class Callback:
 
 
 def dispatch(callbacks: list[Callback], event: Event, trainer: Trainer, **kwargs: Any) -> None:
-    """Call `event` on each callback, in list order."""
-    for callback in callbacks:
+    """Call `event` on each callback, in list order: on rank 0 alone under data-parallel
+    training (the others write nothing), except callbacks marked `every_rank`."""
+    for callback in listeners(callbacks):
         getattr(callback, event.value)(trainer, **kwargs)
 
 
@@ -80,13 +85,18 @@ def callback_keys(callbacks: list[Callback]) -> list[str]:
     return keys
 
 
-
 def notify_exception(callbacks: list[Callback], trainer: Trainer, error: BaseException) -> None:
-    """`on_exception` on every callback; one that fails is warned about, since the original
-    error matters more and every callback must get its chance to clean up."""
-    for callback in callbacks:
+    """`on_exception` on every callback this process notifies; one that fails is warned
+    about, since the original error matters more and every callback must get its chance to
+    clean up."""
+    for callback in listeners(callbacks):
         try:
             callback.on_exception(trainer, error)
         except Exception as inner:
             warnings.warn(f"{type(callback).__name__}.on_exception failed: {inner}",
                           RuntimeWarning, stacklevel=3)
+
+
+def listeners(callbacks: list[Callback]) -> list[Callback]:
+    """The callbacks this process notifies: all of them on rank 0 (or a single process)."""
+    return callbacks if is_main() else [c for c in callbacks if c.every_rank]

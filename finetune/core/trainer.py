@@ -17,6 +17,7 @@ import attrs
 import torch
 from torch.optim import Optimizer
 
+from finetune.core import distributed
 from finetune.core.backbone import Backbone
 from finetune.core.cache_plan import ActivationCaches, Forward
 from finetune.core.checkpoint import (
@@ -112,6 +113,7 @@ class Trainer:
         self.state = TrainState()
         self._prepared = False
         self.activations = ActivationCaches("off", 0, None)  # configured by _prepare
+        self.parallel = distributed.DataParallel()  # DDP under torchrun, else nothing
         self._data: dict[str, Any] | None = None  # data_fingerprint of the loader fit trains on
 
     @property
@@ -127,6 +129,9 @@ class Trainer:
     ) -> History:
         """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`)."""
         config = self.config
+        distributed.start(config.device)  # under torchrun: each process trains its share
+        train_loader = distributed.shard_loader(train_loader, config.seed)
+        val_loader = None if val_loader is None else distributed.shard_loader(val_loader)
         self._resolve_classes(train_loader)
         self._data = data_fingerprint(self.classes or [], train_loader)
         if config.seed is not None:
@@ -140,6 +145,7 @@ class Trainer:
         self._prepare(configured_epoch, train_loader)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, self.strategy, resume, self._data, config)
+            distributed.check_world_size(checkpoint, resume)
         self.activations.allow(train_loader, val_loader)
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
@@ -167,6 +173,7 @@ class Trainer:
                 metrics["epoch_seconds"] = time.perf_counter() - started
                 self.history.records.append(metrics)
                 dispatch(self.callbacks, Event.EPOCH_END, self, metrics=metrics)
+                self.state.should_stop = distributed.any_rank(self.state.should_stop)
                 if self.state.should_stop:
                     self.history.stopped_early = epoch + 1 < config.epochs
                     break
@@ -210,6 +217,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "strategy": self.strategy.state_dict(),
             "epoch": self.state.epoch,
+            "world_size": distributed.world_size(),
             "global_step": self.state.global_step,
             "scaler": self.step.state_dict(),
             "history": self.history.to_dict(),
@@ -226,7 +234,7 @@ class Trainer:
         """Device, strategy, precision and memory format (probed with the strategy applied);
         evaluation alone (`training=False`) neither tunes malloc nor probes nor caches."""
         config, state = self.config, self.state
-        state.device = default_device(config.device)
+        state.device = distributed.local_device(default_device(config.device))
         if training and config.keep_freed_memory and state.device.type == "cpu":
             state.malloc_tuned = keep_freed_memory()
         self.backbone.to(state.device)
@@ -238,6 +246,8 @@ class Trainer:
                            else bool(config.channels_last)))
         state.channels_last = resolve_channels_last(  # NHWC only where measured faster
             config.channels_last, self.backbone, state.device, shape, state.precision, training)
+        state.precision, state.channels_last = distributed.same_as_main(  # one verdict for all
+            (state.precision, state.channels_last))
         self.backbone.to(memory_format=torch.channels_last if state.channels_last
                          else torch.contiguous_format)
         self.step.use_scaler(state.device, state.precision)
@@ -264,6 +274,7 @@ class Trainer:
 
     def _configure_optimizer(self, epoch: int, previous: Optimizer | None) -> None:
         groups = self.strategy.param_groups(self.backbone, self.config.lr, epoch)
+        self.parallel.reset()  # DDP registers the parameters that train now
         self.optimizer, self.scheduler = self._optimization.build(
             groups, epoch, self.config, self.strategy.describe(), previous)
 
@@ -290,6 +301,7 @@ class Trainer:
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
         batches, forward = self._route(loader)
+        forward = self.parallel.wrap(self.backbone, forward, self.state.device)
         self.state.cached_prefix = self.activations.label(loader)
         self.state.uncached_reason = self.activations.why_uncached(loader)
         optimizer, step = self._require_optimizer(), self.step
@@ -303,6 +315,7 @@ class Trainer:
             correct += outputs.correct
             count += outputs.count
             dispatch(self.callbacks, Event.TRAIN_BATCH_END, self, batch=batch, outputs=outputs)
+        total_loss, correct, count = distributed.sums(total_loss, correct, count)
         if count == 0:
             raise ValueError("the training loader yielded no batches")
         if step.pending:  # a loader shorter than its len(): its last window still steps
@@ -335,6 +348,11 @@ class Trainer:
         return images, labels
 
     def _inference(self, loader: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any]]:
+        """(logits, labels) of every sample; each process computes its share."""
+        loader = distributed.shard_loader(loader)
+        return distributed.gather_outputs(self._local_inference(loader), loader)
+
+    def _local_inference(self, loader: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any]]:
         was_training = self.backbone.training
         self.backbone.eval()
         try:

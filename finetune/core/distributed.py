@@ -1,0 +1,272 @@
+"""Data-parallel training on PyTorch's own engine: `torch.distributed`, `DistributedDataParallel`
+and `DistributedSampler`, for a Trainer started by `torchrun` (or in a script that initialised a
+process group itself).
+
+Every process runs the same Trainer on its own share of each batch; DDP averages the gradients
+in backward, so all processes take the same optimizer step. This module holds what the Trainer
+needs for that, and nothing when only one process runs (every function then does nothing):
+
+- `start`: join the group torchrun describes in the environment (gloo on the CPU, nccl on CUDA);
+  a group a script already initialised is kept as it is.
+- `shard_loader`: give each process its share of a DataLoader (a `DistributedSampler`, or for
+  finetune.data's `SeededShuffle` the same order strided by one — `ShardedSeededShuffle`).
+- `DataParallel`: the DDP wrapper over what trains now, rebuilt when the strategy changes it.
+- `sums`, `any_rank`, `same_as_main`, `gather_outputs`, `RowShard`: the reductions: epoch
+  metrics, the stop flag, probe verdicts, evaluation outputs (each sample exactly once, in the
+  sampler's order) and the activation cache's rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from finetune.data.datasets import SeededShuffle
+from finetune.data.sharding import ShardedSeededShuffle
+from finetune.errors import CheckpointError, DataError
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+_owned = False  # whether `start` initialised the process group (and `stop` may destroy it)
+
+
+# -- the process group ----------------------------------------------------------------------
+def active() -> bool:
+    """Whether this process trains data-parallel: a process group of two or more is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that writes files, logs and shows progress (True alone)."""
+    return rank() == 0
+
+
+def start(device: str = "auto") -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1, RANK, MASTER_ADDR/PORT):
+    nccl when training on CUDA, else gloo. Returns whether it created one; an existing group
+    (a script called `init_process_group` itself) is kept, and without torchrun nothing
+    happens."""
+    global _owned
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    _owned = True
+    return True
+
+
+def stop() -> None:
+    """Destroy the process group if `start` created it (a script's own group stays up)."""
+    global _owned
+    if _owned and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned = False
+
+
+def local_device(device: torch.device) -> torch.device:
+    """`cuda` means this process's own card (LOCAL_RANK) under data-parallel training."""
+    if active() and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def check_world_size(checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse a resume on another number of processes: the batch each optimizer step sees
+    (processes × batch size) and each process's share of the data would change."""
+    saved, now = int(checkpoint.get("world_size", 1)), world_size()
+    if saved != now:
+        raise CheckpointError(
+            f"checkpoint {path} was trained by {saved} process{'es' if saved > 1 else ''} and "
+            f"this run has {now}; resume with the same number (torchrun --nnodes × "
+            f"--nproc_per_node = {saved}), or start a new run in another folder."
+        )
+
+
+# -- data -------------------------------------------------------------------------------------
+def shard_loader(loader: Iterable[Any], seed: int | None = None) -> Iterable[Any]:
+    """`loader` with this process's share of its samples (itself when one process runs, or
+    when its sampler is already distributed). Shuffled loaders keep shuffling per epoch
+    (`set_epoch`); evaluation loaders are padded by at most one sample per process, which
+    `gather_outputs` removes again."""
+    if not active():
+        return loader
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, (DistributedSampler, ShardedSeededShuffle)):
+        return loader
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or not isinstance(
+            sampler, (SeededShuffle, RandomSampler, SequentialSampler)):
+        raise DataError(
+            "under data-parallel training each process needs its share of the data: pass a torch "
+            "DataLoader with a batch_size and shuffle=True/False (or finetune.data's loaders), "
+            "which finetune shards itself, or give it a DistributedSampler yourself; got "
+            f"{type(loader).__name__} with sampler {type(sampler).__name__}."
+        )
+    drop_last = loader.drop_last
+    if isinstance(sampler, SeededShuffle):
+        shard: Any = ShardedSeededShuffle(sampler.size, sampler.seed, rank(), world_size())
+        shard.epoch = sampler.epoch
+        drop_last = len(shard) % loader.batch_size == 1  # BatchNorm cannot train on 1 image
+    else:
+        shard = DistributedSampler(loader.dataset, num_replicas=world_size(), rank=rank(),
+                                   shuffle=isinstance(sampler, RandomSampler), seed=seed or 0)
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=shard, num_workers=workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=drop_last,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers and workers > 0,
+    )
+
+
+# -- the model --------------------------------------------------------------------------------
+class _Through(nn.Module):
+    """Registers the backbone (so DDP finds its trainable parameters) but runs `forward`: the
+    suffix of a cut when the training pass runs on cached activations."""
+
+    def __init__(self, backbone: nn.Module, forward: Forward) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.__dict__["run"] = forward  # a plain attribute: registers nothing twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+class DataParallel:
+    """The DistributedDataParallel wrapper over what trains now.
+
+    DDP registers only parameters with `requires_grad=True`, so frozen ones never enter its
+    buckets; it is built for one set of trainable parameters, hence `reset` whenever the
+    strategy changes what trains (with the optimizer) and a new wrapper when the training
+    pass runs another forward (the backbone, or the suffix of a cached prefix).
+    """
+
+    def __init__(self) -> None:
+        self._source: Forward | None = None
+        self._wrapper: nn.Module | None = None
+
+    def reset(self) -> None:
+        self._source = self._wrapper = None
+
+    def wrap(self, backbone: nn.Module, forward: Forward, device: torch.device) -> Forward:
+        """`forward` as the training pass must call it: itself with one process."""
+        if not active() or not any(p.requires_grad for p in backbone.parameters()):
+            return forward
+        if self._source is not forward or self._wrapper is None:
+            module = backbone if forward is backbone else _Through(backbone, forward)
+            self._wrapper = DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+            self._source = forward
+        return self._wrapper
+
+
+# -- reductions -------------------------------------------------------------------------------
+def _device() -> torch.device:
+    """Where collectives take their tensors: this card for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sums(*values: float) -> list[float]:
+    """Each value summed over the processes (itself with one)."""
+    if not active():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when it is True on any (a stop that rank 0 decided)."""
+    return sums(float(flag))[0] > 0
+
+
+def same_as_main(value: Any) -> Any:
+    """Rank 0's value on every process (timed probes may decide differently per process)."""
+    if not active():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, device=_device())
+    return holder[0]
+
+
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's `tensor` (same shape everywhere), as bytes so any dtype travels."""
+    local = tensor.contiguous()
+    raw = local.reshape(-1).view(torch.uint8).to(_device())
+    parts = [torch.empty_like(raw) for _ in range(world_size())]
+    dist.all_gather(parts, raw)
+    return [part.cpu().view(local.dtype).view(local.shape) for part in parts]
+
+
+Outputs = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def gather_outputs(outputs: Iterable[Outputs], loader: Any) -> Iterator[Outputs]:
+    """Every process's (logits, labels) of a `shard_loader` pass as one batch, in the order
+    the sampler dealt them, without DistributedSampler's padding: each sample exactly once."""
+    if not active():
+        yield from outputs
+        return
+    logits, labels = [], []
+    for batch_logits, batch_labels in outputs:
+        logits.append(batch_logits.float())
+        labels.append(batch_labels)
+    if not logits:
+        return
+    device, local = logits[0].device, torch.cat(logits).cpu()
+    keep = min(len(loader.dataset), world_size() * len(local))
+
+    def interleave(tensor: torch.Tensor) -> torch.Tensor:  # rank r holds entries r, r+W, …
+        stacked = torch.stack(_all_gather(tensor))
+        return stacked.transpose(0, 1).reshape(-1, *tensor.shape[1:])[:keep].to(device)
+
+    targets = None if labels[0] is None else interleave(torch.cat(labels).cpu())
+    yield interleave(local), targets
+
+
+class RowShard:
+    """The activation cache's rows this process computes (DistributedSampler's share of the
+    dataset in order), and the exchange after which every process holds every row: each
+    epoch deals the rows to the processes anew, so each needs them all."""
+
+    def __init__(self, size: int) -> None:
+        self.rows_of = [list(DistributedSampler(range(size), num_replicas=world_size(), rank=q,
+                                                shuffle=False)) for q in range(world_size())]
+        self.rows = self.rows_of[rank()]
+
+    @classmethod
+    def for_dataset(cls, size: int) -> RowShard | None:
+        return cls(size) if active() else None
+
+    def agree(self, flag: bool) -> bool:
+        """True only where every process says True (a disk cache complete everywhere)."""
+        return sums(float(not flag))[0] == 0
+
+    def exchange(self, features: torch.Tensor, labels: torch.Tensor, chunk: int) -> None:
+        for start in range(0, len(self.rows), chunk):
+            mine = torch.as_tensor(self.rows[start:start + chunk])
+            for tensor in (features, labels):
+                for rows, part in zip(self.rows_of, _all_gather(tensor[mine]), strict=True):
+                    tensor[torch.as_tensor(rows[start:start + chunk])] = part

@@ -1,0 +1,232 @@
+"""Data-parallel training on two CPU processes (gloo): the same results as one process with
+twice the batch, identical weights on every rank, exact resume, writes by rank 0 alone.
+
+Processes are started with torch.multiprocessing (or torchrun for the CLI) on a free port and
+killed after a deadline, so a broken collective fails the test instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from finetune.callbacks import Checkpoint
+from finetune.core import distributed
+from finetune.core.backbone import Backbone
+from finetune.core.config import TrainConfig
+from finetune.core.events import Callback
+from finetune.core.strategies import build_strategy
+from finetune.core.trainer import Trainer
+from finetune.data import ImageFolderData, SeededShuffle
+from finetune.data.preprocessing import Preprocessing
+from finetune.data.sharding import ShardedSeededShuffle
+from finetune.errors import CheckpointError
+from tests.conftest import FAST, TINY, make_tiny_backbone, make_tree
+
+TIMEOUT_S = 180
+CONFIG = dict(epochs=2, lr=1e-3, seed=0, precision="fp32", channels_last=False, device="cpu",
+              keep_freed_memory=False)
+
+
+class PlainNet(nn.Module):
+    """Convolutions and a linear head without BatchNorm: per-process batch statistics cannot
+    make two processes differ from one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+
+
+def plain_backbone(num_classes: int = 3) -> Backbone:
+    torch.manual_seed(0)
+    return Backbone.from_module(PlainNet(), head="fc", num_classes=num_classes, name="plainnet",
+                                groups=(("stem", r"^stem\."), ("block", r"^block\.")),
+                                preprocessing=Preprocessing(resize_size=24, crop_size=24))
+
+
+class BucketRecorder(Callback):
+    """Per epoch, on every rank: how many tensors DDP reduces, and where the cache cut."""
+
+    every_rank = True
+
+    def __init__(self) -> None:
+        self.buckets: list[int | None] = []
+        self.cached: list[str | None] = []
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        wrapper = trainer.parallel._wrapper
+        self.buckets.append(None if wrapper is None else
+                            wrapper._get_ddp_logging_data()["num_parameter_tensors"])
+        self.cached.append(trainer.state.cached_prefix)
+
+
+def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
+            strategy: str = "full-unfreeze", epochs: int = 2, resume: str | None = None,
+            checkpoint: str | None = None) -> dict[str, Any]:
+    """One fit on the tree at `root`, as the same code on each process; what it produced."""
+    backbone = plain_backbone() if model == "plain" else make_tiny_backbone(image_size=24)
+    data = ImageFolderData(root, val_split=0.2, batch_size=batch_size, num_workers=0,
+                           data_augmentation=False, preprocessing=backbone.preprocessing,
+                           progress=False)
+    recorder = BucketRecorder()
+    callbacks: list[Callback] = [recorder]
+    if checkpoint is not None:
+        callbacks.append(Checkpoint(checkpoint, save_best=False))
+    config = TrainConfig(**{**CONFIG, "epochs": epochs})
+    trainer = Trainer(backbone, build_strategy(strategy), config, callbacks)
+    history = trainer.fit(data.train_loader(), data.val_loader(), resume=resume)
+    report = trainer.evaluate(data.test_loader())
+    return {"weights": {k: v.clone() for k, v in backbone.model.state_dict().items()},
+            "history": history.records, "confusion": report.confusion_matrix.tolist(),
+            "test_loss": report.loss, "buckets": recorder.buckets, "cached": recorder.cached,
+            "predictions": trainer.predict(data.test_loader()).tolist()}
+
+
+def _worker(rank: int, world: int, port: int, out: str, kwargs: dict[str, Any]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = fit_run(out=out, **kwargs)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    distributed.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def on_two_ranks(out: Path, **kwargs: Any) -> list[dict[str, Any]]:
+    """fit_run on two processes under the torchrun environment; each rank's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    context = mp.start_processes(_worker, args=(2, free_port(), str(out), kwargs), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two-process fit did not finish in {TIMEOUT_S} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 training, 6 validation and 9 test images (odd: a padded shard) of 3 classes."""
+    return make_tree(tmp_path_factory.mktemp("ddp"), classes=3, n_train=10, n_test=3)
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sharded_shuffle_deals_the_one_process_order_in_turn():
+    whole = [key for key in SeededShuffle(7, seed=3)]
+    shards = [list(ShardedSeededShuffle(7, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert [len(s) for s in shards] == [4, 4]  # padded to a multiple of the world size
+    dealt = [shards[i % 2][i // 2] for i in range(8)]
+    assert dealt[:7] == whole and dealt[7] == whole[0]
+    sampler = ShardedSeededShuffle(7, seed=3, rank=0, world_size=2)
+    sampler.set_epoch(4)
+    single = SeededShuffle(7, seed=3)
+    single.set_epoch(4)
+    assert list(sampler) == list(single)[::2]  # epoch-aware, as the one-process order
+
+
+@pytest.fixture(scope="module")
+def plain_two_ranks(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """A full fine-tune of PlainNet on two ranks with batch 4 (shared by two tests)."""
+    return on_two_ranks(tmp_path_factory.mktemp("plain"), root=str(tree), batch_size=4)
+
+
+def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_ranks, tmp_path):
+    ranks = plain_two_ranks
+    single = fit_run(str(tree), str(tmp_path), batch_size=8)
+    for name, tensor in ranks[0]["weights"].items():
+        assert torch.equal(tensor, ranks[1]["weights"][name]), f"{name} differs across ranks"
+    assert_close(ranks[0]["weights"], single["weights"])
+    for key in ("train_loss", "train_accuracy", "train_images", "val_loss", "val_accuracy"):
+        assert [row[key] for row in ranks[0]["history"]] == pytest.approx(
+            [row[key] for row in single["history"]], rel=1e-5), key
+    assert ranks[0]["history"][0]["train_images"] == 24  # all-reduced: both ranks' images
+    # every test image counted once (9 over 2 ranks: one padded duplicate dropped)
+    assert ranks[0]["confusion"] == ranks[1]["confusion"] == single["confusion"]
+    assert sum(map(sum, single["confusion"])) == 9
+    assert ranks[0]["predictions"] == single["predictions"]
+    assert ranks[0]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
+    assert ranks[0]["buckets"] == [6, 6]  # full fine-tune: all 6 tensors (2 convs, head)
+
+
+def test_cached_prefix_fills_shards_and_only_trainable_tensors_enter_ddp(tree, tmp_path):
+    """Last layer of a BatchNorm net (frozen BN in eval mode): the prefix's activations are
+    cached from each rank's rows, the head alone is in DDP's buckets, and the result is one
+    process's with twice the batch."""
+    ranks = on_two_ranks(tmp_path, root=str(tree), batch_size=4, model="tiny",
+                         strategy="last-layer")
+    single = fit_run(str(tree), str(tmp_path), batch_size=8, model="tiny",
+                     strategy="last-layer")
+    assert ranks[0]["cached"] == ranks[1]["cached"] == single["cached"] != [None, None]
+    assert ranks[0]["buckets"] == ranks[1]["buckets"] == [2, 2]  # fc weight and bias
+    assert_close(ranks[1]["weights"], single["weights"])
+    assert ranks[0]["confusion"] == single["confusion"]
+
+
+def test_gradual_unfreezing_rebuilds_ddp_with_what_trains(tree: Path, tmp_path: Path):
+    ranks = on_two_ranks(tmp_path, root=str(tree), batch_size=4,
+                         strategy="gradual-unfreeze", epochs=3)
+    assert ranks[0]["buckets"] == ranks[1]["buckets"]
+    assert ranks[0]["buckets"][0] < ranks[0]["buckets"][-1]  # more tensors once unfrozen
+    for name, tensor in ranks[0]["weights"].items():
+        assert torch.equal(tensor, ranks[1]["weights"][name]), name
+
+
+def test_resume_on_two_ranks_equals_a_straight_run_and_another_world_size_is_refused(
+        tree: Path, plain_two_ranks: list[dict[str, Any]], tmp_path: Path):
+    run = tmp_path / "run"
+    on_two_ranks(tmp_path / "first", root=str(tree), batch_size=4, epochs=1,
+                 checkpoint=str(run))
+    assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
+    resumed = on_two_ranks(tmp_path / "second", root=str(tree), batch_size=4,
+                           resume=str(run / "last.pt"))
+    assert_close(resumed[1]["weights"], plain_two_ranks[1]["weights"])
+    assert [row["train_loss"] for row in resumed[0]["history"]] == pytest.approx(
+        [row["train_loss"] for row in plain_two_ranks[0]["history"]], rel=1e-5)
+    with pytest.raises(CheckpointError, match=r"trained by 2 processes and this run has 1"):
+        fit_run(str(tree), str(tmp_path), batch_size=8, resume=str(run / "last.pt"))
+
+
+def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "finetune", "train", "--data", str(tree),
+               "--backbone", TINY, "--strategy", "last-layer", "--epochs", "2",
+               "--batch-size", "4", "--checkpoint-dir", str(run), *FAST]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test set (weights after the last epoch)") == 1
+    assert done.stdout.count("data: 3 classes") == 1
+    record = json.loads((run / "run.json").read_text())
+    assert record["world_size"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "run.json"]
+    assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
