@@ -191,7 +191,7 @@ def test_cached_prefix_fills_shards_and_only_trainable_tensors_enter_ddp(tree, t
 
 def test_gradual_unfreezing_rebuilds_ddp_with_what_trains(tree: Path, tmp_path: Path):
     ranks = on_two_ranks(tmp_path, root=str(tree), batch_size=4,
-                         strategy="gradual-unfreeze", epochs=3)
+                         strategy="gradual-unfreeze")
     assert ranks[0]["buckets"] == ranks[1]["buckets"]
     assert ranks[0]["buckets"][0] < ranks[0]["buckets"][-1]  # more tensors once unfrozen
     for name, tensor in ranks[0]["weights"].items():
@@ -230,3 +230,16 @@ def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_pa
     assert record["world_size"] == 2
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "run.json"]
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
+
+
+def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
+    from benchmarks.compare import run
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(run.subprocess, "call", lambda command: started.append(command) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--strategies", "last-layer", "--nproc", "2", "--epochs", "1", "--output", "x"]
+    assert run.main(argv) == 0
+    assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "benchmarks.compare", "--strategies",
+                        "last-layer", "--epochs", "1", "--output", "x"]]
