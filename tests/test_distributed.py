@@ -78,7 +78,7 @@ class BucketRecorder(Callback):
 
 def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
             strategy: str = "full-unfreeze", epochs: int = 2, resume: str | None = None,
-            checkpoint: str | None = None) -> dict[str, Any]:
+            checkpoint: str | None = None, accumulate: int = 1) -> dict[str, Any]:
     """One fit on the tree at `root`, as the same code on each process; what it produced."""
     backbone = plain_backbone() if model == "plain" else make_tiny_backbone(image_size=24)
     data = ImageFolderData(root, val_split=0.2, batch_size=batch_size, num_workers=0,
@@ -88,7 +88,7 @@ def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
     callbacks: list[Callback] = [recorder]
     if checkpoint is not None:
         callbacks.append(Checkpoint(checkpoint, save_best=False))
-    config = TrainConfig(**{**CONFIG, "epochs": epochs})
+    config = TrainConfig(**{**CONFIG, "epochs": epochs}, accumulate_steps=accumulate)
     trainer = Trainer(backbone, build_strategy(strategy), config, callbacks)
     history = trainer.fit(data.train_loader(), data.val_loader(), resume=resume)
     report = trainer.evaluate(data.test_loader())
@@ -153,11 +153,14 @@ def test_sharded_shuffle_deals_the_one_process_order_in_turn():
 
 @pytest.fixture(scope="module")
 def plain_two_ranks(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """A full fine-tune of PlainNet on two ranks with batch 4 (shared by two tests)."""
-    return on_two_ranks(tmp_path_factory.mktemp("plain"), root=str(tree), batch_size=4)
+    """A full fine-tune of PlainNet on two ranks with batch 2, accumulating 2 batches per
+    optimizer step (DDP synchronises the second's backward only): 8 images a step."""
+    return on_two_ranks(tmp_path_factory.mktemp("plain"), root=str(tree), batch_size=2,
+                        accumulate=2)
 
 
 def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_ranks, tmp_path):
+    """2 ranks × batch 2 × 2 accumulated batches = 1 process × batch 8."""
     ranks = plain_two_ranks
     single = fit_run(str(tree), str(tmp_path), batch_size=8)
     for name, tensor in ranks[0]["weights"].items():
@@ -201,10 +204,10 @@ def test_gradual_unfreezing_rebuilds_ddp_with_what_trains(tree: Path, tmp_path: 
 def test_resume_on_two_ranks_equals_a_straight_run_and_another_world_size_is_refused(
         tree: Path, plain_two_ranks: list[dict[str, Any]], tmp_path: Path):
     run = tmp_path / "run"
-    on_two_ranks(tmp_path / "first", root=str(tree), batch_size=4, epochs=1,
+    on_two_ranks(tmp_path / "first", root=str(tree), batch_size=2, accumulate=2, epochs=1,
                  checkpoint=str(run))
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
-    resumed = on_two_ranks(tmp_path / "second", root=str(tree), batch_size=4,
+    resumed = on_two_ranks(tmp_path / "second", root=str(tree), batch_size=2, accumulate=2,
                            resume=str(run / "last.pt"))
     assert_close(resumed[1]["weights"], plain_two_ranks[1]["weights"])
     assert [row["train_loss"] for row in resumed[0]["history"]] == pytest.approx(

@@ -8,6 +8,7 @@ The loop is split into small methods (`_run_epoch`, `_train_step`, `_forward`,
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -305,6 +306,7 @@ class Trainer:
         self.state.cached_prefix = self.activations.label(loader)
         self.state.uncached_reason = self.activations.why_uncached(loader)
         optimizer, step = self._require_optimizer(), self.step
+        step.no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP's, if wrapped
         for index, (batch, last) in enumerate(flag_last(
                 batches, self.state.batches_per_epoch, step.accumulate_steps > 1)):
             self.state.batch, step.ends_epoch = index, last
