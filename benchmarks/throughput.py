@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, TrainConfig, Trainer, parse_strategy
 from finetune.callbacks import Callback
-from finetune.core.precision import cpu_has_native_bf16
+from finetune.core.precision import cpu_has_native_bf16, onednn_isa_cap
 from finetune.core.strategies import FreezeStrategy
 from finetune.core.zoo import build_backbone
 
@@ -157,6 +157,7 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "native_bf16": cpu_has_native_bf16(),
+        "isa_cap": onednn_isa_cap(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
@@ -182,9 +183,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cpu_kind(info: dict[str, Any]) -> str:
+    """Native bf16 or not, and why not when an ISA cap hides instructions the CPU has."""
     if info["native_bf16"]:
         return "CPU with native bf16"
-    return "CPU without native bf16 (bf16 emulated: fp32 is faster)"
+    capped = ""
+    if info.get("isa_cap") and {"avx512_bf16", "amx_bf16"} & set(info["flags"]):
+        capped = f"limited by ONEDNN_MAX_CPU_ISA={info['isa_cap']}: "
+    return f"CPU without native bf16 ({capped}bf16 emulated, fp32 is faster)"
 
 
 HEADER = ("| strategy | naive img/s | library epoch 1 img/s | library epoch 2+ img/s | "

@@ -58,3 +58,11 @@ def test_allocator_benchmark_reports_each_setting(capsys: pytest.CaptureFixture)
     assert rows[1]["env"]["MALLOC_MMAP_MAX_"] == "0"
     assert rows[2]["env"] == {allocator.RUNTIME_FLAG: "1"}
     assert "| glibc default |" in capsys.readouterr().out
+
+
+def test_cpu_kind_names_the_isa_cap_that_hides_bf16() -> None:
+    capped = {"native_bf16": False, "isa_cap": "AVX2", "flags": ["avx2", "avx512_bf16"]}
+    assert "limited by ONEDNN_MAX_CPU_ISA=AVX2" in throughput.cpu_kind(capped)
+    plain = {"native_bf16": False, "isa_cap": None, "flags": ["avx2"]}
+    assert throughput.cpu_kind(plain).startswith("CPU without native bf16 (bf16 emulated")
+    assert throughput.cpu_kind({**capped, "native_bf16": True}) == "CPU with native bf16"

@@ -17,7 +17,9 @@ import contextlib
 import copy
 import functools
 import hashlib
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -29,14 +31,40 @@ MIN_SPEEDUP = 1.15
 MIN_LAYOUT_SPEEDUP = 1.05
 _CACHE: dict[tuple[str, str, tuple[int, ...], bool], str] = {}
 _LAYOUTS: dict[tuple[str, str, tuple[int, ...], str], bool] = {}
+CPUINFO = Path("/proc/cpuinfo")
+
+
+# oneDNN ISA levels (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) that include bf16 instructions;
+# "ALL"/"DEFAULT" mean no limit. Anything else (SSE41, AVX2*, AVX512_CORE, _VNNI) caps oneDNN
+# below bf16, so bf16 convolutions are emulated even on a CPU that has the instructions.
+_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+              "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+              "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
+def onednn_isa_allows_bf16(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the oneDNN ISA cap in the environment, if any, still lets bf16 run natively
+    (`ONEDNN_MAX_CPU_ISA=AVX2` emulates a CPU without bf16 on one with it)."""
+    cap = onednn_isa_cap(environ)
+    return cap is None or cap.upper() in _BF16_ISAS
+
+
+def onednn_isa_cap(environ: Mapping[str, str] | None = None) -> str | None:
+    """The oneDNN ISA cap set in the environment (ONEDNN_MAX_CPU_ISA, or its older name
+    DNNL_MAX_CPU_ISA), or None."""
+    environ = os.environ if environ is None else environ
+    cap = environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip() if cap and cap.strip() else None
 
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it, bf16
-    autocast is emulated and slower than fp32."""
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it;
+    without it, bf16 autocast is emulated and many times slower than fp32."""
+    if not onednn_isa_allows_bf16():
+        return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = CPUINFO.read_text()
     except OSError:
         return False
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
