@@ -310,6 +310,7 @@ def test_clear_winner_is_significant_a_tie_is_a_tie_and_the_verdict_says_so(
     settings = compare.Settings(
         backbone="tiny", data="synthetic", epochs=1, train_per_class=None, val_split=0.2,
         image_size=32, batch_size=4, lr=1e-3, precision="fp32", device="cpu", pre_resize=False,
+        augment=False,
         preset="quick", strategies=list(specs), seeds=(0, 1), command="synthetic")
     printed = compare.write_outputs(tmp_path, settings, CLASSES, rows, [],
                                     targets=targets.tolist())
@@ -364,3 +365,19 @@ def test_seeds_auto_runs_the_planned_extra_seeds(
     with pytest.raises(SystemExit):
         compare.main(argv(tree, tmp_path, "--seeds", "some"), backbone_factory=Factory())
     assert "'some' is neither a number nor auto" in capsys.readouterr().err
+
+
+def test_quick_preset_trains_unaugmented_so_frozen_strategies_train_cached(
+        tree: Path, tmp_path: Path) -> None:
+    assert compare.main(argv(tree, tmp_path / "quick", "--strategies", "last-layer"),
+                        backbone_factory=Factory()) == 0
+    results = read_results(tmp_path / "quick")
+    assert results["config"]["augment"] is False
+    assert results["rows"][0]["train_uncached_reason"] is None
+    assert compare.main(argv(tree, tmp_path / "augmented", "--strategies", "last-layer",
+                             "--augment"), backbone_factory=Factory()) == 0
+    results = read_results(tmp_path / "augmented")
+    assert results["config"]["augment"] is True
+    assert "augmentation" in results["rows"][0]["train_uncached_reason"]
+    args = compare_run.parse_args(["--preset", "reference"])
+    assert compare_run.resolve_settings(args, ["last-layer"], "d", "c").augment is True

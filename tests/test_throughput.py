@@ -25,6 +25,10 @@ def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
         naive, library = row["naive"]["images_per_s"], row["library"]
         assert row["ratio_first"] == pytest.approx(library["first_images_per_s"] / naive)
         assert row["ratio_later"] == pytest.approx(library["later_images_per_s"] / naive)
+        naive_cpu = row["naive"]["images_per_cpu_s"]
+        later_cpu = library["later_images_per_cpu_s"]
+        assert row["cpu_ratio_later"] == pytest.approx(later_cpu / naive_cpu)
+        assert 0 < library["first_images_per_cpu_s"] < float("inf")
     written = json.loads(out.read_text())
     assert written["machine"]["threads"] == torch.get_num_threads()
     assert [row["strategy"] for row in written["rows"]] == list(rows)

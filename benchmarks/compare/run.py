@@ -92,11 +92,23 @@ def scan_data(settings: Settings, root: Path) -> ImageSplits:
 def loaders_for(splits: ImageSplits, settings: Settings, backbone: Backbone) -> ImageFolderData:
     """Loaders over the shared split, decoding as this run's backbone expects."""
     return ImageFolderData(splits, batch_size=settings.batch_size,
-                           preprocessing=backbone.preprocessing,
-                           image_size=settings.image_size, num_workers=settings.workers)
+                           preprocessing=backbone.preprocessing, image_size=settings.image_size,
+                           num_workers=settings.workers, data_augmentation=settings.augment)
 
 
 # -- one run ------------------------------------------------------------------------------------
+class TrainCacheWitness(Callback):
+    """Why the first epoch's training pass ran the whole model (None: it trained on cached
+    activations) — fit releases the cache when it returns, so it is asked during fit."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.reason, self._asked = loader, None, False
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not self._asked:
+            self.reason, self._asked = trainer.activations.why_uncached(self.loader), True
+
+
 def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
             backbone_factory: BackboneFactory, output: Path) -> dict[str, Any]:
     """Train `spec` with `seed` on the shared split; return its results row."""
@@ -109,7 +121,9 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
                          precision=settings.precision, device=settings.device,
                          schedule=settings.schedule, warmup=settings.warmup,
                          label_smoothing=settings.label_smoothing)
-    callbacks: list[Callback] = []
+    train_loader = data.train_loader(shuffle_seed=seed)
+    witness = TrainCacheWitness(train_loader)
+    callbacks: list[Callback] = [witness]
     if sys.stderr.isatty():
         callbacks.append(ProgressBar())
     if settings.wandb_group:
@@ -121,7 +135,7 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
                                              and torch.cuda.is_available())
                     else torch.device("cpu")) as memory:
         # Same split for every run; the shuffle and augmentation follow the run's seed.
-        history = trainer.fit(data.train_loader(shuffle_seed=seed), data.val_loader())
+        history = trainer.fit(train_loader, data.val_loader())
         test = trainer.evaluate(data.test_loader())
     freeze = trainer.state.freeze_report
     assert freeze is not None  # fit() always applies the strategy
@@ -142,6 +156,7 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
         "peak_memory_mib": memory.mib, "memory_measure": memory.method,
         "precision": trainer.state.precision, "device": str(trainer.state.device),
         "world_size": distributed.world_size(),
+        "train_uncached_reason": witness.reason,
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),
         "test_images": len(data.test_samples),
         "per_class_test_accuracy": dict(zip(data.classes, map(float, test.per_class_accuracy),

@@ -35,12 +35,16 @@ SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
     "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
-                  "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True},
+                  "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True,
+                  "augment": True},
     # Minutes on a 2-core CPU: 20 images per class (16 train + 4 val), 160 px, 3 epochs, batch
     # 16 for more steps per image; Adam at 5e-4 so a linear probe gets somewhere in 60 steps
     # without wrecking full fine-tuning. The test set is always the whole test/val folder.
+    # Un-augmented: fixed images let the frozen strategies train on cached activations (the
+    # accuracy effect is measured in docs/benchmarks.md).
     "quick": {"backbone": "auto", "epochs": 3, "train_per_class": 20, "val_split": 0.2,
-              "image_size": 160, "batch_size": 16, "lr": 5e-4, "pre_resize": False},
+              "image_size": 160, "batch_size": 16, "lr": 5e-4, "pre_resize": False,
+              "augment": False},
 }
 
 
@@ -66,6 +70,7 @@ class Settings:
     schedule: str = _resume(default="constant")
     warmup: int | float | None = _resume(default=None)
     label_smoothing: float = _resume(default=0.0)
+    augment: bool = _resume(default=True)  # random crops and flips of the training images
     pre_resize: bool
     preset: str
     strategies: tuple[str, ...] = attrs.field(converter=tuple)
@@ -138,6 +143,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random crops and flips of the training images (default: the preset's;"
+                   " quick: off, so frozen strategies train on cached activations; reference: on)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="per-step learning-rate schedule (default: the preset's)")
@@ -191,7 +199,8 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     """The preset with the command line's overrides on top."""
     chosen = dict(PRESETS[args.preset])
     for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
-                "batch_size", "lr", "schedule", "warmup", "label_smoothing"):
+                "batch_size", "lr", "schedule", "warmup", "label_smoothing",
+                "augment"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     if chosen["backbone"] == "auto":
