@@ -65,3 +65,27 @@ def test_auto_precision_never_times_emulated_bf16(cpu, monkeypatch: pytest.Monke
     verdict = precision_module.resolve_precision("auto", model, torch.device("cpu"), (3, 8, 8),
                                                  channels_last=True)
     assert verdict == "fp32"
+
+
+def test_variants_are_timed_in_turns_on_copies() -> None:
+    """One step of each variant per round, so a load change during the probe hits all alike."""
+    import torch
+
+    order: list[str] = []
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append("nhwc" if x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous() else "nchw")
+            return self.conv(x).mean((2, 3))
+
+    model = Recorder()
+    before = model.conv.weight.detach().clone()
+    seconds = precision_module.least_step_seconds(
+        model, torch.randn(2, 3, 8, 8), [("fp32", False), ("fp32", True)], steps=2, warmup=1)
+    assert order == ["nchw", "nhwc"] * 3 and len(seconds) == 2 and min(seconds) > 0
+    assert torch.equal(model.conv.weight, before) and model.conv.weight.grad is None

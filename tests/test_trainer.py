@@ -263,8 +263,8 @@ def test_auto_precision_uses_the_probe_verdict_and_bf16_trains(monkeypatch):
                          [(1.0, 0.5, "bf16"), (1.0, 0.95, "fp32"), (1.0, 2.0, "fp32")])
 def test_probe_keeps_bf16_only_when_clearly_faster(monkeypatch, fp32, bf16, expected):
     timings = {"fp32": fp32, "bf16": bf16}
-    monkeypatch.setattr(precision_module, "train_step_seconds",
-                        lambda model, images, precision, channels_last, steps: timings[precision])
+    monkeypatch.setattr(precision_module, "least_step_seconds",
+                        lambda model, images, variants, steps: [timings[p] for p, _ in variants])
     choice, seconds = precision_module.probe_precision(nn.Linear(2, 2), torch.zeros(1, 2), False)
     assert choice == expected and seconds == timings
 
@@ -275,11 +275,11 @@ def test_layout_probe_keeps_channels_last_only_when_faster_per_model(
         monkeypatch, nchw, nhwc, expected):
     calls = []
 
-    def timed(model, images, precision, channels_last, steps, fastest):
-        calls.append(channels_last)
-        return nhwc if channels_last else nchw
+    def timed(model, images, variants):
+        calls.extend(layout for _, layout in variants)
+        return [nhwc if layout else nchw for _, layout in variants]
 
-    monkeypatch.setattr(precision_module, "train_step_seconds", timed)
+    monkeypatch.setattr(precision_module, "least_step_seconds", timed)
     monkeypatch.setattr(precision_module, "_LAYOUTS", {})
     model, twin = make_tiny_backbone(), make_tiny_backbone(seed=1)
     resolve = precision_module.resolve_channels_last

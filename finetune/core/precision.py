@@ -19,7 +19,7 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -106,33 +106,57 @@ def train_step_seconds(
     """Median (or with `fastest`, least: robust to a busy machine) wall time of forward +
     cross-entropy + backward on a copy of `model` (the original's weights, BatchNorm
     statistics and gradients are untouched)."""
-    probe = copy.deepcopy(model).train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    probe = probe.to(images.device, memory_format=memory_format)
-    batch = images.contiguous(memory_format=memory_format)
-    times = []
+    (times,) = _step_times(model, images, [(precision, channels_last)], steps, warmup)
+    return min(times) if fastest else sorted(times)[len(times) // 2]
+
+
+def least_step_seconds(
+    model: nn.Module,
+    images: torch.Tensor,
+    variants: Sequence[tuple[str, bool]],
+    steps: int = 2,
+    warmup: int = 1,
+) -> list[float]:
+    """The least train-step time of each (precision, channels_last) variant, timed in turns
+    (one step of each, then the next round): a load that rises or falls during the probe
+    weighs on every variant alike, and noise only ever adds time, so the least is the
+    fairest of the few steps a probe can afford."""
+    return [min(times) for times in _step_times(model, images, variants, steps, warmup)]
+
+
+def _step_times(model: nn.Module, images: torch.Tensor, variants: Sequence[tuple[str, bool]],
+                steps: int, warmup: int) -> list[list[float]]:
+    copies = []
+    for _, channels_last in variants:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        probe = copy.deepcopy(model).train().to(images.device, memory_format=memory_format)
+        copies.append((probe, images.contiguous(memory_format=memory_format)))
+    times: list[list[float]] = [[] for _ in variants]
+    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
     with torch.random.fork_rng(devices=[]):
         for step in range(warmup + steps):
-            start = time.perf_counter()
-            with autocast(images.device, precision):
-                logits = probe(batch)
-            loss = nn.functional.cross_entropy(logits.float(), torch.zeros(
-                len(batch), dtype=torch.long, device=images.device))
-            loss.backward()
-            if images.device.type == "cuda":
-                torch.cuda.synchronize(images.device)
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
-            probe.zero_grad(set_to_none=True)
-    return min(times) if fastest else sorted(times)[len(times) // 2]
+            for (precision, _), (probe, batch), timed in zip(variants, copies, times,
+                                                               strict=True):
+                start = time.perf_counter()
+                with autocast(images.device, precision):
+                    logits = probe(batch)
+                nn.functional.cross_entropy(logits.float(), labels).backward()
+                if images.device.type == "cuda":
+                    torch.cuda.synchronize(images.device)
+                if step >= warmup:
+                    timed.append(time.perf_counter() - start)
+                probe.zero_grad(set_to_none=True)
+    return times
 
 
 def probe_precision(
     model: nn.Module, images: torch.Tensor, channels_last: bool, steps: int = 2
 ) -> tuple[str, dict[str, float]]:
-    """Time fp32 and bf16 train steps; return the faster one (bf16 only if ≥ MIN_SPEEDUP)."""
-    seconds = {p: train_step_seconds(model, images, p, channels_last, steps) for p in
-               ("fp32", "bf16")}
+    """Time fp32 and bf16 train steps in turns; return the faster one (bf16 only if it is
+    ≥ MIN_SPEEDUP faster by least step time)."""
+    fp32, bf16 = least_step_seconds(model, images, [("fp32", channels_last),
+                                                    ("bf16", channels_last)], steps)
+    seconds = {"fp32": fp32, "bf16": bf16}
     choice = "bf16" if seconds["fp32"] >= MIN_SPEEDUP * seconds["bf16"] else "fp32"
     return choice, seconds
 
@@ -195,9 +219,9 @@ def resolve_channels_last(
     """Turn channels_last="auto" into True or False for this model, device and precision.
 
     Only conv nets can gain from NHWC, and not all of them on every CPU (depthwise
-    convolutions, AVX2-only oneDNN kernels), so "auto" times a train step in both layouts on
-    a copy of the model (best of two after a warm-up) and keeps channels_last only if it is at
-    least MIN_LAYOUT_SPEEDUP faster. The verdict is kept per model structure
+    convolutions, AVX2-only oneDNN kernels), so "auto" times train steps in both layouts in
+    turns on copies of the model (least of two after a warm-up) and keeps channels_last only
+    if it is at least MIN_LAYOUT_SPEEDUP faster. The verdict is kept per model structure
     (`model_signature` without what trains), device, input shape and precision, so runs in
     one process compute alike. `probe=False` (evaluation) reuses a verdict, else takes NHWC
     for conv nets."""
@@ -212,7 +236,6 @@ def resolve_channels_last(
     if key not in _LAYOUTS:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
-        nchw, nhwc = (train_step_seconds(model, images, precision, layout, steps=2, fastest=True)
-                      for layout in (False, True))
+        nchw, nhwc = least_step_seconds(model, images, [(precision, False), (precision, True)])
         _LAYOUTS[key] = nchw >= MIN_LAYOUT_SPEEDUP * nhwc
     return _LAYOUTS[key]
