@@ -246,3 +246,31 @@ def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
     assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "-m", "benchmarks.compare", "--strategies",
                         "last-layer", "--epochs", "1", "--output", "x"]]
+
+
+@pytest.fixture
+def as_rank_one_of_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shard_loader as rank 1 of 2 sees it, without a process group."""
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+
+def test_shard_loader_deals_each_kind_of_loader_or_says_what_it_needs(as_rank_one_of_two):
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from finetune.errors import DataError
+
+    dataset = TensorDataset(torch.arange(10.0), torch.zeros(10, dtype=torch.long))
+    shuffled = distributed.shard_loader(DataLoader(dataset, batch_size=4, shuffle=True), seed=5)
+    assert isinstance(shuffled.sampler, DistributedSampler)
+    assert (shuffled.sampler.shuffle, shuffled.sampler.seed, shuffled.sampler.rank) == (True, 5, 1)
+    ordered = distributed.shard_loader(DataLoader(dataset, batch_size=4))
+    assert [int(x) for batch, _ in ordered for x in batch] == [1, 3, 5, 7, 9]
+    assert distributed.shard_loader(ordered) is ordered  # already dealt: used as given
+    seeded = DataLoader(dataset, batch_size=2, sampler=SeededShuffle(10, seed=1))
+    shard = distributed.shard_loader(seeded).sampler
+    assert isinstance(shard, ShardedSeededShuffle) and len(shard) == 5
+    assert distributed.shard_loader(seeded).drop_last  # 5 % 2 == 1: no BatchNorm batch of 1
+    with pytest.raises(DataError, match="DistributedSampler yourself"):
+        distributed.shard_loader([(torch.zeros(2, 3), torch.zeros(2))])
