@@ -241,12 +241,13 @@ class Trainer:
         self.backbone.to(state.device)
         state.freeze_report = self.strategy.apply(self.backbone, epoch)
         shape = sample_shape(loader, self.backbone.preprocessing.crop_size)
+        probe = training and distributed.is_main()  # the other processes take rank 0's verdict
         state.precision = resolve_precision(
-            config.precision, self.backbone, state.device, shape, probe=training,
+            config.precision, self.backbone, state.device, shape, probe=probe,
             channels_last=(uses_convolutions(self.backbone) if config.channels_last == "auto"
                            else bool(config.channels_last)))
         state.channels_last = resolve_channels_last(  # NHWC only where measured faster
-            config.channels_last, self.backbone, state.device, shape, state.precision, training)
+            config.channels_last, self.backbone, state.device, shape, state.precision, probe)
         state.precision, state.channels_last = distributed.same_as_main(  # one verdict for all
             (state.precision, state.channels_last))
         self.backbone.to(memory_format=torch.channels_last if state.channels_last
