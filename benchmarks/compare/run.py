@@ -37,7 +37,7 @@ from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.cli import tolerate_unencodable_output
 from finetune.core import distributed
 from finetune.core.zoo import build_backbone, seeded
-from finetune.data import ImageSplits, INaturalist12K, default_cache_root
+from finetune.data import DecodedImages, ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError, redact
 
@@ -89,11 +89,14 @@ def scan_data(settings: Settings, root: Path) -> ImageSplits:
     )
 
 
-def loaders_for(splits: ImageSplits, settings: Settings, backbone: Backbone) -> ImageFolderData:
-    """Loaders over the shared split, decoding as this run's backbone expects."""
+def loaders_for(splits: ImageSplits, settings: Settings, backbone: Backbone,
+                decoded: DecodedImages | None = None) -> ImageFolderData:
+    """Loaders over the shared split, decoding as this run's backbone expects; `decoded`
+    keeps un-augmented images decoded for the runs after this one."""
     return ImageFolderData(splits, batch_size=settings.batch_size,
                            preprocessing=backbone.preprocessing, image_size=settings.image_size,
-                           num_workers=settings.workers, data_augmentation=settings.augment)
+                           num_workers=settings.workers, data_augmentation=settings.augment,
+                           keep_decoded=True if decoded is None else decoded)
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -110,13 +113,15 @@ class TrainCacheWitness(Callback):
 
 
 def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
-            backbone_factory: BackboneFactory, output: Path) -> dict[str, Any]:
-    """Train `spec` with `seed` on the shared split; return its results row."""
+            backbone_factory: BackboneFactory, output: Path,
+            decoded: DecodedImages | None = None) -> dict[str, Any]:
+    """Train `spec` with `seed` on the shared split; return its results row. Runs that pass
+    one `decoded` store decode each un-augmented image once between them."""
     run = parse_run(spec)
     strategy, pretrained = run.strategy, run.pretrained
     with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
         backbone = backbone_factory(settings.backbone, len(splits.classes), pretrained)
-    data = loaders_for(splits, settings, backbone)
+    data = loaders_for(splits, settings, backbone, decoded)
     config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
                          precision=settings.precision, device=settings.device,
                          schedule=settings.schedule, warmup=settings.warmup,
@@ -194,7 +199,8 @@ def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) ->
 
 def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
             failed: list[dict[str, Any]], settings: Settings, splits: ImageSplits,
-            targets: list[int], backbone_factory: BackboneFactory, output: Path) -> int | None:
+            targets: list[int], backbone_factory: BackboneFactory, output: Path,
+            decoded: DecodedImages | None = None) -> int | None:
     """Run each (strategy, seed) not yet in `rows`, rewriting the outputs after each; a run
     that raises goes to `failed`. Returns 130 on Ctrl-C (outputs written), else None."""
     done = {(r["strategy"], r["seed"]) for r in rows}
@@ -204,7 +210,7 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
             print(f"{tag}: already in {output / 'results.json'}, skipped (--resume)")
             continue
         try:
-            row = run_one(spec, seed, settings, splits, backbone_factory, output)
+            row = run_one(spec, seed, settings, splits, backbone_factory, output, decoded)
         except KeyboardInterrupt:
             write_outputs(output, settings, splits.classes, rows, failed, targets=targets)
             print(f"{tag}: interrupted; {len(rows)} finished runs kept in {output}. Continue "
@@ -307,14 +313,17 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
     targets = [label for _, label in splits.test]
     failed: list[dict[str, Any]] = []
     runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
-    status = run_all(runs, rows, failed, settings, splits, targets, backbone_factory, output)
+    decoded = DecodedImages()  # every run reads the same split: decode it once
+    status = run_all(runs, rows, failed, settings, splits, targets, backbone_factory, output,
+                     decoded)
     if status is None and settings.seeds_auto:
         # rank 0's timings decide for every process of a data-parallel comparison
         plan = distributed.same_as_main(auto_seeds(rows, settings.strategies))
         if plan:
             print(describe_auto_seeds(plan, rows), flush=True)
         extra = [(s, seed) for s in settings.strategies for seed in range(1, plan.get(s, 1))]
-        status = run_all(extra, rows, failed, settings, splits, targets, backbone_factory, output)
+        status = run_all(extra, rows, failed, settings, splits, targets, backbone_factory,
+                         output, decoded)
     if status is not None:
         return status
     print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets))

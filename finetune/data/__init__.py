@@ -8,6 +8,7 @@ from finetune.data.datasets import (
     SeededShuffle,
     default_num_workers,
 )
+from finetune.data.decoded import DecodedImages
 from finetune.data.download import INaturalist12K, download_file, safe_extract, verify_file
 from finetune.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
 from finetune.data.preprocessing import Preprocessing, preprocessing_from_weights
@@ -26,6 +27,7 @@ __all__ = [
     "DATA_ENV",
     "IMAGE_EXTENSIONS",
     "DataSummary",
+    "DecodedImages",
     "EvalTransform",
     "INaturalist12K",
     "ImageDataset",

@@ -16,6 +16,7 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from finetune.data.decoded import DecodedImages
 from finetune.data.images import load_rgb
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import EvalTransform, TrainTransform, sized
@@ -66,10 +67,15 @@ class ImageDataset(Dataset):
     for its random augmentation, from `SeededShuffle`."""
 
     def __init__(self, samples: Samples, transform: Any, decode_size: int, strict: bool,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None,
+                 decoded: DecodedImages | None = None) -> None:
         self.samples, self.transform = samples, transform
         self.decode_size, self.strict = decode_size, strict
         self.classes = list(classes) if classes is not None else None
+        if decoded is not None and not isinstance(transform, EvalTransform):
+            raise ValueError("only un-augmented images (EvalTransform) can be kept decoded")
+        self.decoded = decoded
+        self._paths = [path for path, _ in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,12 +91,18 @@ class ImageDataset(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
+                if self.decoded is not None:
+                    pixels = self.decoded.pixels(path, self.transform, self._paths, self._pixels)
+                    return self.transform.normalise(pixels), label
                 image = load_rgb(path, self.decode_size)
             except Exception as error:  # PIL raises many types for bad files
                 self._bad_file(path, error)
                 continue
             return self.transform(image, random.Random(seed)), label
         raise DataError("no image of this dataset can be decoded; check the files' format.")
+
+    def _pixels(self, path: Path) -> Any:
+        return self.transform.pixels(load_rgb(path, self.decode_size))
 
     def _bad_file(self, path: Path, error: Exception) -> None:
         message = f"cannot decode {path} ({type(error).__name__}: {error})"
@@ -140,6 +152,13 @@ class ImageFolderData:
     decodes ~800 px photos several times faster. `pin_memory` (default: when CUDA is
     available) puts batches in page-locked memory, so the Trainer's non-blocking copies to
     the GPU overlap the next batch's loading.
+
+    `keep_decoded` (default True): un-augmented images — val, test, and train without
+    augmentation — are decoded once and kept in memory as cropped uint8 pixels, within
+    `DecodedImages`' budget (min(2 GiB, RAM/8)); their loaders need no worker processes, so
+    `num_workers` applies to the augmented train loader and to whatever does not fit. Pass
+    a `DecodedImages` to share one store between several `ImageFolderData` over the same
+    files, or False to stream every epoch.
     """
 
     def __init__(
@@ -164,8 +183,11 @@ class ImageFolderData:
         progress: bool = True,
         backbone: Any = None,
         pin_memory: bool | None = None,
+        keep_decoded: bool | DecodedImages = True,
     ) -> None:
         _check_loader_arguments(batch_size, num_workers)
+        self.decoded = (keep_decoded if isinstance(keep_decoded, DecodedImages)
+                        else DecodedImages() if keep_decoded else None)
         if backbone is not None:
             warnings.warn(
                 "ImageFolderData(backbone=...) is deprecated: the data layer takes what the "
@@ -238,14 +260,19 @@ class ImageFolderData:
 
     # -- helpers ------------------------------------------------------------------------------
     def _dataset(self, samples: Samples, transform: Any) -> ImageDataset:
+        keep = (self.decoded is not None and isinstance(transform, EvalTransform)
+                and self.decoded.admit([path for path, _ in samples], transform,
+                                       transform.pixel_bytes))
         return ImageDataset(samples, transform, self.preprocessing.resize_size, self.strict,
-                            self.classes)
+                            self.classes, decoded=self.decoded if keep else None)
 
     def _loader(self, dataset: ImageDataset, sampler: Sampler | None = None,
                 drop_last: bool = False) -> DataLoader:
+        # kept images are a numpy multiply-add away from a tensor: a worker would only add IPC
+        workers = 0 if dataset.decoded is not None else self.num_workers
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=workers, persistent_workers=workers > 0,
             drop_last=drop_last, pin_memory=self.pin_memory,
         )
 
