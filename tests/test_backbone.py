@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.server
 import threading
@@ -66,6 +67,31 @@ def test_lite0_loads_packaged_imagenet_weights_and_preprocessing() -> None:
     assert backbone.preprocessing.std == (0.5, 0.5, 0.5)
     assert backbone.head.out_features == 10
     assert backbone.group_names[0] == "stem" and backbone.group_names[-2:] == ["top", "head"]
+
+
+def test_lite0_convolutions_pad_themselves_with_the_same_outputs_and_gradients() -> None:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from finetune.core.backbone import fold_symmetric_padding
+
+    torch.manual_seed(0)
+    original = EfficientNet.from_name("efficientnet-lite0")
+    folded = copy.deepcopy(original)
+    assert fold_symmetric_padding(folded) == 12  # the 12 stride-1 depthwise convolutions
+    assert fold_symmetric_padding(folded) == 0
+    pads = [m for m in folded.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert pads and all(len(set(p.padding)) > 1 for p in pads)  # stride 2: asymmetric, kept
+    images = torch.randn(2, 3, 64, 64)
+    outputs = []
+    for model in (original, folded):  # training mode: the same dropout draws for both
+        torch.manual_seed(1)
+        outputs.append(model.train()(images))
+        outputs[-1].square().sum().backward()
+    assert torch.allclose(*outputs, atol=1e-5)
+    for (name, a), b in zip(original.named_parameters(), folded.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4), name
+    built = Backbone.efficientnet_lite0(num_classes=3, pretrained=False)
+    assert sum(isinstance(m, torch.nn.ZeroPad2d) for m in built.modules()) == len(pads)
 
 
 def test_lite0_recognises_real_ants_and_bees(shared_data: Path) -> None:

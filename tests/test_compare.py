@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks import compare
+from benchmarks.compare import pool
 from benchmarks.compare import run as compare_run
 from finetune import (
     STRATEGIES,
@@ -60,7 +63,7 @@ class Factory:
 def argv(tree: Path, output: Path, *extra: str) -> list[str]:
     return ["--data", str(tree), "--backbone", "tiny", "--epochs", "1", "--batch-size", "4",
             "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu",
-            "--output", str(output), *extra]
+            "--jobs", "1", "--output", str(output), *extra]
 
 
 def read_results(output: Path) -> dict:
@@ -381,3 +384,81 @@ def test_quick_preset_trains_unaugmented_so_frozen_strategies_train_cached(
     assert "augmentation" in results["rows"][0]["train_uncached_reason"]
     args = compare_run.parse_args(["--preset", "reference"])
     assert compare_run.resolve_settings(args, ["last-layer"], "d", "c").augment is True
+
+
+class PidFactory:
+    """A tiny backbone that leaves a file named after the process that built it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, name: str, num_classes: int, pretrained: bool) -> Backbone:
+        (self.folder / f"{os.getpid()}-{name}-{pretrained}").touch()
+        return make_tiny_backbone(num_classes=num_classes)
+
+
+def test_jobs_run_side_by_side_in_worker_processes(tree: Path, tmp_path: Path) -> None:
+    built = tmp_path / "built"
+    built.mkdir()
+    args = argv(tree, tmp_path / "out", "--strategies", "last-layer,full-unfreeze,from-scratch",
+                "--seeds", "2", "--jobs", "2")
+    assert compare.main(args, backbone_factory=PidFactory(built)) == 0
+    results = read_results(tmp_path / "out")
+    assert [(r["strategy"], r["seed"]) for r in results["rows"]] == [  # in table order
+        (s, seed) for s in ("last-layer", "full-unfreeze", "from-scratch") for seed in (0, 1)]
+    pids = {int(path.name.split("-")[0]) for path in built.iterdir()}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # two workers did all six
+    assert sum(path.name.endswith("False") for path in built.iterdir()) == 2  # from-scratch
+    assert {r["jobs"] for r in results["rows"]} == {2}
+    assert "2 runs at once" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_failing_run_in_a_worker_is_reported_and_the_others_finish(
+        tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = "freeze-all-but:groups=layer4"  # the tiny backbone has no layer4: fails in fit
+    args = argv(tree, tmp_path, "--strategies", f"last-layer,{broken}", "--jobs", "2")
+    assert compare.main(args, backbone_factory=Factory()) == 1
+    results = read_results(tmp_path)
+    assert [r["strategy"] for r in results["rows"]] == ["last-layer"]
+    assert results["failed"][0]["strategy"] == broken
+    err = capsys.readouterr().err
+    assert "layer4" in err and "Traceback" in err  # the worker's own traceback comes back
+
+
+def test_jobs_default_to_one_per_core_on_a_cpu_and_one_on_a_gpu(tree: Path) -> None:
+    from benchmarks.compare.settings import parse_args, resolve_settings
+
+    cores = os.cpu_count() or 1
+    assert pool.auto_jobs(5, "cpu", 1) == min(5, cores)
+    assert pool.auto_jobs(1, "cpu", 1) == 1
+    assert pool.auto_jobs(5, "cuda", 1) == pool.auto_jobs(5, "cpu", 2) == 1
+    args = parse_args(["--data", str(tree), "--device", "cpu"])
+    quick = resolve_settings(args, ["last-layer", "full-unfreeze"], str(tree), "")
+    assert quick.jobs == min(2, cores)
+    args = parse_args(["--data", str(tree), "--preset", "reference", "--device", "cpu"])
+    assert resolve_settings(args, ["last-layer", "full-unfreeze"], str(tree), "").jobs == 1
+    with pytest.raises(SystemExit, match="pick one"):
+        resolve_settings(parse_args(["--nproc", "2", "--jobs", "2"]), ["last-layer"], ".", "")
+
+
+def test_runs_share_the_cores_and_the_last_ones_take_what_others_free() -> None:
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    counts = multiprocessing.get_context("spawn").Array("i", [3, 2])  # waiting, running
+    share = pool.CoreShare(counts, jobs=2, cores=8)
+    try:
+        share.apply()
+        assert torch.get_num_threads() == 4
+        counts[:] = [3, 1]  # a run ended but another will start: no widening yet
+        share.on_train_batch_end(None, None, None)
+        assert torch.get_num_threads() == 4
+        counts[:] = [0, 1]  # nothing left to start: the last run takes every core
+        share.on_train_batch_end(None, None, None)
+        assert torch.get_num_threads() == 8
+        share = pool.CoreShare(counts, jobs=16, cores=8)
+        counts[:] = [5, 16]  # more runs than cores: one thread each
+        share.on_epoch_start(None, 0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -104,7 +104,8 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
              else str(list(settings.seeds)))
     header = (f"`{settings.command}`\n\nbackbone {settings.backbone} · data "
               f"{settings.data} · {settings.epochs} epochs · lr {settings.lr} · "
-              f"{settings.image_size} px · batch {settings.batch_size} · seeds {seeds}\n\n")
+              f"{settings.image_size} px · batch {settings.batch_size} · seeds {seeds}"
+              f"{_shared_machine(settings)}\n\n")
     pairwise = "" if analysis is None else noise.pairwise_markdown(analysis.pairs)
     atomic_write_text(output / "results.md", header + table + "\n" + (
         f"\n{verdict}\n\nPairwise differences of test accuracy (points):\n\n{pairwise}\n"
@@ -135,6 +136,14 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
                                      star if marks is not None else None,
                                      noise.class_marks_note(marks))
     return table + (f"\n\n{verdict}" if verdict else "")
+
+
+def _shared_machine(settings: Settings) -> str:
+    """How the runs shared the machine, which their times depend on."""
+    if settings.jobs <= 1:
+        return ""
+    return (f" · {settings.jobs} runs at once, sharing the CPU's cores (times are those of a "
+            "shared machine)")
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

