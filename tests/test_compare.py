@@ -445,20 +445,53 @@ def test_runs_share_the_cores_and_the_last_ones_take_what_others_free() -> None:
     import multiprocessing
 
     threads = torch.get_num_threads()
-    counts = multiprocessing.get_context("spawn").Array("i", [3, 2])  # waiting, running
+    counts = multiprocessing.get_context("spawn").Array("i", [3, 2, 0])  # waiting, running, stop
     share = pool.CoreShare(counts, jobs=2, cores=8)
     try:
         share.apply()
         assert torch.get_num_threads() == 4
-        counts[:] = [3, 1]  # a run ended but another will start: no widening yet
+        counts[:] = [3, 1, 0]  # a run ended but another will start: no widening yet
         share.on_train_batch_end(None, None, None)
         assert torch.get_num_threads() == 4
-        counts[:] = [0, 1]  # nothing left to start: the last run takes every core
+        counts[:] = [0, 1, 0]  # nothing left to start: the last run takes every core
         share.on_train_batch_end(None, None, None)
         assert torch.get_num_threads() == 8
         share = pool.CoreShare(counts, jobs=16, cores=8)
-        counts[:] = [5, 16]  # more runs than cores: one thread each
+        counts[:] = [5, 16, 0]  # more runs than cores: one thread each
         share.on_epoch_start(None, 0)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+class InterruptingFactory:
+    """Ctrl-C inside a worker: the backbone for from-scratch (random init) raises it."""
+
+    def __call__(self, name: str, num_classes: int, pretrained: bool) -> Backbone:
+        if not pretrained:
+            raise KeyboardInterrupt
+        return make_tiny_backbone(num_classes=num_classes)
+
+
+def test_ctrl_c_in_a_worker_stops_the_comparison_and_keeps_finished_rows(
+        tree: Path, tmp_path: Path) -> None:
+    args = argv(tree, tmp_path, "--strategies", "from-scratch,last-layer,full-unfreeze",
+                "--jobs", "2")
+    assert compare.main(args, backbone_factory=InterruptingFactory()) == 130
+    rows = read_results(tmp_path)["rows"]
+    assert {r["strategy"] for r in rows} <= {"last-layer"}  # full-unfreeze never ran
+
+
+def test_a_stopped_comparison_ends_the_runs_in_progress_and_starts_no_more() -> None:
+    import multiprocessing
+
+    counts = multiprocessing.get_context("spawn").Array("i", [1, 2, 1])  # stop flag set
+    with pytest.raises(KeyboardInterrupt, match="stopped"):
+        pool.CoreShare(counts, jobs=2, cores=2).on_train_batch_end(None, None, None)
+    pool._start_worker(counts, 2)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped"):
+            pool._in_worker(lambda *args: pytest.fail("a run started after the stop"))
+        assert list(counts) == [0, 2, 1]  # counted in and out again
+    finally:
+        pool._start_worker(None, 1)

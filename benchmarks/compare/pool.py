@@ -27,19 +27,22 @@ from finetune.data import DecodedImages
 
 Outcome = dict[str, Any] | Exception  # a results row, or what the run raised
 _store: DecodedImages | None = None  # one per worker process, for all the runs it does
-_counts: Any = None  # the pool's shared [runs not started, runs in progress]
+_counts: Any = None  # the pool's shared [runs not started, runs in progress, stop flag]
 _jobs = 1
 
 
 class CoreShare(Callback):
     """Keeps this process at cores // jobs threads while runs wait to start, then at
-    cores // (runs in progress); checked at every batch and epoch."""
+    cores // (runs in progress); checked at every batch and epoch, where a comparison that
+    was stopped (Ctrl-C, an error in the main process) also ends this run."""
 
     def __init__(self, counts: Any, jobs: int, cores: int | None = None) -> None:
         self.counts, self.jobs, self.cores = counts, jobs, cores or os.cpu_count() or 1
 
     def apply(self) -> None:
-        waiting, running = self.counts[0], self.counts[1]
+        waiting, running, stop = self.counts[0], self.counts[1], self.counts[2]
+        if stop:
+            raise KeyboardInterrupt("the comparison was stopped")
         sharing = self.jobs if waiting else max(1, running)
         threads = max(1, self.cores // sharing)
         if threads != torch.get_num_threads():
@@ -67,15 +70,21 @@ def outcomes(todo: Sequence[tuple[Any, ...]], jobs: int, run: Callable[..., dict
     `run(*item[1:], *shared, store, [CoreShare])` in a pool of `jobs` processes (spawned, so
     that no thread state of this one is inherited)."""
     context = multiprocessing.get_context("spawn")
-    counts = context.Array("i", [len(todo), 0])
+    counts = context.Array("i", [len(todo), 0, 0])
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
                                initargs=(counts, jobs))
+    finished = False
     try:
         futures = {pool.submit(_in_worker, run, *item[1:], *shared): item for item in todo}
         for future in as_completed(futures):
             error = future.exception()
+            if isinstance(error, KeyboardInterrupt):  # Ctrl-C reached the worker first
+                raise error
             yield futures[future], future.result() if error is None else error
-    finally:  # Ctrl-C or an early exit: runs not started are cancelled
+        finished = True
+    finally:  # Ctrl-C or an early exit: runs in progress stop at their next batch, and
+        if not finished:  # runs not started (even those already queued) do not start
+            counts[2] = 1
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -92,6 +101,8 @@ def _in_worker(run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]
         _counts[0] -= 1
         _counts[1] += 1
     try:
+        if _counts[2]:
+            raise KeyboardInterrupt("the comparison was stopped")
         share = CoreShare(_counts, _jobs)
         share.apply()
         return run(*args, _store, [share])
