@@ -130,7 +130,7 @@ def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
     train_loader = data.train_loader(shuffle_seed=seed)
     witness = TrainCacheWitness(train_loader)
     callbacks: list[Callback] = [witness, *extra_callbacks]
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble the bars
         callbacks.append(ProgressBar())
     if settings.wandb_group:
         callbacks.append(WandbLogger(
