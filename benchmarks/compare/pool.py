@@ -24,6 +24,10 @@ import torch
 
 from finetune.callbacks import Callback
 from finetune.data import DecodedImages
+from finetune.data.decoded import physical_memory
+
+MAX_AUTO_JOBS = 4
+RAM_PER_JOB = 4 * 1024**3
 
 Outcome = dict[str, Any] | Exception  # a results row, or what the run raised
 _store: DecodedImages | None = None  # one per worker process, for all the runs it does
@@ -55,13 +59,17 @@ class CoreShare(Callback):
         self.apply()
 
 
-def auto_jobs(runs: int, device: str, world_size: int) -> int:
-    """`--jobs auto`: on a CPU, as many runs at once as there are cores (at most one per run);
-    one at a time on a GPU (the runs would share one card) and under torchrun."""
+def auto_jobs(runs: int, device: str, world_size: int, ram: int | None = None) -> int:
+    """`--jobs auto`: on a CPU, one run per core, at most one per run, MAX_AUTO_JOBS in all
+    (past that a run's own threads use the cores as well) and one per RAM_PER_JOB of memory
+    (a ResNet50 run at batch 32 peaks near 3 GB); one at a time on a GPU (the runs would
+    share one card) and under torchrun."""
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_gpu or world_size > 1:
         return 1
-    return max(1, min(runs, os.cpu_count() or 1))
+    ram = physical_memory() if ram is None else ram
+    by_memory = MAX_AUTO_JOBS if ram is None else ram // RAM_PER_JOB
+    return max(1, min(runs, os.cpu_count() or 1, MAX_AUTO_JOBS, by_memory))
 
 
 def outcomes(todo: Sequence[tuple[Any, ...]], jobs: int, run: Callable[..., dict[str, Any]],

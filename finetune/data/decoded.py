@@ -26,12 +26,19 @@ RAM_FRACTION = 8  # ...and at most an eighth of the machine's memory
 Decoder = Callable[[Path], np.ndarray]
 
 
+def physical_memory() -> int | None:
+    """The machine's RAM in bytes, where the OS says (Linux, macOS)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def default_budget() -> int:
     """min(2 GiB, RAM / 8): holds a 224 px un-augmented iNaturalist 12K train split (1.5 GB)
     on a 24 GiB machine, and never a large share of a small one."""
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
+    ram = physical_memory()
+    if ram is None:
         return DEFAULT_BUDGET_CAP // 4
     return min(DEFAULT_BUDGET_CAP, ram // RAM_FRACTION)
 
