@@ -432,7 +432,7 @@ def test_jobs_default_to_one_per_core_on_a_cpu_and_one_on_a_gpu(tree: Path) -> N
     plenty = 64 * 1024**3
     assert pool.auto_jobs(5, "cpu", 1, ram=plenty) == min(5, cores, pool.MAX_AUTO_JOBS)
     assert pool.auto_jobs(1, "cpu", 1, ram=plenty) == 1
-    assert pool.auto_jobs(5, "cpu", 1, ram=6 * 1024**3) == 1  # one run's worth of memory
+    assert pool.auto_jobs(5, "cpu", 1, ram=8 * 1024**3) == 1  # one run's worth of memory
     assert pool.auto_jobs(5, "cuda", 1) == pool.auto_jobs(5, "cpu", 2) == 1
     args = parse_args(["--data", str(tree), "--device", "cpu"])
     quick = resolve_settings(args, ["last-layer", "full-unfreeze"], str(tree), "")

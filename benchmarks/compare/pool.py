@@ -1,10 +1,10 @@
 """`--jobs N`: several runs of a comparison at once, each in its own process.
 
 One training run does not keep a small CPU busy: EfficientNet-Lite0's depthwise layers and
-small late feature maps scale poorly across threads (on 2 cores, 2 threads train 1.25x as
-fast as 1), so two single-thread runs side by side finish a comparison sooner than one
-two-thread run after another. Each run trains with cores // jobs threads until the last
-run has started; from then on the runs still going take the cores of those that end
+small late feature maps scale poorly across threads (on 2 cores, two single-thread runs side
+by side make 1.25x the train steps of one two-thread run), so they finish a comparison
+sooner than one two-thread run after another. Each run trains with cores // jobs threads
+until the last run has started; from then on the runs still going take the cores of those that end
 (cores // runs in progress, re-read at every batch: `CoreShare`), rather than leave them
 idle. Not before: a run that starts while another still holds the extra cores would
 oversubscribe them, and spinning OpenMP threads on too few cores cost more than they gain.
@@ -27,7 +27,7 @@ from finetune.data import DecodedImages
 from finetune.data.decoded import physical_memory
 
 MAX_AUTO_JOBS = 4
-RAM_PER_JOB = 4 * 1024**3
+RAM_PER_JOB = 6 * 1024**3
 
 Outcome = dict[str, Any] | Exception  # a results row, or what the run raised
 _store: DecodedImages | None = None  # one per worker process, for all the runs it does
@@ -62,8 +62,8 @@ class CoreShare(Callback):
 def auto_jobs(runs: int, device: str, world_size: int, ram: int | None = None) -> int:
     """`--jobs auto`: on a CPU, one run per core, at most one per run, MAX_AUTO_JOBS in all
     (past that a run's own threads use the cores as well) and one per RAM_PER_JOB of memory
-    (a ResNet50 run at batch 32 peaks near 3 GB); one at a time on a GPU (the runs would
-    share one card) and under torchrun."""
+    (a ResNet50 run at batch 32, 224 px, fp32 peaks at 4.1 GB resident); one at a time on a
+    GPU (the runs would share one card) and under torchrun."""
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_gpu or world_size > 1:
         return 1

@@ -160,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="data loader workers (default: library's)")
     p.add_argument("--jobs", type=_jobs, help="runs at once, each in its own process with "
                    "its share of the cores, or auto: one per core on a CPU (at most 4, and one "
-                   "per 4 GiB of RAM), 1 on a GPU "
+                   "per 6 GiB of RAM), 1 on a GPU "
                    "(default: the preset's; quick: auto, reference: 1)")
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="train each run data-parallel on N processes of this machine (started "
