@@ -86,8 +86,8 @@ def outcomes(todo: Sequence[tuple[Any, ...]], jobs: int, run: Callable[..., dict
         futures = {pool.submit(_in_worker, run, *item[1:], *shared): item for item in todo}
         for future in as_completed(futures):
             error = future.exception()
-            if isinstance(error, KeyboardInterrupt):  # Ctrl-C reached the worker first
-                raise error
+            if error is not None and not isinstance(error, Exception):
+                raise error  # Ctrl-C reached the worker first, or SystemExit: as in one process
             yield futures[future], future.result() if error is None else error
         finished = True
     finally:  # Ctrl-C or an early exit: runs in progress stop at their next batch, and
