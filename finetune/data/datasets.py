@@ -75,7 +75,7 @@ class ImageDataset(Dataset):
         if decoded is not None and not isinstance(transform, EvalTransform):
             raise ValueError("only un-augmented images (EvalTransform) can be kept decoded")
         self.decoded = decoded
-        self._paths = [path for path, _ in samples]
+        self.paths = [path for path, _ in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -92,7 +92,7 @@ class ImageDataset(Dataset):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
                 if self.decoded is not None:
-                    pixels = self.decoded.pixels(path, self.transform, self._paths, self._pixels)
+                    pixels = self.decoded.pixels(path, self.transform, self.paths, self._pixels)
                     return self.transform.normalise(pixels), label
                 image = load_rgb(path, self.decode_size)
             except Exception as error:  # PIL raises many types for bad files
@@ -260,11 +260,12 @@ class ImageFolderData:
 
     # -- helpers ------------------------------------------------------------------------------
     def _dataset(self, samples: Samples, transform: Any) -> ImageDataset:
-        keep = (self.decoded is not None and isinstance(transform, EvalTransform)
-                and self.decoded.admit([path for path, _ in samples], transform,
-                                       transform.pixel_bytes))
-        return ImageDataset(samples, transform, self.preprocessing.resize_size, self.strict,
-                            self.classes, decoded=self.decoded if keep else None)
+        dataset = ImageDataset(samples, transform, self.preprocessing.resize_size, self.strict,
+                               self.classes)
+        if (self.decoded is not None and isinstance(transform, EvalTransform)
+                and self.decoded.admit(dataset.paths, transform, transform.pixel_bytes)):
+            dataset.decoded = self.decoded
+        return dataset
 
     def _loader(self, dataset: ImageDataset, sampler: Sampler | None = None,
                 drop_last: bool = False) -> DataLoader:
