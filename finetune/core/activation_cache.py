@@ -31,7 +31,7 @@ from torch import nn
 from finetune.atomic import atomic_write_json
 from finetune.core.backbone import Backbone
 from finetune.core.graph_cut import GraphSplit, UncacheableError
-from finetune.data.images import file_stamp
+from finetune.data.images import file_key
 
 STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
 try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
@@ -132,14 +132,14 @@ class _Indices(torch.utils.data.Dataset):
 
 def dataset_fingerprint(dataset: Any) -> str:
     """A digest of what a dataset holds: its (path, label) samples with each file's
-    `file_stamp`, and its transform; or its tensors. Datasets of neither kind get their
+    content key (`file_key`), and its transform; or its tensors. Datasets of neither kind get their
     identity, so their disk cache is never shared across processes."""
     digest = hashlib.sha1()
     samples = getattr(dataset, "samples", None)
     tensors = getattr(dataset, "tensors", None)
     if samples is not None:
         for path, label in samples:
-            digest.update(f"{path}\0{label}\0{file_stamp(path)}\n".encode())
+            digest.update(f"{path}\0{label}\0{file_key(path)}\n".encode())
         digest.update(repr(getattr(dataset, "transform", None)).encode())
     elif tensors is not None:
         for tensor in tensors:

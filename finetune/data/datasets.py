@@ -16,8 +16,8 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finetune.data.decoded import DecodedImages
-from finetune.data.images import load_rgb
+from finetune.data.decoded import DecodedImages, ImageFile
+from finetune.data.images import file_keys, load_rgb
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import EvalTransform, TrainTransform, sized
 from finetune.data.tree import ImageSplits, Samples
@@ -72,10 +72,18 @@ class ImageDataset(Dataset):
         self.samples, self.transform = samples, transform
         self.decode_size, self.strict = decode_size, strict
         self.classes = list(classes) if classes is not None else None
-        if decoded is not None and not isinstance(transform, EvalTransform):
-            raise ValueError("only un-augmented images (EvalTransform) can be kept decoded")
-        self.decoded = decoded
         self.paths = [path for path, _ in samples]
+        self.decoded: DecodedImages | None = None
+        self.files: list[ImageFile] = []
+        if decoded is not None:
+            self.keep_decoded(decoded)
+
+    def keep_decoded(self, store: DecodedImages) -> None:
+        """Serve pixels from `store`, keyed by each file's content as it is now."""
+        if not isinstance(self.transform, EvalTransform):
+            raise ValueError("only un-augmented images (EvalTransform) can be kept decoded")
+        self.decoded = store
+        self.files = list(zip(self.paths, file_keys(self.paths), strict=True))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -89,10 +97,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            position = (index + attempt) % len(self.samples)
+            path, label = self.samples[position]
             try:
                 if self.decoded is not None:
-                    pixels = self.decoded.pixels(path, self.transform, self.paths, self._pixels)
+                    pixels = self.decoded.pixels(self.files[position], self.transform,
+                                                 self.files, self._pixels)
                     return self.transform.normalise(pixels), label
                 image = load_rgb(path, self.decode_size)
             except Exception as error:  # PIL raises many types for bad files
@@ -264,7 +274,7 @@ class ImageFolderData:
                                self.classes)
         if (self.decoded is not None and isinstance(transform, EvalTransform)
                 and self.decoded.admit(dataset.paths, transform, transform.pixel_bytes)):
-            dataset.decoded = self.decoded
+            dataset.keep_decoded(self.decoded)
         return dataset
 
     def _loader(self, dataset: ImageDataset, sampler: Sampler | None = None,

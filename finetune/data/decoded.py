@@ -24,6 +24,7 @@ DEFAULT_BUDGET_CAP = 2 * 1024**3  # at most 2 GiB of pixels by default...
 RAM_FRACTION = 8  # ...and at most an eighth of the machine's memory
 
 Decoder = Callable[[Path], np.ndarray]
+ImageFile = tuple[Path, str]  # a path and the content key of its bytes (`file_key`)
 
 
 def physical_memory() -> int | None:
@@ -44,7 +45,8 @@ def default_budget() -> int:
 
 
 class DecodedImages:
-    """Cropped uint8 pixels (or the decode error) per (file, transform), up to `budget_bytes`.
+    """Cropped uint8 pixels (or the decode error) per (file, transform), up to `budget_bytes`;
+    a file is a path with the content key of its bytes, so a rewritten image is decoded anew.
 
     `admit` reserves room for a dataset's images before its loader is built: a dataset that
     does not fit is never admitted and streams. `pixels` decodes every missing image of the
@@ -55,7 +57,8 @@ class DecodedImages:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = default_budget() if budget_bytes is None else budget_bytes
         self.threads = threads or os.cpu_count() or 1
-        self._entries: dict[tuple[str, Hashable], np.ndarray | Exception] = {}
+        # (path, transform key) -> (the file's content key when decoded, pixels or error)
+        self._entries: dict[tuple[str, Hashable], tuple[str, np.ndarray | Exception]] = {}
         self._reserved: dict[tuple[str, Hashable], int] = {}
         self._lock = threading.Lock()
 
@@ -82,31 +85,37 @@ class DecodedImages:
         self._reserved.update(dict.fromkeys(new, image_bytes))
         return True
 
-    def pixels(self, path: Path, key: Hashable, dataset_paths: Sequence[Path],
+    def pixels(self, file: ImageFile, key: Hashable, dataset_files: Sequence[ImageFile],
                decode: Decoder) -> np.ndarray:
-        """`path`'s pixels; on a miss, first decodes every missing one of `dataset_paths`.
-        Raises the decode error of a file that cannot be read (every time it is asked)."""
-        entry = self._entries.get((str(path), key))
+        """The pixels of `file` (a path and its content key, `finetune.data.images.file_key`);
+        on a miss, first decodes every missing one of `dataset_files`. An entry whose file's
+        bytes changed since it was decoded is a miss. Raises the decode error of a file that
+        cannot be read (every time it is asked)."""
+        entry = self._lookup(file, key)
         if entry is None:
-            self._fill(dataset_paths, key, decode)
-            entry = self._entries.get((str(path), key))
-            if entry is None:  # not among dataset_paths
-                entry = _decoded_or_error(decode, path)
-                self._entries[(str(path), key)] = entry
+            self._fill(dataset_files, key, decode)
+            entry = self._lookup(file, key)
+            if entry is None:  # not among dataset_files
+                entry = _decoded_or_error(decode, file[0])
+                self._entries[(str(file[0]), key)] = (file[1], entry)
         if isinstance(entry, Exception):
             raise entry
         return entry
 
-    def _fill(self, paths: Sequence[Path], key: Hashable, decode: Decoder) -> None:
+    def _lookup(self, file: ImageFile, key: Hashable) -> np.ndarray | Exception | None:
+        content, entry = self._entries.get((str(file[0]), key), (None, None))
+        return entry if content == file[1] else None
+
+    def _fill(self, files: Sequence[ImageFile], key: Hashable, decode: Decoder) -> None:
         with self._lock:
-            missing = list(dict.fromkeys(p for p in paths if (str(p), key) not in self._entries))
+            missing = list(dict.fromkeys(f for f in files if self._lookup(f, key) is None))
             if not missing:
                 return
             with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                decoded = list(pool.map(lambda p: _decoded_or_error(decode, p), missing,
+                decoded = list(pool.map(lambda f: _decoded_or_error(decode, f[0]), missing,
                                         chunksize=16))
-            self._entries.update({(str(p), key): e for p, e in zip(missing, decoded,
-                                                                      strict=True)})
+            self._entries.update({(str(path), key): (content, entry) for (path, content), entry
+                                  in zip(missing, decoded, strict=True)})
 
 
 def _decoded_or_error(decode: Decoder, path: Path) -> np.ndarray | Exception:

@@ -3,7 +3,9 @@ cheap check that catches unreadable or truncated files before training starts.""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,12 +122,45 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith((".", "__MACOSX"))
 
 
-def file_stamp(path: str | os.PathLike) -> str:
-    """Size, mtime and inode of a file: changes when an image is rewritten or another file is
-    renamed onto its path (a swap keeps both mtimes), so nothing derived from the old file —
-    its resized copy, its cached activations — is reused."""
+# A file whose ctime is this recent when it is hashed may still change within the same clock
+# tick (file systems stamp times from a coarse clock), so its key is not remembered.
+_RACY_NS = 2_000_000_000
+_KEYS: dict[str, tuple[tuple[int, ...], str]] = {}
+
+
+def file_key(path: str | os.PathLike) -> str:
+    """What identifies an image file's content: the SHA-256 of its bytes ("missing" if it
+    cannot be read). Every store derived from an image file — the resized copy, the decoded
+    pixels, the on-disk activation cache — is keyed by it, so no rewrite can serve stale
+    pixels: size, mtime and inode survive an in-place rewrite whose mtime is set back.
+
+    Within a process a key is remembered against the file's (device, inode, size, mtime,
+    ctime) — ctime cannot be set back from user space — and only once the file has been
+    unchanged for a couple of seconds; a copied or re-permissioned tree keeps its keys.
+    SHA-256 runs at ~0.9 GB/s with the SHA extensions of current x86 CPUs: ~0.1 s for UC
+    Merced's 84 MB (docs/data.md)."""
+    name = os.fspath(path)
     try:
-        stat = os.stat(path)
+        before = _stat_key(name)
+        remembered = _KEYS.get(name)
+        if remembered is not None and remembered[0] == before:
+            return remembered[1]
+        hashed_at = time.time_ns()
+        with open(name, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()[:32]
+        after = _stat_key(name)
     except OSError:
         return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+    if after == before and hashed_at - after[-1] > _RACY_NS:
+        _KEYS[name] = (after, digest)
+    return digest
+
+
+def file_keys(paths: Sequence[Path]) -> list[str]:
+    """`file_key` of each path, in order."""
+    return [file_key(path) for path in paths]
+
+
+def _stat_key(name: str) -> tuple[int, ...]:
+    stat = os.stat(name)
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)

@@ -3,7 +3,8 @@
 iNaturalist photos are ~800 px; decoding them dominates the input pipeline on a small CPU.
 The cache mirrors `<source>/<split>/<class>/<file>` as JPEGs whose shorter side is
 `shorter_side`, in a folder keyed by the source path and the settings; a manifest records
-each source file's size and mtime, so later runs reuse it and only redo changed files.
+each source file's content key (`file_key`), so later runs reuse it and redo exactly the files
+whose bytes changed.
 Unreadable files are found while building it and recorded there.
 """
 
@@ -19,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from finetune.atomic import atomic_write, atomic_write_json
-from finetune.data.images import file_stamp, load_rgb
+from finetune.data.images import file_key, load_rgb
 
 _VERSION = 1
 _MANIFEST = "manifest.json"
@@ -65,16 +66,16 @@ def resize_tree(
     todo = []
     for path in files:
         relative = str(path.relative_to(source))
-        stamp = file_stamp(path)
+        key = file_key(path)
         entry = entries.get(relative)
         target = folder / resized_name(Path(relative))
-        if entry is None or entry["stamp"] != stamp or (entry["error"] is None
+        if entry is None or entry.get("key") != key or (entry["error"] is None
                                                         and not target.is_file()):
-            todo.append((path, relative, stamp, target))
+            todo.append((path, relative, key, target))
     if todo:
         def work(item: tuple[Path, str, str, Path]) -> tuple[str, dict]:
-            path, relative, stamp, target = item
-            return relative, {"stamp": stamp, "error": _resize_one(path, target, shorter_side,
+            path, relative, key, target = item
+            return relative, {"key": key, "error": _resize_one(path, target, shorter_side,
                                                                   quality)}
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
