@@ -30,6 +30,7 @@ from finetune.cli_evaluate import run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
     add_recipe_arguments,
     backbone_name,
+    channels_last_argument,
     device_argument,
     non_negative_int,
     positive_float,
@@ -147,6 +148,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: on CUDA bf16 where the card has it natively, else fp16; "
                              "on the CPU bf16 only where measurably faster (default: auto)")
+    parser.add_argument("--channels-last", type=channels_last_argument, default="auto",
+                        metavar="{auto,on,off}",
+                        help="memory layout: auto times both once per model and machine and "
+                             "keeps the verdict; on/off pins it (default: auto)")
     parser.add_argument("--device", type=device_argument, default="auto",
                         help="auto, cpu, cuda or cuda:N (default: auto)")
 
@@ -179,7 +184,8 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     strategy: FreezeStrategy = args.strategy
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                          precision=args.precision, device=args.device,
-                         feature_cache=args.feature_cache, **recipe_settings(args))
+                         channels_last=args.channels_last, feature_cache=args.feature_cache,
+                         **recipe_settings(args))
     callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None

@@ -88,7 +88,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if list(data.classes) != classes:
         raise DataError(f"the data's classes {data.classes} are not the checkpoint's {classes}")
     loader = data.test_loader() if args.split == "test" else data.val_loader()
-    config = TrainConfig(epochs=1, precision=args.precision, device=args.device)
+    config = TrainConfig(epochs=1, precision=args.precision, device=args.device,
+                         channels_last=args.channels_last)
     report = Trainer(backbone, strategy, config, classes=classes).evaluate(loader)
     print(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
           f"{data.root}:\n{report.table()}")

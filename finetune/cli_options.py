@@ -51,6 +51,14 @@ positive_float = checked_number(float, lambda v: v > 0, "a number > 0")
 val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def channels_last_argument(text: str) -> str | bool:
+    """--channels-last: auto, or on/off to pin the memory layout."""
+    choices: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got '{text}'")
+    return choices[text.lower()]
+
+
 def device_argument(text: str) -> str:
     try:
         TrainConfig(device=text)

@@ -49,6 +49,16 @@ def make_tiny_backbone(num_classes: int = 3, seed: int = 0, image_size: int = 32
     )
 
 
+@pytest.fixture(autouse=True)
+def private_cache_root(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own cache root ($FINETUNE_CACHE): stored probe verdicts and
+    resized copies of one test (or of the user's own runs) never decide another's."""
+    root = tmp_path_factory.mktemp("finetune-cache")
+    monkeypatch.setenv("FINETUNE_CACHE", str(root))
+    return root
+
+
 @pytest.fixture
 def tiny_backbone() -> Backbone:
     return make_tiny_backbone()

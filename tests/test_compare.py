@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -387,13 +388,14 @@ def test_quick_preset_trains_unaugmented_so_frozen_strategies_train_cached(
 
 
 class PidFactory:
-    """A tiny backbone that leaves a file named after the process that built it."""
+    """A tiny backbone that leaves a file named after the process that built it (one file per
+    build: two builds in one worker are two files)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
     def __call__(self, name: str, num_classes: int, pretrained: bool) -> Backbone:
-        (self.folder / f"{os.getpid()}-{name}-{pretrained}").touch()
+        (self.folder / f"{os.getpid()}-{name}-{pretrained}-{uuid.uuid4().hex[:8]}").touch()
         return make_tiny_backbone(num_classes=num_classes)
 
 
@@ -408,7 +410,7 @@ def test_jobs_run_side_by_side_in_worker_processes(tree: Path, tmp_path: Path) -
         (s, seed) for s in ("last-layer", "full-unfreeze", "from-scratch") for seed in (0, 1)]
     pids = {int(path.name.split("-")[0]) for path in built.iterdir()}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # two workers did all six
-    assert sum(path.name.endswith("False") for path in built.iterdir()) == 2  # from-scratch
+    assert sum("-False-" in path.name for path in built.iterdir()) == 2  # from-scratch
     assert {r["jobs"] for r in results["rows"]} == {2}
     assert "2 runs at once" in (tmp_path / "out" / "results.md").read_text()
 

@@ -45,4 +45,7 @@ class RunFile(Callback):
         self.directory, self.record = directory, record
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        # what precision and memory layout resolved to: they change the arithmetic
+        self.record["chosen"] = {"precision": trainer.state.precision,
+                                 "channels_last": trainer.state.channels_last}
         write_run_file(self.directory, self.record)

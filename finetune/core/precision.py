@@ -7,8 +7,16 @@ older cards that only emulate bf16, slowly.
 On CPUs with native bf16 (AVX512-BF16 / AMX) ResNet50 trains ~3x faster under bf16 autocast
 with channels_last, but EfficientNet-Lite0's depthwise convolutions gain nothing, so "auto"
 times a few real train steps of the actual model in both precisions and keeps the faster one.
-The verdict is cached per (model name, device, input shape, trainable parameters) for the life
-of the process: what is frozen changes how much of the step bf16 can speed up.
+The verdict is kept per (model structure, device, input shape, trainable parameters): what is
+frozen changes how much of the step bf16 can speed up.
+
+A timed choice changes the arithmetic (bf16 rounds; NHWC and NCHW kernels sum in other
+orders), and timings are noisy: two runs probing for themselves could choose differently and
+train to different weights from one seed. So every verdict is decided once per machine and
+stored (`VerdictStore`, a JSON file under the cache root, `$FINETUNE_CACHE`): later fits in this
+process and later processes on this machine take it, and the first decision wins when several
+processes probe at once. Delete the file to probe again; pin a choice with
+`TrainConfig(precision=..., channels_last=...)` (`--precision`, `--channels-last`).
 """
 
 from __future__ import annotations
@@ -17,13 +25,23 @@ import contextlib
 import copy
 import functools
 import hashlib
+import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from finetune.atomic import atomic_write_json
+from finetune.data.resized import default_cache_root
+
+try:  # an advisory lock makes "the first verdict wins" hold across processes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: last writer wins, still one verdict a run
+    fcntl = None  # type: ignore[assignment]
 
 # bf16 must beat fp32 by this factor to be chosen: a tie is not worth the lower precision.
 MIN_SPEEDUP = 1.15
@@ -32,6 +50,7 @@ MIN_LAYOUT_SPEEDUP = 1.05
 _CACHE: dict[tuple[str, str, tuple[int, ...], bool], str] = {}
 _LAYOUTS: dict[tuple[str, str, tuple[int, ...], str], bool] = {}
 CPUINFO = Path("/proc/cpuinfo")
+VERDICT_FILE = "verdicts.json"
 
 
 # oneDNN ISA levels (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) that include bf16 instructions;
@@ -185,12 +204,16 @@ def resolve_precision(
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "fp32"
     key = (model_signature(model), str(device), tuple(sample_shape), channels_last)
-    if key not in _CACHE and not probe:
-        return "fp32"
     if key not in _CACHE:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
-        _CACHE[key], _ = probe_precision(model, images, channels_last)
+        def timed() -> str:
+            generator = torch.Generator().manual_seed(0)
+            images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
+            return probe_precision(model, images, channels_last)[0]
+
+        verdict = VerdictStore().decide("precision", key, timed if probe else None)
+        if verdict is None:
+            return "fp32"
+        _CACHE[key] = verdict
     return _CACHE[key]
 
 
@@ -231,11 +254,76 @@ def resolve_channels_last(
         return False
     # by structure alone: a resume into a later phase of a schedule keeps the first verdict
     key = (model_signature(model, trainable=False), str(device), tuple(sample_shape), precision)
-    if key not in _LAYOUTS and not probe:
-        return True
     if key not in _LAYOUTS:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
-        nchw, nhwc = least_step_seconds(model, images, [(precision, False), (precision, True)])
-        _LAYOUTS[key] = nchw >= MIN_LAYOUT_SPEEDUP * nhwc
+        def timed() -> bool:
+            generator = torch.Generator().manual_seed(0)
+            images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
+            nchw, nhwc = least_step_seconds(model, images, [(precision, False),
+                                                            (precision, True)])
+            return nchw >= MIN_LAYOUT_SPEEDUP * nhwc
+
+        verdict = VerdictStore().decide("channels_last", key, timed if probe else None)
+        if verdict is None:
+            return True
+        _LAYOUTS[key] = verdict
     return _LAYOUTS[key]
+
+
+def machine_signature() -> str:
+    """What makes two processes time alike: the CPU (model and flags), the oneDNN and ATen
+    ISA caps, torch's version, the CUDA cards — and the thread count now (a comparison's
+    runs side by side train on fewer threads than one alone)."""
+    parts = [_hardware(), torch.__version__, str(torch.get_num_threads()),
+             str(onednn_isa_cap()), os.environ.get("ATEN_CPU_CAPABILITY", "")]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _hardware() -> str:
+    try:
+        info = CPUINFO.read_text().split("\n\n")[0]
+        parts = [line for line in info.splitlines()
+                 if line.startswith(("model name", "flags", "vendor_id"))]
+    except OSError:
+        import platform
+
+        parts = [platform.processor()]
+    if torch.cuda.is_available():
+        parts += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return "\n".join(parts)
+
+
+class VerdictStore:
+    """Timed choices kept per machine in `<cache root>/verdicts.json`: the first process to
+    decide a key stores its verdict, and every later fit on this machine takes it."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_cache_root() / VERDICT_FILE
+
+    def decide(self, kind: str, key: tuple, probe: Callable[[], Any] | None) -> Any:
+        """The stored verdict for (`kind`, `key`) on this machine; else `probe()`'s, stored
+        (unless another process stored one meanwhile, which wins); None without a probe.
+        A cache root that cannot be written keeps the verdict for this process only."""
+        name = hashlib.sha1(repr((kind, machine_signature(), key)).encode()).hexdigest()[:24]
+        stored = self._read().get(name)
+        if stored is not None or probe is None:
+            return stored
+        verdict = probe()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(VERDICT_FILE + ".lock"), "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                verdicts = self._read()
+                verdicts.setdefault(name, verdict)
+                atomic_write_json(self.path, verdicts, indent=1)
+                return verdicts[name]
+        except OSError:
+            return verdict
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            verdicts = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return verdicts if isinstance(verdicts, dict) else {}

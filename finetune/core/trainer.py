@@ -143,7 +143,7 @@ class Trainer:
                                 batches_per_epoch=loader_length(train_loader))
         self.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
             config.epochs, self.state.batches_per_epoch, config.accumulate_steps))
-        self._prepare(configured_epoch, train_loader)
+        self._prepare(configured_epoch, train_loader, chosen=checkpoint)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, self.strategy, resume, self._data, config)
             distributed.check_world_size(checkpoint, resume)
@@ -221,6 +221,8 @@ class Trainer:
             "world_size": distributed.world_size(),
             "global_step": self.state.global_step,
             "scaler": self.step.state_dict(),
+            "precision": self.state.precision,  # the timed choices: a resume keeps them
+            "channels_last": self.state.channels_last,
             "history": self.history.to_dict(),
             "rng": rng_state(),
             "callbacks": {k: cb.state_dict() for k, cb in zip(keys, self.callbacks, strict=True)},
@@ -231,10 +233,16 @@ class Trainer:
     def _resolve_classes(self, loader: Iterable[Any]) -> None:
         self.classes = resolve_classes(self.classes, loader, self.backbone)
 
-    def _prepare(self, epoch: int, loader: Iterable[Any], training: bool = True) -> None:
-        """Device, strategy, precision and memory format (probed with the strategy applied);
+    def _prepare(self, epoch: int, loader: Iterable[Any], training: bool = True,
+                 chosen: dict[str, Any] | None = None) -> None:
+        """Device, strategy, precision and memory format (probed with the strategy applied,
+        or as `chosen` — a checkpoint — records, so a resume computes as its run did);
         evaluation alone (`training=False`) neither tunes malloc nor probes nor caches."""
         config, state = self.config, self.state
+        if chosen is not None and chosen.get("precision") is not None:
+            config = attrs.evolve(config, **{
+                name: chosen[name] if getattr(config, name) == "auto" else getattr(config, name)
+                for name in ("precision", "channels_last")})
         state.device = distributed.local_device(default_device(config.device))
         if training and config.keep_freed_memory and state.device.type == "cpu":
             state.malloc_tuned = keep_freed_memory()
