@@ -40,8 +40,8 @@ def measure(backbone: str, steps: int, batch: int, size: int, precision: str) ->
     import torch
 
     from finetune import Backbone
-    from finetune.core.memory import keep_freed_memory
-    from finetune.core.precision import autocast
+    from finetune.runtime.memory import keep_freed_memory
+    from finetune.runtime.precision import autocast
 
     if os.environ.get(RUNTIME_FLAG) == "1" and not keep_freed_memory():
         raise RuntimeError("mallopt is not available here (not glibc)")

@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.core.backbone import Backbone
 from finetune.data import ImageFolderData
 from finetune.data.sample import SAMPLE_NAME, resolve_named_data
+from finetune.model.backbone import Backbone
 
 
 def make_large_copy(source: Path, target: Path, per_class: int, size=(800, 600)) -> Path:

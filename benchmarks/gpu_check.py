@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, FullUnfreeze, TrainConfig, Trainer
 from finetune.callbacks import Callback, Checkpoint
-from finetune.core.precision import autocast, cuda_precision
-from finetune.core.stepping import OptimizerStep
+from finetune.runtime.precision import autocast, cuda_precision
+from finetune.train.step import OptimizerStep
 
 # weights of a resumed fit may differ from the straight one's by cuDNN's non-determinism only
 RESUME_TOLERANCE = 1e-3

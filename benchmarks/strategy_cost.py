@@ -20,8 +20,8 @@ import time
 import torch
 from torch import nn
 
-from finetune.core.backbone import Backbone
-from finetune.core.strategies import (
+from finetune.model.backbone import Backbone
+from finetune.strategies import (
     BitFit,
     DiscriminativeLR,
     FreezeAllBut,

@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, TrainConfig, Trainer, parse_strategy
 from finetune.callbacks import Callback
-from finetune.core.precision import cpu_has_native_bf16, onednn_isa_cap
-from finetune.core.strategies import FreezeStrategy
-from finetune.core.zoo import build_backbone
+from finetune.model.zoo import build_backbone
+from finetune.runtime.precision import cpu_has_native_bf16, onednn_isa_cap
+from finetune.strategies import FreezeStrategy
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,11 +1,19 @@
 """finetune: fine-tune pretrained image classifiers with interchangeable freezing strategies."""
 
-from finetune.core.architectures import Architecture
-from finetune.core.backbone import Backbone, ParameterGroup
-from finetune.core.config import TrainConfig
-from finetune.core.metrics import EvaluationReport
-from finetune.core.stepping import NonFiniteLossError
-from finetune.core.strategies import (
+from finetune.data import ImageFolderData, INaturalist12K
+from finetune.data.preprocessing import Preprocessing
+from finetune.errors import (
+    ArchitectureError,
+    CheckpointError,
+    DataError,
+    DeviceError,
+    FinetuneError,
+    WeightsUnavailableError,
+)
+from finetune.model.architectures import Architecture
+from finetune.model.backbone import Backbone, ParameterGroup
+from finetune.stats.metrics import EvaluationReport
+from finetune.strategies import (
     PRESETS,
     STRATEGIES,
     BitFit,
@@ -25,17 +33,9 @@ from finetune.core.strategies import (
     register,
     register_preset,
 )
-from finetune.core.trainer import History, Trainer, TrainState
-from finetune.data import ImageFolderData, INaturalist12K
-from finetune.data.preprocessing import Preprocessing
-from finetune.errors import (
-    ArchitectureError,
-    CheckpointError,
-    DataError,
-    DeviceError,
-    FinetuneError,
-    WeightsUnavailableError,
-)
+from finetune.train.config import TrainConfig
+from finetune.train.step import NonFiniteLossError
+from finetune.train.trainer import History, Trainer, TrainState
 
 __all__ = [
     "PRESETS",

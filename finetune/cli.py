@@ -39,14 +39,14 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     strategy_argument,
     val_fraction,
 )
-from finetune.core import distributed
-from finetune.core.backbone import Backbone
-from finetune.core.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
-from finetune.core.strategies import PRESETS, STRATEGIES, FreezeStrategy
-from finetune.core.trainer import Trainer
-from finetune.core.zoo import build_backbone
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
 from finetune.errors import FinetuneError, redact
+from finetune.model.backbone import Backbone
+from finetune.model.zoo import build_backbone
+from finetune.runtime import distributed
+from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
+from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
+from finetune.train.trainer import Trainer
 
 
 # -- the parser -------------------------------------------------------------------------------

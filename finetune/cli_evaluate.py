@@ -11,13 +11,13 @@ from pathlib import Path
 
 from finetune.callbacks import load_checkpoint
 from finetune.callbacks.run_file import RUN_FILE, read_run_file
-from finetune.core.config import TrainConfig
-from finetune.core.strategies import FreezeStrategy
-from finetune.core.trainer import Trainer
-from finetune.core.zoo import build_backbone, is_import_path
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import CheckpointError, DataError
+from finetune.model.zoo import build_backbone, is_import_path
+from finetune.strategies import FreezeStrategy
+from finetune.train.config import TrainConfig
+from finetune.train.trainer import Trainer
 
 
 def _checkpoint_file(path: Path) -> Path:

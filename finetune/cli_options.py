@@ -7,10 +7,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from finetune.core.config import SCHEDULES, TrainConfig
-from finetune.core.strategies import FreezeStrategy, parse_strategy
-from finetune.core.zoo import check_backbone_name
 from finetune.errors import ArchitectureError
+from finetune.model.zoo import check_backbone_name
+from finetune.strategies import FreezeStrategy, parse_strategy
+from finetune.train.config import SCHEDULES, TrainConfig
 
 
 def strategy_argument(spec: str) -> FreezeStrategy:

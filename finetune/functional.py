@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader
 
 from finetune.callbacks import Callback, WandbLogger
 from finetune.callbacks.console import EpochLines, FreezeReportLines, progress_callback
-from finetune.core.backbone import Backbone
-from finetune.core.config import TrainConfig
-from finetune.core.metrics import EvaluationReport
-from finetune.core.strategies import FreezeFraction, FreezeStrategy, LastLayerOnly
-from finetune.core.trainer import Trainer
-from finetune.core.zoo import build_backbone, default_backbone, default_preprocessing, seeded
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
+from finetune.model.backbone import Backbone
+from finetune.model.zoo import build_backbone, default_backbone, default_preprocessing, seeded
+from finetune.stats.metrics import EvaluationReport
+from finetune.strategies import FreezeFraction, FreezeStrategy, LastLayerOnly
+from finetune.train.config import TrainConfig
+from finetune.train.trainer import Trainer
 
 __all__ = [
     "DATA_ENV",

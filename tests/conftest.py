@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.core.backbone import Backbone
 from finetune.data.preprocessing import Preprocessing
+from finetune.model.backbone import Backbone
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_GROUPS = (("stem", r"^stem\."), ("block1", r"^block1\."), ("block2", r"^block2\."))

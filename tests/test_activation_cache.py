@@ -18,8 +18,8 @@ from finetune import (
     TrainConfig,
     Trainer,
 )
-from finetune.core.activation_cache import ActivationCache, cache_key, find_cut, split
-from finetune.core.cache_plan import plan_cut
+from finetune.cache.plan import plan_cut
+from finetune.cache.store import ActivationCache, cache_key, find_cut, split
 
 
 @pytest.fixture(scope="module")

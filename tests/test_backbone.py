@@ -13,8 +13,8 @@ import torch
 import torchvision
 
 from finetune import ArchitectureError, Backbone, Preprocessing, WeightsUnavailableError
-from finetune.core.architectures import TORCHVISION_ARCHITECTURES
-from finetune.core.weights import hub_checkpoint_path
+from finetune.model.architectures import TORCHVISION_ARCHITECTURES
+from finetune.model.weights import hub_checkpoint_path
 
 SMALL_INPUT = {"vit_b_16": 224}
 
@@ -72,7 +72,7 @@ def test_lite0_loads_packaged_imagenet_weights_and_preprocessing() -> None:
 def test_lite0_convolutions_pad_themselves_with_the_same_outputs_and_gradients() -> None:
     from efficientnet_lite_pytorch import EfficientNet
 
-    from finetune.core.backbone import fold_symmetric_padding
+    from finetune.model.backbone import fold_symmetric_padding
 
     torch.manual_seed(0)
     original = EfficientNet.from_name("efficientnet-lite0")
@@ -160,7 +160,7 @@ def test_weights_download_from_a_local_server_with_checksum(
         # A name carrying the file's real hash prefix downloads, verifies and caches.
         digest = hashlib.sha256((served / expected_name).read_bytes()).hexdigest()[:8]
         (served / expected_name).rename(served / f"resnet18-{digest}.pth")
-        from finetune.core.weights import load_hub_state_dict
+        from finetune.model.weights import load_hub_state_dict
 
         loaded = load_hub_state_dict(f"https://x/resnet18-{digest}.pth", "resnet18", "test")
     assert torch.equal(loaded["conv1.weight"], state["conv1.weight"])

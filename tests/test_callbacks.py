@@ -20,7 +20,7 @@ import wandb
 from sklearn.metrics import precision_recall_fscore_support
 from wandb.proto import wandb_internal_pb2
 
-import finetune.core.checkpoint as checkpoint_module
+import finetune.train.checkpoint as checkpoint_module
 from finetune.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -30,10 +30,10 @@ from finetune.callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
-from finetune.core.config import TrainConfig
-from finetune.core.strategies import LastLayerOnly
-from finetune.core.trainer import NonFiniteLossError, Trainer, TrainState
 from finetune.errors import CheckpointError
+from finetune.strategies import LastLayerOnly
+from finetune.train.config import TrainConfig
+from finetune.train.trainer import NonFiniteLossError, Trainer, TrainState
 from tests.conftest import make_loader, make_tiny_backbone
 
 CONFIG = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")

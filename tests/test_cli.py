@@ -14,9 +14,9 @@ import torch
 
 from finetune.callbacks import load_checkpoint
 from finetune.cli import strategy_argument
-from finetune.core.backbone import Backbone
-from finetune.core.strategies import PRESETS, STRATEGIES, FreezeFraction, GradualUnfreeze
 from finetune.data import ImageFolderData
+from finetune.model.backbone import Backbone
+from finetune.strategies import PRESETS, STRATEGIES, FreezeFraction, GradualUnfreeze
 from tests.conftest import FAST, TINY, make_tree
 from tests.conftest import run_cli as run
 

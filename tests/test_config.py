@@ -7,7 +7,7 @@ import warnings
 import attrs
 import pytest
 
-from finetune.core.config import TrainConfig
+from finetune.train.config import TrainConfig
 
 
 def test_defaults_follow_the_reference_setup():

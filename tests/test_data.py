@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.core.backbone import LITE0_PREPROCESSING
 from finetune.data import (
     EvalTransform,
     ImageFolderData,
@@ -25,6 +24,7 @@ from finetune.data import (
 )
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
+from finetune.model.backbone import LITE0_PREPROCESSING
 from tests.conftest import COLOURS, write_image
 from tests.conftest import make_named_tree as make_tree
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from finetune import Backbone, ImageFolderData, LastLayerOnly
-from finetune.core.activation_cache import ActivationCache, dataset_fingerprint, find_cut
+from finetune.cache.store import ActivationCache, dataset_fingerprint, find_cut
 from finetune.data import DecodedImages
 from finetune.data.images import file_key
 

@@ -21,16 +21,16 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from finetune.callbacks import Checkpoint
-from finetune.core import distributed
-from finetune.core.backbone import Backbone
-from finetune.core.config import TrainConfig
-from finetune.core.events import Callback
-from finetune.core.strategies import build_strategy
-from finetune.core.trainer import Trainer
 from finetune.data import ImageFolderData, SeededShuffle
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.sharding import ShardedSeededShuffle
 from finetune.errors import CheckpointError
+from finetune.model.backbone import Backbone
+from finetune.runtime import distributed
+from finetune.strategies import build_strategy
+from finetune.train.config import TrainConfig
+from finetune.train.events import Callback
+from finetune.train.trainer import Trainer
 from tests.conftest import FAST, TINY, make_tiny_backbone, make_tree
 
 TIMEOUT_S = 180

@@ -10,9 +10,8 @@ import pytest
 import torch
 import wandb
 
-import finetune.core.zoo as zoo
 import finetune.functional as functional
-from finetune.core.backbone import Backbone
+import finetune.model.zoo as zoo
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
 from finetune.functional import (
@@ -22,6 +21,7 @@ from finetune.functional import (
     test_data_load,
     test_evaluation_model,
 )
+from finetune.model.backbone import Backbone
 from tests.conftest import make_tiny_backbone, make_tree
 from tests.test_callbacks import read_complete_run
 

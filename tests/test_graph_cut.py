@@ -16,7 +16,7 @@ from finetune import (
     TrainConfig,
     Trainer,
 )
-from finetune.core.graph_cut import UncacheableError, split_graph
+from finetune.cache.cut import UncacheableError, split_graph
 
 
 class Branchy(nn.Module):

@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.callbacks import Checkpoint
-from finetune.core.backbone import Backbone
-from finetune.core.config import TrainConfig
-from finetune.core.strategies import STRATEGIES, LoRA
-from finetune.core.trainer import Trainer
+from finetune.model.backbone import Backbone
+from finetune.strategies import STRATEGIES, LoRA
+from finetune.train.config import TrainConfig
+from finetune.train.trainer import Trainer
 from tests.conftest import TINY_GROUPS, TinyNet, make_tiny_backbone
 from tests.test_strategies_advanced import assert_contract, train_steps
 

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import classification_report
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from finetune.core.metrics import EvaluationReport, confusion_matrix
+from finetune.stats.metrics import EvaluationReport, confusion_matrix
 
 CLASSES = ["cat", "dog", "frog", "newt"]
 

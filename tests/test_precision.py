@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from finetune.core import precision as precision_module
+from finetune.runtime import precision as precision_module
 
 BF16_FLAGS = "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n"
 AVX2_FLAGS = "flags\t\t: fpu sse avx2 fma\n"

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from finetune.callbacks import Checkpoint
-from finetune.core import precision as precision_module
-from finetune.core.checkpoint import load_checkpoint, save_checkpoint
-from finetune.core.precision import autocast, cuda_precision, resolve_precision
-from finetune.core.strategies import FullUnfreeze
-from finetune.core.trainer import Trainer
 from finetune.data import ImageFolderData
+from finetune.runtime import precision as precision_module
+from finetune.runtime.precision import autocast, cuda_precision, resolve_precision
+from finetune.strategies import FullUnfreeze
+from finetune.train.checkpoint import load_checkpoint, save_checkpoint
+from finetune.train.trainer import Trainer
 from tests.conftest import make_loader, make_tiny_backbone, make_tree
 from tests.test_trainer import FP32, assert_same_weights, weights
 

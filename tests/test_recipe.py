@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.gpu_check import StopAfter
 from finetune.callbacks import Callback, Checkpoint
-from finetune.core.backbone import Backbone
-from finetune.core.schedules import StepSchedule, lr_multiplier, total_steps, warmup_steps
-from finetune.core.stepping import OptimizerStep, flag_last
-from finetune.core.strategies import FullUnfreeze
-from finetune.core.trainer import Trainer
 from finetune.data.preprocessing import Preprocessing
+from finetune.model.backbone import Backbone
+from finetune.strategies import FullUnfreeze
+from finetune.train.schedules import StepSchedule, lr_multiplier, total_steps, warmup_steps
+from finetune.train.step import OptimizerStep, flag_last
+from finetune.train.trainer import Trainer
 from tests.conftest import FAST, TINY, make_loader, make_tiny_backbone, make_tree, run_cli
 from tests.test_trainer import FP32, HeadThenAll, assert_same_weights, weights
 

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, FreezeFraction, FreezeStrategy, LastLayerOnly, TrainConfig, Trainer
-from finetune.core.zoo import build_backbone
 from finetune.errors import ArchitectureError
+from finetune.model.zoo import build_backbone
 from tests.conftest import FAST, TINY, make_tree
 from tests.conftest import run_cli as run
 
@@ -94,7 +94,7 @@ def test_spill_to_disk_under_channels_last_trains_as_the_plain_loop(
 # -- 3: images changed in place are not served stale activations ----------------------------
 def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> None:
     from finetune import ImageFolderData
-    from finetune.core.activation_cache import ActivationCache, find_cut
+    from finetune.cache.store import ActivationCache, find_cut
 
     root = make_tree(tmp_path / "data", classes=2, n_train=2, n_test=1, size=32)
     torch.manual_seed(0)
@@ -507,8 +507,8 @@ def test_a_missing_cuda_device_is_a_one_line_error(tree, tmp_path, capsys):
 
 
 def test_a_corrupt_hub_cache_file_gets_the_local_files_message(tmp_path, monkeypatch):
-    from finetune.core.weights import hub_checkpoint_path
     from finetune.errors import WeightsUnavailableError
+    from finetune.model.weights import hub_checkpoint_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     import torchvision

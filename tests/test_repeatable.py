@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer, build_strategy
-from finetune.core import precision as precision_module
+from finetune.runtime import precision as precision_module
 from tests.conftest import TINY, make_tree, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_a_resume_computes_with_the_choices_its_run_made(toy_data, tmp_path, mon
     monkeypatch.setattr(precision_module, "resolve_channels_last",
                         lambda requested, *args, **kwargs: (not chosen) if requested == "auto"
                         else bool(requested))
-    monkeypatch.setattr("finetune.core.trainer.resolve_channels_last",
+    monkeypatch.setattr("finetune.train.trainer.resolve_channels_last",
                         precision_module.resolve_channels_last)
     resumed = Trainer(backbone, build_strategy("full-unfreeze"),
                       TrainConfig(epochs=2, lr=1e-3, precision="fp32", feature_cache="off"),

@@ -9,9 +9,9 @@ import pytest
 from scipy import stats
 
 from benchmarks.compare.verdict import Candidate, judge
-from finetune.core import significance
-from finetune.core.metrics import EvaluationReport
-from finetune.core.significance import Bootstrap, holm, mcnemar_exact
+from finetune.stats import significance
+from finetune.stats.metrics import EvaluationReport
+from finetune.stats.significance import Bootstrap, holm, mcnemar_exact
 
 
 def model(targets: np.ndarray, accuracy: float, seed: int) -> np.ndarray:

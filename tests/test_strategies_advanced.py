@@ -11,9 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.callbacks import Checkpoint
-from finetune.core.backbone import Backbone
-from finetune.core.config import TrainConfig
-from finetune.core.strategies import (
+from finetune.model.backbone import Backbone
+from finetune.strategies import (
     STRATEGIES,
     BitFit,
     DiscriminativeLR,
@@ -23,7 +22,8 @@ from finetune.core.strategies import (
     LinearProbeThenFinetune,
     build_strategy,
 )
-from finetune.core.trainer import Trainer
+from finetune.train.config import TrainConfig
+from finetune.train.trainer import Trainer
 from tests.conftest import make_tiny_backbone
 
 TINY = {

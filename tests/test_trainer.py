@@ -14,11 +14,11 @@ from torch import nn
 
 from finetune import Backbone
 from finetune.callbacks import Callback, Checkpoint
-from finetune.core import precision as precision_module
-from finetune.core.config import TrainConfig
-from finetune.core.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
-from finetune.core.trainer import NonFiniteLossError, Trainer
 from finetune.errors import CheckpointError
+from finetune.runtime import precision as precision_module
+from finetune.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
+from finetune.train.config import TrainConfig
+from finetune.train.trainer import NonFiniteLossError, Trainer
 from tests.conftest import make_loader, make_tiny_backbone
 
 FP32 = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")
@@ -319,7 +319,7 @@ def test_data_with_other_class_count_than_the_head_is_refused(tmp_path: Path) ->
 
 
 def test_malloc_tuning_is_scoped_to_cpu_fit_and_reported(monkeypatch) -> None:
-    import finetune.core.trainer as trainer_module
+    import finetune.train.trainer as trainer_module
 
     calls = []
     monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append("keep") or True)
@@ -376,7 +376,7 @@ def test_precision_verdict_is_kept_per_model_structure_not_name(monkeypatch) -> 
 def test_keep_freed_memory_applies_on_glibc() -> None:
     import platform
 
-    from finetune.core.memory import keep_freed_memory
+    from finetune.runtime.memory import keep_freed_memory
 
     applied = keep_freed_memory()
     assert applied == (platform.libc_ver()[0] == "glibc")

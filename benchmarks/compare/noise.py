@@ -2,7 +2,7 @@
 intervals per run and per strategy, every pair of strategies tested, the verdict, and which
 per-class accuracies differ from the best strategy's beyond noise.
 
-Methods and their limits: `finetune.core.significance` and docs/benchmarks.md.
+Methods and their limits: `finetune.stats.significance` and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import attrs
 import numpy as np
 
 from benchmarks.compare.verdict import Candidate, Verdict, judge
-from finetune.core.significance import Bootstrap, Estimate, Pairwise, draws_for, holm
+from finetune.stats.significance import Bootstrap, Estimate, Pairwise, draws_for, holm
 
 RESAMPLES = 2000
 SEED = 0  # the bootstrap's own seed: the same rows always give the same intervals

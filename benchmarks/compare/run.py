@@ -35,11 +35,11 @@ from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.cli import tolerate_unencodable_output
-from finetune.core import distributed
-from finetune.core.zoo import build_backbone, seeded
 from finetune.data import DecodedImages, ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError, redact
+from finetune.model.zoo import build_backbone, seeded
+from finetune.runtime import distributed
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5

@@ -25,8 +25,8 @@ from finetune.cli_options import (
     smoothing,
     warmup_argument,
 )
-from finetune.core.config import PRECISIONS, SCHEDULES
-from finetune.core.zoo import default_backbone_name
+from finetune.model.zoo import default_backbone_name
+from finetune.train.config import PRECISIONS, SCHEDULES
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")

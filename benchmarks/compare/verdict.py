@@ -2,7 +2,7 @@
 they cost.
 
 The most accurate strategy (highest mean test accuracy) and every strategy whose paired
-difference from it is not significant (`finetune.core.significance.Bootstrap.pairwise`,
+difference from it is not significant (`finetune.stats.significance.Bootstrap.pairwise`,
 Holm-corrected) are "best within noise"; among those, the cost columns decide — the share of
 parameters trained and the time per epoch. Pure functions over plain values, so a results.json
 can be re-judged.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from finetune.core.significance import Pairwise
+from finetune.stats.significance import Pairwise
 
 
 @attrs.frozen(kw_only=True)

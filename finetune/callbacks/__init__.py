@@ -6,8 +6,8 @@ from finetune.callbacks.early_stopping import EarlyStopping
 from finetune.callbacks.per_class import PerClassEvaluation
 from finetune.callbacks.progress import ProgressBar
 from finetune.callbacks.wandb_logger import WandbLogger
-from finetune.core.checkpoint import load_checkpoint, save_checkpoint
-from finetune.core.events import Callback, Event
+from finetune.train.checkpoint import load_checkpoint, save_checkpoint
+from finetune.train.events import Callback, Event
 
 __all__ = [
     "Callback",

@@ -1,7 +1,7 @@
 """`Checkpoint`: when and where to write best and last checkpoints.
 
 The Trainer defines what a checkpoint holds (`Trainer.state_dict()`: model, optimizer,
-scheduler, strategy, epoch, RNG states, callback states) and `finetune.core.checkpoint` how
+scheduler, strategy, epoch, RNG states, callback states) and `finetune.train.checkpoint` how
 it is written (atomically) and read (without unpickling); this callback decides when.
 """
 
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.atomic import remove_orphaned_temporaries
 from finetune.callbacks.monitor import is_improvement, monitored_value
-from finetune.core.checkpoint import save_checkpoint
-from finetune.core.events import Callback
 from finetune.errors import CheckpointError
+from finetune.train.checkpoint import save_checkpoint
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.trainer import Trainer
+    from finetune.train.trainer import Trainer
 
 
 class Checkpoint(Callback):

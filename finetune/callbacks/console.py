@@ -7,10 +7,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from finetune.callbacks.progress import ProgressBar
-from finetune.core.events import Callback
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.trainer import Trainer
+    from finetune.train.trainer import Trainer
 
 
 class EpochLines(Callback):

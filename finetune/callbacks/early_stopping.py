@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from finetune.callbacks.monitor import is_improvement, monitored_value
-from finetune.core.events import Callback
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.trainer import Trainer
+    from finetune.train.trainer import Trainer
 
 
 class EarlyStopping(Callback):

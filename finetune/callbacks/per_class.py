@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from finetune.core.events import Callback
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.metrics import EvaluationReport
-    from finetune.core.trainer import History, Trainer
+    from finetune.stats.metrics import EvaluationReport
+    from finetune.train.trainer import History, Trainer
 
 
 class PerClassEvaluation(Callback):

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from finetune.core.events import Callback
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.metrics import EvaluationReport
-    from finetune.core.trainer import History, StepOutput, Trainer
+    from finetune.stats.metrics import EvaluationReport
+    from finetune.train.trainer import History, StepOutput, Trainer
 
 
 class ProgressBar(Callback):

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.atomic import atomic_write_json
-from finetune.core.events import Callback
 from finetune.errors import CheckpointError
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.trainer import Trainer
+    from finetune.train.trainer import Trainer
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1

@@ -18,11 +18,11 @@ from urllib.parse import urlparse
 import attrs
 import numpy as np
 
-from finetune.core.events import Callback
+from finetune.train.events import Callback
 
 if TYPE_CHECKING:
-    from finetune.core.metrics import EvaluationReport
-    from finetune.core.trainer import History, Trainer
+    from finetune.stats.metrics import EvaluationReport
+    from finetune.train.trainer import History, Trainer
 
 PER_CLASS_COLUMNS = ["class", "accuracy", "precision", "recall", "f1", "support"]
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.core.backbone import Backbone
-from finetune.core.strategies import FreezeReport, FreezeStrategy
 from finetune.errors import FinetuneError
+from finetune.model.backbone import Backbone
+from finetune.strategies import FreezeReport, FreezeStrategy
 
 try:
     import lightning.pytorch as pl

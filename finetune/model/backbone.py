@@ -18,13 +18,6 @@ import torch
 import torchvision
 from torch import nn
 
-from finetune.core.architectures import LITE0_ARCHITECTURE, TORCHVISION_ARCHITECTURES, Architecture
-from finetune.core.weights import (
-    is_weights_path,
-    load_hub_state_dict,
-    load_local_state_dict,
-    weights_enum,
-)
 from finetune.data.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,6 +25,13 @@ from finetune.data.preprocessing import (
     preprocessing_from_weights,
 )
 from finetune.errors import ArchitectureError, WeightsUnavailableError
+from finetune.model.architectures import LITE0_ARCHITECTURE, TORCHVISION_ARCHITECTURES, Architecture
+from finetune.model.weights import (
+    is_weights_path,
+    load_hub_state_dict,
+    load_local_state_dict,
+    weights_enum,
+)
 
 
 @attrs.frozen

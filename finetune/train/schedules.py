@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from finetune.core.config import SCHEDULES
+from finetune.train.config import SCHEDULES
 
 # one-cycle without an explicit warm-up spends this share of the steps rising (fastai, torch)
 ONE_CYCLE_WARMUP = 0.3

@@ -3,7 +3,7 @@ forward to run them through.
 
 After the strategy has set what trains, `ActivationCaches.plan` finds the cut — the declared
 chain of the architecture where there is one (the ResNet family), else a torch.fx graph split
-(`finetune.core.graph_cut`) — or records why there is none. `batches(loader, ...)` then
+(`finetune.cache.cut`) — or records why there is none. `batches(loader, ...)` then
 answers per loader: `(the loader, the whole model)`, or `(stored activations in the loader's
 own batch order, the suffix)`, filling the cache on first use. `why_uncached(loader)` says
 why a loader runs the whole model. Nothing else in the loop knows a cache exists.
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from finetune.core.activation_cache import ActivationCache, Cut, find_cut, is_deterministic
-from finetune.core.backbone import Backbone
-from finetune.core.distributed import RowShard
-from finetune.core.graph_cut import UncacheableError, split_graph
+from finetune.cache.cut import UncacheableError, split_graph
+from finetune.cache.store import ActivationCache, Cut, find_cut, is_deterministic
+from finetune.model.backbone import Backbone
+from finetune.runtime.distributed import RowShard
 
 log = logging.getLogger("finetune")
 Forward = Callable[[torch.Tensor], torch.Tensor]

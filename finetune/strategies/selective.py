@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import attrs
 from torch import nn
 
-from finetune.core.backbone import Backbone
-from finetune.core.strategies.base import FreezeStrategy, as_names, check_groups, register
+from finetune.model.backbone import Backbone
+from finetune.strategies.base import FreezeStrategy, as_names, check_groups, register
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 

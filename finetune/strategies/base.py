@@ -19,8 +19,8 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 from torch import nn
 
-from finetune.core.backbone import Backbone
 from finetune.errors import CheckpointError
+from finetune.model.backbone import Backbone
 
 STRATEGIES: dict[str, type[FreezeStrategy]] = {}
 # Named settings of a registered strategy: name -> (registered name, its options).

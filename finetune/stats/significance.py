@@ -126,7 +126,7 @@ class Bootstrap:
 
     def macro_f1(self, predictions: Any) -> Estimate:
         """Macro F1 (mean over runs, each the unweighted mean of per-class F1) and its
-        interval; 0/0 counts as 0, as in `finetune.core.metrics`."""
+        interval; 0/0 counts as 0, as in `finetune.stats.metrics`."""
         runs = self._runs(predictions)
         k = self.num_classes
         truth = np.eye(k)[self.targets]                              # n × K

@@ -18,10 +18,19 @@ import attrs
 import torch
 from torch.optim import Optimizer
 
-from finetune.core import distributed
-from finetune.core.backbone import Backbone
-from finetune.core.cache_plan import ActivationCaches, Forward
-from finetune.core.checkpoint import (
+from finetune.cache.plan import ActivationCaches, Forward
+from finetune.model.backbone import Backbone
+from finetune.runtime import distributed
+from finetune.runtime.memory import keep_freed_memory, restore_malloc_defaults
+from finetune.runtime.precision import (
+    autocast,
+    resolve_channels_last,
+    resolve_precision,
+    uses_convolutions,
+)
+from finetune.stats.metrics import EvaluationReport
+from finetune.strategies import FreezeStrategy
+from finetune.train.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
     data_fingerprint,
@@ -29,9 +38,9 @@ from finetune.core.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from finetune.core.config import TrainConfig
-from finetune.core.events import Callback, Event, callback_keys, dispatch, notify_exception
-from finetune.core.loops import (
+from finetune.train.config import TrainConfig
+from finetune.train.events import Callback, Event, callback_keys, dispatch, notify_exception
+from finetune.train.inputs import (
     LossSpec,
     default_device,
     epoch_seed,
@@ -44,26 +53,17 @@ from finetune.core.loops import (
     set_sampler_epoch,
     split_batch,
 )
-from finetune.core.memory import keep_freed_memory, restore_malloc_defaults
-from finetune.core.metrics import EvaluationReport
-from finetune.core.optim import (
+from finetune.train.optim import (
     Optimization,
     OptimizerSpec,
     SchedulerSpec,
     learning_rates,
     step_scheduler,
 )
-from finetune.core.precision import (
-    autocast,
-    resolve_channels_last,
-    resolve_precision,
-    uses_convolutions,
-)
-from finetune.core.schedules import StepSchedule, check_scheduler_combination, total_steps
-from finetune.core.state import History, StepOutput, TrainState
-from finetune.core.stepping import NonFiniteLossError as NonFiniteLossError  # its old home
-from finetune.core.stepping import OptimizerStep, flag_last
-from finetune.core.strategies import FreezeStrategy
+from finetune.train.schedules import StepSchedule, check_scheduler_combination, total_steps
+from finetune.train.state import History, StepOutput, TrainState
+from finetune.train.step import NonFiniteLossError as NonFiniteLossError  # its old home
+from finetune.train.step import OptimizerStep, flag_last
 
 
 class Trainer:

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from finetune.core.backbone import Backbone
-from finetune.core.strategies.base import FreezeStrategy, register
+from finetune.model.backbone import Backbone
+from finetune.strategies.base import FreezeStrategy, register
 
 
 def _positive(_: object, attribute: attrs.Attribute, value: float) -> None:

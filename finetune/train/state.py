@@ -8,8 +8,8 @@ from typing import Any
 import attrs
 import torch
 
-from finetune.core.metrics import EvaluationReport
-from finetune.core.strategies import FreezeReport
+from finetune.stats.metrics import EvaluationReport
+from finetune.strategies import FreezeReport
 
 
 @attrs.define

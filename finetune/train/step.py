@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from finetune.core.state import StepOutput
 from finetune.errors import FinetuneError
+from finetune.train.state import StepOutput
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from finetune.core.config import TrainConfig
+from finetune.train.config import TrainConfig
 
 _PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
 

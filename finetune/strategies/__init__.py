@@ -4,7 +4,7 @@
 benchmarks. See docs/strategies.md.
 """
 
-from finetune.core.strategies.base import (
+from finetune.strategies.base import (
     PRESETS,
     STRATEGIES,
     FreezeReport,
@@ -14,15 +14,15 @@ from finetune.core.strategies.base import (
     register,
     register_preset,
 )
-from finetune.core.strategies.builtin import (
+from finetune.strategies.builtin import (
     FreezeFraction,
     FreezeHeadOnly,
     FullUnfreeze,
     LastLayerOnly,
 )
-from finetune.core.strategies.lora import LoRA
-from finetune.core.strategies.scheduled import GradualUnfreeze, LinearProbeThenFinetune
-from finetune.core.strategies.selective import BitFit, DiscriminativeLR, FreezeAllBut
+from finetune.strategies.lora import LoRA
+from finetune.strategies.scheduled import GradualUnfreeze, LinearProbeThenFinetune
+from finetune.strategies.selective import BitFit, DiscriminativeLR, FreezeAllBut
 
 __all__ = [
     "PRESETS",

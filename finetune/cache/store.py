@@ -2,11 +2,11 @@
 
 A plain loop runs every frozen layer forward on every image in every epoch, which is why
 freezing saves users less than they expect. When a strategy freezes a prefix of the network
-(a run of its declared chain here, or of its traced graph: `finetune.core.graph_cut`), its
+(a run of its declared chain here, or of its traced graph: `finetune.cache.cut`), its
 frozen BatchNorm layers are in eval mode, its stochastic layers are off or absent and the
 images are not augmented, the prefix output of an image never changes — so the Trainer computes
 it once (`ActivationCache.fill`) and later epochs feed the stored activations to the suffix.
-`finetune.core.cache_plan` decides which loaders are cached.
+`finetune.cache.plan` decides which loaders are cached.
 Shuffling is untouched: batches are drawn from the loader's own batch sampler.
 
 Activations are stored in the dtype the prefix produced (bf16 under bf16 autocast, fp32
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from finetune.atomic import atomic_write_json
-from finetune.core.backbone import Backbone
-from finetune.core.graph_cut import GraphSplit, UncacheableError
+from finetune.cache.cut import GraphSplit, UncacheableError
 from finetune.data.images import file_key
+from finetune.model.backbone import Backbone
 
 STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
 try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
@@ -202,7 +202,7 @@ class ActivationCache:
     def fill(self, loader: Any, forward: Any, device: torch.device, shard: Any = None) -> None:
         """Run the prefix once over the loader's dataset, in dataset order, with the loader's
         batch size; `forward(prefix, images)` applies precision and memory format. Under
-        data-parallel training `shard` (`finetune.core.distributed.RowShard`) names the rows
+        data-parallel training `shard` (`finetune.runtime.distributed.RowShard`) names the rows
         this process computes, and then exchanges them so that every process holds all."""
         dataset = loader.dataset
         rows = range(len(dataset)) if shard is None else shard.rows

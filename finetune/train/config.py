@@ -10,7 +10,7 @@ import attrs
 from attrs import validators as v
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULES = ("constant", "linear", "cosine", "one-cycle")  # finetune.core.schedules
+SCHEDULES = ("constant", "linear", "cosine", "one-cycle")  # finetune.train.schedules
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -52,22 +52,22 @@ class TrainConfig:
       a run is repeatable on CPU and a resumed run shuffles exactly as an uninterrupted one.
       None leaves the RNGs alone.
     - `precision`: "fp32", "bf16" (autocast), or "auto" (bf16 only where a timed probe shows
-      it is faster for this model on this device; see `finetune.core.precision`).
+      it is faster for this model on this device; see `finetune.runtime.precision`).
     - `precision`: also "fp16" (autocast with a gradient scaler); on CUDA "auto" is bf16 where
       the card computes it natively (compute capability >= 8.0), else fp16.
     - `max_grad_norm`: clip the gradient norm of the trainable parameters (after unscaling
       fp16 gradients); None does not clip.
     - `schedule` / `warmup`: the lr per optimizer step, as a multiplier on each group's lr
-      (see `finetune.core.schedules`); `warmup` is steps (int) or a share of the run (float).
+      (see `finetune.train.schedules`); `warmup` is steps (int) or a share of the run (float).
     - `accumulate_steps`: one optimizer step per this many batches (and at the end of an
       epoch for a remainder), each batch's loss weighted by its share of the step's images.
     - `label_smoothing`: for the default cross-entropy loss (a custom `loss=` is refused).
     - `keep_freed_memory`: on the CPU with glibc, have malloc reuse freed memory instead of
-      returning it to the kernel every step (fewer page faults; see `finetune.core.memory`).
+      returning it to the kernel every step (fewer page faults; see `finetune.runtime.memory`).
       It is process-wide, so it holds for the length of `fit` only and is undone when fit
       returns; `TrainState.malloc_tuned` reports it. `evaluate` alone never applies it.
     - `feature_cache`: run a frozen prefix once per image and train the rest on its stored
-      activations (see `finetune.core.activation_cache`). "auto" caches when that is exact: the
+      activations (see `finetune.cache.store`). "auto" caches when that is exact: the
       strategy freezes a prefix, the dataset is deterministic (no augmentation) and the
       activations fit `cache_memory_gb` (or spill to files in `activation_cache_dir`). "on"
       also caches datasets that do not declare themselves deterministic (you vouch for it);

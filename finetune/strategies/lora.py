@@ -12,8 +12,8 @@ from typing import Any
 import attrs
 from torch import nn
 
-from finetune.core.backbone import Backbone
-from finetune.core.strategies.base import (
+from finetune.model.backbone import Backbone
+from finetune.strategies.base import (
     FreezeReport,
     FreezeStrategy,
     as_names,

@@ -47,7 +47,7 @@ class EvaluationReport:
 
     `recall` is also the per-class accuracy (correct / images of that class). `targets` and
     `predictions` (per image, in the loader's order) are kept when built from predictions, so
-    `finetune.core.significance` can put intervals on the numbers and compare two models.
+    `finetune.stats.significance` can put intervals on the numbers and compare two models.
     """
 
     classes: tuple[str, ...] = attrs.field(converter=tuple)

@@ -11,11 +11,11 @@ import enum
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from finetune.core.distributed import is_main
+from finetune.runtime.distributed import is_main
 
 if TYPE_CHECKING:
-    from finetune.core.metrics import EvaluationReport
-    from finetune.core.trainer import History, StepOutput, Trainer
+    from finetune.stats.metrics import EvaluationReport
+    from finetune.train.trainer import History, StepOutput, Trainer
 
 
 class Event(str, enum.Enum):

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import attrs
 
-from finetune.core.backbone import Backbone
-from finetune.core.strategies.base import FreezeStrategy, register, register_preset
+from finetune.model.backbone import Backbone
+from finetune.strategies.base import FreezeStrategy, register, register_preset
 
 
 def _all(backbone: Backbone) -> dict[str, float]:

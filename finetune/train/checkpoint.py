@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from finetune.atomic import atomic_write
-from finetune.core.backbone import Backbone
-from finetune.core.strategies import FreezeStrategy
-from finetune.core.weights import state_dict_mismatch
 from finetune.errors import CheckpointError
+from finetune.model.backbone import Backbone
+from finetune.model.weights import state_dict_mismatch
+from finetune.strategies import FreezeStrategy
 
 CHECKPOINT_FORMAT = 1
 # TrainConfig fields whose change on resume alters the run's outcome; the others (epochs,

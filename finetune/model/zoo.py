@@ -10,11 +10,11 @@ from contextlib import contextmanager
 import torch
 import torchvision
 
-from finetune.core.architectures import TORCHVISION_ARCHITECTURES
-from finetune.core.backbone import LITE0_PREPROCESSING, Backbone
-from finetune.core.weights import hub_checkpoint_path
 from finetune.data.preprocessing import Preprocessing, preprocessing_from_weights
 from finetune.errors import ArchitectureError, WeightsUnavailableError
+from finetune.model.architectures import TORCHVISION_ARCHITECTURES
+from finetune.model.backbone import LITE0_PREPROCESSING, Backbone
+from finetune.model.weights import hub_checkpoint_path
 
 LITE0_NAMES = ("lite0", "efficientnet_lite0", "efficientnet-lite0")
 

@@ -1,0 +1,2 @@
+"""What the machine decides: precision and memory layout (timed once per machine), malloc
+tuning, and data-parallel processes under torchrun."""

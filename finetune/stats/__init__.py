@@ -1,0 +1,1 @@
+"""Numbers about predictions: per-class metrics and reports, intervals and paired tests."""
