@@ -33,7 +33,8 @@ from finetune.callbacks import (
 from finetune.errors import CheckpointError
 from finetune.strategies import LastLayerOnly
 from finetune.train.config import TrainConfig
-from finetune.train.trainer import NonFiniteLossError, Trainer, TrainState
+from finetune.train.step import NonFiniteLossError
+from finetune.train.trainer import Trainer, TrainState
 from tests.conftest import make_loader, make_tiny_backbone
 
 CONFIG = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")

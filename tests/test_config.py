@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import attrs
 import pytest
 
@@ -56,12 +54,3 @@ def test_valid_devices_and_converters():
     assert TrainConfig(device="cuda:1").device == "cuda:1"
     assert TrainConfig(lr="0.01").lr == 0.01  # type: ignore[arg-type]
     assert TrainConfig(channels_last=False, seed=None).seed is None
-
-
-def test_cache_dir_is_the_deprecated_name_of_activation_cache_dir(tmp_path):
-    with pytest.warns(DeprecationWarning, match="activation_cache_dir"):
-        config = TrainConfig(cache_dir=tmp_path)
-    assert config.activation_cache_dir == str(tmp_path) and config.cache_dir is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert attrs.evolve(config, lr=0.5).activation_cache_dir == str(tmp_path)

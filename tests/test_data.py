@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -127,10 +126,6 @@ def test_backbone_preprocessing_is_wired_through(tmp_path: Path) -> None:
                 Image.new("RGB", (40, 40), (255, 255, 255)).save(path)
     images, _ = next(iter(data(root, preprocessing=LITE0_PREPROCESSING).test_loader()))
     assert torch.allclose(images, torch.ones_like(images))  # (1 - 0.5) / 0.5
-    lite = types.SimpleNamespace(preprocessing=LITE0_PREPROCESSING)  # anything with one
-    with pytest.warns(DeprecationWarning, match="preprocessing=backbone.preprocessing"):
-        old = data(root, backbone=lite)
-    assert old.preprocessing == data(root, preprocessing=LITE0_PREPROCESSING).preprocessing
     images, _ = next(iter(data(root).test_loader()))  # ImageNet mean/std by default
     expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(images[0, :, 0, 0], expected, atol=1e-5)

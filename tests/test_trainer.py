@@ -18,7 +18,8 @@ from finetune.errors import CheckpointError
 from finetune.runtime import precision as precision_module
 from finetune.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
 from finetune.train.config import TrainConfig
-from finetune.train.trainer import NonFiniteLossError, Trainer
+from finetune.train.step import NonFiniteLossError
+from finetune.train.trainer import Trainer
 from tests.conftest import make_loader, make_tiny_backbone
 
 FP32 = TrainConfig(epochs=2, lr=1e-2, seed=0, precision="fp32", device="cpu")

@@ -191,19 +191,12 @@ class ImageFolderData:
         full_check: bool = False,
         test_dir: str | None = None,
         progress: bool = True,
-        backbone: Any = None,
         pin_memory: bool | None = None,
         keep_decoded: bool | DecodedImages = True,
     ) -> None:
         _check_loader_arguments(batch_size, num_workers)
         self.decoded = (keep_decoded if isinstance(keep_decoded, DecodedImages)
                         else DecodedImages() if keep_decoded else None)
-        if backbone is not None:
-            warnings.warn(
-                "ImageFolderData(backbone=...) is deprecated: the data layer takes what the "
-                "weights expect of an image, not the model; pass "
-                "preprocessing=backbone.preprocessing.", DeprecationWarning, stacklevel=2)
-            preprocessing = preprocessing or backbone.preprocessing
         self.preprocessing = sized(preprocessing or Preprocessing(), image_size)
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.batch_size, self.data_augmentation, self.strict = batch_size, data_augmentation, strict

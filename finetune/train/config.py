@@ -4,7 +4,6 @@ built, not an hour into training, and sweeps are `attrs.evolve(config, lr=...)`.
 from __future__ import annotations
 
 import re
-import warnings
 
 import attrs
 from attrs import validators as v
@@ -71,8 +70,8 @@ class TrainConfig:
       strategy freezes a prefix, the dataset is deterministic (no augmentation) and the
       activations fit `cache_memory_gb` (or spill to files in `activation_cache_dir`). "on"
       also caches datasets that do not declare themselves deterministic (you vouch for it);
-      "off" never caches. `cache_dir` is the deprecated name of `activation_cache_dir` (the
-      data's `cache_dir` is another folder: where the resized copy of the images goes).
+      "off" never caches. (The data's `cache_dir` is another folder: where the resized copy
+      of the images goes.)
     """
 
     epochs: int = attrs.field(default=10, validator=[v.instance_of(int), v.ge(1)])
@@ -94,14 +93,3 @@ class TrainConfig:
     activation_cache_dir: str | None = attrs.field(
         default=None, converter=attrs.converters.optional(str)
     )
-    cache_dir: str | None = attrs.field(
-        default=None, converter=attrs.converters.optional(str)
-    )
-
-    def __attrs_post_init__(self) -> None:
-        if self.cache_dir is not None:
-            warnings.warn("TrainConfig(cache_dir=...) is now activation_cache_dir=...",
-                          DeprecationWarning, stacklevel=3)
-            if self.activation_cache_dir is None:
-                object.__setattr__(self, "activation_cache_dir", self.cache_dir)
-            object.__setattr__(self, "cache_dir", None)  # so attrs.evolve does not warn again

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import attrs
@@ -79,10 +78,3 @@ class TrainState:
     malloc_tuned: bool = False  # keep_freed_memory() is in effect for this fit (CPU, glibc)
     val_report: EvaluationReport | None = None
     history: History = attrs.Factory(History)
-
-    @property
-    def report(self) -> EvaluationReport | None:
-        """Deprecated name of `val_report` (the last validation pass's report)."""
-        warnings.warn("TrainState.report is now TrainState.val_report", DeprecationWarning,
-                      stacklevel=2)
-        return self.val_report

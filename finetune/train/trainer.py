@@ -62,7 +62,6 @@ from finetune.train.optim import (
 )
 from finetune.train.schedules import StepSchedule, check_scheduler_combination, total_steps
 from finetune.train.state import History, StepOutput, TrainState
-from finetune.train.step import NonFiniteLossError as NonFiniteLossError  # its old home
 from finetune.train.step import OptimizerStep, flag_last
 
 
