@@ -39,7 +39,7 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     strategy_argument,
     val_fraction,
 )
-from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
+from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
 from finetune.errors import FinetuneError, redact
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone
@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=positive_int, default=5, help="(default: 5)")
     train.add_argument("--lr", type=positive_float, default=1e-4,
                        help="Adam learning rate (default: 1e-4)")
-    train.add_argument("--val-split", type=val_fraction, default=0.2,
+    train.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
                        help="share of each class's training images held out for validation; "
-                            "0 for none (default: 0.2)")
-    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                            f"0 for none (default: {defaults.VAL_SPLIT})")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                       default=defaults.AUGMENT,
                        help="random resized crops and flips on training images (default: off)")
     train.add_argument("--image-size", type=positive_int, default=None,
                        help="train and test at this crop size (default: the weights' own)")

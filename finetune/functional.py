@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from finetune.callbacks import Callback, WandbLogger
 from finetune.callbacks.console import EpochLines, FreezeReportLines, progress_callback
-from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
+from finetune.data import DATA_ENV, ImageFolderData, defaults, resolve_data_root
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone, default_backbone, default_preprocessing, seeded
 from finetune.stats.metrics import EvaluationReport
@@ -139,8 +139,8 @@ def _data(
 
 def data_load(
     batch_size: int = 32,
-    val_split: float = 0.2,
-    data_augmentation: bool = False,
+    val_split: float = defaults.VAL_SPLIT,
+    data_augmentation: bool = defaults.AUGMENT,
     *,
     root: str | os.PathLike | None = None,
     model: Backbone | None = None,

@@ -166,7 +166,7 @@ def test_augmentation_off_gives_resize_and_centre_crop(tree: Path) -> None:
     assert len(labels) == 30
     for image, label in zip(images, labels.tolist(), strict=True):
         assert any(torch.equal(image, e) and label == y for e, y in expected)
-    augmented = data(tree, val_split=0.0, batch_size=30)
+    augmented = data(tree, val_split=0.0, batch_size=30, data_augmentation=True)
     images, _ = next(iter(augmented.train_loader()))
     assert sum(any(torch.equal(image, e) for e, _ in expected) for image in images) < 30
 
@@ -416,3 +416,22 @@ def test_resized_copy_is_redone_for_images_swapped_under_the_same_names(tmp_path
     folder, _ = resize_tree(source, [red, blue], cache_root=tmp_path / "cache", progress=False)
     assert Image.open(folder / "red.bmp.jpg").getpixel((10, 10))[2] > 200  # now blue
     assert Image.open(folder / "blue.bmp.jpg").getpixel((10, 10))[0] > 200  # now red
+
+
+def test_the_api_and_the_cli_share_one_set_of_data_defaults(tree: Path) -> None:
+    import inspect
+
+    from finetune.cli import build_parser
+    from finetune.data import defaults
+    from finetune.data.tree import ImageSplits
+    from finetune.functional import data_load
+
+    d = data(tree)
+    assert (d.val_split, d.data_augmentation) == (defaults.VAL_SPLIT, defaults.AUGMENT)
+    assert (inspect.signature(ImageSplits.scan).parameters["val_split"].default
+            == defaults.VAL_SPLIT)
+    load = inspect.signature(data_load).parameters
+    assert (load["val_split"].default, load["data_augmentation"].default) == (
+        defaults.VAL_SPLIT, defaults.AUGMENT)
+    args = build_parser().parse_args(["train", "--data", str(tree)])
+    assert (args.val_split, args.augment) == (defaults.VAL_SPLIT, defaults.AUGMENT)

@@ -78,9 +78,9 @@ def test_each_image_is_decoded_once_across_epochs_and_shared_stores(
 
 def test_augmented_training_streams_and_uses_its_workers(tree: Path,
                                                          decode_count: list[Path]) -> None:
-    loader = data(tree, num_workers=2).train_loader()
+    loader = data(tree, num_workers=2, data_augmentation=True).train_loader()
     assert loader.dataset.decoded is None and loader.num_workers == 2
-    augmented = data(tree)  # no worker processes: the count sees every decode
+    augmented = data(tree, data_augmentation=True)  # no workers: every decode counted
     batches(augmented.train_loader(shuffle_seed=1))  # two epochs decode every image twice...
     batches(augmented.train_loader(shuffle_seed=2))
     assert len(decode_count) == 2 * len(augmented.train_samples)

@@ -16,6 +16,7 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from finetune.data import defaults
 from finetune.data.decoded import DecodedImages, ImageFile
 from finetune.data.images import file_keys, load_rgb
 from finetune.data.preprocessing import Preprocessing
@@ -175,12 +176,12 @@ class ImageFolderData:
         self,
         root: Path | str | ImageSplits,
         *,
-        val_split: float = 0.1,
+        val_split: float = defaults.VAL_SPLIT,
         seed: int = 0,
         split_seed: int | None = None,
         shuffle_seed: int | None = None,
         batch_size: int = 32,
-        data_augmentation: bool = True,
+        data_augmentation: bool = defaults.AUGMENT,
         preprocessing: Preprocessing | None = None,
         image_size: int | None = None,
         num_workers: int | None = None,
