@@ -24,7 +24,11 @@ from typing import Any
 import attrs
 
 from finetune.callbacks import Callback, Checkpoint, WandbLogger
-from finetune.callbacks.console import FreezeReportLines, progress_callback
+from finetune.callbacks.console import (
+    FreezeReportLines,
+    progress_callback,
+    tolerate_unencodable_output,
+)
 from finetune.callbacks.run_file import RUN_FORMAT, RunFile
 from finetune.cli_evaluate import run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
@@ -271,16 +275,6 @@ def run_strategies(args: argparse.Namespace) -> int:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def tolerate_unencodable_output() -> None:
-    """Print what the terminal's encoding cannot show as `\\xe9` escapes instead of failing: a
-    class named 'café' must not crash a finished run at its last print (LANG=C, a pipe on
-    Windows). Only streams still in the default strict mode are changed."""
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if callable(reconfigure) and getattr(stream, "errors", None) == "strict":
-            reconfigure(errors="backslashreplace")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; library errors exit with code 2 and a one-line message on stderr."""
     tolerate_unencodable_output()

@@ -495,7 +495,8 @@ def test_a_stopped_comparison_ends_the_runs_in_progress_and_starts_no_more() -> 
     pool._start_worker(counts, 2)
     try:
         with pytest.raises(KeyboardInterrupt, match="stopped"):
-            pool._in_worker(lambda *args: pytest.fail("a run started after the stop"))
+            pool._in_worker(lambda *args, **kwargs: pytest.fail("a run started after the stop"),
+                            "last-layer", 0, {})
         assert list(counts) == [0, 2, 1]  # counted in and out again
     finally:
         pool._start_worker(None, 1)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from finetune import Backbone, ImageFolderData, LastLayerOnly
-from finetune.cache.store import ActivationCache, dataset_fingerprint, find_cut
+from finetune.cache.store import ActivationCache, dataset_key, find_cut
 from finetune.data import DecodedImages
 from finetune.data.images import file_key
 
@@ -128,7 +128,7 @@ def test_a_rewritten_image_is_not_served_its_old_cached_activations(tmp_path: Pa
         cache.fill(loader, lambda prefix, x: prefix(x), torch.device("cpu"))
         paths = loader.dataset.paths
         blue = next(i for i, (_, label) in enumerate(loader.dataset.samples) if label == 1)
-        return (cache.features.clone(), dataset_fingerprint(loader.dataset),
+        return (cache.features.clone(), dataset_key(loader.dataset),
                 paths.index(rewritten), blue)
 
     before, key_before, index, blue = fill()

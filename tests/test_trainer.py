@@ -377,7 +377,10 @@ def test_precision_verdict_is_kept_per_model_structure_not_name(monkeypatch) -> 
 def test_keep_freed_memory_applies_on_glibc() -> None:
     import platform
 
-    from finetune.runtime.memory import keep_freed_memory
+    from finetune.runtime.memory import keep_freed_memory, restore_malloc_defaults
 
-    applied = keep_freed_memory()
-    assert applied == (platform.libc_ver()[0] == "glibc")
+    try:
+        applied = keep_freed_memory()
+        assert applied == (platform.libc_ver()[0] == "glibc")
+    finally:  # process-wide: the tests after this one run with glibc's defaults again
+        restore_malloc_defaults()

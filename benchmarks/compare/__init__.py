@@ -18,13 +18,24 @@ from benchmarks.compare.measure import PeakMemory
 from benchmarks.compare.report import markdown_table, summarize, write_outputs
 from benchmarks.compare.run import main, make_backbone, run_one
 from benchmarks.compare.settings import (
+    COMPARE_PRESETS,
     DEFAULT_STRATEGIES,
-    PRESETS,
     RunSpec,
     Settings,
     parse_run,
 )
 
-__all__ = ["DEFAULT_STRATEGIES", "PRESETS", "PeakMemory", "RunSpec", "Settings", "main",
-           "make_backbone", "markdown_table", "parse_run", "run_one", "summarize",
-           "write_outputs"]
+__all__ = [
+    "COMPARE_PRESETS",
+    "DEFAULT_STRATEGIES",
+    "PeakMemory",
+    "RunSpec",
+    "Settings",
+    "main",
+    "make_backbone",
+    "markdown_table",
+    "parse_run",
+    "run_one",
+    "summarize",
+    "write_outputs",
+]

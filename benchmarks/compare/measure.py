@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from finetune.runtime.memory import trim_heap
 
 
 class PeakMemory:
@@ -33,8 +33,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base, self.method = torch.cuda.memory_allocated(self.device), "cuda allocated"
             return self
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trim_heap()
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self._base, self.method = _proc_status_kib("VmRSS") * 1024, "rss (VmHWM)"

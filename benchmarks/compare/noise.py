@@ -14,15 +14,11 @@ import attrs
 import numpy as np
 
 from benchmarks.compare.verdict import Candidate, Verdict, judge
-from finetune.stats.significance import Bootstrap, Estimate, Pairwise, draws_for, holm
+from finetune.stats.significance import Bootstrap, Pairwise, draws_for, holm
 
 RESAMPLES = 2000
 SEED = 0  # the bootstrap's own seed: the same rows always give the same intervals
 ALPHA = 0.05
-
-
-def interval(estimate: Estimate) -> list[float]:
-    return [round(estimate.low, 6), round(estimate.high, 6)]
 
 
 def run_intervals(targets: Sequence[int], predictions: Sequence[int],
@@ -30,8 +26,8 @@ def run_intervals(targets: Sequence[int], predictions: Sequence[int],
     """A run's 95% intervals of test accuracy and macro F1 (test images resampled)."""
     bootstrap = Bootstrap(targets=np.asarray(targets), num_classes=num_classes,
                           resamples=RESAMPLES, seed=SEED)
-    return {"test_accuracy_ci95": interval(bootstrap.accuracy(predictions)),
-            "test_macro_f1_ci95": interval(bootstrap.macro_f1(predictions))}
+    return {"test_accuracy_ci95": bootstrap.accuracy(predictions).interval,
+            "test_macro_f1_ci95": bootstrap.macro_f1(predictions).interval}
 
 
 @attrs.frozen
@@ -83,8 +79,8 @@ def analyze(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
     bootstrap = Bootstrap(targets=np.asarray(targets), num_classes=len(classes),
                           resamples=RESAMPLES, seed=SEED)
     predictions = predictions_by_strategy(rows, [s["strategy"] for s in summary])
-    intervals = {name: {"test_accuracy_ci95": interval(bootstrap.accuracy(runs)),
-                        "test_macro_f1_ci95": interval(bootstrap.macro_f1(runs))}
+    intervals = {name: {"test_accuracy_ci95": bootstrap.accuracy(runs).interval,
+                        "test_macro_f1_ci95": bootstrap.macro_f1(runs).interval}
                  for name, runs in predictions.items()}
     pairs = bootstrap.pairwise(predictions, ALPHA)
     candidates = [Candidate(name=s["strategy"], accuracy=s["test_accuracy"],

@@ -72,18 +72,20 @@ def auto_jobs(runs: int, device: str, world_size: int, ram: int | None = None) -
     return max(1, min(runs, os.cpu_count() or 1, MAX_AUTO_JOBS, by_memory))
 
 
-def outcomes(todo: Sequence[tuple[Any, ...]], jobs: int, run: Callable[..., dict[str, Any]],
-             *shared: Any) -> Iterator[tuple[tuple[Any, ...], Outcome]]:
-    """(item, row or exception) for each `item` of `todo` as its run finishes:
-    `run(*item[1:], *shared, store, [CoreShare])` in a pool of `jobs` processes (spawned, so
-    that no thread state of this one is inherited)."""
+def outcomes(todo: Sequence[tuple[int, str, int]], jobs: int, run: Callable[..., dict[str, Any]],
+             shared: dict[str, Any]) -> Iterator[tuple[tuple[int, str, int], Outcome]]:
+    """(item, row or exception) for each (index, spec, seed) `item` of `todo` as its run
+    finishes: `run(spec, seed, **shared, decoded=<the worker's store>,
+    extra_callbacks=[CoreShare])` in a pool of `jobs` processes (spawned, so that no thread
+    state of this one is inherited)."""
     context = multiprocessing.get_context("spawn")
     counts = context.Array("i", [len(todo), 0, 0])
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
                                initargs=(counts, jobs))
     finished = False
     try:
-        futures = {pool.submit(_in_worker, run, *item[1:], *shared): item for item in todo}
+        futures = {pool.submit(_in_worker, run, spec, seed, shared): (index, spec, seed)
+                   for index, spec, seed in todo}
         for future in as_completed(futures):
             error = future.exception()
             if error is not None and not isinstance(error, Exception):
@@ -101,7 +103,8 @@ def _start_worker(counts: Any, jobs: int) -> None:
     _counts, _jobs = counts, jobs
 
 
-def _in_worker(run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+def _in_worker(run: Callable[..., dict[str, Any]], spec: str, seed: int,
+               shared: dict[str, Any]) -> dict[str, Any]:
     global _store
     if _store is None:
         _store = DecodedImages()
@@ -113,7 +116,7 @@ def _in_worker(run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]
             raise KeyboardInterrupt("the comparison was stopped")
         share = CoreShare(_counts, _jobs)
         share.apply()
-        return run(*args, _store, [share])
+        return run(spec, seed, **shared, decoded=_store, extra_callbacks=[share])
     finally:
         with _counts.get_lock():
             _counts[1] -= 1

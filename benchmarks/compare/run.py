@@ -34,7 +34,7 @@ from benchmarks.compare.settings import (
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
-from finetune.cli import tolerate_unencodable_output
+from finetune.callbacks.console import tolerate_unencodable_output
 from finetune.data import DecodedImages, ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError, redact
@@ -112,7 +112,7 @@ class TrainCacheWitness(Callback):
             self.reason, self._asked = trainer.activations.why_uncached(self.loader), True
 
 
-def run_one(spec: str, seed: int, settings: Settings, splits: ImageSplits,
+def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
             backbone_factory: BackboneFactory, output: Path,
             decoded: DecodedImages | None = None,
             extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -214,9 +214,10 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
                   f"{output / 'results.json'}, skipped (--resume)")
         else:
             todo.append((index, spec, seed))
-    shared = (settings, splits, backbone_factory, output)
-    finished = (pool.outcomes(todo, settings.jobs, run_one, *shared) if settings.jobs > 1
-                else _one_at_a_time(todo, *shared, decoded))
+    shared = {"settings": settings, "splits": splits, "backbone_factory": backbone_factory,
+              "output": output}
+    finished = (pool.outcomes(todo, settings.jobs, run_one, shared) if settings.jobs > 1
+                else _one_at_a_time(todo, {**shared, "decoded": decoded}))
     try:
         for (index, spec, seed), outcome in finished:
             _record(f"[{index}/{len(runs)}] {spec} seed {seed}", spec, seed, outcome, rows,
@@ -231,13 +232,13 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
     return None
 
 
-def _one_at_a_time(todo: Sequence[tuple[int, str, int]], *shared: Any
+def _one_at_a_time(todo: Sequence[tuple[int, str, int]], shared: dict[str, Any]
                    ) -> Iterator[tuple[tuple[int, str, int], pool.Outcome]]:
-    for item in todo:
+    for index, spec, seed in todo:
         try:
-            yield item, run_one(*item[1:], *shared)
+            yield (index, spec, seed), run_one(spec, seed, **shared)
         except Exception as error:
-            yield item, error
+            yield (index, spec, seed), error
 
 
 def _record(tag: str, spec: str, seed: int, outcome: pool.Outcome, rows: list[dict[str, Any]],

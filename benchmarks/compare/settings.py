@@ -34,7 +34,7 @@ DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-o
 OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
 SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
-PRESETS: dict[str, dict[str, Any]] = {
+COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
     "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
                   "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True,
@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--preset", choices=sorted(COMPARE_PRESETS), default="quick")
     p.add_argument("--data", help="an ImageFolder tree with train/ and test/ or val/, the "
                    "iNaturalist 12K zip or its folder, 'inaturalist' (downloaded once into the "
                    "cache folder), or 'sample'; default: the sample dataset shipped with the "
@@ -209,7 +209,7 @@ def strategy_specs(args: argparse.Namespace) -> list[str]:
 def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
                      command: str, wandb_group: str | None = None) -> Settings:
     """The preset with the command line's overrides on top."""
-    chosen = dict(PRESETS[args.preset])
+    chosen = dict(COMPARE_PRESETS[args.preset])
     for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
                 "batch_size", "lr", "schedule", "warmup", "label_smoothing",
                 "augment", "jobs"):

@@ -130,7 +130,7 @@ class _Indices(torch.utils.data.Dataset):
         return int(key[0]) if isinstance(key, (tuple, list)) else int(key)
 
 
-def dataset_fingerprint(dataset: Any) -> str:
+def dataset_key(dataset: Any) -> str:
     """A digest of what a dataset holds: its (path, label) samples with each file's
     content key (`file_key`), and its transform; or its tensors. Datasets of neither kind get their
     identity, so their disk cache is never shared across processes."""
@@ -172,7 +172,7 @@ def cache_key(backbone: Backbone, cut: Cut, dataset: Any, dtype: str) -> str:
         digest.update(name.encode())
         digest.update(tensor_bytes(tensor))
     digest.update(f"{backbone.name}|{cut.label}@{cut.index}|{backbone.preprocessing}|{dtype}".encode())
-    digest.update(dataset_fingerprint(dataset).encode())
+    digest.update(dataset_key(dataset).encode())
     return digest.hexdigest()[:20]
 
 

@@ -1,4 +1,5 @@
-"""Console output for a run: one line per epoch, what the strategy trains, or progress bars."""
+"""Console output for a run: one line per epoch, what the strategy trains, or progress bars;
+and a console that survives class names its encoding cannot show."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from finetune.train.events import Callback
 
 if TYPE_CHECKING:
     from finetune.train.trainer import Trainer
+
+
+def tolerate_unencodable_output() -> None:
+    """Print what the terminal's encoding cannot show as `\\xe9` escapes instead of failing: a
+    class named 'café' must not crash a finished run at its last print (LANG=C, a pipe on
+    Windows). Only streams still in the default strict mode are changed."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure) and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="backslashreplace")
 
 
 class EpochLines(Callback):

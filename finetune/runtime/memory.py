@@ -51,6 +51,12 @@ def keep_freed_memory() -> bool:
     ))
 
 
+def trim_heap() -> bool:
+    """Hand the free memory at the top of glibc's heap back to the kernel; True if done."""
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
 def restore_malloc_defaults() -> bool:
     """Undo `keep_freed_memory` (glibc's default limits) and return free heap to the kernel."""
     libc = _libc()

@@ -35,7 +35,8 @@ def confusion_matrix(
     return flat.reshape(num_classes, num_classes)
 
 
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Element-wise division, 0 where the denominator is 0 (a class never predicted)."""
     out = np.zeros_like(numerator, dtype=np.float64)
     np.divide(numerator, denominator, out=out, where=denominator != 0)
     return out
@@ -85,11 +86,11 @@ class EvaluationReport:
 
     @property
     def precision(self) -> np.ndarray:
-        return _safe_divide(np.diag(self.confusion_matrix), self.confusion_matrix.sum(axis=0))
+        return safe_divide(np.diag(self.confusion_matrix), self.confusion_matrix.sum(axis=0))
 
     @property
     def recall(self) -> np.ndarray:
-        return _safe_divide(np.diag(self.confusion_matrix), self.support)
+        return safe_divide(np.diag(self.confusion_matrix), self.support)
 
     @property
     def per_class_accuracy(self) -> np.ndarray:
@@ -98,7 +99,7 @@ class EvaluationReport:
     @property
     def f1(self) -> np.ndarray:
         p, r = self.precision, self.recall
-        return _safe_divide(2 * p * r, p + r)
+        return safe_divide(2 * p * r, p + r)
 
     @property
     def macro_f1(self) -> float:
@@ -150,7 +151,7 @@ class EvaluationReport:
 
         matrix = self.confusion_matrix.astype(np.float64)
         if normalize:
-            matrix = _safe_divide(matrix, matrix.sum(axis=1, keepdims=True))
+            matrix = safe_divide(matrix, matrix.sum(axis=1, keepdims=True))
         k = len(self.classes)
         size = max(4.0, 0.45 * k + 2.0)
         figure = Figure(figsize=(size, size))

@@ -31,6 +31,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from finetune.stats.metrics import safe_divide
+
 DEFAULT_RESAMPLES = 2000
 _CHUNK_VALUES = 4_000_000  # weights per chunk: bounds memory whatever the test-set size
 
@@ -71,7 +73,9 @@ class Estimate:
 
     @property
     def interval(self) -> list[float]:
-        return [self.low, self.high]
+        """[low, high], rounded to 1e-6 (a percentage's fourth decimal): what reports and
+        results.json hold, the same on every machine."""
+        return [round(self.low, 6), round(self.high, 6)]
 
 
 @attrs.frozen
@@ -135,7 +139,7 @@ class Bootstrap:
 
         def f1(weights: np.ndarray) -> np.ndarray:
             support = np.tile(weights @ truth, len(runs))
-            per_class = _divide(2 * (weights @ hits), support + weights @ predicted)
+            per_class = safe_divide(2 * (weights @ hits), support + weights @ predicted)
             return per_class.reshape(len(weights), len(runs), k).mean(axis=2)
 
         value = float(f1(np.ones((1, self.images)))[0].mean())
@@ -266,12 +270,6 @@ def _one_chunk(images: int, resamples: int, seed: int) -> np.ndarray:
     counts = _draw_counts(np.random.default_rng([seed, 0]), resamples, images)
     counts.flags.writeable = False
     return counts
-
-
-def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(numerator, dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator != 0)
-    return out
 
 
 # -- tests on p-values --------------------------------------------------------------------------

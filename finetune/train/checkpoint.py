@@ -81,7 +81,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def data_fingerprint(classes: Sequence[str], loader: Iterable[Any]) -> dict[str, Any]:
+def data_identity(classes: Sequence[str], loader: Iterable[Any]) -> dict[str, Any]:
     """What a run trains on: its class names, and — for datasets that list (path, label)
     samples — their count and a digest of the sorted `class-folder/file-stem` and label of each.
     Stems, not full paths: a dataset moved to another folder (or pre-resized) is the same data."""
@@ -132,7 +132,7 @@ def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: F
                      path: str | Path | None, data: dict[str, Any] | None = None,
                      config: Any = None) -> None:
     """Refuse a resume into another architecture, head size, strategy or weight layout, or
-    (given its `data_fingerprint`) other data; warn when `config` trains differently."""
+    (given its `data_identity`) other data; warn when `config` trains differently."""
     ours = {"name": backbone.name, "num_classes": backbone.num_classes}
     theirs = checkpoint["backbone"]
     if theirs != ours:

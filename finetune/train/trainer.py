@@ -33,7 +33,7 @@ from finetune.strategies import FreezeStrategy
 from finetune.train.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
-    data_fingerprint,
+    data_identity,
     load_checkpoint,
     rng_state,
     set_rng_state,
@@ -114,7 +114,7 @@ class Trainer:
         self._prepared = False
         self.activations = ActivationCaches("off", 0, None)  # configured by _prepare
         self.parallel = distributed.DataParallel()  # DDP under torchrun, else nothing
-        self._data: dict[str, Any] | None = None  # data_fingerprint of the loader fit trains on
+        self._data: dict[str, Any] | None = None  # data_identity of the loader fit trains on
 
     @property
     def history(self) -> History:
@@ -133,7 +133,7 @@ class Trainer:
         train_loader = distributed.shard_loader(train_loader, config.seed)
         val_loader = None if val_loader is None else distributed.shard_loader(val_loader)
         self._resolve_classes(train_loader)
-        self._data = data_fingerprint(self.classes or [], train_loader)
+        self._data = data_identity(self.classes or [], train_loader)
         if config.seed is not None:
             seed_everything(config.seed)
         checkpoint = load_checkpoint(resume) if resume is not None else None
