@@ -24,6 +24,7 @@ from finetune import (
     FullUnfreeze,
     LastLayerOnly,
 )
+from finetune.callbacks import StopFit
 from finetune.data import INaturalist12K
 from finetune.data.sample import SAMPLE_CLASSES
 from tests.conftest import make_tiny_backbone
@@ -490,7 +491,7 @@ def test_a_stopped_comparison_ends_the_runs_in_progress_and_starts_no_more() -> 
     import multiprocessing
 
     counts = multiprocessing.get_context("spawn").Array("i", [1, 2, 1])  # stop flag set
-    with pytest.raises(KeyboardInterrupt, match="stopped"):
+    with pytest.raises(StopFit, match="stopped"):  # a callback's power: end the fit at once
         pool.CoreShare(counts, jobs=2, cores=2).on_train_batch_end(None, None, None)
     pool._start_worker(counts, 2)
     try:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from finetune import Backbone
-from finetune.callbacks import Callback, Checkpoint
+from finetune.callbacks import Callback, Checkpoint, StopFit
 from finetune.errors import CheckpointError
 from finetune.runtime import precision as precision_module
 from finetune.strategies import FreezeFraction, FreezeStrategy, FullUnfreeze, LastLayerOnly
@@ -51,8 +51,15 @@ class Recorder(Callback):
     def on_epoch_start(self, trainer, epoch):
         self.events.append(f"epoch_start:{epoch}")
 
+    def on_optimizer_step(self, trainer, step):
+        assert step == trainer.state.global_step
+        self.events.append(f"step:{step}")
+
     def on_train_batch_end(self, trainer, batch, outputs):
         self.events.append("batch")
+
+    def on_validation_start(self, trainer):
+        self.events.append("validation_start")
 
     def on_validation_end(self, trainer, report):
         self.events.append("validation_end")
@@ -204,9 +211,71 @@ def test_events_fire_in_order():
     recorder = Recorder()
     Trainer(make_tiny_backbone(), LastLayerOnly(), FP32, callbacks=[recorder]).fit(
         make_loader(n=16), make_loader(n=8, seed=1))
-    epoch = ["batch", "batch", "validation_end"]
-    assert recorder.events == (["fit_start", "epoch_start:0", *epoch, "epoch_end:0",
-                                "epoch_start:1", *epoch, "epoch_end:1", "fit_end"])
+    def epoch(first_step: int) -> list[str]:
+        return [f"step:{first_step}", "batch", f"step:{first_step + 1}", "batch",
+                "validation_start", "validation_end"]
+
+    assert recorder.events == (["fit_start", "epoch_start:0", *epoch(1), "epoch_end:0",
+                                "epoch_start:1", *epoch(3), "epoch_end:1", "fit_end"])
+
+
+def test_optimizer_step_fires_once_per_step_when_batches_accumulate():
+    recorder = Recorder()
+    config = attrs.evolve(FP32, epochs=1, accumulate_steps=3)
+    Trainer(make_tiny_backbone(), LastLayerOnly(), config, callbacks=[recorder]).fit(
+        make_loader(n=40))  # 5 batches: windows of 3 and 2 (the epoch's remainder)
+    steps = [e for e in recorder.events if e.startswith("step:")]
+    assert steps == ["step:1", "step:2"]
+    # the step closes the third batch's window, before that batch's on_train_batch_end
+    assert recorder.events[2:6] == ["batch", "batch", "step:1", "batch"]
+
+
+class SwapForValidation(Callback):
+    """What an EMA callback does: other weights for the validation pass, the trained ones
+    back after it."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, torch.Tensor] | None = None
+        self.val_accuracy: list[float] = []
+
+    def on_validation_start(self, trainer):
+        self.saved = weights(trainer.backbone)
+        with torch.no_grad():
+            trainer.backbone.model.fc.weight.zero_()
+            trainer.backbone.model.fc.bias.copy_(torch.tensor([0.0, 0.0, 9.0]))  # always "2"
+
+    def on_validation_end(self, trainer, report):
+        trainer.backbone.model.load_state_dict(self.saved)
+        self.val_accuracy.append(report.accuracy)
+
+
+def test_a_callback_may_swap_weights_in_for_validation_only():
+    val = make_loader(n=16, seed=1, shuffle=False)
+    swap = SwapForValidation()
+    backbone = make_tiny_backbone()
+    Trainer(backbone, LastLayerOnly(), FP32, callbacks=[swap]).fit(make_loader(), val)
+    labels = torch.cat([y for _, y in val])
+    always_two = float((labels == 2).float().mean())
+    assert swap.val_accuracy == [pytest.approx(always_two)] * 2
+    reference = make_tiny_backbone()
+    Trainer(reference, LastLayerOnly(), FP32).fit(make_loader(), val)
+    assert_same_weights(weights(backbone), weights(reference))  # training never saw the swap
+
+
+class StopAtBatch(Callback):
+    def on_train_batch_end(self, trainer, batch, outputs):
+        if trainer.state.global_step == 2:
+            raise StopFit("enough")
+
+
+def test_a_callback_ends_the_fit_at_once_by_raising_stop_fit():
+    recorder = Recorder()
+    trainer = Trainer(make_tiny_backbone(), LastLayerOnly(), FP32,
+                      callbacks=[StopAtBatch(), recorder])
+    with pytest.raises(StopFit, match="enough"):
+        trainer.fit(make_loader())
+    assert recorder.events[-1] == "exception" and "fit_end" not in recorder.events
+    assert trainer.state.global_step == 2 and len(trainer.history) == 0
 
 
 def test_evaluate_and_predict_agree_with_a_manual_forward_pass():

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from finetune.callbacks import Callback
+from finetune.callbacks import Callback, StopFit
 from finetune.data import DecodedImages
 from finetune.data.decoded import physical_memory
 
@@ -46,7 +46,7 @@ class CoreShare(Callback):
     def apply(self) -> None:
         waiting, running, stop = self.counts[0], self.counts[1], self.counts[2]
         if stop:
-            raise KeyboardInterrupt("the comparison was stopped")
+            raise StopFit("the comparison was stopped")
         sharing = self.jobs if waiting else max(1, running)
         threads = max(1, self.cores // sharing)
         if threads != torch.get_num_threads():

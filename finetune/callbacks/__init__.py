@@ -1,4 +1,5 @@
-"""Callbacks observe the Trainer's events (see `Event` and docs/callbacks.md)."""
+"""Callbacks act at the Trainer's events, within each event's defined powers (see `Event` and
+docs/callbacks.md)."""
 
 from finetune.callbacks.checkpoint import Checkpoint
 from finetune.callbacks.console import EpochLines, FreezeReportLines
@@ -7,7 +8,7 @@ from finetune.callbacks.per_class import PerClassEvaluation
 from finetune.callbacks.progress import ProgressBar
 from finetune.callbacks.wandb_logger import WandbLogger
 from finetune.train.checkpoint import load_checkpoint, save_checkpoint
-from finetune.train.events import Callback, Event
+from finetune.train.events import Callback, Event, StopFit
 
 __all__ = [
     "Callback",
@@ -18,6 +19,7 @@ __all__ = [
     "FreezeReportLines",
     "PerClassEvaluation",
     "ProgressBar",
+    "StopFit",
     "WandbLogger",
     "load_checkpoint",
     "save_checkpoint",

@@ -1,8 +1,10 @@
 """`Callback` and the events the Trainer fires.
 
 Each `Event`'s value is the name of the method it calls, so dispatch is one `getattr` and a
-callback overrides only the hooks it needs. Callbacks observe and record; the only thing
-one may ask of the Trainer is to stop (`trainer.state.should_stop = True`).
+callback overrides only the hooks it needs. What a callback may change is defined per event
+(each hook's docstring, and the table in docs/callbacks.md); everywhere it may end the run:
+`trainer.state.should_stop = True` ends it after the current epoch (early stopping, a
+completed run), and raising `StopFit` ends it at once (a run that must not count).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import enum
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from finetune.errors import FinetuneError
 from finetune.runtime.distributed import is_main
 
 if TYPE_CHECKING:
@@ -18,12 +21,19 @@ if TYPE_CHECKING:
     from finetune.train.trainer import History, StepOutput, Trainer
 
 
+class StopFit(FinetuneError):
+    """Raised by a callback to end `fit` at once: `on_exception` fires and `fit` re-raises,
+    so the run is reported as stopped, never as finished."""
+
+
 class Event(str, enum.Enum):
     """Training events, in the order they fire (see docs/callbacks.md for the table)."""
 
     FIT_START = "on_fit_start"
     EPOCH_START = "on_epoch_start"
+    OPTIMIZER_STEP = "on_optimizer_step"
     TRAIN_BATCH_END = "on_train_batch_end"
+    VALIDATION_START = "on_validation_start"
     VALIDATION_END = "on_validation_end"
     EPOCH_END = "on_epoch_end"
     FIT_END = "on_fit_end"
@@ -40,20 +50,36 @@ class Callback:
         """Before the first epoch (after a resume has been restored)."""
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        """The strategy for `epoch` is applied and the optimizer matches it."""
+        """The strategy for `epoch` is applied and the optimizer matches it. May change the
+        optimizer's param-group hyper-parameters for this epoch (they are rebuilt from the
+        strategy when it changes what trains)."""
+
+    def on_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        """Right after optimizer step `step` (`trainer.state.global_step` counts it). May
+        update state kept beside the weights — an average of them (EMA), a probe of the
+        gradients — but not the trained weights themselves."""
 
     def on_train_batch_end(
         self, trainer: Trainer, batch: Any, outputs: StepOutput
     ) -> None:
         """After each training batch; `outputs` holds its loss and correct count, and
-        `stepped` (the optimizer stepped after it: always unless gradients accumulate)."""
+        `stepped` (the optimizer stepped after it: always unless gradients accumulate).
+        Observes only."""
+
+    def on_validation_start(self, trainer: Trainer) -> None:
+        """Before an epoch's validation pass (not fired without a validation loader). May
+        swap other weights into `trainer.backbone` for the pass (an EMA's), provided
+        `on_validation_end` swaps the trained ones back."""
 
     def on_validation_end(self, trainer: Trainer, report: EvaluationReport) -> None:
-        """After the validation pass of an epoch (not fired without a validation loader)."""
+        """After the validation pass of an epoch (not fired without a validation loader).
+        Must restore any weights `on_validation_start` swapped in."""
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After the epoch's training, validation and scheduler step; `metrics` is the row
-        just appended to the history (train_loss, train_accuracy, val_loss, …, lr/<group>)."""
+        just appended to the history (train_loss, train_accuracy, val_loss, …, lr/<group>).
+        May add entries to `metrics` (later callbacks and the history see them) and set
+        `trainer.state.should_stop`."""
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
         """After the last epoch, or after an early stop."""

@@ -165,6 +165,7 @@ class Trainer:
                 started = time.perf_counter()
                 metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
                 if val_loader is not None:
+                    dispatch(self.callbacks, Event.VALIDATION_START, self)
                     report = self.state.val_report = self._evaluate(val_loader)
                     metrics.update(self._report_metrics(report))
                     dispatch(self.callbacks, Event.VALIDATION_END, self, report=report)
@@ -320,7 +321,8 @@ class Trainer:
             self.state.batch, step.ends_epoch = index, last
             self.schedule.apply(optimizer, self.state.global_step)
             outputs = self._train_step(batch, forward)
-            self.state.global_step += outputs.stepped
+            if outputs.stepped:
+                self._stepped()
             total_loss += outputs.loss * outputs.count
             correct += outputs.correct
             count += outputs.count
@@ -330,9 +332,13 @@ class Trainer:
             raise ValueError("the training loader yielded no batches")
         if step.pending:  # a loader shorter than its len(): its last window still steps
             step.update(optimizer)
-            self.state.global_step += 1
+            self._stepped()
         return {"train_loss": total_loss / count, "train_accuracy": correct / count,
                 "train_seconds": time.perf_counter() - started, "train_images": float(count)}
+
+    def _stepped(self) -> None:
+        self.state.global_step += 1
+        dispatch(self.callbacks, Event.OPTIMIZER_STEP, self, step=self.state.global_step)
 
     def _train_step(self, batch: Any, forward: Forward | None = None) -> StepOutput:
         """One optimizer step through `forward` (the whole model unless the cache routes the
