@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, FullUnfreeze, TrainConfig, Trainer
 from finetune.callbacks import Callback, Checkpoint
-from finetune.runtime.precision import autocast, cuda_precision
+from finetune.runtime.precision import cuda_precision
 from finetune.train.step import OptimizerStep
 
 # weights of a resumed fit may differ from the straight one's by cuDNN's non-determinism only
@@ -38,21 +38,17 @@ def throughput(device: torch.device, precision: str, batch: int, steps: int) -> 
     backbone = Backbone.from_torchvision("resnet18", 10, weights=None).to(device)
     backbone.to(memory_format=torch.channels_last)
     step = OptimizerStep(torch.nn.CrossEntropyLoss())
-    step.use_scaler(device, precision)
+    step.configure(device, precision)
     optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, 224, 224, device=device).contiguous(
         memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
 
-    def forward() -> torch.Tensor:
-        with autocast(device, precision):
-            return backbone(images)
-
     for index in range(2 + steps):
         if index == 2:
             torch.cuda.synchronize(device)
             started = time.perf_counter()
-        step(optimizer, forward, labels, where=f"step {index}")
+        step(optimizer, backbone, images, labels, step=index, where=f"step {index}")
     torch.cuda.synchronize(device)
     return batch * steps / (time.perf_counter() - started)
 

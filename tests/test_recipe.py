@@ -186,9 +186,9 @@ def test_clipping_under_the_fp16_scaler_clips_true_gradients():
     weight = nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD([weight], lr=1.0)
     step = OptimizerStep(lambda out, _: (out * 100).sum(), max_grad_norm=1.0)
-    step.use_scaler(torch.device("cpu"), "fp16")
-    output = step(optimizer, lambda: weight.unsqueeze(0).expand(2, 4), torch.zeros(2),
-                  where="test")
+    step.configure(torch.device("cpu"), "fp16")
+    output = step(optimizer, lambda x: weight.unsqueeze(0).expand(len(x), 4), torch.zeros(2, 1),
+                  torch.zeros(2), where="test")
     assert output.stepped
     assert float(weight.norm()) == pytest.approx(1.0, rel=1e-4)
     assert step.state_dict()["scale"] == 2.0**16
@@ -198,8 +198,8 @@ def test_nonfinite_loss_in_a_window_resets_it():
     weight = nn.Parameter(torch.zeros(2))
     step = OptimizerStep(lambda out, _: out.sum() / 0.0 * 0.0, accumulate_steps=2)
     with pytest.raises(FloatingPointError, match="loss is nan at here"):
-        step(torch.optim.SGD([weight], lr=1.0), lambda: weight.unsqueeze(0), torch.zeros(1),
-             where="here")
+        step(torch.optim.SGD([weight], lr=1.0), lambda x: weight.unsqueeze(0), torch.zeros(1, 1),
+             torch.zeros(1), where="here")
     assert not step.pending and math.isclose(float(weight.sum()), 0.0)
 
 

@@ -1,6 +1,8 @@
-"""`OptimizerStep`: what one training batch does to the weights — zero the gradients, forward,
-loss, backward, and (on the last batch of an accumulation window) unscale, clip and step —
-kept apart from the loop so the Trainer stays a loop.
+"""`OptimizerStep`: what one training batch does to the weights, read top to bottom in one
+method — the lr for this optimizer step (`finetune.train.schedules`), zero the gradients,
+forward under the run's autocast, loss, backward (scaled under fp16), and on the last batch
+of an accumulation window: unscale, rescale, clip, step — as torchvision's `train_one_epoch`
+does it. The Trainer's epoch loop only feeds it batches.
 
 Gradient accumulation: a window of `accumulate_steps` batches (fewer for an epoch's
 remainder) makes one optimizer step. Each batch's loss is weighted by its share of the
@@ -22,9 +24,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from finetune.errors import FinetuneError
+from finetune.runtime.precision import autocast
+from finetune.train.schedules import StepSchedule
 from finetune.train.state import StepOutput
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 class NonFiniteLossError(FinetuneError, FloatingPointError):
@@ -32,17 +37,20 @@ class NonFiniteLossError(FinetuneError, FloatingPointError):
 
 
 class OptimizerStep:
-    """One batch's share of an optimizer step, with the run's loss, clipping, accumulation and
-    (fp16) gradient scaler.
+    """One batch's share of an optimizer step, with the run's lr schedule, precision, loss,
+    clipping, accumulation and (fp16) gradient scaler.
 
     `loss_fn(logits, labels)` gets fp32 logits; `max_grad_norm` clips the norm of the
-    optimizer's parameters' gradients after unscaling (None does not clip)."""
+    optimizer's parameters' gradients after unscaling (None does not clip); `schedule` sets
+    each group's lr per optimizer step (None: the lrs stay as the optimizer was built)."""
 
     def __init__(self, loss_fn: LossFunction, max_grad_norm: float | None = None,
-                 accumulate_steps: int = 1) -> None:
+                 accumulate_steps: int = 1, schedule: StepSchedule | None = None) -> None:
         self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
         self.accumulate_steps = accumulate_steps
+        self.schedule = schedule or StepSchedule("constant", None, None)
+        self.device, self.precision = torch.device("cpu"), "fp32"
         self.scaler: torch.amp.GradScaler | None = None
         self.no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.ends_epoch = False  # set by the loop: this batch is its epoch's last
@@ -61,22 +69,28 @@ class OptimizerStep:
         so its backward is the one whose gradients must be synchronised)."""
         return self._batches + 1 >= self.accumulate_steps or self.ends_epoch
 
-    def use_scaler(self, device: torch.device, precision: str) -> None:
-        """A GradScaler for fp16 (its small range would flush small gradients to zero)."""
+    def configure(self, device: torch.device, precision: str) -> None:
+        """Autocast to `precision` on `device`, and a GradScaler for fp16 (its small range
+        would flush small gradients to zero)."""
+        self.device, self.precision = device, precision
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     # -- one batch -----------------------------------------------------------------------------
-    def __call__(self, optimizer: Optimizer, logits_of: Callable[[], torch.Tensor],
-                 labels: torch.Tensor, where: str) -> StepOutput:
-        """Run `logits_of()` (the forward, under the run's autocast), backward its weighted
-        loss, and update the weights if the window is complete; `where` ("epoch E, batch B")
-        names the batch in a non-finite loss error."""
+    def __call__(self, optimizer: Optimizer, model: Forward, images: torch.Tensor,
+                 labels: torch.Tensor, *, step: int = 0, where: str = "") -> StepOutput:
+        """Train on one batch: `model(images)` (the whole network, or the suffix after cached
+        activations) under the run's autocast, backward its weighted loss, and update the
+        weights if the window is complete. `step` is the optimizer step this batch belongs to
+        (the schedule's clock); `where` ("epoch E, batch B") names the batch in a non-finite
+        loss error."""
         stepping = self.steps_now()
-        if self._batches == 0:
+        if self._batches == 0:  # a window opens: its lr, and fresh gradients
+            self.schedule.apply(optimizer, step)
             optimizer.zero_grad(set_to_none=True)
             self._reference = len(labels)
         with contextlib.nullcontext() if stepping else self.no_sync():
-            logits = logits_of()
+            with autocast(self.device, self.precision):
+                logits = model(images)
             loss = self.loss_fn(logits.float(), labels)
             value = float(loss.detach())
             if not math.isfinite(value):

@@ -2,8 +2,9 @@
 
 The Trainer owns the device, precision, optimizer and loop; the strategy decides what trains
 (re-asked at every epoch where `strategy.changes_at(epoch)`), and callbacks observe events.
-The loop is split into small methods (`_run_epoch`, `_train_step`, `_forward`,
-`_evaluate`) so a step can be replaced without copying the loop.
+`fit` runs the epochs; `_run_epoch` feeds each batch to `self.step` (`finetune.train.step`),
+which holds everything one optimizer step does — lr, forward, loss, backward, accumulation,
+clipping, scaler — so that path reads top to bottom in one place.
 """
 
 from __future__ import annotations
@@ -105,8 +106,7 @@ class Trainer:
         if self.config.label_smoothing:  # validation loss stays comparable across runs
             self.eval_loss_fn = make_loss(None)
         self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm,
-                                  self.config.accumulate_steps)
-        self.schedule = StepSchedule("constant", None, None)  # sized by fit
+                                  self.config.accumulate_steps)  # its schedule is sized by fit
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
@@ -140,7 +140,7 @@ class Trainer:
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=loader_length(train_loader))
-        self.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
+        self.step.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
             config.epochs, self.state.batches_per_epoch, config.accumulate_steps))
         self._prepare(configured_epoch, train_loader, chosen=checkpoint)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
@@ -260,7 +260,7 @@ class Trainer:
             (state.precision, state.channels_last))
         self.backbone.to(memory_format=torch.channels_last if state.channels_last
                          else torch.contiguous_format)
-        self.step.use_scaler(state.device, state.precision)
+        self.step.configure(state.device, state.precision)
         self.activations = ActivationCaches(config.feature_cache, int(
             config.cache_memory_gb * 2**30), config.activation_cache_dir)
         if training:
@@ -319,7 +319,6 @@ class Trainer:
         for index, (batch, last) in enumerate(flag_last(
                 batches, self.state.batches_per_epoch, step.accumulate_steps > 1)):
             self.state.batch, step.ends_epoch = index, last
-            self.schedule.apply(optimizer, self.state.global_step)
             outputs = self._train_step(batch, forward)
             if outputs.stepped:
                 self._stepped()
@@ -346,8 +345,9 @@ class Trainer:
         images, labels = self._to_device(batch)
         if labels is None:
             raise ValueError("training batches must hold (images, labels)")
-        return self.step(self._require_optimizer(), lambda: self._forward(images, forward),
-                         labels, where=f"epoch {self.state.epoch}, batch {self.state.batch}")
+        return self.step(self._require_optimizer(), forward or self.backbone, images, labels,
+                         step=self.state.global_step,
+                         where=f"epoch {self.state.epoch}, batch {self.state.batch}")
 
     def _forward(self, images: torch.Tensor, forward: Forward | None = None) -> torch.Tensor:
         with autocast(self.state.device, self.state.precision):
