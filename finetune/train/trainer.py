@@ -10,16 +10,21 @@ clipping, scaler — so that path reads top to bottom in one place.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from finetune.cache.plan import ActivationCaches, Forward
+from finetune.errors import DataError, DeviceError
 from finetune.model.backbone import Backbone
 from finetune.runtime import distributed
 from finetune.runtime.memory import keep_freed_memory, restore_malloc_defaults
@@ -41,26 +46,6 @@ from finetune.train.checkpoint import (
 )
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, Event, callback_keys, dispatch, notify_exception
-from finetune.train.inputs import (
-    LossSpec,
-    default_device,
-    epoch_seed,
-    loader_length,
-    make_loss,
-    reseed,
-    resolve_classes,
-    sample_shape,
-    seed_everything,
-    set_sampler_epoch,
-    split_batch,
-)
-from finetune.train.optim import (
-    Optimization,
-    OptimizerSpec,
-    SchedulerSpec,
-    learning_rates,
-    step_scheduler,
-)
 from finetune.train.schedules import StepSchedule, check_scheduler_combination, total_steps
 from finetune.train.state import History, StepOutput, TrainState
 from finetune.train.step import OptimizerStep, flag_last
@@ -406,3 +391,218 @@ class Trainer:
     def _report_metrics(report: EvaluationReport) -> dict[str, float]:
         return {"val_loss": float(report.loss or 0.0), "val_accuracy": report.accuracy,
                 "val_macro_f1": report.macro_f1}
+
+
+# -- what the loop needs of loaders, batches, seeds and the device: plain functions, so a
+# custom loop can reuse them ----------------------------------------------------------------
+LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def default_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(spec.partition(":")[2] or 0)
+        if index >= available:
+            raise DeviceError(
+                f"device '{spec}' requested but this machine has "
+                f"{available or 'no usable'} CUDA device{'s' if available != 1 else ''}; use "
+                "--device auto (CUDA when present, else the CPU) or --device cpu."
+            )
+    return torch.device(spec)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels) from a tuple/list batch, a dict batch, or bare images."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        images = batch.get("image", batch.get("images"))
+        labels = batch.get("label", batch.get("labels"))
+        if images is None:
+            raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}")
+        return images, labels
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"cannot read images and labels from a batch of type {type(batch).__name__}")
+
+
+def sample_shape(loader: Iterable[Any], crop: int) -> tuple[int, ...]:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        images, _ = split_batch(dataset[0])  # type: ignore[index]
+        return tuple(images.shape)
+    except Exception:
+        return (3, crop, crop)
+
+
+def reseed(seed: int, loader: Iterable[Any]) -> None:
+    """Seed every RNG from (seed, epoch): shuffling, dropout and augmentation of an epoch
+    then do not depend on what ran before it, so a resumed run matches a straight one."""
+    seed_everything(seed)
+    for generator in (getattr(loader, "generator", None),
+                      getattr(getattr(loader, "sampler", None), "generator", None)):
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(seed)
+
+
+def loader_length(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def dataset_classes(loader: Iterable[Any]) -> list[Any] | None:
+    """Class names a loader's dataset declares (ImageFolder, finetune.data), if any."""
+    names = getattr(getattr(loader, "dataset", None), "classes", None)
+    return list(names) if names is not None else None
+
+
+def resolve_classes(classes: list[str] | None, loader: Iterable[Any], model: Any) -> list[str]:
+    """Class names for reports: `classes` if given, else the loader's dataset's, else "0"…"K-1";
+    refuses names that do not match `model.num_classes` (a head built for other data)."""
+    if classes is None:
+        names = dataset_classes(loader)
+        if names is not None and len(names) != model.num_classes:
+            raise DataError(
+                f"the data has {len(names)} classes ({', '.join(map(str, names[:5]))}"
+                f"{', …' if len(names) > 5 else ''}) but {model.name}'s head has "
+                f"{model.num_classes} outputs; build the backbone with "
+                f"num_classes={len(names)}."
+            )
+        classes = ([str(n) for n in names] if names is not None
+                   else [str(i) for i in range(model.num_classes)])
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a {model.num_classes}-class head")
+    return classes
+
+
+def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
+    """Tell an epoch-aware sampler (DistributedSampler, finetune.data's SeededShuffle) which
+    epoch runs, so its order depends on the epoch number alone — also after a resume."""
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+
+
+def make_loss(loss: LossSpec, label_smoothing: float = 0.0
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss function for a `Trainer(loss=...)` spec (None: cross-entropy, with
+    `label_smoothing`; a custom loss smooths labels itself, if it wants to)."""
+    if loss is None:
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError(
+            f"label_smoothing={label_smoothing} applies to the default cross-entropy loss, "
+            "but a custom loss= was given; smooth inside that loss (e.g. "
+            "nn.CrossEntropyLoss(label_smoothing=...)) and leave label_smoothing at 0."
+        )
+    if isinstance(loss, type):
+        return loss()
+    if not callable(loss):
+        raise TypeError(f"loss must be a module, a module class or a function, not {loss!r}")
+    return loss
+
+
+# -- the optimizer and epoch-wise scheduler, rebuilt whenever the strategy changes what trains,
+# so the optimizer only ever holds trainable parameters ---------------------------------------
+_PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
+
+OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer] | None
+SchedulerSpec = Callable[[Optimizer], Any] | None
+
+
+class Optimization:
+    """Builds the optimizer from a strategy's param groups and the scheduler on top of it.
+
+    `optimizer`: None (Adam at `config.lr` / `config.weight_decay`), a factory called with the
+    groups, or an instance used as a template (its class and `defaults`). `scheduler`: None
+    or a factory `optimizer -> LRScheduler`, stepped once per epoch.
+    """
+
+    def __init__(self, optimizer: OptimizerSpec, scheduler: SchedulerSpec) -> None:
+        if scheduler is not None and (not callable(scheduler) or isinstance(
+            scheduler, (torch.optim.lr_scheduler.LRScheduler, _PLATEAU))):
+            raise TypeError(
+                "scheduler must be a factory taking the optimizer, e.g. "
+                "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5): the Trainer "
+                "rebuilds the optimizer when the strategy changes, and a scheduler instance is "
+                "bound to one optimizer."
+            )
+        self._optimizer_spec = optimizer
+        self._scheduler_spec = scheduler
+
+    def build(self, groups: list[dict[str, Any]], epoch: int, config: TrainConfig,
+              description: str, previous: Optimizer | None) -> tuple[Optimizer, Any]:
+        """The optimizer over `groups` (a strategy's param groups for `epoch`), carrying
+        per-parameter state (e.g. Adam moments) over from `previous` for parameters that still
+        train — and none for the rest — and the scheduler brought to `epoch`."""
+        if not groups:
+            raise ValueError(
+                f"{description} leaves nothing trainable at epoch {epoch}; "
+                "there is nothing to optimise."
+            )
+        optimizer = self._make_optimizer(groups, config)
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        frozen = sum(1 for p in held if not p.requires_grad)
+        if frozen:
+            raise ValueError(f"the optimizer factory added {frozen} frozen parameters; build "
+                             "the optimizer from the param groups it is given.")
+        if previous is not None:
+            for parameter in held:
+                if parameter in previous.state:
+                    optimizer.state[parameter] = previous.state[parameter]
+        scheduler = None
+        if self._scheduler_spec is not None:
+            scheduler = self._scheduler_spec(optimizer)
+            if not is_plateau(scheduler):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _ in range(epoch):
+                        scheduler.step()
+        return optimizer, scheduler
+
+    def _make_optimizer(self, groups: list[dict[str, Any]], config: TrainConfig) -> Optimizer:
+        spec = self._optimizer_spec
+        if spec is None:
+            return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        if isinstance(spec, Optimizer):
+            return type(spec)(groups, **spec.defaults)
+        return spec(groups)
+
+
+def learning_rates(optimizer: Optimizer) -> dict[str, float]:
+    """`lr/<group name>` of each param group (numbered when a name repeats)."""
+    rates, seen = {}, {}
+    for group in optimizer.param_groups:
+        name = str(group.get("name", "group"))
+        seen[name] = seen.get(name, 0) + 1
+        key = f"lr/{name}" if seen[name] == 1 else f"lr/{name}#{seen[name]}"
+        rates[key] = float(group["lr"])
+    return rates
+
+
+def step_scheduler(scheduler: Any, metrics: dict[str, float]) -> None:
+    """One epoch's step; ReduceLROnPlateau gets the validation loss (else the train loss)."""
+    if scheduler is None:
+        return
+    if is_plateau(scheduler):
+        scheduler.step(metrics.get("val_loss", metrics["train_loss"]))
+    else:
+        scheduler.step()
+
+
+def is_plateau(scheduler: Any) -> bool:
+    return isinstance(scheduler, _PLATEAU)
