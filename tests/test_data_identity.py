@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from finetune import Backbone, ImageFolderData, LastLayerOnly
-from finetune.cache.store import ActivationCache, dataset_key, find_cut
+from finetune.cache.plan import plan_cut
+from finetune.cache.store import ActivationCache, dataset_key
 from finetune.data import DecodedImages
 from finetune.data.images import file_key
 
@@ -123,7 +124,7 @@ def test_a_rewritten_image_is_not_served_its_old_cached_activations(tmp_path: Pa
     def fill() -> tuple[torch.Tensor, str, int, int]:
         data = _data(root, keep_decoded=False)
         loader = data.train_loader()
-        cache = ActivationCache(backbone, find_cut(backbone), memory_budget=0,
+        cache = ActivationCache(backbone, plan_cut(backbone)[0], memory_budget=0,
                                 directory=tmp_path / "activations")
         cache.fill(loader, lambda prefix, x: prefix(x), torch.device("cpu"))
         paths = loader.dataset.paths

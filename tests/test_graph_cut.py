@@ -198,3 +198,27 @@ def test_frozen_stochastic_layers_draw_no_random_numbers() -> None:
     with torch.no_grad():
         backbone.model.extract_features(images)
     assert not torch.equal(torch.get_rng_state(), before)
+
+
+def test_several_cut_points_from_one_pass_equal_each_single_cut() -> None:
+    from finetune.cache.cut import find_cuts, multi_prefix
+
+    torch.manual_seed(0)
+    backbone = Backbone.from_torchvision("resnet18", 3, weights=None)
+    LastLayerOnly().apply(backbone)
+    traces = find_cuts(backbone.model, lambda: backbone.train())
+    labels = [point.label for point in traces.points]
+    ends = ["maxpool", "layer1.1.relu", "layer2.1.relu", "layer3.1.relu", "layer4.1.relu",
+            "avgpool"]  # every group boundary is a cut point
+    assert all(end in labels for end in ends) and labels[-1] == "avgpool"
+    assert [labels.index(end) for end in ends] == sorted(labels.index(end) for end in ends)
+    images = torch.randn(4, 3, 64, 64)
+    backbone.eval()
+    with torch.no_grad():
+        together = multi_prefix(backbone.model, traces, ends)(images)
+        assert len(together) == len(ends)
+        for label, activation in zip(ends, together, strict=True):
+            alone = split_graph(backbone.model, lambda: None, at=label, traces=traces)
+            assert torch.equal(activation, alone.prefix(images)), label
+    with pytest.raises(UncacheableError, match="no cut point named 'fc'"):
+        traces.point("fc")

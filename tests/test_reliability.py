@@ -94,7 +94,8 @@ def test_spill_to_disk_under_channels_last_trains_as_the_plain_loop(
 # -- 3: images changed in place are not served stale activations ----------------------------
 def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> None:
     from finetune import ImageFolderData
-    from finetune.cache.store import ActivationCache, find_cut
+    from finetune.cache.plan import plan_cut
+    from finetune.cache.store import ActivationCache
 
     root = make_tree(tmp_path / "data", classes=2, n_train=2, n_test=1, size=32)
     torch.manual_seed(0)
@@ -107,7 +108,7 @@ def test_swapped_images_are_not_served_their_old_activations(tmp_path: Path) -> 
                                batch_size=4, val_split=0.0, num_workers=0, progress=False,
                                data_augmentation=False)
         paths = [path for path, _ in data.train_samples]
-        cache = ActivationCache(backbone, find_cut(backbone), memory_budget=0,
+        cache = ActivationCache(backbone, plan_cut(backbone)[0], memory_budget=0,
                              directory=tmp_path / "cache")
         cache.fill(data.train_loader(), lambda prefix, x: prefix(x), torch.device("cpu"))
         return cache.features.clone()

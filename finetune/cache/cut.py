@@ -1,7 +1,8 @@
-"""Cut any traceable model after its longest exactly-frozen prefix (torch.fx).
+"""Cut any traceable model after an exactly-frozen prefix (torch.fx): the one way models are
+cut, for the activation cache and for probing features at several depths.
 
-The activation cache stores what a frozen prefix computes for each image. Declared chains
-(`Architecture.sequence`, the ResNet family) are cut directly; every other model is traced
+The activation cache stores what a frozen prefix computes for each image. Every model — the
+ResNet family included: a declared chain measured no faster (docs/performance.md) — is traced
 with `torch.fx`, the way torchvision's `create_feature_extractor` and timm's `_features_fx`
 do: torch.nn layers, torchvision ops modules and timm's no-trace modules stay leaves, `math`
 is wrapped, and a submodule whose forward cannot be traced (Python control flow on a
@@ -18,6 +19,11 @@ The model is traced twice, in training and in evaluation mode (Python code that 
 `self.training` is baked into a trace), and the prefix must be the same in both; the suffix
 runs the trace of the mode the model is in. Both halves share the model's own modules and
 parameters, so training the suffix trains the real head and layers.
+
+`find_cuts` lists every valid cut point of the frozen prefix (`CutPoint`, named by the last
+module before it); `split_graph` cuts at the latest one or a named one, and `multi_prefix`
+returns the activations at several cut points from one forward pass, each bit-identical to
+that point's own prefix.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -60,6 +66,38 @@ MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
 
 class UncacheableError(Exception):
     """Why a model has no cacheable prefix (it is then trained uncached)."""
+
+
+@attrs.frozen
+class CutPoint:
+    """A place the frozen prefix can end: `position` is the crossing node's index in the
+    training trace, `label` the last module the prefix runs (e.g. "layer3.4.relu")."""
+
+    position: int
+    label: str
+
+
+@attrs.frozen(eq=False)
+class Traces:
+    """A model traced in both modes, and the cut points on which the two agree."""
+
+    train: fx.Graph
+    eval: fx.Graph
+    points: tuple[CutPoint, ...]
+    reason: str  # why there is no cut point, when `points` is empty
+
+    def point(self, label: str | None = None) -> CutPoint:
+        """The latest cut point, or the one named `label`."""
+        if not self.points:
+            raise UncacheableError(self.reason)
+        if label is None:
+            return self.points[-1]
+        for point in self.points:
+            if point.label == label:
+                return point
+        raise UncacheableError(
+            f"no cut point named {label!r}; the frozen prefix can end at "
+            f"{', '.join(p.label for p in self.points)}")
 
 
 @attrs.frozen(eq=False)
@@ -116,11 +154,10 @@ def trace(model: nn.Module, leaf_paths: set[str] | None = None) -> fx.Graph:
                            "leaf modules")
 
 
-def split_graph(model: nn.Module, training_mode: Callable[[], None]) -> GraphSplit:
-    """Cut `model` after its longest exactly-frozen prefix. `training_mode()` puts the model
-    in the state training runs it in (the strategy's BatchNorm / inference-mode policy);
-    the model is left in that state. Raises UncacheableError saying why when there is no
-    such prefix."""
+def find_cuts(model: nn.Module, training_mode: Callable[[], None]) -> Traces:
+    """Trace `model` in both modes and find every point where an exactly-frozen prefix can
+    end. `training_mode()` puts the model in the state training runs it in (the strategy's
+    BatchNorm / inference-mode policy); the model is left in that state."""
     leaves: set[str] = set()
     model.eval()
     eval_graph = trace(model, leaves)
@@ -132,15 +169,31 @@ def split_graph(model: nn.Module, training_mode: Callable[[], None]) -> GraphSpl
         if a.format_node() != b.format_node():
             break
         agree += 1
-    position, reason = _find_cut(model, train_nodes[:agree])
-    if position is None:
-        raise UncacheableError(reason)
-    crossing = train_nodes[position]
-    prefix = _prefix_module(model, eval_graph, position)
-    suffixes = {mode: _suffix_module(model, graph, position)
-                for mode, graph in (("train", train_graph), ("eval", eval_graph))}
-    return GraphSplit(prefix=prefix, suffix=_ModeSwitch(model, suffixes),
-                      label=_label(train_nodes[: position + 1], crossing), position=position)
+    positions, reason = _cut_positions(model, train_nodes[:agree])
+    points = tuple(CutPoint(i, _label(train_nodes[: i + 1], train_nodes[i])) for i in positions)
+    return Traces(train_graph, eval_graph, points, reason)
+
+
+def split_graph(model: nn.Module, training_mode: Callable[[], None],
+                at: str | None = None, traces: Traces | None = None) -> GraphSplit:
+    """Cut `model` after its longest exactly-frozen prefix (or at the cut point named `at`).
+    Raises UncacheableError saying why when there is no such prefix. `traces` reuses what
+    `find_cuts` found for the model in this state."""
+    traces = traces or find_cuts(model, training_mode)
+    point = traces.point(at)
+    prefix = _prefix_module(model, traces.eval, [point.position])
+    suffixes = {mode: _suffix_module(model, graph, point.position)
+                for mode, graph in (("train", traces.train), ("eval", traces.eval))}
+    return GraphSplit(prefix=prefix, suffix=_ModeSwitch(model, suffixes), label=point.label,
+                      position=point.position)
+
+
+def multi_prefix(model: nn.Module, traces: Traces, labels: Sequence[str]) -> fx.GraphModule:
+    """One module whose forward returns the activations at each cut point in `labels` (a
+    tuple, in that order), computed in a single pass up to the deepest: what probing
+    features at several depths needs."""
+    positions = [traces.point(label).position for label in labels]
+    return _prefix_module(model, traces.eval, positions)
 
 
 class _ModeSwitch:
@@ -154,14 +207,15 @@ class _ModeSwitch:
 
 
 # -- finding the cut ----------------------------------------------------------------------------
-def _find_cut(model: nn.Module, nodes: list[fx.Node]) -> tuple[int | None, str]:
-    """(index of the crossing node, "") for the latest valid cut, else (None, why)."""
+def _cut_positions(model: nn.Module, nodes: list[fx.Node]) -> tuple[list[int], str]:
+    """(indices of the crossing nodes of every valid cut, in forward order, "") — or ([],
+    why there is none)."""
     index = {node: i for i, node in enumerate(nodes)}
     free = _free_nodes(nodes)
     last_use = {node: max((index.get(user, len(nodes)) for user in node.users), default=-1)
                 for node in nodes}
     live: set[fx.Node] = set()
-    best: int | None = None
+    found: list[int] = []
     uses_frozen_weights = False
     reason = "the first layer already trains or is random in training"
     for i, node in enumerate(nodes):
@@ -178,16 +232,16 @@ def _find_cut(model: nn.Module, nodes: list[fx.Node]) -> tuple[int | None, str]:
         live = {n for n in live if last_use[n] > i}
         if len(live) == 1 and uses_frozen_weights:
             (crossing,) = live
-            if crossing.op != "placeholder":
-                best = index[crossing]
+            if crossing.op != "placeholder" and index[crossing] not in found[-1:]:
+                found.append(index[crossing])
     else:
         reason = "every layer is frozen: there is nothing to train"
-    if best is None:
+    if not found:
         if uses_frozen_weights:
             reason = ("no point of the frozen part's forward passes exactly one activation "
                       f"on ({reason})")
-        return None, reason
-    return best, ""
+        return [], reason
+    return found, ""
 
 
 def _free_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -294,13 +348,17 @@ def _label(prefix: list[fx.Node], crossing: fx.Node) -> str:
 
 
 # -- building the halves ------------------------------------------------------------------------
-def _prefix_module(model: nn.Module, graph: fx.Graph, position: int) -> fx.GraphModule:
+def _prefix_module(model: nn.Module, graph: fx.Graph, positions: Sequence[int]
+                   ) -> fx.GraphModule:
+    """The graph up to the deepest of `positions`, returning that crossing activation (one
+    position) or the tuple of them (several)."""
     nodes = list(graph.nodes)
     out = fx.Graph()
     env: dict[fx.Node, Any] = {}
-    for node in nodes[: position + 1]:
+    for node in nodes[: max(positions) + 1]:
         env[node] = out.node_copy(node, lambda n: env[n])
-    out.output(env[nodes[position]])
+    outputs = [env[nodes[position]] for position in positions]
+    out.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     return _compiled(model, out, "FrozenPrefix")
 
 

@@ -1,12 +1,12 @@
 """The Trainer's seam to the activation cache: for each loader, which batches to run and which
 forward to run them through.
 
-After the strategy has set what trains, `ActivationCaches.plan` finds the cut — the declared
-chain of the architecture where there is one (the ResNet family), else a torch.fx graph split
-(`finetune.cache.cut`) — or records why there is none. `batches(loader, ...)` then
-answers per loader: `(the loader, the whole model)`, or `(stored activations in the loader's
-own batch order, the suffix)`, filling the cache on first use. `why_uncached(loader)` says
-why a loader runs the whole model. Nothing else in the loop knows a cache exists.
+After the strategy has set what trains, `ActivationCaches.plan` finds the cut — a torch.fx
+graph split (`finetune.cache.cut`), for every architecture — or records why there is none.
+`batches(loader, ...)` then answers per loader: `(the loader, the whole model)`, or `(stored
+activations in the loader's own batch order, the suffix)`, filling the cache on first use.
+`why_uncached(loader)` says why a loader runs the whole model. Nothing else in the loop knows
+a cache exists.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from finetune.cache.cut import UncacheableError, split_graph
-from finetune.cache.store import ActivationCache, Cut, find_cut, is_deterministic
+from finetune.cache.store import ActivationCache, Cut, is_deterministic
 from finetune.model.backbone import Backbone
 from finetune.runtime.distributed import RowShard
 
@@ -30,11 +30,9 @@ PrefixForward = Callable[[Forward, torch.Tensor], torch.Tensor]
 
 
 def plan_cut(backbone: Backbone) -> tuple[Cut | None, str]:
-    """The cut for what the applied strategy freezes, or (None, why there is none). Leaves
-    the backbone in the mode it was in."""
-    if backbone.architecture.sequence:
-        cut = find_cut(backbone)
-        return cut, "" if cut is not None else "the first layer of the chain trains"
+    """The cut for what the applied strategy freezes — the latest point of its traced graph
+    after which one activation crosses — or (None, why there is none). Leaves the backbone
+    in the mode it was in."""
     was_training = backbone.training
     try:
         graph = split_graph(backbone.model, lambda: backbone.train())
@@ -73,7 +71,7 @@ class ActivationCaches:
         if cut != self.cut:
             self._caches.clear()
             self._refused.clear()
-        elif cut is not None and cut.graph is not None:
+        elif cut is not None:
             for cache in self._caches.values():
                 cache.suffix = cut.graph.suffix
         self.cut, self.reason = cut, reason

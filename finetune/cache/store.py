@@ -2,7 +2,7 @@
 
 A plain loop runs every frozen layer forward on every image in every epoch, which is why
 freezing saves users less than they expect. When a strategy freezes a prefix of the network
-(a run of its declared chain here, or of its traced graph: `finetune.cache.cut`), its
+(its traced graph: `finetune.cache.cut`), its
 frozen BatchNorm layers are in eval mode, its stochastic layers are off or absent and the
 images are not augmented, the prefix output of an image never changes — so the Trainer computes
 it once (`ActivationCache.fill`) and later epochs feed the stored activations to the suffix.
@@ -20,101 +20,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-from torch import nn
 
 from finetune.atomic import atomic_write_json
 from finetune.cache.cut import GraphSplit, UncacheableError
 from finetune.data.images import file_key
 from finetune.model.backbone import Backbone
 
-STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
-try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): random per step in training
-    from torchvision.ops import StochasticDepth
-
-    STOCHASTIC_MODULES += (StochasticDepth,)
-except ImportError:  # pragma: no cover - torchvision always has it today
-    pass
-
-FLATTEN = "flatten"
-
 
 @attrs.frozen
 class Cut:
-    """Where a backbone is split: the first `index` units of its sequence form the prefix,
-    or, for a traced model (`graph`), its nodes up to the `index`-th."""
+    """Where a backbone is split: its traced graph cut after node `index`; `label` is the
+    last module of the prefix, e.g. "layer3.4.relu"."""
 
     index: int
-    label: str  # the last module of the prefix, e.g. "layer3.4"
-    graph: GraphSplit | None = attrs.field(default=None, eq=False, repr=False)
+    label: str
+    graph: GraphSplit = attrs.field(eq=False, repr=False)
 
 
-class Chain:
-    """Runs a slice of a backbone's units in order (shares the modules; owns nothing)."""
-
-    def __init__(self, steps: Sequence[nn.Module | None]) -> None:
-        self.steps = list(steps)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self.steps:
-            x = torch.flatten(x, 1) if step is None else step(x)
-        return x
-
-
-def units(backbone: Backbone) -> list[tuple[str, nn.Module | None]]:
-    """The backbone's forward pass as an ordered list of (path, module); None flattens.
-
-    Empty for architectures that declare no `sequence` (their forward is not a plain chain)."""
-    result: list[tuple[str, nn.Module | None]] = []
-    for path in backbone.architecture.sequence:
-        if path == FLATTEN:
-            result.append((FLATTEN, None))
-        elif path.endswith(".*"):
-            parent = path[:-2]
-            for child, module in backbone.model.get_submodule(parent).named_children():
-                result.append((f"{parent}.{child}", module))
-        else:
-            result.append((path, backbone.model.get_submodule(path)))
-    return result
-
-
-def split(backbone: Backbone, cut: Cut) -> tuple[Chain, Chain]:
+def split(backbone: Backbone, cut: Cut) -> tuple[Any, Any]:
     """(prefix, suffix) callables whose composition is the backbone's forward."""
-    if cut.graph is not None:
-        return cut.graph.prefix, cut.graph.suffix
-    steps = [module for _, module in units(backbone)]
-    return Chain(steps[: cut.index]), Chain(steps[cut.index :])
-
-
-def find_cut(backbone: Backbone) -> Cut | None:
-    """The longest prefix over which caching is exact under the currently applied strategy:
-    every parameter frozen, every BatchNorm in eval mode, no dropout or stochastic depth.
-    Finds the boundary itself, e.g. FreezeFraction(0.8) on ResNet50 (whose cut falls inside
-    layer3's last block) caches up to layer3.4."""
-    best: Cut | None = None
-    for index, (path, module) in enumerate(units(backbone)):
-        if module is not None and not _exactly_frozen(backbone, path, module):
-            break
-        if module is not None:
-            best = Cut(index + 1, path)
-    return best
-
-
-def _exactly_frozen(backbone: Backbone, path: str, module: nn.Module) -> bool:
-    if any(p.requires_grad for p in module.parameters()):
-        return False
-    off_in_training = backbone.frozen_norm_layers | backbone.inference_modules
-    for name, sub in module.named_modules():
-        full = f"{path}.{name}" if name else path
-        if (isinstance(sub, (*STOCHASTIC_MODULES, nn.modules.batchnorm._BatchNorm))
-                and full not in off_in_training):
-            return False
-    return True
+    return cut.graph.prefix, cut.graph.suffix
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -131,8 +62,8 @@ class _Indices(torch.utils.data.Dataset):
 
 
 def dataset_key(dataset: Any) -> str:
-    """A digest of what a dataset holds: its (path, label) samples with each file's
-    content key (`file_key`), and its transform; or its tensors. Datasets of neither kind get their
+    """A digest of what a dataset holds: its (path, label) samples with each file's content
+    key (`file_key`), and its transform; or its tensors. Datasets of neither kind get their
     identity, so their disk cache is never shared across processes."""
     digest = hashlib.sha1()
     samples = getattr(dataset, "samples", None)

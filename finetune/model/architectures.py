@@ -16,14 +16,12 @@ class Architecture:
     """How to find an architecture's classifier and split it into groups (forward order).
 
     `groups` maps a group name to a regex matched against parameter names of the wrapped
-    model; the head group is always added last and matches `head` exactly. `sequence`, where
-    the forward pass is a plain chain, lists its steps (module paths; "x.*" expands to x's
-    children; "flatten" flattens) so a frozen prefix can be cut off and cached.
+    model; the head group is always added last and matches `head` exactly. (Where a frozen
+    prefix can be cut off and cached is found by tracing: `finetune.cache.cut`.)
     """
 
     head: str
     groups: tuple[tuple[str, str], ...]
-    sequence: tuple[str, ...] = ()
 
 
 def _resnet() -> Architecture:
@@ -31,8 +29,6 @@ def _resnet() -> Architecture:
         head="fc",
         groups=(("stem", r"^(conv1|bn1)\."),)
         + tuple((f"layer{i}", rf"^layer{i}\.") for i in range(1, 5)),
-        sequence=("conv1", "bn1", "relu", "maxpool", "layer1.*", "layer2.*", "layer3.*",
-                  "layer4.*", "avgpool", "flatten", "fc"),
     )
 
 
