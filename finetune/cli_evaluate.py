@@ -90,7 +90,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loader = data.test_loader() if args.split == "test" else data.val_loader()
     config = TrainConfig(epochs=1, precision=args.precision, device=args.device,
                          channels_last=args.channels_last)
-    report = Trainer(backbone, strategy, config, classes=classes).evaluate(loader)
+    report = Trainer(backbone, None, config, classes=classes).evaluate(loader)  # as it is
     print(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
           f"{data.root}:\n{report.table()}")
     if args.json is not None:

@@ -254,7 +254,7 @@ def test_evaluation_model(
     """
     model = _require_backbone(model)
     config = TrainConfig(epochs=1, precision=precision, device=device)
-    report = Trainer(model, KeepTrainable.current(model), config).evaluate(test_loader)
+    report = Trainer(model, None, config).evaluate(test_loader)  # the model as it is
     if verbose:
         print(f"test set:\n{report.table()}")
     run = active_wandb_run()

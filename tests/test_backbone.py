@@ -234,7 +234,11 @@ def test_from_module_rejects_a_head_that_is_not_linear() -> None:
 
 
 def test_train_keeps_frozen_batchnorm_in_eval_mode(tiny_backbone: Backbone) -> None:
-    tiny_backbone.frozen_norm_layers = frozenset({"stem.1"})
+    from finetune.strategies import FreezeState
+
+    trainable = {n: 1.0 for n, _ in tiny_backbone.model.named_parameters()
+                 if not n.startswith("stem.1.")}
+    FreezeState(trainable, frozen_norm_layers=frozenset({"stem.1"})).apply(tiny_backbone)
     tiny_backbone.train()
     assert not tiny_backbone.model.stem[1].training
     assert tiny_backbone.model.block1[1].training

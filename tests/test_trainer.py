@@ -453,3 +453,33 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
         assert applied == (platform.libc_ver()[0] == "glibc")
     finally:  # process-wide: the tests after this one run with glibc's defaults again
         restore_malloc_defaults()
+
+
+def test_the_trainer_holds_the_strategys_decision_and_the_backbone_follows_it():
+    backbone = make_tiny_backbone()
+    before = {n: p.requires_grad for n, p in backbone.model.named_parameters()}
+    decision = FreezeFraction(0.5).decide(backbone)
+    assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == before
+    trainer = Trainer(backbone, FreezeFraction(0.5), FP32)
+    trainer.fit(make_loader())
+    assert trainer.freeze is backbone.freeze_state
+    assert dict(trainer.freeze.trainable) == dict(decision.trainable)
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    named = dict(backbone.model.named_parameters())
+    assert held == {id(named[n]) for n in trainer.freeze.trainable}
+    assert backbone.frozen_norm_layers == trainer.freeze.frozen_norm_layers
+
+
+def test_a_trained_model_evaluates_as_it_is_without_a_strategy():
+    backbone = make_tiny_backbone()
+    Trainer(backbone, LastLayerOnly(), FP32).fit(make_loader())
+    flags = {n: p.requires_grad for n, p in backbone.model.named_parameters()}
+    state, frozen = backbone.freeze_state, backbone.frozen_norm_layers
+    loader = make_loader(n=16, seed=1, shuffle=False)
+    report = Trainer(backbone, None, FP32).evaluate(loader)
+    assert report.accuracy == Trainer(backbone, LastLayerOnly(), FP32).evaluate(loader).accuracy
+    assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == flags
+    assert backbone.freeze_state is not None and backbone.frozen_norm_layers == frozen
+    assert state.trainable == backbone.freeze_state.trainable
+    with pytest.raises(ValueError, match="fit needs a strategy"):
+        Trainer(backbone, None, FP32).fit(make_loader())

@@ -82,8 +82,8 @@ class Backbone(nn.Module):
         self.num_classes = num_classes
         self.preprocessing = preprocessing or Preprocessing()
         self.weights = weights
-        self.frozen_norm_layers: frozenset[str] = frozenset()
-        self.inference_modules: frozenset[str] = frozenset()
+        # the FreezeState a strategy applied (finetune.strategies): what train() keeps in eval
+        self.freeze_state: Any = None
         old_head = _get_submodule(model, architecture.head)
         if not isinstance(old_head, nn.Linear):
             raise ArchitectureError(
@@ -241,6 +241,16 @@ class Backbone(nn.Module):
             for name in self.frozen_norm_layers | self.inference_modules:
                 self.model.get_submodule(name).training = False
         return self
+
+    @property
+    def frozen_norm_layers(self) -> frozenset[str]:
+        """BatchNorm layers the applied strategy froze (their statistics stay put)."""
+        return self.freeze_state.frozen_norm_layers if self.freeze_state else frozenset()
+
+    @property
+    def inference_modules(self) -> frozenset[str]:
+        """Frozen modules the applied strategy runs in inference mode while training."""
+        return self.freeze_state.inference_modules if self.freeze_state else frozenset()
 
     # -- groups ---------------------------------------------------------------------------
     @property

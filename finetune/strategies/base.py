@@ -143,6 +143,60 @@ class FreezeReport:
         )
 
 
+@attrs.frozen(eq=False)
+class FreezeState:
+    """A strategy's decision for one epoch, and the one record of what is frozen: which
+    parameters train at what lr multiplier (`trainable`), and which modules stay in inference
+    mode through `train()` — BatchNorm layers whose statistics must not move, and frozen parts
+    whose dropout and stochastic depth stay off. The Trainer holds it (`trainer.freeze`);
+    `apply` sets `requires_grad` and hands it to the backbone, whose `train()` honours it in
+    any loop; the optimizer's groups come from it."""
+
+    trainable: Mapping[str, float]
+    frozen_norm_layers: frozenset[str] = frozenset()
+    inference_modules: frozenset[str] = frozenset()
+
+    @property
+    def eval_modules(self) -> frozenset[str]:
+        """What stays in inference mode when the backbone trains."""
+        return self.frozen_norm_layers | self.inference_modules
+
+    def apply(self, backbone: Backbone) -> FreezeReport:
+        """Set `requires_grad` and the mode policy on `backbone`; return what trains."""
+        for name, parameter in backbone.model.named_parameters():
+            parameter.requires_grad_(name in self.trainable)
+        backbone.freeze_state = self
+        backbone.train(backbone.training)
+        return self.report(backbone)
+
+    def param_groups(self, backbone: Backbone, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: one per (backbone group, lr multiplier), holding only
+        the parameters that train, so no optimizer state ever touches frozen ones."""
+        buckets: dict[tuple[str, float], list[nn.Parameter]] = {}
+        for name, parameter in backbone.model.named_parameters():
+            if name in self.trainable:
+                key = (backbone.group_of(name), float(self.trainable[name]))
+                buckets.setdefault(key, []).append(parameter)
+        return [
+            {"params": params, "lr": lr * multiplier, "name": group, "lr_multiplier": multiplier}
+            for (group, multiplier), params in buckets.items()
+        ]
+
+    def report(self, backbone: Backbone) -> FreezeReport:
+        parameters = list(backbone.model.named_parameters())
+        trainable = [(n, p) for n, p in parameters if n in self.trainable]
+        groups = [g.name for g in backbone.groups
+                  if any(n in self.trainable for n, _ in g.parameters)]
+        return FreezeReport(
+            trainable_tensors=len(trainable),
+            total_tensors=len(parameters),
+            trainable_params=sum(p.numel() for _, p in trainable),
+            total_params=sum(p.numel() for _, p in parameters),
+            trainable_groups=tuple(groups),
+            frozen_norm_layers=len(self.frozen_norm_layers),
+        )
+
+
 @attrs.frozen
 class FreezeStrategy:
     """Base class. Subclasses implement `trainable`; everything else is shared.
@@ -166,45 +220,29 @@ class FreezeStrategy:
         raise NotImplementedError
 
     # -- shared machinery ---------------------------------------------------------------------
-    def apply(self, backbone: Backbone, epoch: int = 0) -> FreezeReport:
-        """Set `requires_grad` and the BatchNorm policy for `epoch`; return what trains."""
+    def decide(self, backbone: Backbone, epoch: int = 0) -> FreezeState:
+        """What trains at `epoch`, at what lr, and what stays in inference mode — decided,
+        not yet applied (the backbone is left as it is)."""
         plan = self._plan(backbone, epoch)
-        for name, parameter in backbone.model.named_parameters():
-            parameter.requires_grad_(name in plan)
-        backbone.frozen_norm_layers = frozenset() if self.train_bn else _frozen_norms(backbone)
-        backbone.inference_modules = (_frozen_modules(backbone, keep_norms_training=self.train_bn)
-                                      if self.frozen_eval else frozenset())
-        backbone.train(backbone.training)
-        return self.report(backbone)
+        trainable = set(plan)
+        return FreezeState(
+            trainable=plan,
+            frozen_norm_layers=frozenset() if self.train_bn else _frozen_norms(backbone,
+                                                                               trainable),
+            inference_modules=(_frozen_modules(backbone, trainable, self.train_bn)
+                               if self.frozen_eval else frozenset()),
+        )
+
+    def apply(self, backbone: Backbone, epoch: int = 0) -> FreezeReport:
+        """Decide for `epoch` and apply it: `requires_grad` and the mode policy; return what
+        trains. For a plain loop: `apply`, then `param_groups` for the optimizer."""
+        return self.decide(backbone, epoch).apply(backbone)
 
     def param_groups(
         self, backbone: Backbone, lr: float, epoch: int = 0
     ) -> list[dict[str, Any]]:
-        """Optimizer parameter groups: one per (backbone group, lr multiplier), holding only
-        the parameters that train at `epoch`, so no optimizer state ever touches frozen ones."""
-        plan = self._plan(backbone, epoch)
-        buckets: dict[tuple[str, float], list[nn.Parameter]] = {}
-        for name, parameter in backbone.model.named_parameters():
-            if name in plan:
-                key = (backbone.group_of(name), float(plan[name]))
-                buckets.setdefault(key, []).append(parameter)
-        return [
-            {"params": params, "lr": lr * multiplier, "name": group, "lr_multiplier": multiplier}
-            for (group, multiplier), params in buckets.items()
-        ]
-
-    def report(self, backbone: Backbone) -> FreezeReport:
-        parameters = list(backbone.model.named_parameters())
-        trainable = [(n, p) for n, p in parameters if p.requires_grad]
-        groups = [g.name for g in backbone.groups if any(p.requires_grad for _, p in g.parameters)]
-        return FreezeReport(
-            trainable_tensors=len(trainable),
-            total_tensors=len(parameters),
-            trainable_params=sum(p.numel() for _, p in trainable),
-            total_params=sum(p.numel() for _, p in parameters),
-            trainable_groups=tuple(groups),
-            frozen_norm_layers=len(backbone.frozen_norm_layers),
-        )
+        """Optimizer parameter groups for `epoch` (see `FreezeState.param_groups`)."""
+        return self.decide(backbone, epoch).param_groups(backbone, lr)
 
     def changes_at(self, epoch: int) -> bool:
         """Whether what trains may differ at `epoch` from `epoch - 1` (scheduled strategies
@@ -264,18 +302,19 @@ def check_groups(strategy: FreezeStrategy, backbone: Backbone, names: Sequence[s
         )
 
 
-def _frozen_norms(backbone: Backbone) -> frozenset[str]:
-    """BatchNorm layers whose affine parameters are all frozen."""
+def _frozen_norms(backbone: Backbone, trainable: set[str]) -> frozenset[str]:
+    """BatchNorm layers none of whose affine parameters is in `trainable`."""
     names = []
     for name, module in backbone.model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            params = [n for n, _ in module.named_parameters(prefix=name, recurse=False)]
+            if params and not any(n in trainable for n in params):
                 names.append(name)
     return frozenset(names)
 
 
-def _frozen_modules(backbone: Backbone, keep_norms_training: bool) -> frozenset[str]:
+def _frozen_modules(backbone: Backbone, trainable: set[str],
+                    keep_norms_training: bool) -> frozenset[str]:
     """Every module inside a subtree whose parameters are all frozen (a subtree holding at
     least one parameter), BatchNorm layers left out when their statistics should still move.
     Parameter-free layers outside such subtrees (a dropout before the head) keep training."""
@@ -283,8 +322,8 @@ def _frozen_modules(backbone: Backbone, keep_norms_training: bool) -> frozenset[
     for root, module in backbone.model.named_modules():
         if names and _inside(root, names[-1]):
             continue  # inside the subtree found last (named_modules walks depth first)
-        parameters = list(module.parameters())
-        if parameters and not any(p.requires_grad for p in parameters):
+        parameters = [n for n, _ in module.named_parameters(prefix=root)]
+        if parameters and not any(n in trainable for n in parameters):
             names.append(root)
     result = set()
     for root in names:

@@ -14,7 +14,7 @@ from torch import nn
 
 from finetune.model.backbone import Backbone
 from finetune.strategies.base import (
-    FreezeReport,
+    FreezeState,
     FreezeStrategy,
     as_names,
     check_groups,
@@ -113,16 +113,27 @@ class LoRA(FreezeStrategy):
         backbone.refresh_groups()
         return len(targets)
 
-    def apply(self, backbone: Backbone, epoch: int = 0) -> FreezeReport:
-        self.inject(backbone)
-        return super().apply(backbone, epoch)
-
-    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+    @staticmethod
+    def _require_adapters(backbone: Backbone) -> None:
         if not any(is_adapter(name) for name, _ in backbone.model.named_parameters()):
             raise RuntimeError(
-                "LoRA.trainable: the backbone has no adapters yet; call strategy.apply(backbone) "
+                "LoRA: the backbone has no adapters yet; call strategy.apply(backbone) "
                 "before building optimizer groups."
             )
+
+    def decide(self, backbone: Backbone, epoch: int = 0) -> FreezeState:
+        """The adapters are part of the decision: they are injected first (once)."""
+        self.inject(backbone)
+        return super().decide(backbone, epoch)
+
+    def param_groups(self, backbone: Backbone, lr: float, epoch: int = 0
+                     ) -> list[dict[str, Any]]:
+        """Groups for a plain loop's optimizer, after `apply` gave the model its adapters."""
+        self._require_adapters(backbone)
+        return super().param_groups(backbone, lr, epoch)
+
+    def trainable(self, backbone: Backbone, epoch: int) -> Mapping[str, float]:
+        self._require_adapters(backbone)
         head = {name for name, _ in backbone.named_parameters_in("head")}
         return {
             name: 1.0

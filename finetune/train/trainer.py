@@ -1,7 +1,8 @@
 """`Trainer`: the package's only training loop.
 
 The Trainer owns the device, precision, optimizer and loop; the strategy decides what trains
-(re-asked at every epoch where `strategy.changes_at(epoch)`), and callbacks observe events.
+(re-asked at every epoch where `strategy.changes_at(epoch)`) and the Trainer holds that
+decision (`trainer.freeze`, a `FreezeState`); callbacks act at events.
 `fit` runs the epochs; `_run_epoch` feeds each batch to `self.step` (`finetune.train.step`),
 which holds everything one optimizer step does — lr, forward, loss, backward, accumulation,
 clipping, scaler — so that path reads top to bottom in one place.
@@ -35,7 +36,7 @@ from finetune.runtime.precision import (
     uses_convolutions,
 )
 from finetune.stats.metrics import EvaluationReport
-from finetune.strategies import FreezeStrategy
+from finetune.strategies import FreezeState, FreezeStrategy
 from finetune.train.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
@@ -66,7 +67,7 @@ class Trainer:
     def __init__(
         self,
         backbone: Backbone,
-        strategy: FreezeStrategy,
+        strategy: FreezeStrategy | None,
         config: TrainConfig | None = None,
         callbacks: Sequence[Callback] = (),
         *,
@@ -75,13 +76,15 @@ class Trainer:
         loss: LossSpec = None,
         classes: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(strategy, FreezeStrategy):
+        if strategy is not None and not isinstance(strategy, FreezeStrategy):
             raise TypeError(
                 f"strategy must be a FreezeStrategy (got {type(strategy).__name__}); e.g. "
-                "finetune.build_strategy('last-layer')."
+                "finetune.build_strategy('last-layer'), or None to evaluate a trained model "
+                "as it is."
             )
         self.backbone = backbone
         self.strategy = strategy
+        self.freeze: FreezeState | None = None  # the strategy's decision for this epoch
         self.config = config or TrainConfig()
         self.callbacks: list[Callback] = list(callbacks)
         self._optimization = Optimization(optimizer, scheduler)
@@ -113,7 +116,10 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> History:
         """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`)."""
-        config = self.config
+        config, strategy = self.config, self.strategy
+        if strategy is None:
+            raise ValueError("fit needs a strategy (what trains); a Trainer built with "
+                             "strategy=None evaluates and predicts only.")
         distributed.start(config.device)  # under torchrun: each process trains its share
         train_loader = distributed.shard_loader(train_loader, config.seed)
         val_loader = None if val_loader is None else distributed.shard_loader(val_loader)
@@ -129,7 +135,7 @@ class Trainer:
             config.epochs, self.state.batches_per_epoch, config.accumulate_steps))
         self._prepare(configured_epoch, train_loader, chosen=checkpoint)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
-            check_compatible(checkpoint, self.backbone, self.strategy, resume, self._data, config)
+            check_compatible(checkpoint, self.backbone, strategy, resume, self._data, config)
             distributed.check_world_size(checkpoint, resume)
         self.activations.allow(train_loader, val_loader)
         self._configure_optimizer(configured_epoch, previous=None)
@@ -139,8 +145,8 @@ class Trainer:
             dispatch(self.callbacks, Event.FIT_START, self)
             for epoch in range(self.state.start_epoch, config.epochs):
                 self.state.epoch = epoch
-                if epoch != configured_epoch and self.strategy.changes_at(epoch):
-                    self.state.freeze_report = self.strategy.apply(self.backbone, epoch)
+                if epoch != configured_epoch and strategy.changes_at(epoch):
+                    self._freeze(strategy, epoch)
                     self.activations.plan(self.backbone)
                     self._configure_optimizer(epoch, previous=self.optimizer)
                 if config.seed is not None:
@@ -201,7 +207,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.backbone.model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "strategy": self.strategy.state_dict(),
+            "strategy": self.strategy.state_dict() if self.strategy is not None else None,
             "epoch": self.state.epoch,
             "world_size": distributed.world_size(),
             "global_step": self.state.global_step,
@@ -232,7 +238,8 @@ class Trainer:
         if training and config.keep_freed_memory and state.device.type == "cpu":
             state.malloc_tuned = keep_freed_memory()
         self.backbone.to(state.device)
-        state.freeze_report = self.strategy.apply(self.backbone, epoch)
+        if self.strategy is not None:  # None: evaluate the model as it is
+            self._freeze(self.strategy, epoch)
         shape = sample_shape(loader, self.backbone.preprocessing.crop_size)
         probe = training and distributed.is_main()  # the other processes take rank 0's verdict
         state.precision = resolve_precision(
@@ -267,8 +274,15 @@ class Trainer:
             self._resolve_classes(loader)
             self._prepare(0, loader, training=False)
 
+    def _freeze(self, strategy: FreezeStrategy, epoch: int) -> None:
+        """The strategy decides for `epoch`; the decision is applied and held."""
+        self.freeze = strategy.decide(self.backbone, epoch)
+        self.state.freeze_report = self.freeze.apply(self.backbone)
+
     def _configure_optimizer(self, epoch: int, previous: Optimizer | None) -> None:
-        groups = self.strategy.param_groups(self.backbone, self.config.lr, epoch)
+        if self.freeze is None or self.strategy is None:
+            raise RuntimeError("the optimizer is built from a strategy's decision in fit()")
+        groups = self.freeze.param_groups(self.backbone, self.config.lr)
         self.parallel.reset()  # DDP registers the parameters that train now
         self.optimizer, self.scheduler = self._optimization.build(
             groups, epoch, self.config, self.strategy.describe(), previous)
