@@ -73,12 +73,17 @@ def test_fit_sets_the_lr_every_optimizer_step():
     assert history["lr/head"] == pytest.approx([expected[3], expected[7]])
 
 
-def test_epoch_scheduler_with_a_step_schedule_is_refused():
-    scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1)
-    with pytest.raises(ValueError, match="use one of them"):
-        Trainer(make_tiny_backbone(), FullUnfreeze(), attrs.evolve(FP32, warmup=3),
-                scheduler=scheduler)
-    Trainer(make_tiny_backbone(), FullUnfreeze(), FP32, scheduler=scheduler)  # alone: fine
+def test_an_epoch_scheduler_is_a_factor_on_the_per_step_schedule():
+    """One mechanism: a torch scheduler stepped per epoch multiplies the step's lr."""
+    scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    config = attrs.evolve(FP32, epochs=2, lr=1e-2, schedule="linear", warmup=0)
+    trainer = Trainer(make_tiny_backbone(), FullUnfreeze(), config, scheduler=scheduler)
+    history = trainer.fit(make_loader())  # 4 batches per epoch: 8 optimizer steps
+    # the last window of each epoch opened at steps 3 and 7 of 8
+    expected = [1e-2 * lr_multiplier("linear", 3, 8, 0) * 1.0,
+                1e-2 * lr_multiplier("linear", 7, 8, 0) * 0.5]
+    assert history["lr/head"] == pytest.approx(expected)
+    assert trainer.scheduler.factor == pytest.approx(0.25)  # stepped after each epoch
 
 
 def test_resume_with_schedule_accumulation_and_rebuilt_optimizer_equals_a_straight_run(

@@ -1,18 +1,23 @@
 """Per-step learning-rate schedules: linear warm-up, then constant, linear or cosine decay, or
 a one-cycle ramp up and down.
 
-A schedule is a pure function of the global optimizer step: each param group's lr is its base
-lr (what the strategy gave it when the optimizer was built) times `lr_multiplier(step)`. So an
-optimizer rebuilt at an epoch boundary (gradual unfreezing, LP-FT) or restored from a
-checkpoint needs nothing but the restored `global_step` to continue on the same curve — no
-scheduler state to carry, and a resumed run sets exactly the lrs of an uninterrupted one.
+The one learning-rate mechanism: each param group's lr is its base lr (what the strategy gave
+it when the optimizer was built) times a factor, set by `StepSchedule.apply` at every
+optimizer step. The factor is `lr_multiplier(step)` — a pure function of the global step, so
+an optimizer rebuilt at an epoch boundary (gradual unfreezing, LP-FT) or restored from a
+checkpoint needs nothing but the restored `global_step` to continue on the same curve — times,
+if the Trainer was given an epoch-wise torch scheduler (`scheduler=`), that scheduler's factor
+(`EpochScheduler`): it runs on a one-group shadow optimizer whose lr starts at 1.0, so its lr
+is the factor, and it never needs rebinding when the strategy rebuilds the real optimizer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from finetune.train.config import SCHEDULES
@@ -71,41 +76,75 @@ def _cosine_between(start: float, end: float, progress: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
 
 
+class EpochScheduler:
+    """A torch lr scheduler stepped once per epoch, as a factor on every group's base lr.
+
+    `factory(optimizer)` builds it (e.g. `functools.partial(StepLR, step_size=5)`) on a
+    shadow optimizer with one group at lr 1.0 (and momentum, for schedulers that cycle it), so
+    its lr is the factor. Its lrs are relative: a scheduler given absolute lrs (OneCycleLR's
+    `max_lr`, CyclicLR's bounds) reads them as factors — use `TrainConfig(schedule=...)`
+    for those shapes. `step(metrics)` steps it; ReduceLROnPlateau gets the validation loss
+    (else the train loss)."""
+
+    def __init__(self, factory: Callable[[Optimizer], Any]) -> None:
+        self._shadow = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0,
+                                       momentum=0.9)
+        self.scheduler = factory(self._shadow)
+        if getattr(self.scheduler, "optimizer", None) is not self._shadow:
+            raise TypeError("scheduler= must build its scheduler on the optimizer it is given")
+
+    @property
+    def factor(self) -> float:
+        return float(self._shadow.param_groups[0]["lr"])
+
+    def step(self, metrics: dict[str, float]) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics.get("val_loss", metrics["train_loss"]))
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+        self._shadow.param_groups[0]["lr"] = _last_factor(self.scheduler, state)
+
+
+def _last_factor(scheduler: Any, state: dict[str, Any]) -> float:
+    last = state.get("_last_lr") or getattr(scheduler, "_last_lr", None) or [1.0]
+    return float(last[0])
+
+
 class StepSchedule:
     """Sets every param group's lr for a global step; `total` optimizer steps in the run (None
-    when the loader has no length: only warm-up + constant can run then)."""
+    when the loader has no length: only warm-up + constant can run then). `epochs` is the
+    epoch-wise scheduler whose factor multiplies the step's, if any."""
 
-    def __init__(self, schedule: str, warmup: int | float | None, total: int | None) -> None:
+    def __init__(self, schedule: str, warmup: int | float | None, total: int | None,
+                 epochs: EpochScheduler | None = None) -> None:
         self.schedule = schedule
         self.total = total
         self.warmup = warmup_steps(schedule, warmup, total)
+        self.epochs = epochs
         lr_multiplier(schedule, 0, total, self.warmup)  # a bad name or a missing total fails now
 
     @property
     def active(self) -> bool:
         """Whether the lrs ever differ from the base lrs (else nothing is written)."""
-        return self.schedule != "constant" or self.warmup > 0
+        return self.schedule != "constant" or self.warmup > 0 or self.epochs is not None
 
     def apply(self, optimizer: Optimizer, step: int) -> None:
-        """lr = base lr × multiplier(step) in each group; the base is recorded in the group on
-        first sight, so a freshly built optimizer starts from the strategy's lrs."""
+        """lr = base lr × multiplier(step) × the epoch scheduler's factor in each group; the
+        base is recorded in the group on first sight, so a freshly built optimizer starts
+        from the strategy's lrs."""
         if not self.active:
             return
         factor = lr_multiplier(self.schedule, step, self.total, self.warmup)
+        if self.epochs is not None:
+            factor *= self.epochs.factor
         for group in optimizer.param_groups:
             group["lr"] = group.setdefault(BASE_LR_KEY, group["lr"]) * factor
-
-
-def check_scheduler_combination(schedule: str, warmup: int | float | None,
-                                scheduler: Any) -> None:
-    """A per-step schedule and an epoch-wise `scheduler=` factory would both write the lr;
-    refuse the pair rather than let one silently overwrite the other."""
-    if scheduler is not None and (schedule != "constant" or warmup):
-        raise ValueError(
-            f"TrainConfig(schedule={schedule!r}, warmup={warmup!r}) sets the lr at every "
-            "optimizer step and scheduler= sets it once per epoch; use one of them (for an "
-            "epoch-wise scheduler keep schedule='constant' and warmup=None)."
-        )
 
 
 def total_steps(epochs: int, batches_per_epoch: int | None, accumulate_steps: int) -> int | None:

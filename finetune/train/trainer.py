@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from finetune.train.checkpoint import (
 )
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, Event, callback_keys, dispatch, notify_exception
-from finetune.train.schedules import StepSchedule, check_scheduler_combination, total_steps
+from finetune.train.schedules import EpochScheduler, StepSchedule, total_steps
 from finetune.train.state import History, StepOutput, TrainState
 from finetune.train.step import OptimizerStep, flag_last
 
@@ -59,7 +58,8 @@ class Trainer:
     strategy's param groups, or an instance used as a template (its class and `defaults`) —
     the optimizer is rebuilt whenever the strategy changes what trains, so it only ever holds
     trainable parameters. `scheduler`: None or a factory `optimizer -> LRScheduler`, stepped
-    once per epoch (ReduceLROnPlateau gets the validation loss). `loss`: None
+    once per epoch as a factor on every group's lr (ReduceLROnPlateau gets the validation
+    loss; `finetune.train.schedules.EpochScheduler`). `loss`: None
     (CrossEntropyLoss), a module, a module class, or a function `(logits, labels) -> loss`.
     `classes`: class names for reports; taken from `train_loader.dataset.classes` if absent.
     """
@@ -88,7 +88,6 @@ class Trainer:
         self.config = config or TrainConfig()
         self.callbacks: list[Callback] = list(callbacks)
         self._optimization = Optimization(optimizer, scheduler)
-        check_scheduler_combination(self.config.schedule, self.config.warmup, scheduler)
         self.loss_fn = make_loss(loss, self.config.label_smoothing)  # training
         self.eval_loss_fn = make_loss(loss) if loss is not None else self.loss_fn
         if self.config.label_smoothing:  # validation loss stays comparable across runs
@@ -97,7 +96,7 @@ class Trainer:
                                   self.config.accumulate_steps)  # its schedule is sized by fit
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
-        self.scheduler: Any = None
+        self.scheduler: EpochScheduler | None = None  # scheduler=, as a factor on the lr
         self.state = TrainState()
         self._prepared = False
         self.activations = ActivationCaches("off", 0, None)  # configured by _prepare
@@ -131,8 +130,10 @@ class Trainer:
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=loader_length(train_loader))
+        self.scheduler = self._optimization.epoch_scheduler()
         self.step.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
-            config.epochs, self.state.batches_per_epoch, config.accumulate_steps))
+            config.epochs, self.state.batches_per_epoch, config.accumulate_steps),
+            self.scheduler)
         self._prepare(configured_epoch, train_loader, chosen=checkpoint)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, strategy, resume, self._data, config)
@@ -161,7 +162,8 @@ class Trainer:
                     metrics.update(self._report_metrics(report))
                     dispatch(self.callbacks, Event.VALIDATION_END, self, report=report)
                 metrics.update(learning_rates(self._require_optimizer()))
-                step_scheduler(self.scheduler, metrics)
+                if self.scheduler is not None:
+                    self.scheduler.step(metrics)
                 metrics["epoch_seconds"] = time.perf_counter() - started
                 self.history.records.append(metrics)
                 dispatch(self.callbacks, Event.EPOCH_END, self, metrics=metrics)
@@ -284,7 +286,7 @@ class Trainer:
             raise RuntimeError("the optimizer is built from a strategy's decision in fit()")
         groups = self.freeze.param_groups(self.backbone, self.config.lr)
         self.parallel.reset()  # DDP registers the parameters that train now
-        self.optimizer, self.scheduler = self._optimization.build(
+        self.optimizer = self._optimization.build(
             groups, epoch, self.config, self.strategy.describe(), previous)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
@@ -530,8 +532,8 @@ def make_loss(loss: LossSpec, label_smoothing: float = 0.0
     return loss
 
 
-# -- the optimizer and epoch-wise scheduler, rebuilt whenever the strategy changes what trains,
-# so the optimizer only ever holds trainable parameters ---------------------------------------
+# -- the optimizer, rebuilt whenever the strategy changes what trains, so it only ever holds
+# trainable parameters --------------------------------------------------------------------------
 _PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
 
 OptimizerSpec = Optimizer | Callable[[list[dict[str, Any]]], Optimizer] | None
@@ -539,11 +541,12 @@ SchedulerSpec = Callable[[Optimizer], Any] | None
 
 
 class Optimization:
-    """Builds the optimizer from a strategy's param groups and the scheduler on top of it.
+    """Builds the optimizer from a strategy's param groups, and the run's epoch scheduler.
 
     `optimizer`: None (Adam at `config.lr` / `config.weight_decay`), a factory called with the
     groups, or an instance used as a template (its class and `defaults`). `scheduler`: None
-    or a factory `optimizer -> LRScheduler`, stepped once per epoch.
+    or a factory `optimizer -> LRScheduler`, stepped once per epoch as a factor on every
+    group's lr (`finetune.train.schedules.EpochScheduler`).
     """
 
     def __init__(self, optimizer: OptimizerSpec, scheduler: SchedulerSpec) -> None:
@@ -551,18 +554,21 @@ class Optimization:
             scheduler, (torch.optim.lr_scheduler.LRScheduler, _PLATEAU))):
             raise TypeError(
                 "scheduler must be a factory taking the optimizer, e.g. "
-                "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5): the Trainer "
-                "rebuilds the optimizer when the strategy changes, and a scheduler instance is "
-                "bound to one optimizer."
+                "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5): a scheduler "
+                "instance is bound to one optimizer, and the Trainer builds its own."
             )
         self._optimizer_spec = optimizer
         self._scheduler_spec = scheduler
 
+    def epoch_scheduler(self) -> EpochScheduler | None:
+        """A fresh epoch scheduler for a run, if `scheduler=` was given."""
+        return EpochScheduler(self._scheduler_spec) if self._scheduler_spec else None
+
     def build(self, groups: list[dict[str, Any]], epoch: int, config: TrainConfig,
-              description: str, previous: Optimizer | None) -> tuple[Optimizer, Any]:
+              description: str, previous: Optimizer | None) -> Optimizer:
         """The optimizer over `groups` (a strategy's param groups for `epoch`), carrying
         per-parameter state (e.g. Adam moments) over from `previous` for parameters that still
-        train — and none for the rest — and the scheduler brought to `epoch`."""
+        train — and none for the rest."""
         if not groups:
             raise ValueError(
                 f"{description} leaves nothing trainable at epoch {epoch}; "
@@ -578,15 +584,7 @@ class Optimization:
             for parameter in held:
                 if parameter in previous.state:
                     optimizer.state[parameter] = previous.state[parameter]
-        scheduler = None
-        if self._scheduler_spec is not None:
-            scheduler = self._scheduler_spec(optimizer)
-            if not is_plateau(scheduler):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    for _ in range(epoch):
-                        scheduler.step()
-        return optimizer, scheduler
+        return optimizer
 
     def _make_optimizer(self, groups: list[dict[str, Any]], config: TrainConfig) -> Optimizer:
         spec = self._optimizer_spec
@@ -607,16 +605,3 @@ def learning_rates(optimizer: Optimizer) -> dict[str, float]:
         rates[key] = float(group["lr"])
     return rates
 
-
-def step_scheduler(scheduler: Any, metrics: dict[str, float]) -> None:
-    """One epoch's step; ReduceLROnPlateau gets the validation loss (else the train loss)."""
-    if scheduler is None:
-        return
-    if is_plateau(scheduler):
-        scheduler.step(metrics.get("val_loss", metrics["train_loss"]))
-    else:
-        scheduler.step()
-
-
-def is_plateau(scheduler: Any) -> bool:
-    return isinstance(scheduler, _PLATEAU)
