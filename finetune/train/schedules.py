@@ -92,6 +92,7 @@ class EpochScheduler:
         self.scheduler = factory(self._shadow)
         if getattr(self.scheduler, "optimizer", None) is not self._shadow:
             raise TypeError("scheduler= must build its scheduler on the optimizer it is given")
+        self._shadow.step()  # no gradient, no change: the scheduler sees an optimizer step
 
     @property
     def factor(self) -> float:
