@@ -7,13 +7,17 @@ failure removes the temporary file and leaves the target as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from finetune.errors import DiskFullError
 
 try:
     import fcntl
@@ -31,18 +35,65 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any],
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # as open() would create it, not 0600
         with os.fdopen(handle, "wb") as file:
             write(file)
             if durable:
                 file.flush()
                 os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save wraps a failed write
+        written = _size(temporary)
+        Path(temporary).unlink(missing_ok=True)
+        if out_of_space(error):
+            raise disk_full(path, written) from None
+        raise
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     if durable:
         _fsync_directory(path.parent)
     return path
+
+
+def disk_full(path: Path, needed: int) -> DiskFullError:
+    """The one-line error for a write that ran out of space: which file, how much it needed,
+    what is free, and where to go instead."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    return DiskFullError(
+        f"no space left to write {path}: it needed more than {needed / 2**20:.1f} MiB and "
+        f"{free / 2**20:.1f} MiB are free on that disk; nothing partial was kept. Free some "
+        "space, or write elsewhere: --checkpoint-dir / --output for runs, FINETUNE_CACHE or "
+        "--cache-dir for caches, TrainConfig(activation_cache_dir=...) for spilled activations."
+    )
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) is a full disk or an exhausted quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -29,12 +29,13 @@ from finetune.callbacks.console import (
     progress_callback,
     tolerate_unencodable_output,
 )
-from finetune.callbacks.run_file import RUN_FORMAT, RunFile
-from finetune.cli_evaluate import run_evaluate
+from finetune.callbacks.run_file import RUN_FILE, RUN_FORMAT, RunFile, read_run_file
+from finetune.cli_evaluate import recorded_backbone, run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
     add_recipe_arguments,
     backbone_name,
     channels_last_argument,
+    check_image_fits,
     device_argument,
     non_negative_int,
     positive_float,
@@ -44,7 +45,7 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     val_fraction,
 )
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
-from finetune.errors import FinetuneError, redact
+from finetune.errors import CheckpointError, FinetuneError, redact
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone
 from finetune.runtime import distributed
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run already in --checkpoint-dir (refused otherwise)")
     train.add_argument("--resume", type=Path, default=None,
-                       help="continue from this checkpoint (same backbone and strategy)")
+                       help="continue from this checkpoint or run folder; flags left out take "
+                            "the run's own settings from its run.json")
     train.set_defaults(handler=run_train, parser=train)
 
     evaluate = commands.add_parser(
@@ -172,7 +174,49 @@ def run_train(args: argparse.Namespace) -> int:
             distributed.stop()
 
 
+# flags a resume takes from the run's run.json when they are left at their defaults
+RESUMED_SETTINGS = ("weights", "val_split", "seed", "train_per_class", "image_size", "augment",
+                    "batch_size")
+
+
+def resume_checkpoint(path: Path) -> Path:
+    """`--resume` names a checkpoint or its run folder (then last.pt, else best.pt)."""
+    if path.is_dir():
+        for name in ("last.pt", "best.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no checkpoint in {path}: it holds neither last.pt nor best.pt")
+    return path
+
+
+def take_run_settings(args: argparse.Namespace) -> None:
+    """A resume continues the run as it was set up: every flag left at its default takes the
+    run's own value from its run.json (backbone, strategy, data, split, seed, image size, …),
+    so `finetune train --resume runs/x --epochs 10` needs nothing else. A backbone recorded
+    as an import path is code and is never imported unless typed on the command line."""
+    args.resume = resume_checkpoint(args.resume)
+    record = read_run_file(args.resume)
+    if record is None:
+        return
+    source = args.resume.parent / RUN_FILE
+    parser: argparse.ArgumentParser = args.parser
+    if args.backbone == parser.get_default("backbone"):
+        args.backbone = recorded_backbone(record["backbone"], source, None)
+    if args.strategy == strategy_argument(parser.get_default("strategy")):
+        args.strategy = FreezeStrategy.from_state_dict(record["strategy"])
+    if args.data is None:
+        args.data = Path(record["data"])
+    recorded = {**record.get("cli", {}), **{k: record[k] for k in ("val_split", "seed",
+                                                                    "train_per_class")}}
+    for name in RESUMED_SETTINGS:
+        if name in recorded and getattr(args, name) == parser.get_default(name):
+            setattr(args, name, recorded[name])
+
+
 def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
+    if args.resume is not None:
+        take_run_settings(args)
+    check_image_fits(args.image_size, args.batch_size)
     # The tree first (the head's size), then the backbone, whose preprocessing the loaders use.
     splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
                               split_seed=args.seed, train_per_class=args.train_per_class,
@@ -293,8 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        args.parser.error(redact(f"{message} ({type(error).__name__}; --traceback for details)"))
-    return 2  # unreachable: parser.error exits
+        # one line, no usage block: the arguments parsed; what failed is the run
+        print(redact(f"finetune {args.command}: error: {message} ({type(error).__name__}; "
+                     "--traceback for details)"), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
-def _recorded_backbone(spec: str, source: Path, given: str | None) -> str:
+def recorded_backbone(spec: str, source: Path, given: str | None) -> str:
     """The backbone to rebuild: the recorded name, unless it is code (an import path) that
     the user has not named on the command line themselves."""
     if given is None and is_import_path(spec):
@@ -66,7 +66,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"{record['classes']} but {path} holds {saved_name} on "
                 f"{classes}; it belongs to another run."
             )
-        spec = _recorded_backbone(record["backbone"], path.parent / RUN_FILE, args.backbone)
+        spec = recorded_backbone(record["backbone"], path.parent / RUN_FILE, args.backbone)
         preprocessing = Preprocessing(**record["preprocessing"])
     # No pretrained weights: every weight comes from the checkpoint. A name read from a file
     # builds registered architectures only; an import path runs only when typed by the user.

@@ -4,6 +4,7 @@ and checks, naming what it expected, so a bad value is a usage error, not a trac
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -47,8 +48,33 @@ def checked_number(convert: Callable[[str], Any], accept: Callable[[Any], bool],
 
 positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = checked_number(int, lambda v: v >= 0, "an integer ≥ 0")
-positive_float = checked_number(float, lambda v: v > 0, "a number > 0")
+positive_float = checked_number(float, lambda v: math.isfinite(v) and v > 0,
+                                "a finite number > 0")
 val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+# Training holds at least this many copies of a batch's fp32 pixels at once (the batch, the
+# first layers' activations and their gradients); ResNet50 holds ~210 (4.1 GB peak at batch
+# 32, 224 px), so this is a floor, not an estimate.
+MIN_BATCH_COPIES = 10
+
+
+def check_image_fits(image_size: int | None, batch_size: int) -> None:
+    """Refuse, before any data or model is loaded, an image size whose training batch cannot
+    fit in this machine's memory (`--image-size 100000` would fail with a MemoryError or
+    swap for an hour)."""
+    from finetune.data.decoded import physical_memory
+
+    ram = physical_memory()
+    if image_size is None or ram is None:
+        return
+    needed = MIN_BATCH_COPIES * batch_size * 3 * image_size**2 * 4
+    if needed > ram:
+        raise ValueError(
+            f"--image-size {image_size} with --batch-size {batch_size} needs at least "
+            f"{needed / 2**30:,.0f} GiB to train (a batch of {image_size}x{image_size} images "
+            f"and its first activations), but this machine has {ram / 2**30:.0f} GiB; use a "
+            "smaller --image-size (the weights' own is 224 or so) or --batch-size.")
 
 
 def channels_last_argument(text: str) -> str | bool:

@@ -46,3 +46,7 @@ class DataError(FinetuneError, ValueError):
 
 class DeviceError(FinetuneError, RuntimeError):
     """The requested device is not there (CUDA asked for on a machine without it)."""
+
+
+class DiskFullError(FinetuneError, OSError):
+    """A write ran out of disk space (or quota); nothing partial was left behind."""

@@ -136,7 +136,9 @@ def test_every_command_has_help(command, capsys):
          "train_bn, frozen_eval"),
         (["train", "--epochs", "0"], "expected a positive integer, got 0"),
         (["train", "--val-split", "1.5"], "expected a number in [0, 1), got 1.5"),
-        (["train", "--lr", "-1"], "expected a number > 0"),
+        (["train", "--lr", "-1"], "expected a finite number > 0"),
+        (["train", "--lr", "inf"], "expected a finite number > 0, got inf"),
+        (["train", "--lr", "nan"], "expected a finite number > 0, got nan"),
         (["train", "--backbone", "resnet51"], "unknown backbone 'resnet51'"),
         (["train", "--device", "gpu"], "device must be 'auto', 'cpu'"),
         (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
@@ -173,7 +175,9 @@ def test_library_errors_become_messages_not_tracebacks(tree, tmp_path, capsys, m
         code, _, err = run(argv, capsys)
         assert code == 2, argv
         assert message in err and kind in err and "Traceback" not in err, err
-        assert err.startswith(f"usage: finetune {argv[0]}")
+        # the arguments parsed: one line saying what failed, no usage block
+        assert err.startswith(f"finetune {argv[0]}: error: ") and "usage:" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_python_dash_m_finetune_reports_errors_with_exit_code_2():

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
@@ -30,6 +31,11 @@ MAX_AUTO_JOBS = 4
 RAM_PER_JOB = 6 * 1024**3
 
 Outcome = dict[str, Any] | Exception  # a results row, or what the run raised
+_BROKEN = object()  # a run whose pool broke: its worker, or another one, was killed
+
+
+class WorkerDied(RuntimeError):
+    """A run's worker process was killed from outside, also when it ran alone."""
 _store: DecodedImages | None = None  # one per worker process, for all the runs it does
 _counts: Any = None  # the pool's shared [runs not started, runs in progress, stop flag]
 _jobs = 1
@@ -77,24 +83,53 @@ def outcomes(todo: Sequence[tuple[int, str, int]], jobs: int, run: Callable[...,
     """(item, row or exception) for each (index, spec, seed) `item` of `todo` as its run
     finishes: `run(spec, seed, **shared, decoded=<the worker's store>,
     extra_callbacks=[CoreShare])` in a pool of `jobs` processes (spawned, so that no thread
-    state of this one is inherited)."""
+    state of this one is inherited).
+
+    A worker killed from outside (the out-of-memory killer, a SIGKILL) breaks the whole pool
+    and takes the runs in it down with it. Each of those is then run again on its own, in a
+    pool of one: the others finish, and a run that dies alone too is reported as failed
+    (`WorkerDied`)."""
     context = multiprocessing.get_context("spawn")
     counts = context.Array("i", [len(todo), 0, 0])
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                               initargs=(counts, jobs))
     finished = False
     try:
-        futures = {pool.submit(_in_worker, run, spec, seed, shared): (index, spec, seed)
-                   for index, spec, seed in todo}
-        for future in as_completed(futures):
-            error = future.exception()
-            if error is not None and not isinstance(error, Exception):
-                raise error  # Ctrl-C reached the worker first, or SystemExit: as in one process
-            yield futures[future], future.result() if error is None else error
+        broken = []
+        for item, outcome in _pool_outcomes(todo, jobs, run, shared, context, counts):
+            if outcome is _BROKEN:
+                broken.append(item)
+            else:
+                yield item, outcome
+        for item in sorted(broken):  # one at a time: a death now is the run's own
+            for _, outcome in _pool_outcomes([item], 1, run, shared, context, counts):
+                yield item, outcome if outcome is not _BROKEN else WorkerDied(
+                    f"the worker running {item[1]} seed {item[2]} was killed from outside "
+                    "(the out-of-memory killer or a signal), also when run alone; the other "
+                    "runs went on")
         finished = True
     finally:  # Ctrl-C or an early exit: runs in progress stop at their next batch, and
         if not finished:  # runs not started (even those already queued) do not start
             counts[2] = 1
+
+
+def _pool_outcomes(items: Sequence[tuple[int, str, int]], jobs: int,
+                   run: Callable[..., dict[str, Any]], shared: dict[str, Any], context: Any,
+                   counts: Any) -> Iterator[tuple[tuple[int, str, int], Any]]:
+    """`items` run in a fresh pool of `jobs` workers: (item, row, exception or _BROKEN)."""
+    counts[0], counts[1] = len(items), 0  # a dead pool's workers counted nothing out
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                               initargs=(counts, jobs))
+    try:
+        futures = {pool.submit(_in_worker, run, spec, seed, shared): (index, spec, seed)
+                   for index, spec, seed in items}
+        for future in as_completed(futures):
+            error = future.exception()
+            if isinstance(error, BrokenProcessPool):
+                yield futures[future], _BROKEN
+            elif error is not None and not isinstance(error, Exception):
+                raise error  # Ctrl-C reached the worker first, or SystemExit: as in one process
+            else:
+                yield futures[future], future.result() if error is None else error
+    finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,6 +19,7 @@ import finetune
 from benchmarks.compare import pool
 from finetune import FreezeStrategy
 from finetune.cli_options import (
+    check_image_fits,
     checked_number,
     non_negative_int,
     positive_float,
@@ -175,6 +177,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        p.error(f"--output {output} is a file, not a folder: give a folder for results.json, "
+                "results.md and the plots (the file is left as it is)")
+    try:
+        check_image_fits(args.image_size, args.batch_size or 32)
+    except ValueError as error:
+        p.error(str(error))
     return args
 
 

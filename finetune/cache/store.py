@@ -17,9 +17,11 @@ preprocessing and the sample list, so a stale cache is never read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import attrs
 import torch
 
-from finetune.atomic import atomic_write_json
+from finetune.atomic import atomic_write_json, disk_full, out_of_space
 from finetune.cache.cut import GraphSplit, UncacheableError
 from finetune.data.images import file_key
 from finetune.model.backbone import Backbone
@@ -211,6 +213,8 @@ class ActivationCache:
         self.on_disk = folder / f"{key}.bin"
         meta = folder / f"{key}.json"
         self.complete = meta.exists() and self.on_disk.exists()
+        if not self.complete:  # a memory-mapped file on a full disk would die of SIGBUS later
+            reserve_disk(self.on_disk, nbytes)
         numel = torch.Size(shape).numel()
         storage = torch.from_file(str(self.on_disk), shared=True, size=numel, dtype=dtype)
         self.features = storage.view(shape)
@@ -222,6 +226,28 @@ class ActivationCache:
         if self.on_disk is not None and self.labels is not None:
             atomic_write_json(self.on_disk.with_suffix(".json"),
                               {"cut": self.cut.label, "labels": self.labels.tolist()})
+
+
+def reserve_disk(path: Path, nbytes: int) -> None:
+    """Give `path` its `nbytes` on disk now (posix_fallocate where there is one), or fail
+    with a clear error and no file: writing a sparse memory-mapped file on a full disk kills
+    the process with SIGBUS instead of raising."""
+    existing = path.stat().st_size if path.exists() else 0
+    try:
+        try:
+            with open(path, "ab") as handle:
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+        except (AttributeError, OSError) as error:  # no fallocate here: check what is free
+            if isinstance(error, OSError) and out_of_space(error):
+                raise
+            if shutil.disk_usage(path.parent).free < nbytes - existing:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+    except OSError as error:
+        if not out_of_space(error):
+            raise
+        if not existing:
+            path.unlink(missing_ok=True)
+        raise disk_full(path, nbytes) from None
 
 
 def _pairs(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -81,6 +81,14 @@ class Checkpoint(Callback):
         run left (temporary files) and rewrite a best.pt that went missing."""
         resuming = trainer.state.start_epoch > 0
         existing = [p.name for p in (self.last_path, self.best_path) if p.is_file()]
+        if existing == [self.best_path.name] and not resuming and not self.overwrite:
+            raise CheckpointError(
+                f"{self.dirpath} holds best.pt but no last.pt: a run stopped after saving its "
+                "best epoch and before writing last.pt. best.pt is a full checkpoint: resume "
+                f"from it (fit(..., resume={str(self.best_path)!r}), `finetune train --resume "
+                f"{self.dirpath}`), or pass Checkpoint(..., overwrite=True) (`--overwrite`) to "
+                "start over."
+            )
         if existing and not resuming and not self.overwrite:
             raise CheckpointError(
                 f"{self.dirpath} already holds {' and '.join(existing)} of another run; resume "

@@ -8,6 +8,7 @@ resume that would not fit. `FreezeStrategy.from_state_dict` rebuilds the strateg
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 import warnings
 from collections.abc import Iterable, Sequence
@@ -42,9 +43,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except pickle.UnpicklingError:  # torch's text would advise weights_only=False
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it must be a "
+            f"refused to load {path}: it holds pickled Python objects besides tensors and plain "
+            "data, and loading those could run code. finetune never does; a checkpoint written "
+            "by finetune's Checkpoint callback holds none. Re-train, or load only the weights "
+            "from a file you trust with your own code."
+        ) from None
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}: {reason}); it must be a "
             "file written by finetune's Checkpoint callback."
         ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -3,7 +3,9 @@ built, not an hour into training, and sweeps are `attrs.evolve(config, lr=...)`.
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 
 import attrs
 from attrs import validators as v
@@ -35,6 +37,20 @@ def _check_warmup(_: object, attribute: attrs.Attribute, value: object) -> None:
             f"warmup must be a number of optimizer steps (an int >= 0), a share of the run "
             f"(a float in [0, 1)) or None for the schedule's default (got {value!r})"
         )
+
+
+# Past this the run is almost surely a typo (1e30 for 1e-3): Adam fine-tunes at 1e-5..1e-2,
+# SGD rarely above 1.
+LR_SANE_MAX = 10.0
+
+
+def _check_lr(_: object, attribute: attrs.Attribute, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"lr must be a finite number > 0 (got {value!r})")
+    if value > LR_SANE_MAX:
+        warnings.warn(f"lr={value:g} is far above any learning rate that trains (fine-tuning "
+                      "uses 1e-5 to 1e-2); training will likely diverge.", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _positive_or_none(_: object, attribute: attrs.Attribute, value: float | None) -> None:
@@ -75,7 +91,7 @@ class TrainConfig:
     """
 
     epochs: int = attrs.field(default=10, validator=[v.instance_of(int), v.ge(1)])
-    lr: float = attrs.field(default=1e-4, converter=float, validator=v.gt(0.0))
+    lr: float = attrs.field(default=1e-4, converter=float, validator=_check_lr)
     weight_decay: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
     seed: int | None = attrs.field(default=0, validator=v.optional(v.instance_of(int)))
     precision: str = attrs.field(default="auto", validator=v.in_(PRECISIONS))

@@ -127,6 +127,12 @@ class Trainer:
         if config.seed is not None:
             seed_everything(config.seed)
         checkpoint = load_checkpoint(resume) if resume is not None else None
+        if checkpoint is not None and int(checkpoint["epoch"]) + 1 >= config.epochs:
+            done = int(checkpoint["epoch"]) + 1
+            raise ValueError(
+                f"{resume} has already trained {done} epoch{'s' * (done != 1)}; epochs="
+                f"{config.epochs} leaves none to train. Ask for more (--epochs {done + 1} or "
+                "more) to continue; nothing was written.")
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
                                 batches_per_epoch=loader_length(train_loader))
