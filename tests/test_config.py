@@ -12,7 +12,7 @@ from finetune.train.config import TrainConfig
     [
         ({"epochs": 0}, "'epochs' must be >= 1"),
         ({"epochs": 1.5}, "'epochs' must be <class 'int'>"),
-        ({"lr": 0}, "'lr' must be > 0"),
+        ({"lr": 0}, "lr must be a finite number > 0"),
         ({"weight_decay": -1}, "'weight_decay' must be >= 0"),
         ({"precision": "fp8"}, "'precision' must be in"),
         ({"schedule": "step"}, "'schedule' must be in"),

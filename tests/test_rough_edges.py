@@ -243,3 +243,12 @@ def test_resume_takes_the_run_folder_and_the_runs_own_settings(tree, tmp_path, c
     for field in ("strategy", "seed", "val_split", "data", "classes"):
         assert again[field] == first[field], field
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_the_users_probe_script_runs_its_probes(tmp_path: Path) -> None:
+    from benchmarks import reliability_probes
+
+    held, seen = reliability_probes.rewritten_image_is_not_stale(tmp_path, tmp_path)
+    assert held and "content key changed" in seen
+    assert set(reliability_probes.PROBES) >= {"a seed fixes the result",
+                                              "outputs follow the umask"}
