@@ -29,7 +29,13 @@ from finetune.callbacks.console import (
     progress_callback,
     tolerate_unencodable_output,
 )
-from finetune.callbacks.run_file import RUN_FILE, RUN_FORMAT, RunFile, read_run_file
+from finetune.callbacks.run_file import (
+    RUN_FILE,
+    RUN_FORMAT,
+    RunFile,
+    checkpoint_in,
+    read_run_file,
+)
 from finetune.cli_evaluate import recorded_backbone, run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
     add_recipe_arguments,
@@ -45,7 +51,7 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     val_fraction,
 )
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
-from finetune.errors import CheckpointError, FinetuneError, redact
+from finetune.errors import FinetuneError, redact
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone
 from finetune.runtime import distributed
@@ -179,22 +185,12 @@ RESUMED_SETTINGS = ("weights", "val_split", "seed", "train_per_class", "image_si
                     "batch_size")
 
 
-def resume_checkpoint(path: Path) -> Path:
-    """`--resume` names a checkpoint or its run folder (then last.pt, else best.pt)."""
-    if path.is_dir():
-        for name in ("last.pt", "best.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"no checkpoint in {path}: it holds neither last.pt nor best.pt")
-    return path
-
-
 def take_run_settings(args: argparse.Namespace) -> None:
     """A resume continues the run as it was set up: every flag left at its default takes the
     run's own value from its run.json (backbone, strategy, data, split, seed, image size, …),
     so `finetune train --resume runs/x --epochs 10` needs nothing else. A backbone recorded
     as an import path is code and is never imported unless typed on the command line."""
-    args.resume = resume_checkpoint(args.resume)
+    args.resume = checkpoint_in(args.resume, ("last.pt", "best.pt"))
     record = read_run_file(args.resume)
     if record is None:
         return

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from finetune.callbacks import load_checkpoint
-from finetune.callbacks.run_file import RUN_FILE, read_run_file
+from finetune.callbacks.run_file import RUN_FILE, checkpoint_in, read_run_file
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import CheckpointError, DataError
@@ -18,15 +18,6 @@ from finetune.model.zoo import build_backbone, is_import_path
 from finetune.strategies import FreezeStrategy
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
-
-
-def _checkpoint_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path} holds neither best.pt nor last.pt")
-    return path
 
 
 def recorded_backbone(spec: str, source: Path, given: str | None) -> str:
@@ -42,7 +33,7 @@ def recorded_backbone(spec: str, source: Path, given: str | None) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    path = _checkpoint_file(args.checkpoint)
+    path = checkpoint_in(args.checkpoint, ("best.pt", "last.pt"))
     checkpoint = load_checkpoint(path)
     record = read_run_file(path)
     if path.name == "last.pt" and path != args.checkpoint:

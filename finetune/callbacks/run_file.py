@@ -47,6 +47,17 @@ FIELDS: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
 )
 
 
+def checkpoint_in(path: Path, order: tuple[str, ...]) -> Path:
+    """`path` itself, or for a run folder the first of `order` it holds ("best.pt" first to
+    evaluate, "last.pt" first to resume)."""
+    if path.is_dir():
+        for name in order:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no checkpoint in {path}: it holds neither {' nor '.join(order)}")
+    return path
+
+
 def write_run_file(directory: Path, record: dict[str, Any]) -> Path:
     """Write `run.json` atomically (temp file, then rename), so a crash never leaves half."""
     return atomic_write_json(directory / RUN_FILE, record, indent=2)
