@@ -19,8 +19,8 @@ from finetune.data.preprocessing import Preprocessing
 from finetune.model.backbone import Backbone
 from finetune.strategies import FullUnfreeze
 from finetune.train.schedules import StepSchedule, lr_multiplier, total_steps, warmup_steps
-from finetune.train.step import OptimizerStep, flag_last
-from finetune.train.trainer import Trainer
+from finetune.train.step import OptimizerStep
+from finetune.train.trainer import Trainer, flag_last
 from tests.conftest import FAST, TINY, make_loader, make_tiny_backbone, make_tree, run_cli
 from tests.test_trainer import FP32, HeadThenAll, assert_same_weights, weights
 

@@ -85,6 +85,11 @@ class ActivationCaches:
         self._cacheable.clear()
         self._refused.clear()
 
+    def describe(self, loader: Any) -> tuple[str | None, str | None]:
+        """(where `loader`'s activations are cut, why it runs the whole model): one of the
+        two is None."""
+        return self.label(loader), self.why_uncached(loader)
+
     def label(self, loader: Any) -> str | None:
         """Where `loader`'s activations are cut (the prefix's last module), if cached."""
         cache = self._caches.get(id(loader))

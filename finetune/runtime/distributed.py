@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from finetune.data.datasets import SeededShuffle
 from finetune.data.sharding import ShardedSeededShuffle
-from finetune.errors import CheckpointError, DataError
+from finetune.errors import CheckpointError, DataError, DeviceError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 _owned = False  # whether `start` initialised the process group (and `stop` may destroy it)
@@ -81,8 +81,22 @@ def stop() -> None:
     _owned = False
 
 
-def local_device(device: torch.device) -> torch.device:
-    """`cuda` means this process's own card (LOCAL_RANK) under data-parallel training."""
+def local_device(spec: str) -> torch.device:
+    """The device `TrainConfig.device` names: "auto" is CUDA when present, else the CPU; a
+    CUDA card that is not there is a one-line error; and `cuda` means this process's own card
+    (LOCAL_RANK) under data-parallel training."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(spec.partition(":")[2] or 0)
+        if index >= available:
+            raise DeviceError(
+                f"device '{spec}' requested but this machine has "
+                f"{available or 'no usable'} CUDA device{'s' if available != 1 else ''}; use "
+                "--device auto (CUDA when present, else the CPU) or --device cpu."
+            )
+    device = torch.device(spec)
     if active() and device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device

@@ -7,11 +7,9 @@ resume that would not fit. `FreezeStrategy.from_state_dict` rebuilds the strateg
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import random
 import warnings
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +88,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def data_identity(classes: Sequence[str], loader: Iterable[Any]) -> dict[str, Any]:
-    """What a run trains on: its class names, and — for datasets that list (path, label)
-    samples — their count and a digest of the sorted `class-folder/file-stem` and label of each.
-    Stems, not full paths: a dataset moved to another folder (or pre-resized) is the same data."""
-    samples = getattr(getattr(loader, "dataset", None), "samples", None)
-    record: dict[str, Any] = {"classes": [str(c) for c in classes], "count": None,
-                              "samples": None}
-    if samples is not None:
-        entries = sorted(f"{Path(p).parent.name}/{Path(p).stem}\0{int(label)}"
-                         for p, label in samples)
-        record["count"] = len(entries)
-        record["samples"] = hashlib.sha1("\n".join(entries).encode()).hexdigest()[:16]
-    return record
 
 
 def check_same_data(checkpoint: dict[str, Any], data: dict[str, Any],
@@ -141,7 +126,7 @@ def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: F
                      path: str | Path | None, data: dict[str, Any] | None = None,
                      config: Any = None) -> None:
     """Refuse a resume into another architecture, head size, strategy or weight layout, or
-    (given its `data_identity`) other data; warn when `config` trains differently."""
+    (given the trainer's `data_identity`) other data; warn when `config` trains differently."""
     ours = {"name": backbone.name, "num_classes": backbone.num_classes}
     theirs = checkpoint["backbone"]
     if theirs != ours:

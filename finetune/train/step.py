@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -141,20 +141,3 @@ class OptimizerStep:
             self.scaler.load_state_dict(state)
 
 
-def flag_last(batches: Iterable[Any], length: int | None, look_ahead: bool
-              ) -> Iterator[tuple[Any, bool]]:
-    """Each batch with whether it is the epoch's last: by `length` when known, else (with
-    `look_ahead`, needed only when accumulating) by fetching one batch ahead."""
-    if length is not None or not look_ahead:
-        for index, batch in enumerate(batches):
-            yield batch, length is not None and index + 1 == length
-        return
-    iterator = iter(batches)
-    current = next(iterator, _END)
-    while current is not _END:
-        following = next(iterator, _END)
-        yield current, following is _END
-        current = following
-
-
-_END = object()

@@ -11,9 +11,10 @@ clipping, scaler — so that path reads top to bottom in one place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from finetune.cache.plan import ActivationCaches, Forward
-from finetune.errors import DataError, DeviceError
+from finetune.errors import DataError
 from finetune.model.backbone import Backbone
 from finetune.runtime import distributed
 from finetune.runtime.memory import keep_freed_memory, restore_malloc_defaults
@@ -39,7 +40,6 @@ from finetune.strategies import FreezeState, FreezeStrategy
 from finetune.train.checkpoint import (
     CHECKPOINT_FORMAT,
     check_compatible,
-    data_identity,
     load_checkpoint,
     rng_state,
     set_rng_state,
@@ -48,7 +48,7 @@ from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, Event, callback_keys, dispatch, notify_exception
 from finetune.train.schedules import EpochScheduler, StepSchedule, total_steps
 from finetune.train.state import History, StepOutput, TrainState
-from finetune.train.step import OptimizerStep, flag_last
+from finetune.train.step import OptimizerStep
 
 
 class Trainer:
@@ -242,7 +242,7 @@ class Trainer:
             config = attrs.evolve(config, **{
                 name: chosen[name] if getattr(config, name) == "auto" else getattr(config, name)
                 for name in ("precision", "channels_last")})
-        state.device = distributed.local_device(default_device(config.device))
+        state.device = distributed.local_device(config.device)
         if training and config.keep_freed_memory and state.device.type == "cpu":
             state.malloc_tuned = keep_freed_memory()
         self.backbone.to(state.device)
@@ -319,8 +319,7 @@ class Trainer:
         total_loss, correct, count = 0.0, 0, 0
         batches, forward = self._route(loader)
         forward = self.parallel.wrap(self.backbone, forward, self.state.device)
-        self.state.cached_prefix = self.activations.label(loader)
-        self.state.uncached_reason = self.activations.why_uncached(loader)
+        self.state.cached_prefix, self.state.uncached_reason = self.activations.describe(loader)
         optimizer, step = self._require_optimizer(), self.step
         step.no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP's, if wrapped
         for index, (batch, last) in enumerate(flag_last(
@@ -420,19 +419,6 @@ class Trainer:
 LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
-def default_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(spec.partition(":")[2] or 0)
-        if index >= available:
-            raise DeviceError(
-                f"device '{spec}' requested but this machine has "
-                f"{available or 'no usable'} CUDA device{'s' if available != 1 else ''}; use "
-                "--device auto (CUDA when present, else the CPU) or --device cpu."
-            )
-    return torch.device(spec)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -611,3 +597,34 @@ def learning_rates(optimizer: Optimizer) -> dict[str, float]:
         rates[key] = float(group["lr"])
     return rates
 
+def flag_last(batches: Iterable[Any], length: int | None, look_ahead: bool
+              ) -> Iterator[tuple[Any, bool]]:
+    """Each batch with whether it is the epoch's last: by `length` when known, else (with
+    `look_ahead`, needed only when accumulating) by fetching one batch ahead."""
+    if length is not None or not look_ahead:
+        for index, batch in enumerate(batches):
+            yield batch, length is not None and index + 1 == length
+        return
+    iterator = iter(batches)
+    current = next(iterator, _END)
+    while current is not _END:
+        following = next(iterator, _END)
+        yield current, following is _END
+        current = following
+
+
+_END = object()
+
+def data_identity(classes: Sequence[str], loader: Iterable[Any]) -> dict[str, Any]:
+    """What a run trains on: its class names, and — for datasets that list (path, label)
+    samples — their count and a digest of the sorted `class-folder/file-stem` and label of each.
+    Stems, not full paths: a dataset moved to another folder (or pre-resized) is the same data."""
+    samples = getattr(getattr(loader, "dataset", None), "samples", None)
+    record: dict[str, Any] = {"classes": [str(c) for c in classes], "count": None,
+                              "samples": None}
+    if samples is not None:
+        entries = sorted(f"{Path(p).parent.name}/{Path(p).stem}\0{int(label)}"
+                         for p, label in samples)
+        record["count"] = len(entries)
+        record["samples"] = hashlib.sha1("\n".join(entries).encode()).hexdigest()[:16]
+    return record
