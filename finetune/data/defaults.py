@@ -1,9 +1,8 @@
 """The data defaults, stated once for the API (`ImageFolderData`, `ImageSplits.scan`,
 `finetune.functional.data_load`) and the CLI (`finetune train`) alike.
 
-- `VAL_SPLIT`: the share of each class's training images held out for validation. A fifth
-  leaves 16 validation images per class at 80 training images (UC Merced), enough for a
-  validation accuracy that tells learning rates apart.
+- `VAL_SPLIT`: the share of each class's training images held out for validation: a fifth of
+  UC Merced's 80 per class is 16, enough for a validation accuracy that tells settings apart.
 - `AUGMENT`: training images are not augmented unless asked. Un-augmented images are decoded
   once and let frozen strategies train on cached activations; on the small sets this library
   is for, the quick comparison measured higher accuracy without augmentation (UC Merced,
