@@ -16,8 +16,8 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finetune.data import defaults
 from finetune.data.decoded import DecodedImages, ImageFile
+from finetune.data.defaults import AUGMENT, VAL_SPLIT
 from finetune.data.images import file_keys, load_rgb
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import EvalTransform, TrainTransform, sized
@@ -176,12 +176,12 @@ class ImageFolderData:
         self,
         root: Path | str | ImageSplits,
         *,
-        val_split: float = defaults.VAL_SPLIT,
+        val_split: float = VAL_SPLIT,
         seed: int = 0,
         split_seed: int | None = None,
         shuffle_seed: int | None = None,
         batch_size: int = 32,
-        data_augmentation: bool = defaults.AUGMENT,
+        data_augmentation: bool = AUGMENT,
         preprocessing: Preprocessing | None = None,
         image_size: int | None = None,
         num_workers: int | None = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import attrs
 
-from finetune.data import defaults
+from finetune.data.defaults import VAL_SPLIT
 from finetune.data.download import safe_extract
 from finetune.data.images import find_problems, list_classes, scan_split
 from finetune.data.resized import resize_tree, resized_name
@@ -47,7 +47,7 @@ class ImageSplits:
         cls,
         root: Path | str,
         *,
-        val_split: float = defaults.VAL_SPLIT,
+        val_split: float = VAL_SPLIT,
         split_seed: int = 0,
         train_per_class: int | None = None,
         pre_resize: int | None = None,
