@@ -224,3 +224,26 @@ def test_cli_trains_with_the_recipe_flags(tmp_path: Path, capsys):
         "max_grad_norm": 1.0}
     batches = math.ceil(saved["history"]["records"][0]["train_images"] / 2)
     assert saved["global_step"] == 2 * math.ceil(batches / 2)  # optimizer steps, not batches
+
+
+def test_an_epoch_scheduler_resumes_from_a_state_saved_on_the_real_optimizer():
+    """Older checkpoints hold the scheduler of the real optimizer (absolute lrs): the factor
+    is read relative to its base lr."""
+    from finetune.train.schedules import EpochScheduler
+
+    weight = nn.Parameter(torch.zeros(1))
+    real = torch.optim.SGD([weight], lr=1e-3)
+    old = torch.optim.lr_scheduler.StepLR(real, step_size=1, gamma=0.5)
+    real.step()
+    old.step()
+    old.step()  # two epochs in: lr 2.5e-4
+    resumed = EpochScheduler(functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1,
+                                               gamma=0.5))
+    resumed.load_state_dict(old.state_dict())
+    assert resumed.factor == pytest.approx(0.25)
+    resumed.step({"train_loss": 1.0})
+    assert resumed.factor == pytest.approx(0.125)
+    fresh = EpochScheduler(functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1,
+                                             gamma=0.5))
+    fresh.load_state_dict(resumed.state_dict())
+    assert fresh.factor == pytest.approx(0.125)

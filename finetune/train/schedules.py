@@ -108,6 +108,12 @@ class EpochScheduler:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; a state saved by a scheduler on the real optimizer (older
+        checkpoints: absolute lrs per group) is read relative to its first group's base lr."""
+        base = (state.get("base_lrs") or [1.0])[0]
+        if base not in (0, 1.0):
+            state = {**state, "base_lrs": [1.0], "_last_lr": [
+                lr / base for lr in (state.get("_last_lr") or [base])][:1]}
         self.scheduler.load_state_dict(state)
         self._shadow.param_groups[0]["lr"] = _last_factor(self.scheduler, state)
 
