@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from finetune.data.decoded import physical_memory
 from finetune.errors import ArchitectureError
 from finetune.model.zoo import check_backbone_name
 from finetune.strategies import FreezeStrategy, parse_strategy
@@ -63,8 +64,6 @@ def check_image_fits(image_size: int | None, batch_size: int) -> None:
     """Refuse, before any data or model is loaded, an image size whose training batch cannot
     fit in this machine's memory (`--image-size 100000` would fail with a MemoryError or
     swap for an hour)."""
-    from finetune.data.decoded import physical_memory
-
     ram = physical_memory()
     if image_size is None or ram is None:
         return

@@ -2,10 +2,10 @@
 
 A plain loop runs every frozen layer forward on every image in every epoch, which is why
 freezing saves users less than they expect. When a strategy freezes a prefix of the network
-(its traced graph: `finetune.cache.cut`), its
-frozen BatchNorm layers are in eval mode, its stochastic layers are off or absent and the
-images are not augmented, the prefix output of an image never changes — so the Trainer computes
-it once (`ActivationCache.fill`) and later epochs feed the stored activations to the suffix.
+(of its traced graph: `finetune.cache.cut`), its frozen BatchNorm layers are in eval mode,
+its stochastic layers are off or absent and the images are not augmented, the prefix output
+of an image never changes — so the Trainer computes it once (`ActivationCache.fill`) and
+later epochs feed the stored activations to the suffix.
 `finetune.cache.plan` decides which loaders are cached.
 Shuffling is untouched: batches are drawn from the loader's own batch sampler.
 

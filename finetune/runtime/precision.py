@@ -204,17 +204,12 @@ def resolve_precision(
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "fp32"
     key = (model_signature(model), str(device), tuple(sample_shape), channels_last)
-    if key not in _CACHE:
-        def timed() -> str:
-            generator = torch.Generator().manual_seed(0)
-            images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
-            return probe_precision(model, images, channels_last)[0]
 
-        verdict = VerdictStore().decide("precision", key, timed if probe else None)
-        if verdict is None:
-            return "fp32"
-        _CACHE[key] = verdict
-    return _CACHE[key]
+    def timed() -> str:
+        images = _probe_images(probe_batch, sample_shape, device)
+        return probe_precision(model, images, channels_last)[0]
+
+    return _decided(_CACHE, "precision", key, timed if probe else None, "fp32")
 
 
 def model_signature(model: nn.Module, trainable: bool = True) -> str:
@@ -254,19 +249,32 @@ def resolve_channels_last(
         return False
     # by structure alone: a resume into a later phase of a schedule keeps the first verdict
     key = (model_signature(model, trainable=False), str(device), tuple(sample_shape), precision)
-    if key not in _LAYOUTS:
-        def timed() -> bool:
-            generator = torch.Generator().manual_seed(0)
-            images = torch.randn((probe_batch, *sample_shape), generator=generator).to(device)
-            nchw, nhwc = least_step_seconds(model, images, [(precision, False),
-                                                            (precision, True)])
-            return nchw >= MIN_LAYOUT_SPEEDUP * nhwc
 
-        verdict = VerdictStore().decide("channels_last", key, timed if probe else None)
+    def timed() -> bool:
+        images = _probe_images(probe_batch, sample_shape, device)
+        nchw, nhwc = least_step_seconds(model, images, [(precision, False), (precision, True)])
+        return nchw >= MIN_LAYOUT_SPEEDUP * nhwc
+
+    return _decided(_LAYOUTS, "channels_last", key, timed if probe else None, True)
+
+
+def _decided(memo: dict[Any, Any], kind: str, key: tuple, probe: Callable[[], Any] | None,
+             default: Any) -> Any:
+    """The verdict for `key`: this process's, else this machine's stored one, else what
+    `probe()` finds (then stored); `default`, kept nowhere, when there is none and no probe
+    may run."""
+    if key not in memo:
+        verdict = VerdictStore().decide(kind, key, probe)
         if verdict is None:
-            return True
-        _LAYOUTS[key] = verdict
-    return _LAYOUTS[key]
+            return default
+        memo[key] = verdict
+    return memo[key]
+
+
+def _probe_images(batch: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The same random images for every probe (a generator of its own: no global RNG)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((batch, *shape), generator=generator).to(device)
 
 
 def machine_signature() -> str:
