@@ -14,6 +14,8 @@ the preprocessing the model was trained with.
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import re
 import sys
@@ -23,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from finetune.cache.plan import ActivationCaches
 from finetune.callbacks import Callback, Checkpoint, WandbLogger
 from finetune.callbacks.console import (
     FreezeReportLines,
@@ -43,8 +46,9 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     channels_last_argument,
     check_image_fits,
     device_argument,
+    lr_argument,
+    lr_grid_argument,
     non_negative_int,
-    positive_float,
     positive_int,
     recipe_settings,
     strategy_argument,
@@ -58,6 +62,9 @@ from finetune.runtime import distributed
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.train.trainer import Trainer
+from finetune.tuning import LrSearch, Tuning, lr_grid
+
+AUTO_LR_CENTER = 1e-3  # --lr auto's grid: 3.2e-4, 1e-3, 3.2e-3 and beyond a winning edge
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -95,8 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DEFAULT (ImageNet), none (random init), a weights enum name "
                             "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
     train.add_argument("--epochs", type=positive_int, default=5, help="(default: 5)")
-    train.add_argument("--lr", type=positive_float, default=1e-4,
-                       help="Adam learning rate (default: 1e-4)")
+    train.add_argument("--lr", type=lr_argument, default=1e-4,
+                       help="Adam learning rate, or auto: chosen on the validation split from "
+                            "--lr-grid, then trained as a normal run (default: 1e-4)")
+    train.add_argument("--lr-grid", type=lr_grid_argument, default=None, metavar="LRS",
+                       help="the lrs --lr auto tries, comma-separated (default: "
+                            f"{','.join(f'{v:g}' for v in lr_grid(AUTO_LR_CENTER))}; it grows "
+                            "past an edge that wins)")
     train.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
                        help="share of each class's training images held out for validation; "
                             f"0 for none (default: {defaults.VAL_SPLIT})")
@@ -207,9 +219,17 @@ def take_run_settings(args: argparse.Namespace) -> None:
     for name in RESUMED_SETTINGS:
         if name in recorded and getattr(args, name) == parser.get_default(name):
             setattr(args, name, recorded[name])
+    if isinstance(record.get("tuning"), dict) and args.lr == parser.get_default("lr"):
+        args.lr = float(record["tuning"]["chosen"])  # the lr --lr auto chose for the run
 
 
 def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
+    if args.lr == "auto" and args.resume is not None:
+        args.parser.error("--lr auto chooses the lr before a run starts; a resume goes on at "
+                          "the lr its run chose (leave --lr out)")
+    if args.lr == "auto" and not args.val_split:
+        args.parser.error("--lr auto chooses the lr on the validation split: give --val-split "
+                          "above 0 (e.g. 0.2), or a number: --lr 1e-4")
     if args.resume is not None:
         take_run_settings(args)
     check_image_fits(args.image_size, args.batch_size)
@@ -227,10 +247,15 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
         f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
     say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
     strategy: FreezeStrategy = args.strategy
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                         precision=args.precision, device=args.device,
+    val_loader = data.val_loader() if args.val_split > 0 else None
+    config = TrainConfig(epochs=args.epochs, lr=1.0 if args.lr == "auto" else args.lr,
+                         seed=args.seed, precision=args.precision, device=args.device,
                          channels_last=args.channels_last, feature_cache=args.feature_cache,
                          **recipe_settings(args))
+    tuning = None
+    if args.lr == "auto":
+        tuning = _choose_lr(args, backbone, strategy, config, data, val_loader, say)
+        config = attrs.evolve(config, lr=tuning.chosen)
     callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
@@ -238,13 +263,14 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
         checkpoint = Checkpoint(checkpoint_dir, save_best=args.val_split > 0,
                                 overwrite=args.overwrite)
         # Checkpoint first: it refuses a folder holding another run before run.json is written.
-        callbacks += [checkpoint,
-                      RunFile(checkpoint_dir, _run_record(args, backbone, data, strategy))]
+        record = _run_record(args, backbone, data, strategy)
+        if tuning is not None:
+            record["tuning"] = tuning.to_dict()
+        callbacks += [checkpoint, RunFile(checkpoint_dir, record)]
     if args.wandb_project:
         callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
                                      config={"cli": _cli_config(args)}))
     trainer = Trainer(backbone, strategy, config, callbacks, classes=data.classes)
-    val_loader = data.val_loader() if args.val_split > 0 else None
     trainer.fit(data.train_loader(), val_loader, resume=args.resume)
     if checkpoint is not None:
         saved = [p for p in (checkpoint.best_path, checkpoint.last_path) if p.is_file()]
@@ -252,6 +278,26 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     report = trainer.evaluate(data.test_loader())
     say(f"test set (weights after the last epoch):\n{report.table()}")
     return 0
+
+
+def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStrategy,
+               config: TrainConfig, data: ImageFolderData, val_loader: Any,
+               say: Callable[..., None]) -> Tuning:
+    """`--lr auto`: the search of `benchmarks.compare --tune lr`, on copies of the backbone
+    and without the run's callbacks; the run itself then trains at the chosen lr."""
+    grid = args.lr_grid or lr_grid(AUTO_LR_CENTER)
+    center = min(grid, key=lambda lr: abs(math.log(lr / AUTO_LR_CENTER)))
+    say(f"--lr auto: trying {', '.join(f'{lr:g}' for lr in grid)} on the validation split")
+
+    def make_trainer(lr: float, activations: ActivationCaches) -> Trainer:
+        return Trainer(copy.deepcopy(backbone), copy.deepcopy(strategy),
+                       attrs.evolve(config, lr=lr), [progress_callback()],
+                       classes=data.classes, activations=activations)
+
+    search = LrSearch([center, *(lr for lr in grid if lr != center)], args.epochs)
+    tuning, _ = search.run(make_trainer, data.train_loader(), val_loader)
+    say(tuning.describe())
+    return tuning
 
 
 def _run_record(args: argparse.Namespace, backbone: Backbone, data: ImageFolderData,

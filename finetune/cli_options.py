@@ -54,6 +54,20 @@ positive_float = checked_number(float, lambda v: math.isfinite(v) and v > 0,
 val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def lr_argument(text: str) -> float | str:
+    """`--lr`: a positive number, or `auto` (chosen on validation by `finetune.tuning`)."""
+    return "auto" if text == "auto" else positive_float(text)
+
+
+def lr_grid_argument(text: str) -> tuple[float, ...]:
+    from finetune.tuning import parse_grid
+
+    try:
+        return parse_grid(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 # Training holds at least this many copies of a batch's fp32 pixels at once (the batch, the
 # first layers' activations and their gradients); ResNet50 holds ~210 (4.1 GB peak at batch
 # 32, 224 px), so this is a floor, not an estimate.

@@ -185,3 +185,25 @@ def test_python_dash_m_finetune_reports_errors_with_exit_code_2():
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "unknown strategy 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lr_auto_chooses_on_validation_then_trains_and_a_resume_keeps_its_lr(
+        tree, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    common = ["--data", str(tree), "--backbone", TINY, "--batch-size", "4",
+              "--strategy", "last-layer", *FAST]
+    code, out, err = run(["train", *common, "--epochs", "1", "--lr", "auto", "--lr-grid",
+                          "1e-3,1e-2", "--checkpoint-dir", str(runs)], capsys)
+    assert code == 0, err
+    assert "--lr auto: trying 0.001, 0.01 on the validation split" in out
+    record = json.loads((runs / "run.json").read_text())
+    chosen = record["tuning"]["chosen"]
+    assert f"lr {chosen:g}, chosen on validation" in out
+    assert {c["lr"] for c in record["tuning"]["candidates"]} >= {1e-3, 1e-2}
+    state = load_checkpoint(runs / "last.pt")
+    assert state["config"]["lr"] == chosen  # the run itself trained at the chosen lr
+    code, out, err = run(["train", *common, "--epochs", "2", "--resume", str(runs)], capsys)
+    assert code == 0, err
+    assert load_checkpoint(runs / "last.pt")["config"]["lr"] == chosen
+    code, _, err = run(["train", *common, "--lr", "auto", "--val-split", "0"], capsys)
+    assert code == 2 and "give --val-split above 0" in err

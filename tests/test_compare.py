@@ -125,10 +125,10 @@ def test_default_strategies_write_every_output(
     table = (tmp_path / "results.md").read_text()
     for name in compare.DEFAULT_STRATEGIES:
         assert f"| {name} |" in table
-    assert "| strategy | trainable params | val acc (%) | test acc (%)" in table
+    assert "| strategy | lr | trainable params | val acc (%) | test acc (%)" in table
     assert "| 95% CI | runs |" in table and results["verdict"] in table
     out = capsys.readouterr().out
-    assert "| strategy | trainable params" in out and results["verdict"] in out
+    assert "| strategy | lr | trainable params" in out and results["verdict"] in out
 
     with open(tmp_path / "per_class.csv") as handle:
         per_class = list(csv.reader(handle))
@@ -230,7 +230,7 @@ def test_resume_refuses_other_settings(tree: Path, tmp_path: Path) -> None:
     args = argv(tree, tmp_path, "--strategies", "last-layer")
     assert compare.main(args, backbone_factory=Factory()) == 0
     changed = [*args, "--lr", "0.1", "--resume"]
-    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.0005 -> 0.1\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.0005 -> 0.1, lr_grid: "):
         compare.main(changed, backbone_factory=Factory())
 
 
@@ -269,7 +269,8 @@ def test_wandb_logs_each_strategy_offline_in_one_group(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    args = argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit", "--wandb")
+    args = argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit", "--wandb",
+                "--tune", "none")
     assert compare.main(args, backbone_factory=Factory()) == 0
     runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
@@ -501,3 +502,71 @@ def test_a_stopped_comparison_ends_the_runs_in_progress_and_starts_no_more() -> 
         assert list(counts) == [0, 2, 1]  # counted in and out again
     finally:
         pool._start_worker(None, 1)
+
+
+# -- per-strategy lr tuning ------------------------------------------------------------------
+class CountingLoader:
+    """A test loader that counts its passes: the test set is for the chosen run alone."""
+
+    passes = 0
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.dataset, self.batch_size = loader.dataset, loader.batch_size
+
+    def __iter__(self):
+        type(self).passes += 1
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def test_tuned_rows_use_the_test_set_once_and_record_their_search(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune.data import ImageFolderData
+
+    original = ImageFolderData.test_loader
+    monkeypatch.setattr(ImageFolderData, "test_loader",
+                        lambda self, *a, **k: CountingLoader(original(self, *a, **k)))
+    CountingLoader.passes = 0
+    args = argv(tree, tmp_path, "--strategies", "last-layer,full-unfreeze", "--epochs", "2",
+                "--lr-grid", "1e-3,1e-2")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    assert CountingLoader.passes == 2  # one pass per row, however many candidates trained
+    results = read_results(tmp_path)
+    assert results["config"]["tune"] == "lr"
+    assert results["config"]["lr_grid"] == [0.0005, 0.001, 0.01]  # --lr is always tried
+    for row in results["rows"]:
+        tuning = row["tuning"]
+        assert tuning["parameter"] == "lr" and tuning["chosen"] == row["lr"]
+        assert {c["lr"] for c in tuning["candidates"]} >= {0.0005, 0.001, 0.01}
+        for candidate in tuning["candidates"]:
+            assert set(candidate) >= {"lr", "val_accuracy", "epochs"}
+        chosen = next(c for c in tuning["candidates"] if c["lr"] == row["lr"])
+        assert chosen["epochs"] == row["epochs"] == 2
+        assert chosen["val_accuracy"] == row["val_accuracy"]
+        assert tuning["seconds"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| strategy | lr |" in table and "evaluated once per row" in table
+
+
+def test_resume_keeps_the_tuning_of_finished_rows(tree: Path, tmp_path: Path) -> None:
+    args = argv(tree, tmp_path, "--strategies", "last-layer")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    before = read_results(tmp_path)["rows"][0]["tuning"]
+    assert before is not None
+    more = [*argv(tree, tmp_path, "--strategies", "last-layer,bitfit"), "--resume"]
+    assert compare.main(more, backbone_factory=Factory()) == 0
+    rows = read_results(tmp_path)["rows"]
+    assert rows[0]["tuning"] == before and rows[1]["tuning"]["parameter"] == "lr"
+
+
+def test_untuned_rows_say_so(tree: Path, tmp_path: Path) -> None:
+    args = argv(tree, tmp_path, "--strategies", "last-layer", "--tune", "none", "--lr", "0.01")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    row = read_results(tmp_path)["rows"][0]
+    assert row["tuning"] is None and row["lr"] == 0.01
+    with pytest.raises(SystemExit, match="--lr-grid is the grid --tune lr searches"):
+        compare.main([*args, "--lr-grid", "1e-3", "--overwrite"], backbone_factory=Factory())

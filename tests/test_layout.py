@@ -20,6 +20,7 @@ LAYERS = (
     ("finetune.cache",),
     ("finetune.train",),
     ("finetune.callbacks",),
+    ("finetune.tuning",),
     ("finetune.cli", "finetune.cli_options", "finetune.cli_evaluate", "finetune.functional",
      "finetune.integrations"),
 )

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +33,7 @@ from benchmarks.compare.settings import (
 )
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
 from finetune.atomic import LockBusyError, exclusive_lock
+from finetune.cache.plan import ActivationCaches
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
 from finetune.callbacks.console import tolerate_unencodable_output
 from finetune.data import DecodedImages, ImageSplits, INaturalist12K, default_cache_root
@@ -40,6 +41,8 @@ from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError, redact
 from finetune.model.zoo import build_backbone, seeded
 from finetune.runtime import distributed
+from finetune.train.state import History
+from finetune.tuning import LrSearch, Tuning
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
@@ -116,60 +119,92 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
             backbone_factory: BackboneFactory, output: Path,
             decoded: DecodedImages | None = None,
             extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train `spec` with `seed` on the shared split; return its results row. Runs that pass
-    one `decoded` store decode each un-augmented image once between them."""
+    """Train `spec` with `seed` on the shared split — at `settings.lr`, or (`tune="lr"`) at the
+    lr `finetune.tuning.LrSearch` chooses on the validation split — and return its results
+    row; the test set is evaluated once, for the trained row. Runs that pass one `decoded`
+    store decode each un-augmented image once between them."""
     run = parse_run(spec)
-    strategy, pretrained = run.strategy, run.pretrained
     with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
-        backbone = backbone_factory(settings.backbone, len(splits.classes), pretrained)
-    data = loaders_for(splits, settings, backbone, decoded)
-    config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
-                         precision=settings.precision, device=settings.device,
-                         schedule=settings.schedule, warmup=settings.warmup,
-                         label_smoothing=settings.label_smoothing)
-    train_loader = data.train_loader(shuffle_seed=seed)
-    witness = TrainCacheWitness(train_loader)
-    callbacks: list[Callback] = [witness, *extra_callbacks]
-    if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble the bars
-        callbacks.append(ProgressBar())
-    if settings.wandb_group:
-        callbacks.append(WandbLogger(
-            project=settings.wandb_project, name=f"{spec} seed{seed}",
-            group=settings.wandb_group, config={"compare": settings.to_dict()}, dir=str(output)))
-    trainer = Trainer(backbone, strategy, config, callbacks, classes=data.classes)
+        initial = backbone_factory(settings.backbone, len(splits.classes), run.pretrained)
+    data = loaders_for(splits, settings, initial, decoded)
+    train_loader, val_loader = data.train_loader(shuffle_seed=seed), data.val_loader()
+
+    def make_trainer(lr: float, activations: ActivationCaches | None = None) -> Trainer:
+        config = TrainConfig(epochs=settings.epochs, lr=lr, seed=seed,
+                             precision=settings.precision, device=settings.device,
+                             schedule=settings.schedule, warmup=settings.warmup,
+                             label_smoothing=settings.label_smoothing)
+        witness = TrainCacheWitness(train_loader)
+        callbacks: list[Callback] = [witness, *extra_callbacks]
+        if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble bars
+            callbacks.append(ProgressBar())
+        if settings.wandb_group:
+            callbacks.append(WandbLogger(
+                project=settings.wandb_project, name=f"{spec} seed{seed} lr{lr:g}",
+                group=settings.wandb_group, config={"compare": settings.to_dict(), "lr": lr},
+                dir=str(output)))
+        # candidates of a search start from copies: each trains its own weights
+        backbone = copy.deepcopy(initial) if settings.tune == "lr" else initial
+        trainer = Trainer(backbone, parse_run(spec).strategy, config, callbacks,
+                          classes=data.classes, activations=activations)
+        return trainer
+
     with PeakMemory(torch.device("cuda") if (settings.device != "cpu"
                                              and torch.cuda.is_available())
                     else torch.device("cpu")) as memory:
         # Same split for every run; the shuffle and augmentation follow the run's seed.
-        history = trainer.fit(train_loader, data.val_loader())
+        tuning = None
+        if settings.tune == "lr":
+            tuning, trainer = LrSearch(settings.lr_grid, settings.epochs).run(
+                make_trainer, train_loader, val_loader)
+        else:
+            trainer = make_trainer(settings.lr)
+            trainer.fit(train_loader, val_loader)
+        history = trainer.history
         test = trainer.evaluate(data.test_loader())
-    freeze = trainer.state.freeze_report
-    assert freeze is not None  # fit() always applies the strategy
+    strategy, backbone, freeze = trainer.strategy, trainer.backbone, trainer.state.freeze_report
+    if strategy is None or freeze is None:
+        raise RuntimeError("run_one's trainers are built with a strategy, which fit applies")
+    witness = next(c for c in trainer.callbacks if isinstance(c, TrainCacheWitness))
     last = history.records[-1]
+    costs = epoch_costs(history, tuning)
     return {
         "strategy": spec, "seed": seed, "strategy_state": strategy.state_dict(),
-        "pretrained": pretrained, "backbone": backbone.name, "weights": backbone.weights,
+        "pretrained": run.pretrained, "backbone": backbone.name, "weights": backbone.weights,
         "trainable_params": freeze.trainable_params, "total_params": freeze.total_params,
         "trainable_pct": 100 * freeze.trainable_fraction,
         "val_accuracy": last["val_accuracy"], "best_val_accuracy": max(history["val_accuracy"]),
         "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
         **noise.run_intervals(test.targets, test.predictions, len(data.classes)),
         "test_predictions": test.predictions.tolist(),
-        "epochs": len(history), "seconds_per_epoch": statistics.fmean(history["epoch_seconds"]),
-        "train_seconds_per_epoch": statistics.fmean(history["train_seconds"]),
-        "images_per_second": sum(history["train_images"]) / max(sum(history["train_seconds"]),
-                                                                1e-9),
+        "epochs": len(history), **costs,
         "peak_memory_mib": memory.mib, "memory_measure": memory.method,
         "precision": trainer.state.precision, "device": str(trainer.state.device),
         "world_size": distributed.world_size(),
         "jobs": settings.jobs,  # runs at once: how the CPU was shared
         "train_uncached_reason": witness.reason,
+        "lr": trainer.config.lr,
+        "tuning": tuning.to_dict() if tuning is not None else None,
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),
         "test_images": len(data.test_samples),
         "per_class_test_accuracy": dict(zip(data.classes, map(float, test.per_class_accuracy),
                                             strict=True)),
         "history": history.records, "config": settings.to_dict(),
     }
+
+
+def epoch_costs(history: History, tuning: Tuning | None) -> dict[str, float]:
+    """Seconds per epoch (all, and the training pass) and training images per second. A tuned
+    row's candidates share one activation-cache fill, paid by whichever ran first: the row is
+    charged the whole fill in place of its own share, so it costs what a run of its own does."""
+    fill = (tuning.fill_seconds - sum(history.records[i].get("cache_fill_seconds", 0.0)
+                                      for i in range(len(history)))
+            if tuning is not None else 0.0)
+    epochs = len(history)
+    train_seconds = sum(history["train_seconds"]) + fill
+    return {"seconds_per_epoch": (sum(history["epoch_seconds"]) + fill) / epochs,
+            "train_seconds_per_epoch": train_seconds / epochs,
+            "images_per_second": sum(history["train_images"]) / max(train_seconds, 1e-9)}
 
 
 # -- seeds by cost -------------------------------------------------------------------------------

@@ -29,9 +29,11 @@ from finetune.cli_options import (
 )
 from finetune.model.zoo import default_backbone_name
 from finetune.train.config import PRECISIONS, SCHEDULES
+from finetune.tuning import lr_grid, parse_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
+TUNE_CHOICES = ("lr", "none")
 # Every row needs a validation accuracy, so unlike `finetune train` 0 is not allowed.
 OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
@@ -40,16 +42,18 @@ COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
     "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
                   "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True,
-                  "augment": True, "jobs": 1},
+                  "augment": True, "jobs": 1, "tune": "none"},
     # Minutes on a 2-core CPU: 20 images per class (16 train + 4 val), 160 px, 3 epochs, batch
     # 16 for more steps per image; Adam at 5e-4 so a linear probe gets somewhere in 60 steps
     # without wrecking full fine-tuning. The test set is always the whole test/val folder.
     # Un-augmented: fixed images let the frozen strategies train on cached activations (the
     # accuracy effect is measured in docs/benchmarks.md). Runs side by side on a CPU, one per
-    # core (`pool.auto_jobs`): one run alone does not keep two cores busy.
+    # core (`pool.auto_jobs`): one run alone does not keep two cores busy. Each strategy at
+    # its own lr, chosen on validation from a grid around 5e-4 (`finetune.tuning`): one shared
+    # lr would decide the ranking (docs/benchmarks.md).
     "quick": {"backbone": "auto", "epochs": 3, "train_per_class": 20, "val_split": 0.2,
               "image_size": 160, "batch_size": 16, "lr": 5e-4, "pre_resize": False,
-              "augment": False, "jobs": "auto"},
+              "augment": False, "jobs": "auto", "tune": "lr"},
 }
 
 
@@ -76,6 +80,8 @@ class Settings:
     warmup: int | float | None = _resume(default=None)
     label_smoothing: float = _resume(default=0.0)
     augment: bool = _resume(default=True)  # random crops and flips of the training images
+    tune: str = _resume(default="none")  # "lr": each row at its own lr, chosen on validation
+    lr_grid: tuple[float, ...] = _resume(default=(), converter=tuple)  # the lrs "lr" tries
     pre_resize: bool
     preset: str
     strategies: tuple[str, ...] = attrs.field(converter=tuple)
@@ -149,6 +155,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
+    p.add_argument("--tune", choices=TUNE_CHOICES, help="lr: each strategy at its own lr, "
+                   "chosen on the validation split from --lr-grid (the test set is used once, "
+                   "for the chosen lr); none: every strategy at --lr (default: the preset's; "
+                   "quick: lr, reference: none)")
+    p.add_argument("--lr-grid", type=_grid, help="the lrs --tune lr tries, comma-separated "
+                   "(default: --lr and its neighbours two per decade, e.g. 1.6e-4,5e-4,1.6e-3);"
+                   " --lr is always one of them, and the grid grows past an edge that wins")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crops and flips of the training images (default: the preset's;"
                    " quick: off, so frozen strategies train on cached activations; reference: on)")
@@ -188,6 +201,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        return parse_grid(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _jobs(text: str) -> int | str:
     return text if text == "auto" else positive_int(text)
 
@@ -216,15 +236,26 @@ def strategy_specs(args: argparse.Namespace) -> list[str]:
     return specs
 
 
+def search_grid(lr: float, grid: Sequence[float] | None) -> tuple[float, ...]:
+    """The lrs a tuned row tries, `lr` first (tried first, and it wins a full tie)."""
+    rest = sorted(set(grid) if grid else set(lr_grid(lr)))
+    return (lr, *(value for value in rest if value != lr))
+
+
 def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
                      command: str, wandb_group: str | None = None) -> Settings:
     """The preset with the command line's overrides on top."""
     chosen = dict(COMPARE_PRESETS[args.preset])
     for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
                 "batch_size", "lr", "schedule", "warmup", "label_smoothing",
-                "augment", "jobs"):
+                "augment", "jobs", "tune", "lr_grid"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
+    if args.lr_grid is not None and chosen["tune"] == "none":
+        raise SystemExit("--lr-grid is the grid --tune lr searches; add --tune lr (or drop "
+                         "--lr-grid: this preset trains every strategy at --lr)")
+    chosen["lr_grid"] = (search_grid(chosen["lr"], chosen.get("lr_grid"))
+                         if chosen["tune"] == "lr" else ())
     if chosen["backbone"] == "auto":
         chosen["backbone"] = default_backbone_name()
         chosen["backbone_choice"] = (

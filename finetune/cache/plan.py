@@ -12,6 +12,7 @@ a cache exists.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -43,6 +44,17 @@ def plan_cut(backbone: Backbone) -> tuple[Cut | None, str]:
     return Cut(graph.position, graph.label, graph=graph), ""
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold equal parameters and buffers under the same names."""
+    if a is b:
+        return True
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(
+        ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape
+        and (ours[k].data_ptr() == theirs[k].data_ptr() or torch.equal(ours[k], theirs[k]))
+        for k in ours)
+
+
 class ActivationCaches:
     """Which of fit's loaders run on stored prefix activations, and the forward for each.
 
@@ -50,31 +62,46 @@ class ActivationCaches:
     `allow` (fit's train and val loaders) are cached, and `release` drops every activation.
     """
 
-    def __init__(self, mode: str, memory_budget: int, directory: str | Path | None) -> None:
+    def __init__(self, mode: str = "off", memory_budget: int = 0,
+                 directory: str | Path | None = None) -> None:
         self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
         self.cut: Cut | None = None
         self.reason = "fit has not planned a cut"
+        self._context: Any = None  # what the stored activations were computed under
+        self.fill_seconds = 0.0  # time spent running the prefix to fill caches, all in all
         self._caches: dict[int, ActivationCache] = {}
         self._cacheable: set[int] = set()
         self._refused: dict[int, str] = {}
+
+    def configure(self, mode: str, memory_budget: int, directory: str | Path | None) -> None:
+        """A shared cache takes each trainer's settings; other settings drop what it holds."""
+        if (mode, memory_budget, directory) != (self.mode, self.memory_budget, self.directory):
+            self.release()
+            self.cut = None
+        self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
 
     def __len__(self) -> int:
         """How many loaders' activations are held now."""
         return len(self._caches)
 
-    def plan(self, backbone: Backbone) -> None:
+    def plan(self, backbone: Backbone, context: Any = None) -> None:
         """Find the cut for what the strategy now freezes; activations of an unchanged prefix
-        are kept (the suffix is re-traced: what trains after the cut may have changed)."""
+        are kept (the suffix is re-traced: what trains after the cut may have changed).
+        `context` is what else the activations depend on (device, precision, memory format);
+        activations are kept only for the same context and a prefix with equal weights — also
+        when another backbone (a copy trained at another lr) takes over a shared cache."""
         cut, reason = (None, "feature_cache='off'") if self.mode == "off" else plan_cut(backbone)
         if cut is None and reason != self.reason:  # said once, and kept for why_uncached
             log.info("activation cache off for %s: %s", backbone.name, reason)
-        if cut != self.cut:
+        if cut != self.cut or context != self._context or (cut is not None and not all(
+                same_weights(cache.prefix, cut.graph.prefix)
+                for cache in self._caches.values())):
             self._caches.clear()
             self._refused.clear()
         elif cut is not None:
             for cache in self._caches.values():
                 cache.suffix = cut.graph.suffix
-        self.cut, self.reason = cut, reason
+        self.cut, self.reason, self._context = cut, reason, context
 
     def allow(self, *loaders: Any) -> None:
         self._cacheable = {id(loader) for loader in loaders if loader is not None}
@@ -132,6 +159,7 @@ class ActivationCaches:
                 return None
             cache = ActivationCache(backbone, self.cut, memory_budget=self.memory_budget,
                                     directory=self.directory)
+            started = time.perf_counter()
             try:
                 cache.fill(loader, prefix_forward, device,
                            shard=RowShard.for_dataset(len(loader.dataset)))
@@ -141,5 +169,7 @@ class ActivationCaches:
                 warnings.warn(f"activation cache off: {error}", RuntimeWarning, stacklevel=4)
                 self._refused[id(loader)] = str(error)
                 return None
+            finally:
+                self.fill_seconds += time.perf_counter() - started
             self._caches[id(loader)] = cache
         return self._caches[id(loader)]

@@ -75,6 +75,7 @@ class Trainer:
         scheduler: SchedulerSpec = None,
         loss: LossSpec = None,
         classes: Sequence[str] | None = None,
+        activations: ActivationCaches | None = None,
     ) -> None:
         if strategy is not None and not isinstance(strategy, FreezeStrategy):
             raise TypeError(
@@ -99,7 +100,10 @@ class Trainer:
         self.scheduler: EpochScheduler | None = None  # scheduler=, as a factor on the lr
         self.state = TrainState()
         self._prepared = False
-        self.activations = ActivationCaches("off", 0, None)  # configured by _prepare
+        # `activations`: a cache shared with trainers of the same frozen prefix (learning-rate
+        # candidates, `finetune.tuning`); it outlives fit, its owner releases it
+        self._shared_activations = activations
+        self.activations = activations if activations is not None else ActivationCaches()
         self.parallel = distributed.DataParallel()  # DDP under torchrun, else nothing
         self._data: dict[str, Any] | None = None  # data_identity of the loader fit trains on
 
@@ -112,9 +116,10 @@ class Trainer:
         self,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None = None,
-        resume: str | Path | None = None,
+        resume: str | Path | dict[str, Any] | None = None,
     ) -> History:
-        """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`)."""
+        """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`: a
+        checkpoint file, or a `state_dict()` held in memory)."""
         config, strategy = self.config, self.strategy
         if strategy is None:
             raise ValueError("fit needs a strategy (what trains); a Trainer built with "
@@ -126,7 +131,10 @@ class Trainer:
         self._data = data_identity(self.classes or [], train_loader)
         if config.seed is not None:
             seed_everything(config.seed)
-        checkpoint = load_checkpoint(resume) if resume is not None else None
+        checkpoint = (resume if isinstance(resume, dict) or resume is None
+                      else load_checkpoint(resume))
+        if isinstance(resume, dict):
+            resume = "the checkpoint held in memory"
         if checkpoint is not None and int(checkpoint["epoch"]) + 1 >= config.epochs:
             done = int(checkpoint["epoch"]) + 1
             raise ValueError(
@@ -154,13 +162,13 @@ class Trainer:
                 self.state.epoch = epoch
                 if epoch != configured_epoch and strategy.changes_at(epoch):
                     self._freeze(strategy, epoch)
-                    self.activations.plan(self.backbone)
+                    self.activations.plan(self.backbone, self._fill_context())
                     self._configure_optimizer(epoch, previous=self.optimizer)
                 if config.seed is not None:
                     reseed(epoch_seed(config.seed, epoch), train_loader)
                 set_sampler_epoch(train_loader, epoch)
                 dispatch(self.callbacks, Event.EPOCH_START, self, epoch=epoch)
-                started = time.perf_counter()
+                started, filled = time.perf_counter(), self.activations.fill_seconds
                 metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
                 if val_loader is not None:
                     dispatch(self.callbacks, Event.VALIDATION_START, self)
@@ -171,6 +179,7 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step(metrics)
                 metrics["epoch_seconds"] = time.perf_counter() - started
+                metrics["cache_fill_seconds"] = self.activations.fill_seconds - filled
                 self.history.records.append(metrics)
                 dispatch(self.callbacks, Event.EPOCH_END, self, metrics=metrics)
                 self.state.should_stop = distributed.any_rank(self.state.should_stop)
@@ -182,7 +191,8 @@ class Trainer:
             notify_exception(self.callbacks, self, error)
             raise
         finally:  # activations can take GiBs; and after fit the weights may change
-            self.activations.release()
+            if self._shared_activations is None:
+                self.activations.release()
             if self.state.malloc_tuned:  # process-wide: scoped to this fit
                 restore_malloc_defaults()
         return self.history
@@ -261,11 +271,19 @@ class Trainer:
         self.backbone.to(memory_format=torch.channels_last if state.channels_last
                          else torch.contiguous_format)
         self.step.configure(state.device, state.precision)
-        self.activations = ActivationCaches(config.feature_cache, int(
-            config.cache_memory_gb * 2**30), config.activation_cache_dir)
+        settings = (config.feature_cache, int(config.cache_memory_gb * 2**30),
+                    config.activation_cache_dir)
+        if self._shared_activations is not None:
+            self.activations.configure(*settings)
+        else:
+            self.activations = ActivationCaches(*settings)
         if training:
-            self.activations.plan(self.backbone)
+            self.activations.plan(self.backbone, self._fill_context())
         self._prepared = True
+
+    def _fill_context(self) -> tuple[Any, ...]:
+        """What a prefix's activations depend on besides its weights and the images."""
+        return str(self.state.device), self.state.precision, self.state.channels_last
 
     def _prefix_forward(self, prefix: Forward, images: torch.Tensor) -> torch.Tensor:
         if self.state.channels_last and images.dim() == 4:
@@ -301,6 +319,7 @@ class Trainer:
         if self.scheduler is not None and checkpoint["scheduler"] is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state.history = History.from_dict(checkpoint["history"])
+        self.state.history.stopped_early = False  # the run goes on from here
         self.state.global_step = int(checkpoint["global_step"])
         self.step.load_state_dict(checkpoint.get("scaler"))  # older checkpoints have none
         self.state.epoch = int(checkpoint["epoch"])
