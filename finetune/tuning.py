@@ -1,33 +1,31 @@
-"""Learning-rate search on validation data: a log-spaced grid, successive halving, and a grid
-that grows past its edge.
+"""Learning-rate search on validation data: a log-spaced grid, each lr raced against the best
+run so far, and a grid that grows past a winning edge.
 
 `LrSearch(grid, epochs).run(make_trainer, train_loader, val_loader)` trains candidates that
 `make_trainer(lr, activations)` builds and returns what the search saw (`Tuning`) with the
-trainer of the chosen lr, trained for all `epochs` — the run `--lr <chosen>` alone would make,
-not a copy of it. The test set is no argument, so nothing here can look at it.
+trainer of the chosen lr, trained for all `epochs` — an uninterrupted fit at that lr, the very
+run `--lr <chosen>` alone makes. The test set is no argument, so nothing here can look at it.
 
-How the time is spent:
+How it spends time, and why it cannot choose worse than the first lr:
+- The first lr of the grid (a preset's) trains all `epochs`; its validation accuracy and loss
+  are recorded at a third of the first epoch (a peek that leaves the run as it was: the
+  random state is restored after it) and at every epoch's end. It is the best run so far.
+- Every other lr races that record: it trains with the same peeks and stops the moment it
+  is behind the best run at the same point (lower accuracy, or equal accuracy and higher
+  loss). One that finishes ahead at the end becomes the best run. A poor lr thus costs a third
+  of an epoch; a good one costs what it must to prove itself; and the chosen run's final
+  validation score is never below the first lr's.
 - Every candidate shares one `ActivationCaches`: a strategy with a frozen prefix runs the
-  prefix over the images once for all its candidates (`ActivationCaches.plan` keeps stored
-  activations only for a prefix with equal weights, on the same device and precision).
-- Successive halving: every candidate trains `rung_epochs` (one) and is scored on validation;
-  the best third (rounded down, at least one) goes on to three times as many epochs, and once
-  one is left it trains to the end. A candidate goes on from its state held in memory
-  (`Trainer.fit(resume=state_dict)`), so the chosen run is the run an uninterrupted fit at
-  its lr makes. (A rung shorter than an epoch was tried and dropped: after a third of an
-  epoch the larger lr led and then lost at the end, for two of five strategies on UC Merced.)
-- Where the first candidate trained on cached activations and training every candidate to
-  the end costs at most one more run of the strategy (the fill included) beyond halving, every
-  candidate trains all `epochs` and the best final validation accuracy wins: a short rung
-  favours the larger lr (freeze-80 on UC Merced led at 1.6e-3 after one epoch and ended 8
-  points behind 5e-4), and on cached activations the full answer is cheap.
-- Edge of the grid: when the best candidate of the first rung has the smallest or the largest
-  lr tried and no other ties its accuracy, the grid grows one step that way
-  (`max_extensions` steps per side at most, within `bounds`), so a boundary value is not
-  reported as the best without a look past it.
+  prefix over the images once for all of them (`ActivationCaches.plan` keeps activations only
+  for a prefix with equal weights, on the same device and precision).
+- Edge of the grid: while the best run has the smallest or largest lr tried, the grid grows
+  one step that way (`max_extensions` steps per side at most, within `bounds`), so a boundary
+  value is not reported as the best without a look past it.
 
-Candidates are ranked by validation accuracy, then by lower validation loss, then by the order
-they were tried (the first lr — a preset's — wins a full tie).
+Successive halving (all candidates one epoch, the best third on) was measured first: on UC
+Merced's quick comparison it cost 1.50x the untuned run (this costs 1.3x), and after one epoch
+freeze-80 led at 1.6e-3 and ended 8 points behind 5e-4 — a short rung favours the larger lr,
+where a race only lets a leader run on.
 """
 
 from __future__ import annotations
@@ -38,14 +36,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
+import torch
 
 from finetune.cache.plan import ActivationCaches
-from finetune.train.events import Callback
+from finetune.train.events import Callback, StopFit
 from finetune.train.trainer import Trainer
 
 MakeTrainer = Callable[[float, ActivationCaches], Trainer]
 GRID_STEP = 10 ** 0.5  # two grid points per decade
-HALVING = 3  # successive halving keeps the best third and trains it three times as long
+PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped
+Score = tuple[float, float]  # (validation accuracy, validation loss)
 
 
 def round_lr(lr: float) -> float:
@@ -80,15 +80,20 @@ def parse_grid(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
+def ahead(ours: Score, theirs: Score) -> bool:
+    """Higher validation accuracy, or the same with lower validation loss."""
+    return ours[0] > theirs[0] or (ours[0] == theirs[0] and ours[1] < theirs[1])
+
+
 @attrs.frozen
 class Candidate:
     """One lr tried: its validation accuracy and loss where it stopped, after `epochs`
-    epochs (`steps` optimizer steps)."""
+    epochs (a fraction where it stopped at the first peek) and `steps` optimizer steps."""
 
     lr: float
     val_accuracy: float
     val_loss: float
-    epochs: int
+    epochs: float
     steps: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,73 +119,96 @@ class Tuning:
                 "fill_seconds": self.fill_seconds}
 
     def describe(self) -> str:
-        tried = ", ".join(f"{c.lr:g}: {100 * c.val_accuracy:.1f}% after {c.epochs} ep"
+        tried = ", ".join(f"{c.lr:g}: {100 * c.val_accuracy:.1f}% after {c.epochs:.2g} ep"
                           for c in sorted(self.candidates, key=lambda c: c.lr))
-        return (f"lr {self.chosen:g}, chosen on validation ({tried}); {self.schedule}; "
-                f"{self.seconds:.0f} s in all")
+        return f"lr {self.chosen:g}, chosen on validation ({tried}); {self.seconds:.0f} s in all"
 
 
-class StopAfterEpochs(Callback):
-    """Ends a fit after epoch `epochs` - 1 as a finished epoch, so it can go on later."""
-
-    every_rank = True
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        if trainer.state.epoch + 1 >= self.epochs:
-            trainer.state.should_stop = True
+class Behind(StopFit):
+    """A raced candidate fell behind at the peek: its fit ends there."""
 
 
 @attrs.define
 class _Run:
-    lr: float
-    order: int
-    epochs: int = 0
-    steps: int = 0
-    val_accuracy: float = -math.inf
-    val_loss: float = math.inf
-    state: dict[str, Any] | None = None  # held at an epoch's end, to go on from
-    trainer: Trainer | None = None  # once it has trained all epochs
+    """A candidate's record: its score at each point (the peek, then each epoch's end)."""
 
-    def rank(self) -> tuple[float, float, int]:
-        return (-self.val_accuracy, self.val_loss, self.order)
+    lr: float
+    scores: dict[float, Score] = attrs.field(factory=dict)
+    steps: int = 0
+    trainer: Trainer | None = None  # set once it has trained all epochs
+
+    @property
+    def last(self) -> tuple[float, Score]:
+        point = max(self.scores)
+        return point, self.scores[point]
 
     def record(self) -> Candidate:
-        return Candidate(self.lr, self.val_accuracy, self.val_loss, self.epochs, self.steps)
+        point, (accuracy, loss) = self.last
+        return Candidate(self.lr, accuracy, loss, round(point, 3), self.steps)
+
+
+class Race(Callback):
+    """Scores a fit on validation at a peek in the first epoch and at each epoch's end, and
+    stops it as soon as it is behind `rival` at the same point. The peek runs under a forked
+    random state, so a fit that goes on is the fit it would have been without it."""
+
+    every_rank = True  # every process peeks and stops at the same step
+
+    def __init__(self, run: _Run, val_loader: Iterable[Any], rival: _Run | None,
+                 peek: float) -> None:
+        self.run, self.val_loader, self.rival, self.peek = run, val_loader, rival, peek
+        self.peek_step = 0
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if epoch == 0 and trainer.state.batches_per_epoch:
+            steps = math.ceil(trainer.state.batches_per_epoch / trainer.config.accumulate_steps)
+            self.peek_step = max(1, round(self.peek * steps)) if steps > 1 else 0
+
+    def on_optimizer_step(self, trainer: Any, step: int) -> None:
+        if step != self.peek_step or trainer.state.epoch != 0:
+            return
+        device = trainer.state.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            report = trainer.evaluate(self.val_loader)
+        if self._judge(self.peek, (report.accuracy, float(report.loss or 0.0)), trainer):
+            raise Behind(f"lr {self.run.lr:g} is behind at {self.peek:.2g} of an epoch")
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        score = (float(metrics["val_accuracy"]), float(metrics["val_loss"]))
+        if self._judge(float(trainer.state.epoch + 1), score, trainer):
+            trainer.state.should_stop = True
+
+    def _judge(self, point: float, score: Score, trainer: Any) -> bool:
+        """Record `score` at `point`; whether the run is behind its rival there."""
+        self.run.scores[point] = score
+        self.run.steps = trainer.state.global_step
+        theirs = self.rival.scores.get(point) if self.rival is not None else None
+        return theirs is not None and ahead(theirs, score)
 
 
 class LrSearch:
     """Chooses a learning rate on validation data; see the module docstring for how.
 
-    `grid`: the lrs to try, the first tried first (put a preset's lr there); `epochs`: the
-    length of every run; `rung_epochs`: how long the first rung trains; `step`: the ratio of
-    one grid extension (default: the grid's own spacing, else two per decade).
+    `grid`: the lrs to try, the first trained in full first (put a preset's lr there);
+    `epochs`: the length of every run; `peek`: where in the first epoch a candidate is first
+    compared; `step`: the ratio of one grid extension (default: the grid's own spacing, else
+    two per decade).
     """
 
-    def __init__(self, grid: Sequence[float], epochs: int, *, rung_epochs: int = 1,
+    def __init__(self, grid: Sequence[float], epochs: int, *, peek: float = PEEK,
                  max_extensions: int = 2, bounds: tuple[float, float] = (1e-6, 1.0),
                  step: float | None = None) -> None:
         if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid):
             raise ValueError(f"the lr grid must hold positive learning rates, got {list(grid)}")
-        if epochs < 1 or rung_epochs < 1 or max_extensions < 0:
-            raise ValueError("epochs and rung_epochs must be >= 1, max_extensions >= 0")
+        if epochs < 1 or not 0 < peek < 1 or max_extensions < 0:
+            raise ValueError("epochs must be >= 1, 0 < peek < 1 and max_extensions >= 0")
         self.grid = list(dict.fromkeys(grid))
-        self.epochs, self.rung_epochs = epochs, rung_epochs
+        self.epochs, self.peek = epochs, peek
         self.max_extensions, self.bounds = max_extensions, bounds
         ordered = sorted(self.grid)
         spacing = ((ordered[-1] / ordered[0]) ** (1 / (len(ordered) - 1))
                    if len(ordered) > 1 else GRID_STEP)
         self.step = step or (spacing if spacing > 1.01 else GRID_STEP)
-
-    def rungs(self) -> list[int]:
-        """How long each rung trains, in epochs: `rung_epochs`, three times as many, …."""
-        ladder, epochs = [], self.rung_epochs
-        while epochs < self.epochs:
-            ladder.append(epochs)
-            epochs *= HALVING
-        return [*ladder, self.epochs]
 
     def run(self, make_trainer: MakeTrainer, train_loader: Iterable[Any],
             val_loader: Iterable[Any]) -> tuple[Tuning, Trainer]:
@@ -190,56 +218,49 @@ class LrSearch:
                              "(e.g. --val-split 0.2)")
         started = time.perf_counter()
         shared = ActivationCaches()
-        runs = [_Run(lr, order) for order, lr in enumerate(self.grid)]
-        trial = _Trial(make_trainer, shared, train_loader, val_loader, self.epochs)
+
+        def race(lr: float, rival: _Run | None) -> _Run:
+            run = _Run(lr)
+            trainer = make_trainer(lr, shared)
+            if trainer.config.epochs != self.epochs:
+                raise ValueError(f"make_trainer built a trainer for {trainer.config.epochs} "
+                                 f"epochs; the search runs {self.epochs}")
+            trainer.callbacks.append(Race(run, val_loader, rival, self.peek))
+            try:
+                trainer.fit(train_loader, val_loader)
+            except Behind:
+                return run
+            if max(run.scores) >= self.epochs:
+                run.trainer = trainer
+            return run
+
+        def contest(lr: float, best: _Run) -> _Run:
+            run = race(lr, best)
+            tried.append(run)
+            return run if run.trainer is not None and ahead(run.last[1], best.last[1]) else best
+
         try:
-            rungs = self.rungs()
-            trial.advance(runs[0], rungs[0])
-            epoch, others = trial.epoch_seconds, len(runs) - 1
-            cheap = trial.cached and others * (self.epochs - 1) * epoch <= (
-                self.epochs * epoch + shared.fill_seconds)  # at most one run's cost more
-            if cheap:
-                rungs = [self.epochs]
-            alive = list(runs)
-            for index, until in enumerate(rungs):
-                for run in alive:
-                    trial.advance(run, until)
-                if index == 0:
-                    alive += self._extend(runs, until, trial)
-                alive.sort(key=_Run.rank)
-                if until >= self.epochs:
-                    break
-                alive = alive[:max(1, len(alive) // HALVING)]
-                if len(alive) == 1:
-                    trial.advance(alive[0], self.epochs)
-                    break
-            chosen = min((r for r in alive if r.trainer is not None), key=_Run.rank)
+            best = race(self.grid[0], None)
+            tried = [best]
+            for lr in self.grid[1:]:
+                best = contest(lr, best)
+            for direction in (-1, 1):  # past the edge the best run holds, while it holds it
+                for _ in range(self.max_extensions):
+                    edge = (min if direction < 0 else max)(r.lr for r in tried)
+                    lr = self._beyond(edge, direction)
+                    if best.lr != edge or not self.bounds[0] <= lr <= self.bounds[1]:
+                        break
+                    best = contest(lr, best)
         finally:
             shared.release()
-        schedule = (f"every candidate trained all {self.epochs} epochs on cached activations"
-                    if cheap else f"successive halving over epochs {rungs}, the best "
-                    f"1/{HALVING} kept at each")
-        tuning = Tuning("lr", chosen.lr, tuple(r.record() for r in runs),
-                        time.perf_counter() - started, schedule, shared.fill_seconds)
-        return tuning, chosen.trainer  # type: ignore[return-value]  # chosen has one
-
-    def _extend(self, runs: list[_Run], until: int, trial: _Trial) -> list[_Run]:
-        """Grow the grid past an edge that holds the best candidate, one step at a time."""
-        added: list[_Run] = []
-        for direction in (-1, 1):
-            for _ in range(self.max_extensions):
-                best, *others = sorted(runs, key=_Run.rank)
-                edge = (min if direction < 0 else max)(r.lr for r in runs)
-                lr = self._beyond(edge, direction)
-                if (best.lr != edge or not self.bounds[0] <= lr <= self.bounds[1]
-                        or any(r.val_accuracy >= best.val_accuracy for r in others)):
-                    break  # an edge that wins outright on accuracy, not on a tie
-                run = _Run(lr, len(runs))
-                trial.advance(run, until)
-                runs.append(run)
-                added.append(run)
-        return added
-
+        if best.trainer is None:
+            raise RuntimeError("the first lr's run did not finish")
+        tuning = Tuning("lr", best.lr, tuple(r.record() for r in tried),
+                        time.perf_counter() - started,
+                        f"each lr raced the best run so far and stopped once behind it "
+                        f"(at {self.peek:.2g} of the first epoch or an epoch's end)",
+                        shared.fill_seconds)
+        return tuning, best.trainer
 
     def _beyond(self, edge: float, direction: int) -> float:
         """The next lr past `edge` on the grid's lattice: the first lr times whole powers of
@@ -247,34 +268,3 @@ class LrSearch:
         anchor = self.grid[0]
         power = round(math.log(edge / anchor) / math.log(self.step)) + direction
         return round_lr(anchor * self.step ** power)
-
-
-class _Trial:
-    """Trains one candidate on to a rung: from its held state, or from the start."""
-
-    def __init__(self, make_trainer: MakeTrainer, shared: ActivationCaches,
-                 train_loader: Iterable[Any], val_loader: Iterable[Any], epochs: int) -> None:
-        self.make_trainer, self.shared = make_trainer, shared
-        self.train_loader, self.val_loader, self.epochs = train_loader, val_loader, epochs
-        self.cached, self.epoch_seconds = False, math.inf  # measured by the first epoch
-
-    def advance(self, run: _Run, until: int) -> None:
-        if run.epochs >= until:
-            return
-        trainer = self.make_trainer(run.lr, self.shared)
-        if trainer.config.epochs != self.epochs:
-            raise ValueError(f"make_trainer built a trainer for {trainer.config.epochs} "
-                             f"epochs; the search runs {self.epochs}")
-        if until < self.epochs:
-            trainer.callbacks.append(StopAfterEpochs(until))
-        history = trainer.fit(self.train_loader, self.val_loader, resume=run.state)
-        last = history.records[-1]
-        run.epochs, run.steps = int(last["epoch"]) + 1, trainer.state.global_step
-        run.val_accuracy, run.val_loss = float(last["val_accuracy"]), float(last["val_loss"])
-        if run.order == 0 and len(history) == 1:  # the first epoch of all: what one costs
-            self.cached = trainer.state.cached_prefix is not None
-            self.epoch_seconds = max(0.0, last["epoch_seconds"] - last["cache_fill_seconds"])
-        if run.epochs >= self.epochs:
-            run.state, run.trainer = None, trainer
-        else:
-            run.state = trainer.state_dict()

@@ -1,17 +1,19 @@
 """`finetune.tuning.LrSearch`: the lr a task needs is found, the chosen run is the run a plain
-fit at that lr makes, successive halving spends one epoch on losers, the grid grows past a
-winning edge, and candidates of a cached strategy share one activation fill."""
+fit at that lr makes, a candidate stops once behind the best run, the grid grows past a
+winning edge, and the candidates of a cached strategy share one activation fill."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import ClassVar
 
 import attrs
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune import tuning as tuning_module
+from finetune import Backbone
 from finetune.cache.plan import ActivationCaches
 from finetune.cache.store import ActivationCache
 from finetune.strategies import FullUnfreeze, LastLayerOnly
@@ -58,72 +60,115 @@ def test_a_linear_probe_gets_the_large_lr_it_needs_and_one_shared_fill(monkeypat
     tried = {c.lr: c for c in tuning.candidates}
     assert tuning.chosen >= 3.2e-2 and tuning.chosen == trainer.config.lr
     assert tried[tuning.chosen].val_accuracy > tried[1e-2].val_accuracy
-    assert max(tried) == 0.1  # the top edge won outright, so the grid grew past it
+    assert max(tried) == 0.1  # the top edge won, so the grid grew past it
     assert fills == [48, 24]  # train and val, once for every candidate
-    assert "cached activations" in tuning.schedule
-    assert all(c.epochs == 2 for c in tuning.candidates)
     assert trainer.history["val_accuracy"][-1] == tried[tuning.chosen].val_accuracy
 
 
-def test_halving_trains_losers_one_epoch_and_the_chosen_run_is_a_plain_fit_at_its_lr() -> None:
+class Dropped(torch.nn.Module):
+    """The tiny net with dropout before its head: training draws from the global RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_tiny_backbone().model
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net.fc(self.drop(net.pool(net.block2(net.block1(net.stem(x)))).flatten(1)))
+
+
+def test_the_first_lr_trains_as_a_plain_fit_and_the_chosen_run_is_one() -> None:
+    """The peeks at a third of an epoch leave a run as it was: the chosen run is the run a
+    plain fit at its lr makes, weights and history alike."""
     config = attrs.evolve(CONFIG, feature_cache="off")
-    train, val = make_loader(32, seed=0), make_loader(16, seed=5, shuffle=False)
-    tuning, chosen = LrSearch((1e-2, 1e-4, 1.0), epochs=3).run(
-        trainers(FullUnfreeze, config), train, val)
-    epochs = sorted(c.epochs for c in tuning.candidates)
-    assert epochs[-1] == 3 and epochs[:-1] == [1] * (len(epochs) - 1)
-    assert "successive halving" in tuning.schedule
-    # the chosen candidate went on from its epoch-1 state held in memory; a fit straight
-    # through at its lr gives the same weights and the same history
-    plain = Trainer(make_tiny_backbone(), FullUnfreeze(), attrs.evolve(config, lr=tuning.chosen))
-    plain.fit(make_loader(32, seed=0), make_loader(16, seed=5, shuffle=False))
+
+    def make(lr: float, activations: ActivationCaches) -> Trainer:
+        torch.manual_seed(0)
+        backbone = Backbone.from_module(Dropped(), head="net.fc", num_classes=3, name="dropped",
+                                        groups=(("body", r"^net\.(stem|block)"),))
+        return Trainer(backbone, FullUnfreeze(), attrs.evolve(config, lr=lr),
+                       activations=activations)
+
+    def loaders() -> tuple[DataLoader, DataLoader]:
+        train = make_loader(32, seed=0)
+        return (DataLoader(train.dataset, batch_size=4, shuffle=True),  # global-RNG shuffle
+                make_loader(16, seed=5, shuffle=False))
+
+    tuning, chosen = LrSearch((1e-2, 1e-7), epochs=3).run(make, *loaders())
+    assert tuning.chosen == 1e-2
+    assert [c.epochs for c in tuning.candidates] == [3, 0.333]
+    plain = make(1e-2, ActivationCaches())
+    plain.fit(*loaders())
     for name, tensor in weights(plain).items():
         assert torch.equal(tensor, weights(chosen)[name]), name
-    assert plain.history["val_accuracy"] == chosen.history["val_accuracy"]
-    assert not chosen.history.stopped_early
+    assert plain.history["val_loss"] == chosen.history["val_loss"]
 
 
-class FakeTrial:
-    """Scores a candidate by a function of its lr, without training."""
+class ScriptedTrainer:
+    """Stands in for a Trainer: 3 steps an epoch, validation scores from `score(lr, epochs)`."""
 
-    score: Callable[[float], float] = staticmethod(lambda lr: 0.5)
+    score: Callable[[float, float], float] = staticmethod(lambda lr, at: 0.5)
+    fits: ClassVar[list[float]] = []
 
-    def __init__(self, *args: object) -> None:
-        self.cached, self.epoch_seconds, self.trained = False, 1.0, []
+    def __init__(self, lr: float, activations: object) -> None:
+        self.lr, self.callbacks = lr, []
+        self.config = SimpleNamespace(epochs=3, accumulate_steps=1, lr=lr)
+        self.state = SimpleNamespace(epoch=0, batches_per_epoch=3, global_step=0,
+                                     device=torch.device("cpu"), should_stop=False)
 
-    def advance(self, run, until: int) -> None:
-        if run.epochs >= until:
-            return
-        self.trained.append((run.lr, until))
-        run.epochs, run.val_accuracy, run.val_loss = until, type(self).score(run.lr), 1.0
-        if until >= 3:
-            run.trainer = f"trainer at {run.lr:g}"
+    def evaluate(self, loader: object) -> SimpleNamespace:
+        return SimpleNamespace(accuracy=type(self).score(self.lr, 1 / 3), loss=1.0)
+
+    def fit(self, train: object, val: object) -> None:
+        type(self).fits.append(self.lr)
+        for epoch in range(self.config.epochs):
+            self.state.epoch = epoch
+            for callback in self.callbacks:
+                callback.on_epoch_start(self, epoch)
+            for _ in range(3):
+                self.state.global_step += 1
+                for callback in self.callbacks:
+                    callback.on_optimizer_step(self, self.state.global_step)
+            metrics = {"val_accuracy": type(self).score(self.lr, epoch + 1), "val_loss": 1.0}
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, metrics)
+            if self.state.should_stop:
+                return
 
 
-@pytest.mark.parametrize(("score", "chosen", "extended"), [
-    (lambda lr: -abs(lr - 5e-3), 5e-3, [5e-3, 1.6e-2]),  # up past the best, then it stops
-    (lambda lr: -abs(lr - 0.5), 1.6e-2, [5e-3, 1.6e-2]),  # two steps at most
-    (lambda lr: -lr, 1.6e-5, [1.6e-5, 5e-5]),  # the same downwards
-    (lambda lr: 0.5, 5e-4, []),  # a tie at the edge grows nothing
-    (lambda lr: -abs(lr - 5e-4), 5e-4, []),  # an interior best grows nothing
+def scripted(monkeypatch, score: Callable[[float, float], float]) -> LrSearch:
+    monkeypatch.setattr(ScriptedTrainer, "score", staticmethod(score))
+    monkeypatch.setattr(ScriptedTrainer, "fits", [])
+    return LrSearch((5e-4, 1.6e-4, 1.6e-3), epochs=3)
+
+
+@pytest.mark.parametrize(("score", "chosen", "grown"), [
+    (lambda lr, at: -abs(lr - 5e-3), 5e-3, [5e-3, 1.6e-2]),  # past the best, then it stops
+    (lambda lr, at: -abs(lr - 0.5), 1.6e-2, [5e-3, 1.6e-2]),  # two steps at most
+    (lambda lr, at: -lr, 1.6e-5, [1.6e-5, 5e-5]),  # the same downwards
+    (lambda lr, at: 0.5, 5e-4, []),  # a tie keeps the first lr and grows nothing
+    (lambda lr, at: -abs(lr - 5e-4), 5e-4, []),  # an interior best grows nothing
 ])
-def test_the_grid_grows_past_an_edge_that_wins_outright(monkeypatch, score, chosen,
-                                                         extended) -> None:
-    monkeypatch.setattr(FakeTrial, "score", staticmethod(score))
-    monkeypatch.setattr(tuning_module, "_Trial", FakeTrial)
-    result, trainer = LrSearch((5e-4, 1.6e-4, 1.6e-3), epochs=3).run(None, [], [])
-    assert result.chosen == chosen and trainer == f"trainer at {chosen:g}"
-    grown = sorted({c.lr for c in result.candidates} - set(lr_grid(5e-4)))
-    assert grown == extended
+def test_the_grid_grows_past_an_edge_the_best_run_holds(monkeypatch, score, chosen,
+                                                        grown) -> None:
+    result, trainer = scripted(monkeypatch, score).run(ScriptedTrainer, [], [])
+    assert result.chosen == chosen and trainer.lr == chosen
+    assert sorted({c.lr for c in result.candidates} - {5e-4, 1.6e-4, 1.6e-3}) == grown
 
 
-def test_halving_keeps_the_best_third_until_one_is_left(monkeypatch) -> None:
-    monkeypatch.setattr(FakeTrial, "score", staticmethod(lambda lr: -abs(lr - 3e-3)))
-    monkeypatch.setattr(tuning_module, "_Trial", FakeTrial)
-    grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-    result, _ = LrSearch(grid, epochs=9).run(None, [], [])
+def test_a_race_stops_a_candidate_once_behind_and_never_chooses_below_the_first_lr(
+        monkeypatch) -> None:
+    # 1.6e-3 leads until epoch 3, then falls behind: a one-epoch rung would have chosen it;
+    # 1.6e-4 is behind at the peek
+    def score(lr: float, at: float) -> float:
+        return {5e-4: at, 1.6e-4: at / 2, 1.6e-3: 2 * at if at < 3 else 2.9}[lr]
+
+    result, _ = scripted(monkeypatch, score).run(ScriptedTrainer, [], [])
     epochs = {c.lr: c.epochs for c in result.candidates}
-    assert epochs == {1e-4: 1, 3e-4: 1, 1e-3: 3, 3e-3: 9, 1e-2: 1, 3e-2: 1}
+    assert result.chosen == 5e-4
+    assert epochs == {5e-4: 3, 1.6e-4: 0.333, 1.6e-3: 3}
+    assert ScriptedTrainer.fits == [5e-4, 1.6e-4, 1.6e-3]  # the first lr first, once each
 
 
 def test_a_shared_cache_is_refilled_for_a_prefix_with_other_weights() -> None:

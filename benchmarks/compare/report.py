@@ -110,7 +110,7 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
     seeds = ("auto (per strategy: the runs column)" if settings.seeds_auto
              else str(list(settings.seeds)))
     lr = (f"lr tuned per row on validation from {', '.join(f'{v:g}' for v in settings.lr_grid)}"
-          if settings.tune == "lr" else f"lr {settings.lr}")
+          if settings.tune == "lr" else f"lr {settings.lr} for every row (untuned)")
     header = (f"`{settings.command}`\n\nbackbone {settings.backbone} · data "
               f"{settings.data} · {settings.epochs} epochs · {lr} · "
               f"{settings.image_size} px · batch {settings.batch_size} · seeds {seeds}"

@@ -116,10 +116,9 @@ class Trainer:
         self,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None = None,
-        resume: str | Path | dict[str, Any] | None = None,
+        resume: str | Path | None = None,
     ) -> History:
-        """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`: a
-        checkpoint file, or a `state_dict()` held in memory)."""
+        """Train for `config.epochs` epochs (from the checkpoint's next epoch if `resume`)."""
         config, strategy = self.config, self.strategy
         if strategy is None:
             raise ValueError("fit needs a strategy (what trains); a Trainer built with "
@@ -131,10 +130,7 @@ class Trainer:
         self._data = data_identity(self.classes or [], train_loader)
         if config.seed is not None:
             seed_everything(config.seed)
-        checkpoint = (resume if isinstance(resume, dict) or resume is None
-                      else load_checkpoint(resume))
-        if isinstance(resume, dict):
-            resume = "the checkpoint held in memory"
+        checkpoint = load_checkpoint(resume) if resume is not None else None
         if checkpoint is not None and int(checkpoint["epoch"]) + 1 >= config.epochs:
             done = int(checkpoint["epoch"]) + 1
             raise ValueError(
@@ -142,11 +138,10 @@ class Trainer:
                 f"{config.epochs} leaves none to train. Ask for more (--epochs {done + 1} or "
                 "more) to continue; nothing was written.")
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
-        self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None),
-                                batches_per_epoch=loader_length(train_loader))
+        self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None))
         self.scheduler = self._optimization.epoch_scheduler()
         self.step.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
-            config.epochs, self.state.batches_per_epoch, config.accumulate_steps),
+            config.epochs, loader_length(train_loader), config.accumulate_steps),
             self.scheduler)
         self._prepare(configured_epoch, train_loader, chosen=checkpoint)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
@@ -167,6 +162,7 @@ class Trainer:
                 if config.seed is not None:
                     reseed(epoch_seed(config.seed, epoch), train_loader)
                 set_sampler_epoch(train_loader, epoch)
+                self.state.batches_per_epoch = loader_length(train_loader)  # for this epoch
                 dispatch(self.callbacks, Event.EPOCH_START, self, epoch=epoch)
                 started, filled = time.perf_counter(), self.activations.fill_seconds
                 metrics = {"epoch": float(epoch), **self._run_epoch(train_loader)}
@@ -319,7 +315,6 @@ class Trainer:
         if self.scheduler is not None and checkpoint["scheduler"] is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state.history = History.from_dict(checkpoint["history"])
-        self.state.history.stopped_early = False  # the run goes on from here
         self.state.global_step = int(checkpoint["global_step"])
         self.step.load_state_dict(checkpoint.get("scaler"))  # older checkpoints have none
         self.state.epoch = int(checkpoint["epoch"])
