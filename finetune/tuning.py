@@ -10,11 +10,13 @@ How it spends time, and why it cannot choose worse than the first lr:
 - The first lr of the grid (a preset's) trains all `epochs`; its validation accuracy and loss
   are recorded at a third of the first epoch (a peek that leaves the run as it was: the
   random state is restored after it) and at every epoch's end. It is the best run so far.
-- Every other lr races that record: it trains with the same peeks and stops the moment it
-  is behind the best run at the same point (lower accuracy, or equal accuracy and higher
-  loss). One that finishes ahead at the end becomes the best run. A poor lr thus costs a third
-  of an epoch; a good one costs what it must to prove itself; and the chosen run's final
-  validation score is never below the first lr's.
+- Every other lr races that record: it trains with the same peeks and goes on only while
+  it leads the best run at the same point (at the peek: higher accuracy, or the same with
+  lower loss; at an epoch's end: higher accuracy). One that finishes more accurate becomes
+  the best run. A poor lr thus costs a third of an epoch, a good one what it takes to prove
+  itself, and the chosen run's final validation accuracy is never below the first lr's. (A
+  late starter that would only overtake in the last epoch is stopped: the search errs
+  towards the first lr, never below it.)
 - Every candidate shares one `ActivationCaches`: a strategy with a frozen prefix runs the
   prefix over the images once for all of them (`ActivationCaches.plan` keeps activations only
   for a prefix with equal weights, on the same device and precision).
@@ -23,9 +25,9 @@ How it spends time, and why it cannot choose worse than the first lr:
   value is not reported as the best without a look past it.
 
 Successive halving (all candidates one epoch, the best third on) was measured first: on UC
-Merced's quick comparison it cost 1.50x the untuned run (this costs 1.3x), and after one epoch
-freeze-80 led at 1.6e-3 and ended 8 points behind 5e-4 — a short rung favours the larger lr,
-where a race only lets a leader run on.
+Merced's quick comparison it cost 1.50x the untuned run, and after one epoch freeze-80 led at
+1.6e-3 and ended 8 points behind 5e-4 — a short rung favours the larger lr, where a race only
+lets a leader run on.
 """
 
 from __future__ import annotations
@@ -179,11 +181,16 @@ class Race(Callback):
             trainer.state.should_stop = True
 
     def _judge(self, point: float, score: Score, trainer: Any) -> bool:
-        """Record `score` at `point`; whether the run is behind its rival there."""
+        """Record `score` at `point`; whether the run fails to lead its rival there: at the
+        peek by accuracy, then loss; at an epoch's end by accuracy alone (a tie in accuracy
+        is decided by the loss only where accuracy is coarsest: at chance, after a few
+        steps, a lower loss means an output nearer uniform, not a better model)."""
         self.run.scores[point] = score
         self.run.steps = trainer.state.global_step
         theirs = self.rival.scores.get(point) if self.rival is not None else None
-        return theirs is not None and ahead(theirs, score)
+        if theirs is None:
+            return False
+        return not ahead(score, theirs) if point < 1 else score[0] <= theirs[0]
 
 
 class LrSearch:
@@ -237,7 +244,8 @@ class LrSearch:
         def contest(lr: float, best: _Run) -> _Run:
             run = race(lr, best)
             tried.append(run)
-            return run if run.trainer is not None and ahead(run.last[1], best.last[1]) else best
+            leads = run.trainer is not None and run.last[1][0] > best.last[1][0]
+            return run if leads else best
 
         try:
             best = race(self.grid[0], None)

@@ -156,7 +156,7 @@ def tuning_note(rows: Sequence[dict[str, Any]], settings: Settings) -> str:
     seconds = sum(t["seconds"] for t in tuned)
     return (f"Each row trained at its own lr, chosen on the validation split from "
             f"{', '.join(f'{v:g}' for v in settings.lr_grid)} (grown past an edge that won; "
-            "successive halving where an epoch costs more than a cached one); the test set "
+            "each lr raced the best run so far and stopped once behind); the test set "
             f"was evaluated once per row, for the chosen lr. The search trained "
             f"{epochs / max(1, settings.epochs * len(tuned)):.1f}x the epochs of untuned "
             f"rows ({epochs} candidate epochs for {len(tuned)} rows) in {seconds:.0f} s of "
