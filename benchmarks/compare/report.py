@@ -159,7 +159,7 @@ def tuning_note(rows: Sequence[dict[str, Any]], settings: Settings) -> str:
             "each lr raced the best run so far and stopped once behind); the test set "
             f"was evaluated once per row, for the chosen lr. The search trained "
             f"{epochs / max(1, settings.epochs * len(tuned)):.1f}x the epochs of untuned "
-            f"rows ({epochs} candidate epochs for {len(tuned)} rows) in {seconds:.0f} s of "
+            f"rows ({epochs:.1f} candidate epochs for {len(tuned)} rows) in {seconds:.0f} s of "
             "run time, the rows' own training included.")
 
 
