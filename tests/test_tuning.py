@@ -201,3 +201,16 @@ def test_grid_text_and_rounding() -> None:
             parse_grid(bad)
     with pytest.raises(ValueError, match="validation data"):
         LrSearch((1e-3,), epochs=1).run(trainers(LastLayerOnly), separable(8, 0), None)
+
+
+def test_a_shared_cache_never_serves_one_loaders_activations_to_another() -> None:
+    """Cached activations are keyed by loader; the cache holds each cached loader, so a new
+    loader (other images) can never take a dead one's id and its activations."""
+    shared = ActivationCaches()
+    config = attrs.evolve(CONFIG, epochs=1)
+    for seed in range(3):  # each loader is dropped after its fit
+        trainer = Trainer(make_tiny_backbone(), LastLayerOnly(), config, activations=shared)
+        trainer.fit(separable(24, seed))
+        alone = Trainer(make_tiny_backbone(), LastLayerOnly(), config)
+        alone.fit(separable(24, seed))
+        assert trainer.history["train_loss"] == alone.history["train_loss"]

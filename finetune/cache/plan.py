@@ -69,7 +69,8 @@ class ActivationCaches:
         self.reason = "fit has not planned a cut"
         self._context: Any = None  # what the stored activations were computed under
         self.fill_seconds = 0.0  # time spent running the prefix to fill caches, all in all
-        self._caches: dict[int, ActivationCache] = {}
+        self._caches: dict[int, ActivationCache] = {}  # by id(loader), and the loaders held,
+        self._loaders: dict[int, Any] = {}  # so that no other loader takes a cached one's id
         self._cacheable: set[int] = set()
         self._refused: dict[int, str] = {}
 
@@ -97,6 +98,7 @@ class ActivationCaches:
                 same_weights(cache.prefix, cut.graph.prefix)
                 for cache in self._caches.values())):
             self._caches.clear()
+            self._loaders.clear()
             self._refused.clear()
         elif cut is not None:
             for cache in self._caches.values():
@@ -109,6 +111,7 @@ class ActivationCaches:
     def release(self) -> None:
         """Activations can take GiBs; and once fit returns the weights may change."""
         self._caches.clear()
+        self._loaders.clear()
         self._cacheable.clear()
         self._refused.clear()
 
@@ -171,5 +174,5 @@ class ActivationCaches:
                 return None
             finally:
                 self.fill_seconds += time.perf_counter() - started
-            self._caches[id(loader)] = cache
+            self._caches[id(loader)], self._loaders[id(loader)] = cache, loader
         return self._caches[id(loader)]
