@@ -252,16 +252,19 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
                          seed=args.seed, precision=args.precision, device=args.device,
                          channels_last=args.channels_last, feature_cache=args.feature_cache,
                          **recipe_settings(args))
-    tuning = None
-    if args.lr == "auto":
-        tuning = _choose_lr(args, backbone, strategy, config, data, val_loader, say)
-        config = attrs.evolve(config, lr=tuning.chosen)
-    callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
     if checkpoint_dir is not None:
         checkpoint = Checkpoint(checkpoint_dir, save_best=args.val_split > 0,
                                 overwrite=args.overwrite)
+    tuning = None
+    if args.lr == "auto":
+        if checkpoint is not None:  # refused now, not after the search
+            checkpoint.check_folder()
+        tuning = _choose_lr(args, backbone, strategy, config, data, val_loader, say)
+        config = attrs.evolve(config, lr=tuning.chosen)
+    callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
+    if checkpoint_dir is not None and checkpoint is not None:
         # Checkpoint first: it refuses a folder holding another run before run.json is written.
         record = _run_record(args, backbone, data, strategy)
         if tuning is not None:

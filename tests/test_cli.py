@@ -207,3 +207,6 @@ def test_lr_auto_chooses_on_validation_then_trains_and_a_resume_keeps_its_lr(
     assert load_checkpoint(runs / "last.pt")["config"]["lr"] == chosen
     code, _, err = run(["train", *common, "--lr", "auto", "--val-split", "0"], capsys)
     assert code == 2 and "give --val-split above 0" in err
+    code, out, err = run(["train", *common, "--lr", "auto", "--checkpoint-dir", str(runs)],
+                         capsys)
+    assert code == 2 and "already holds" in err and "--lr auto: trying" not in out

@@ -76,10 +76,9 @@ class Checkpoint(Callback):
         if self.save_last:
             save_checkpoint(state, self.last_path)
 
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Refuse to start a new run over another one's files; on resume, clean what a killed
-        run left (temporary files) and rewrite a best.pt that went missing."""
-        resuming = trainer.state.start_epoch > 0
+    def check_folder(self, resuming: bool = False) -> None:
+        """Refuse a folder holding another run's checkpoints (unless `overwrite`); called at
+        fit start, and by front ends before costly work such as an lr search."""
         existing = [p.name for p in (self.last_path, self.best_path) if p.is_file()]
         if existing == [self.best_path.name] and not resuming and not self.overwrite:
             raise CheckpointError(
@@ -95,6 +94,11 @@ class Checkpoint(Callback):
                 "it (fit(..., resume=...), `finetune train --resume`), choose another folder, or "
                 "pass Checkpoint(..., overwrite=True) (`--overwrite`) to replace it."
             )
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Refuse to start a new run over another one's files; on resume, clean what a killed
+        run left (temporary files) and rewrite a best.pt that went missing."""
+        self.check_folder(resuming=trainer.state.start_epoch > 0)
         for path in (self.last_path, self.best_path):
             remove_orphaned_temporaries(path)
         if self.save_best and self.best is not None and not self.best_path.is_file():
