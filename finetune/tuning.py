@@ -127,7 +127,7 @@ class Tuning:
 
 
 class Behind(StopFit):
-    """A raced candidate fell behind at the peek: its fit ends there."""
+    """A raced candidate did not lead at the peek: its fit ends there."""
 
 
 @attrs.define
@@ -151,8 +151,8 @@ class _Run:
 
 class Race(Callback):
     """Scores a fit on validation at a peek in the first epoch and at each epoch's end, and
-    stops it as soon as it is behind `rival` at the same point. The peek runs under a forked
-    random state, so a fit that goes on is the fit it would have been without it."""
+    stops it as soon as it does not lead `rival` at the same point. The peek runs under a
+    forked random state, so a fit that goes on is the fit it would have been without it."""
 
     every_rank = True  # every process peeks and stops at the same step
 
@@ -181,10 +181,10 @@ class Race(Callback):
             trainer.state.should_stop = True
 
     def _judge(self, point: float, score: Score, trainer: Any) -> bool:
-        """Record `score` at `point`; whether the run fails to lead its rival there: at the
-        peek by accuracy, then loss; at an epoch's end by accuracy alone (a tie in accuracy
-        is decided by the loss only where accuracy is coarsest: at chance, after a few
-        steps, a lower loss means an output nearer uniform, not a better model)."""
+        """Record `score` at `point`; whether the run fails to lead its rival there. At the
+        peek a tie in accuracy goes to the lower loss (after a few steps accuracy is coarse);
+        at an epoch's end it stops the run: models at chance differ in loss only by how near
+        uniform their output is, and would otherwise each train in full."""
         self.run.scores[point] = score
         self.run.steps = trainer.state.global_step
         theirs = self.rival.scores.get(point) if self.rival is not None else None
