@@ -13,6 +13,7 @@ from finetune.errors import ArchitectureError
 from finetune.model.zoo import check_backbone_name
 from finetune.strategies import FreezeStrategy, parse_strategy
 from finetune.train.config import SCHEDULES, TrainConfig
+from finetune.tuning import parse_grid
 
 
 def strategy_argument(spec: str) -> FreezeStrategy:
@@ -60,8 +61,7 @@ def lr_argument(text: str) -> float | str:
 
 
 def lr_grid_argument(text: str) -> tuple[float, ...]:
-    from finetune.tuning import parse_grid
-
+    """`--lr-grid`: learning rates separated by commas."""
     try:
         return parse_grid(text)
     except ValueError as error:

@@ -21,6 +21,7 @@ from finetune import FreezeStrategy
 from finetune.cli_options import (
     check_image_fits,
     checked_number,
+    lr_grid_argument,
     non_negative_int,
     positive_float,
     positive_int,
@@ -29,7 +30,7 @@ from finetune.cli_options import (
 )
 from finetune.model.zoo import default_backbone_name
 from finetune.train.config import PRECISIONS, SCHEDULES
-from finetune.tuning import lr_grid, parse_grid
+from finetune.tuning import lr_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
@@ -159,9 +160,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "chosen on the validation split from --lr-grid (the test set is used once, "
                    "for the chosen lr); none: every strategy at --lr (default: the preset's; "
                    "quick: lr, reference: none)")
-    p.add_argument("--lr-grid", type=_grid, help="the lrs --tune lr tries, comma-separated "
-                   "(default: --lr and its neighbours two per decade, e.g. 1.6e-4,5e-4,1.6e-3);"
-                   " --lr is always one of them, and the grid grows past an edge that wins")
+    p.add_argument("--lr-grid", type=lr_grid_argument,
+                   help="the lrs --tune lr tries, comma-separated (default: --lr and its "
+                   "neighbours two per decade, e.g. 1.6e-4,5e-4,1.6e-3); --lr is always one of "
+                   "them, and the grid grows past an edge that wins")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crops and flips of the training images (default: the preset's;"
                    " quick: off, so frozen strategies train on cached activations; reference: on)")
@@ -199,13 +201,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     return args
-
-
-def _grid(text: str) -> tuple[float, ...]:
-    try:
-        return parse_grid(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _jobs(text: str) -> int | str:
