@@ -352,6 +352,9 @@ def test_auto_seeds_follow_the_cost_of_one_run() -> None:
     assert compare_run.describe_auto_seeds(plan, rows).startswith(
         "--seeds auto: each strategy gets as many seeds as fit in one run of the slowest "
         "(full, 20 s), at most 5: probe 5, half 2, full 1")
+    # a tuned row's seed costs its whole lr search, which every extra seed repeats
+    rows[0]["tuning"] = {"seconds": 7.0}
+    assert compare_run.auto_seeds(rows, ["probe", "half", "full"])["probe"] == 2  # int(20/7)
 
 
 def test_seeds_auto_runs_the_planned_extra_seeds(

@@ -222,8 +222,11 @@ def auto_seeds(rows: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dic
 
 def _first_run_seconds(rows: Sequence[dict[str, Any]],
                        strategies: Sequence[str]) -> dict[str, float]:
-    return {r["strategy"]: r["seconds_per_epoch"] * r["epochs"] for r in rows
-            if r["seed"] == 0 and r["strategy"] in strategies}
+    """What seed 0 of each strategy cost: its lr search where tuned (every extra seed
+    searches too), else its epochs."""
+    return {r["strategy"]: (r["tuning"]["seconds"] if r.get("tuning")
+                            else r["seconds_per_epoch"] * r["epochs"])
+            for r in rows if r["seed"] == 0 and r["strategy"] in strategies}
 
 
 def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) -> str:
