@@ -264,12 +264,12 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
         tuning = _choose_lr(args, backbone, strategy, config, data, val_loader, say)
         config = attrs.evolve(config, lr=tuning.chosen)
     callbacks: list[Callback] = [FreezeReportLines(), progress_callback()]
-    if checkpoint_dir is not None and checkpoint is not None:
+    if checkpoint is not None:
         # Checkpoint first: it refuses a folder holding another run before run.json is written.
         record = _run_record(args, backbone, data, strategy)
         if tuning is not None:
             record["tuning"] = tuning.to_dict()
-        callbacks += [checkpoint, RunFile(checkpoint_dir, record)]
+        callbacks += [checkpoint, RunFile(checkpoint.dirpath, record)]
     if args.wandb_project:
         callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
                                      config={"cli": _cli_config(args)}))

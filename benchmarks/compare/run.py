@@ -197,8 +197,7 @@ def epoch_costs(history: History, tuning: Tuning | None) -> dict[str, float]:
     """Seconds per epoch (all, and the training pass) and training images per second. A tuned
     row's candidates share one activation-cache fill, paid by whichever ran first: the row is
     charged the whole fill in place of its own share, so it costs what a run of its own does."""
-    fill = (tuning.fill_seconds - sum(history.records[i].get("cache_fill_seconds", 0.0)
-                                      for i in range(len(history)))
+    fill = (tuning.fill_seconds - sum(r.get("cache_fill_seconds", 0.0) for r in history.records)
             if tuning is not None else 0.0)
     epochs = len(history)
     train_seconds = sum(history["train_seconds"]) + fill
