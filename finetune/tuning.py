@@ -265,8 +265,8 @@ class LrSearch:
             raise RuntimeError("the first lr's run did not finish")
         tuning = Tuning("lr", best.lr, tuple(r.record() for r in tried),
                         time.perf_counter() - started,
-                        f"each lr raced the best run so far and stopped once behind it "
-                        f"(at {self.peek:.2g} of the first epoch or an epoch's end)",
+                        f"each lr raced the best run so far and stopped once it did not "
+                        f"lead (at {self.peek:.2g} of the first epoch or an epoch's end)",
                         shared.fill_seconds)
         return tuning, best.trainer
 

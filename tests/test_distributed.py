@@ -274,3 +274,26 @@ def test_shard_loader_deals_each_kind_of_loader_or_says_what_it_needs(as_rank_on
     assert distributed.shard_loader(seeded).drop_last  # 5 % 2 == 1: no BatchNorm batch of 1
     with pytest.raises(DataError, match="DistributedSampler yourself"):
         distributed.shard_loader([(torch.zeros(2, 3), torch.zeros(2))])
+
+
+def test_lr_auto_under_torchrun_peeks_and_stops_candidates_on_every_rank(
+        tree: Path, tmp_path: Path):
+    """The race's peek evaluates (a collective under DDP) and its stop ends the fit on both
+    ranks at the same step; rank 0 alone prints the search and writes run.json."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "finetune", "train", "--data", str(tree),
+               "--backbone", TINY, "--strategy", "full-unfreeze", "--epochs", "2",
+               "--batch-size", "2", "--lr", "auto", "--lr-grid", "1e-3,1e-1",
+               "--channels-last", "off",  # not timed: the same numbers on every run
+               "--checkpoint-dir", str(run), *FAST]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("--lr auto: trying 0.001, 0.1") == 1
+    tuning = json.loads((run / "run.json").read_text())["tuning"]
+    epochs = sorted(c["epochs"] for c in tuning["candidates"])
+    assert epochs[-1] == 2 and all(e < 2 for e in epochs[:-1])  # the others stopped early
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["lr"] == tuning["chosen"]
