@@ -62,7 +62,7 @@ from finetune.runtime import distributed
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.train.trainer import Trainer
-from finetune.tuning import LrSearch, Tuning, lr_grid
+from finetune.tuning import SINGLE_PROCESS, LrSearch, Tuning, lr_grid
 
 AUTO_LR_CENTER = 1e-3  # --lr auto's grid: 3.2e-4, 1e-3, 3.2e-3 and beyond a winning edge
 
@@ -227,6 +227,8 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     if args.lr == "auto" and args.resume is not None:
         args.parser.error("--lr auto chooses the lr before a run starts; a resume goes on at "
                           "the lr its run chose (leave --lr out)")
+    if args.lr == "auto" and distributed.world_size() > 1:
+        args.parser.error(f"--lr auto: {SINGLE_PROCESS}")
     if args.lr == "auto" and not args.val_split:
         args.parser.error("--lr auto chooses the lr on the validation split: give --val-split "
                           "above 0 (e.g. 0.2), or a number: --lr 1e-4")

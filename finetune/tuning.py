@@ -41,10 +41,18 @@ import attrs
 import torch
 
 from finetune.cache.plan import ActivationCaches
+from finetune.runtime import distributed
 from finetune.train.events import Callback, StopFit
 from finetune.train.trainer import Trainer
 
 MakeTrainer = Callable[[float, ActivationCaches], Trainer]
+# Under torchrun, one process in about eight aborted in gloo ("terminate called without an
+# active exception") in a search whose candidates stop mid-epoch; until that is understood the
+# search runs in one process.
+SINGLE_PROCESS = ("the lr search runs in one process for now (a data-parallel search aborted "
+                  "intermittently); choose the lr without torchrun (finetune train --lr auto, "
+                  "or benchmarks.compare without --nproc), then train under torchrun with that "
+                  "--lr (compare: --tune none --lr X)")
 GRID_STEP = 10 ** 0.5  # two grid points per decade
 PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped
 Score = tuple[float, float]  # (validation accuracy, validation loss)
@@ -223,6 +231,8 @@ class LrSearch:
         if val_loader is None:
             raise ValueError("choosing an lr needs validation data: give a val loader "
                              "(e.g. --val-split 0.2)")
+        if distributed.world_size() > 1:
+            raise ValueError(SINGLE_PROCESS)
         started = time.perf_counter()
         shared = ActivationCaches()
 

@@ -30,7 +30,7 @@ from finetune.cli_options import (
 )
 from finetune.model.zoo import default_backbone_name
 from finetune.train.config import PRECISIONS, SCHEDULES
-from finetune.tuning import lr_grid
+from finetune.tuning import SINGLE_PROCESS, lr_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
@@ -190,6 +190,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "without an API key), all in one group")
     p.add_argument("--wandb-project", default="finetune-compare")
     args = p.parse_args(argv)
+    if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) == "lr":
+        p.error(f"--nproc with --tune lr: {SINGLE_PROCESS}")
     if args.resume and args.overwrite:
         p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
     output = Path(args.output)
@@ -257,6 +259,8 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
             "ResNet50 weights found in the torch hub cache" if chosen["backbone"] == "resnet50"
             else "ResNet50 weights not cached: packaged Lite0 weights")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if chosen["tune"] == "lr" and max(world_size, args.nproc) > 1:
+        raise SystemExit(f"--tune lr: {SINGLE_PROCESS}")
     if args.nproc > 1 and args.jobs not in (None, "auto", 1):
         raise SystemExit("--jobs runs several single-process runs at once and --nproc one run "
                          "on several processes: pick one")
