@@ -447,7 +447,8 @@ def test_jobs_default_to_one_per_core_on_a_cpu_and_one_on_a_gpu(tree: Path) -> N
     args = parse_args(["--data", str(tree), "--preset", "reference", "--device", "cpu"])
     assert resolve_settings(args, ["last-layer", "full-unfreeze"], str(tree), "").jobs == 1
     with pytest.raises(SystemExit, match="pick one"):
-        resolve_settings(parse_args(["--nproc", "2", "--jobs", "2"]), ["last-layer"], ".", "")
+        resolve_settings(parse_args(["--nproc", "2", "--jobs", "2", "--tune", "none"]),
+                         ["last-layer"], ".", "")
 
 
 def test_runs_share_the_cores_and_the_last_ones_take_what_others_free() -> None:
