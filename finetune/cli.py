@@ -250,7 +250,7 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
     strategy: FreezeStrategy = args.strategy
     val_loader = data.val_loader() if args.val_split > 0 else None
-    config = TrainConfig(epochs=args.epochs, lr=1.0 if args.lr == "auto" else args.lr,
+    config = TrainConfig(epochs=args.epochs, lr=AUTO_LR_CENTER if args.lr == "auto" else args.lr,
                          seed=args.seed, precision=args.precision, device=args.device,
                          channels_last=args.channels_last, feature_cache=args.feature_cache,
                          **recipe_settings(args))
