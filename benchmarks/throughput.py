@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from finetune import Backbone, TrainConfig, Trainer, parse_strategy
 from finetune.callbacks import Callback
 from finetune.model.zoo import build_backbone
-from finetune.runtime.precision import cpu_has_native_bf16, onednn_isa_cap
+from finetune.runtime.precision import machine
 from finetune.strategies import FreezeStrategy
 
 
@@ -150,25 +149,6 @@ def library_epochs(backbone: Backbone, strategy: FreezeStrategy, loader: DataLoa
         "channels_last": trainer.state.channels_last,
         "cached_at": trainer.state.cached_prefix,
         "uncached_reason": trainer.state.uncached_reason,
-    }
-
-
-def machine() -> dict[str, Any]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-        model = next((line.split(":", 1)[1].strip() for line in
-                      Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor())
-    except OSError:
-        flags, model = set(), platform.processor()
-    return {
-        "cpu": model,
-        "threads": torch.get_num_threads(),
-        "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
-        "native_bf16": cpu_has_native_bf16(),
-        "isa_cap": onednn_isa_cap(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 

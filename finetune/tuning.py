@@ -226,15 +226,19 @@ class LrSearch:
         self.step = step or (spacing if spacing > 1.01 else GRID_STEP)
 
     def run(self, make_trainer: MakeTrainer, train_loader: Iterable[Any],
-            val_loader: Iterable[Any]) -> tuple[Tuning, Trainer]:
-        """(what was tried and chosen, the chosen lr's trainer after all `epochs`)."""
+            val_loader: Iterable[Any], activations: ActivationCaches | None = None
+            ) -> tuple[Tuning, Trainer]:
+        """(what was tried and chosen, the chosen lr's trainer after all `epochs`).
+        `activations`: a cache the caller holds (and releases) — the advisor's, filled at
+        several depths — instead of one of the search's own."""
         if val_loader is None:
             raise ValueError("choosing an lr needs validation data: give a val loader "
                              "(e.g. --val-split 0.2)")
         if distributed.world_size() > 1:
             raise ValueError(SINGLE_PROCESS)
         started = time.perf_counter()
-        shared = ActivationCaches()
+        shared = activations if activations is not None else ActivationCaches()
+        filled = shared.fill_seconds
 
         def race(lr: float, rival: _Run | None) -> _Run:
             run = _Run(lr)
@@ -270,14 +274,15 @@ class LrSearch:
                         break
                     best = contest(lr, best)
         finally:
-            shared.release()
+            if activations is None:
+                shared.release()
         if best.trainer is None:
             raise RuntimeError("the first lr's run did not finish")
         tuning = Tuning("lr", best.lr, tuple(r.record() for r in tried),
                         time.perf_counter() - started,
                         f"each lr raced the best run so far and stopped once it did not "
                         f"lead (at {self.peek:.2g} of the first epoch or an epoch's end)",
-                        shared.fill_seconds)
+                        shared.fill_seconds - filled)
         return tuning, best.trainer
 
     def _beyond(self, edge: float, direction: int) -> float:

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone
+from finetune.cache import plan
 from finetune.cache.plan import ActivationCaches
-from finetune.cache.store import ActivationCache
 from finetune.strategies import FullUnfreeze, LastLayerOnly
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
@@ -51,9 +51,9 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def test_a_linear_probe_gets_the_large_lr_it_needs_and_one_shared_fill(monkeypatch) -> None:
     fills = []
-    original = ActivationCache.fill
-    monkeypatch.setattr(ActivationCache, "fill", lambda self, loader, *a, **k: (
-        fills.append(len(loader.dataset)), original(self, loader, *a, **k))[1])
+    original = plan.fill_together
+    monkeypatch.setattr(plan, "fill_together", lambda caches, prefix, loader, *a, **k: (
+        fills.append(len(loader.dataset)), original(caches, prefix, loader, *a, **k))[1])
     train, val = separable(48, 0), separable(24, 10)
     tuning, trainer = LrSearch((1e-2, 3.2e-3, 3.2e-2), epochs=2).run(
         trainers(LastLayerOnly, attrs.evolve(CONFIG, epochs=2)), train, val)

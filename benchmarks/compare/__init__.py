@@ -14,7 +14,6 @@ Rows are written to the output folder as each run finishes, so a crash or Ctrl-C
 `--resume` skips them. See docs/benchmarks.md for what each column measures.
 """
 
-from benchmarks.compare.measure import PeakMemory
 from benchmarks.compare.report import markdown_table, summarize, write_outputs
 from benchmarks.compare.run import main, make_backbone, run_one
 from benchmarks.compare.settings import (
@@ -24,6 +23,7 @@ from benchmarks.compare.settings import (
     Settings,
     parse_run,
 )
+from finetune.runtime.memory import PeakMemory
 
 __all__ = [
     "COMPARE_PRESETS",

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from benchmarks.compare import noise, pool
-from benchmarks.compare.measure import PeakMemory
 from benchmarks.compare.report import load_previous
 from benchmarks.compare.report import write_outputs as _write_outputs
 from benchmarks.compare.settings import (
@@ -41,6 +40,7 @@ from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError, redact
 from finetune.model.zoo import build_backbone, seeded
 from finetune.runtime import distributed
+from finetune.runtime.memory import PeakMemory
 from finetune.train.state import History
 from finetune.tuning import LrSearch, Tuning
 

@@ -86,12 +86,18 @@ class Traces:
     points: tuple[CutPoint, ...]
     reason: str  # why there is no cut point, when `points` is empty
 
-    def point(self, label: str | None = None) -> CutPoint:
-        """The latest cut point, or the one named `label`."""
+    def point(self, label: str | CutPoint | None = None) -> CutPoint:
+        """The latest cut point, or the one given (a `CutPoint` of these traces, or the first
+        named `label`: a module can end more than one point)."""
         if not self.points:
             raise UncacheableError(self.reason)
         if label is None:
             return self.points[-1]
+        if isinstance(label, CutPoint):
+            if label not in self.points:
+                raise UncacheableError(f"{label} is not a cut point of this model as it is "
+                                       "frozen now")
+            return label
         for point in self.points:
             if point.label == label:
                 return point
@@ -104,12 +110,14 @@ class Traces:
 class GraphSplit:
     """A traced model cut in two. `prefix(images)` gives the one crossing activation;
     `suffix(activation)` the logits, running the training or evaluation trace as the model
-    is in. `label` names the last module of the prefix; `position` the cut node's index."""
+    is in. `label` names the last module of the prefix; `position` the cut node's index;
+    `traces` are what the cut was found on (every other cut point of the model as it is)."""
 
     prefix: fx.GraphModule
     suffix: Callable[[torch.Tensor], torch.Tensor]
     label: str
     position: int
+    traces: Traces
 
 
 class _Tracer(fx.Tracer):
@@ -175,8 +183,8 @@ def find_cuts(model: nn.Module, training_mode: Callable[[], None]) -> Traces:
 
 
 def split_graph(model: nn.Module, training_mode: Callable[[], None],
-                at: str | None = None, traces: Traces | None = None) -> GraphSplit:
-    """Cut `model` after its longest exactly-frozen prefix (or at the cut point named `at`).
+                at: str | CutPoint | None = None, traces: Traces | None = None) -> GraphSplit:
+    """Cut `model` after its longest exactly-frozen prefix (or at the cut point `at`).
     Raises UncacheableError saying why when there is no such prefix. `traces` reuses what
     `find_cuts` found for the model in this state."""
     traces = traces or find_cuts(model, training_mode)
@@ -185,14 +193,15 @@ def split_graph(model: nn.Module, training_mode: Callable[[], None],
     suffixes = {mode: _suffix_module(model, graph, point.position)
                 for mode, graph in (("train", traces.train), ("eval", traces.eval))}
     return GraphSplit(prefix=prefix, suffix=_ModeSwitch(model, suffixes), label=point.label,
-                      position=point.position)
+                      position=point.position, traces=traces)
 
 
-def multi_prefix(model: nn.Module, traces: Traces, labels: Sequence[str]) -> fx.GraphModule:
-    """One module whose forward returns the activations at each cut point in `labels` (a
-    tuple, in that order), computed in a single pass up to the deepest: what probing
+def multi_prefix(model: nn.Module, traces: Traces, points: Sequence[str | CutPoint]
+                 ) -> fx.GraphModule:
+    """One module whose forward returns the activations at each of `points` (a tuple, in
+    that order), computed in a single pass up to the deepest: what caching or probing
     features at several depths needs."""
-    positions = [traces.point(label).position for label in labels]
+    positions = [traces.point(point).position for point in points]
     return _prefix_module(model, traces.eval, positions)
 
 

@@ -7,6 +7,10 @@ graph split (`finetune.cache.cut`), for every architecture — or records why th
 activations in the loader's own batch order, the suffix)`, filling the cache on first use.
 `why_uncached(loader)` says why a loader runs the whole model. Nothing else in the loop knows
 a cache exists.
+
+A cache made with `keep=` cut points (`finetune.advise`: every group boundary) stores the
+activations at each of them from the same pass, and a later plan whose cut is one of them —
+a backbone with equal prefix weights, frozen less — trains on them without another pass.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.cache.cut import UncacheableError, split_graph
-from finetune.cache.store import ActivationCache, Cut, is_deterministic
+from finetune.cache.cut import CutPoint, UncacheableError, multi_prefix, split_graph
+from finetune.cache.store import ActivationCache, Cut, fill_together, is_deterministic
 from finetune.model.backbone import Backbone
 from finetune.runtime.distributed import RowShard
 
@@ -60,17 +64,22 @@ class ActivationCaches:
 
     `mode` is `TrainConfig.feature_cache` ("auto", "on", "off"); only loaders named with
     `allow` (fit's train and val loaders) are cached, and `release` drops every activation.
+    `keep`: cut points whose activations each fill stores too (those before the cut it fills
+    for), from the same pass; they are kept until the context or the prefix weights change.
     """
 
     def __init__(self, mode: str = "off", memory_budget: int = 0,
-                 directory: str | Path | None = None) -> None:
+                 directory: str | Path | None = None, *, keep: Sequence[CutPoint] = ()) -> None:
         self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
+        self.keep = tuple(keep)
         self.cut: Cut | None = None
         self.reason = "fit has not planned a cut"
         self._context: Any = None  # what the stored activations were computed under
         self.fill_seconds = 0.0  # time spent running the prefix to fill caches, all in all
-        self._caches: dict[int, ActivationCache] = {}  # by id(loader), and the loaders held,
-        self._loaders: dict[int, Any] = {}  # so that no other loader takes a cached one's id
+        # by cut point, then id(loader); and the loaders held, so that no other loader takes
+        # a cached one's id
+        self._stored: dict[CutPoint, dict[int, ActivationCache]] = {}
+        self._loaders: dict[int, Any] = {}
         self._cacheable: set[int] = set()
         self._refused: dict[int, str] = {}
 
@@ -82,8 +91,23 @@ class ActivationCaches:
         self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
 
     def __len__(self) -> int:
-        """How many loaders' activations are held now."""
+        """How many loaders' activations are held now for the planned cut."""
         return len(self._caches)
+
+    @property
+    def _caches(self) -> dict[int, ActivationCache]:
+        """The planned cut's caches, by id(loader)."""
+        if self.cut is None:
+            return {}
+        return self._stored.setdefault(self.cut.point, {})
+
+    def stored(self, point: CutPoint, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations, labels) of `loader`'s dataset at `point`, in dataset order."""
+        cache = self._stored.get(point, {}).get(id(loader))
+        if cache is None or cache.features is None or cache.labels is None:
+            raise KeyError(f"no activations at {point.label} for this loader; a fit with a "
+                           "cut at or after it fills them")
+        return cache.features, cache.labels
 
     def plan(self, backbone: Backbone, context: Any = None) -> None:
         """Find the cut for what the strategy now freezes; activations of an unchanged prefix
@@ -94,14 +118,14 @@ class ActivationCaches:
         cut, reason = (None, "feature_cache='off'") if self.mode == "off" else plan_cut(backbone)
         if cut is None and reason != self.reason:  # said once, and kept for why_uncached
             log.info("activation cache off for %s: %s", backbone.name, reason)
-        if cut != self.cut or context != self._context or (cut is not None and not all(
-                same_weights(cache.prefix, cut.graph.prefix)
-                for cache in self._caches.values())):
-            self._caches.clear()
-            self._loaders.clear()
-            self._refused.clear()
+        held = self._stored.get(cut.point, {}) if cut is not None else {}
+        stale = context != self._context or not all(
+            same_weights(cache.prefix, cache.cut.graph.prefix if cut is None
+                         else cut.graph.prefix) for cache in held.values())
+        if stale or (not self.keep and cut != self.cut):
+            self._drop()
         elif cut is not None:
-            for cache in self._caches.values():
+            for cache in held.values():
                 cache.suffix = cut.graph.suffix
         self.cut, self.reason, self._context = cut, reason, context
 
@@ -110,9 +134,12 @@ class ActivationCaches:
 
     def release(self) -> None:
         """Activations can take GiBs; and once fit returns the weights may change."""
-        self._caches.clear()
-        self._loaders.clear()
+        self._drop()
         self._cacheable.clear()
+
+    def _drop(self) -> None:
+        self._stored.clear()
+        self._loaders.clear()
         self._refused.clear()
 
     def describe(self, loader: Any) -> tuple[str | None, str | None]:
@@ -160,12 +187,12 @@ class ActivationCaches:
             if refusal:
                 self._refused[id(loader)] = refusal
                 return None
-            cache = ActivationCache(backbone, self.cut, memory_budget=self.memory_budget,
-                                    directory=self.directory)
+            cache, kept = self._new_caches(backbone)
             started = time.perf_counter()
             try:
-                cache.fill(loader, prefix_forward, device,
-                           shard=RowShard.for_dataset(len(loader.dataset)))
+                fill_together([cache, *kept.values()], self._one_pass(backbone, cache, kept),
+                              loader, prefix_forward, device,
+                              shard=RowShard.for_dataset(len(loader.dataset)))
             except (MemoryError, UncacheableError) as error:
                 if self.mode == "on" and isinstance(error, MemoryError):
                     raise
@@ -175,4 +202,31 @@ class ActivationCaches:
             finally:
                 self.fill_seconds += time.perf_counter() - started
             self._caches[id(loader)], self._loaders[id(loader)] = cache, loader
+            for point, other in kept.items():
+                self._stored.setdefault(point, {})[id(loader)] = other
         return self._caches[id(loader)]
+
+    def _new_caches(self, backbone: Backbone) -> tuple[ActivationCache,
+                                                        dict[CutPoint, ActivationCache]]:
+        """An empty cache for the planned cut, and one for each kept point before it."""
+        cut = self.cut
+        if cut is None:
+            raise RuntimeError("no cut is planned")
+        traces = cut.graph.traces
+        kept = {}
+        for point in self.keep:
+            if point in traces.points and point.position < cut.index:
+                graph = split_graph(backbone.model, lambda: None, at=point, traces=traces)
+                kept[point] = ActivationCache(
+                    backbone, Cut(point.position, point.label, graph=graph),
+                    memory_budget=self.memory_budget, directory=self.directory)
+        return ActivationCache(backbone, cut, memory_budget=self.memory_budget,
+                               directory=self.directory), kept
+
+    def _one_pass(self, backbone: Backbone, cache: ActivationCache,
+                  kept: dict[CutPoint, ActivationCache]) -> Any:
+        """The prefix that fills `cache` and every kept cut point's cache in one pass."""
+        if not kept:
+            return cache.prefix
+        return multi_prefix(backbone.model, cache.cut.graph.traces,
+                            [cache.cut.point, *kept])

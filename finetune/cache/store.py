@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import attrs
 import torch
 
 from finetune.atomic import atomic_write_json, disk_full, out_of_space
-from finetune.cache.cut import GraphSplit, UncacheableError
+from finetune.cache.cut import CutPoint, GraphSplit, UncacheableError
 from finetune.data.images import file_key
 from finetune.model.backbone import Backbone
 
@@ -43,6 +43,10 @@ class Cut:
     index: int
     label: str
     graph: GraphSplit = attrs.field(eq=False, repr=False)
+
+    @property
+    def point(self) -> CutPoint:
+        return CutPoint(self.index, self.label)
 
 
 def split(backbone: Backbone, cut: Cut) -> tuple[Any, Any]:
@@ -133,48 +137,9 @@ class ActivationCache:
         return 0 if self.features is None else self.features.numel() * self.features.itemsize
 
     def fill(self, loader: Any, forward: Any, device: torch.device, shard: Any = None) -> None:
-        """Run the prefix once over the loader's dataset, in dataset order, with the loader's
-        batch size; `forward(prefix, images)` applies precision and memory format. Under
-        data-parallel training `shard` (`finetune.runtime.distributed.RowShard`) names the rows
-        this process computes, and then exchanges them so that every process holds all."""
-        dataset = loader.dataset
-        rows = range(len(dataset)) if shard is None else shard.rows
-        order = torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
-            dataset if shard is None else torch.utils.data.Subset(dataset, rows),
-            batch_size=loader.batch_size or 32, shuffle=False,
-            num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-            generator=torch.Generator(),
-        )
-        position = 0
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.inference_mode():  # copied into a normal tensor, which autograd reads
-                for images, labels in _pairs(order):
-                    out = forward(self.prefix, images.to(device))
-                    if not isinstance(out, torch.Tensor) or out.dim() == 0 or len(out) != len(
-                            images):
-                        raise UncacheableError(
-                            f"the prefix up to {self.cut.label} does not give one activation "
-                            "row per image")
-                    if self.features is None:
-                        self._allocate(len(dataset), out, dataset)
-                        if self.complete if shard is None else shard.agree(self.complete):
-                            return
-                    stop = position + len(out)
-                    where = (slice(position, stop) if shard is None
-                             else torch.as_tensor(rows[position:stop]))
-                    self.features[where] = out.to("cpu")  # type: ignore[index]
-                    self.labels[where] = labels  # type: ignore[index]
-                    position = stop
-        finally:
-            self.backbone.train(was_training)
-        if position != len(rows):
-            raise RuntimeError(f"the loader gave {position} images for {len(rows)} samples")
-        if shard is not None:
-            with torch.inference_mode():  # where the storage was made: it may write there
-                shard.exchange(self.features, self.labels, loader.batch_size or 32)
-        self._mark_complete()
+        """Run the prefix once over the loader's dataset (`fill_together` with this cache
+        alone)."""
+        fill_together([self], self.prefix, loader, forward, device, shard)
 
     def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(activations, labels) batches in exactly the order the loader would give images:
@@ -226,6 +191,61 @@ class ActivationCache:
         if self.on_disk is not None and self.labels is not None:
             atomic_write_json(self.on_disk.with_suffix(".json"),
                               {"cut": self.cut.label, "labels": self.labels.tolist()})
+
+
+def fill_together(caches: Sequence[ActivationCache], prefix: Any, loader: Any, forward: Any,
+                  device: torch.device, shard: Any = None) -> None:
+    """Fill `caches` (cuts of one backbone) from one pass of `prefix` over the loader's
+    dataset, in dataset order, with the loader's batch size: `prefix` gives one activation per
+    cache, a tuple of them when there are several (`finetune.cache.cut.multi_prefix`).
+    `forward(prefix, images)` applies precision and memory format. Under data-parallel
+    training `shard` (`finetune.runtime.distributed.RowShard`) names the rows this process
+    computes, and then exchanges them so that every process holds all."""
+    dataset = loader.dataset
+    rows = range(len(dataset)) if shard is None else shard.rows
+    order = torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
+        dataset if shard is None else torch.utils.data.Subset(dataset, rows),
+        batch_size=loader.batch_size or 32, shuffle=False,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        generator=torch.Generator(),
+    )
+    position = 0
+    backbone = caches[0].backbone
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.inference_mode():  # copied into a normal tensor, which autograd reads
+            for images, labels in _pairs(order):
+                outs = forward(prefix, images.to(device))
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                for cache, out in zip(caches, outs, strict=True):
+                    if not isinstance(out, torch.Tensor) or out.dim() == 0 or len(out) != len(
+                            images):
+                        raise UncacheableError(
+                            f"the prefix up to {cache.cut.label} does not give one activation "
+                            "row per image")
+                if caches[0].features is None:
+                    for cache, out in zip(caches, outs, strict=True):
+                        cache._allocate(len(dataset), out, dataset)
+                    done = all(cache.complete for cache in caches)
+                    if done if shard is None else shard.agree(done):
+                        return
+                stop = position + len(images)
+                where = (slice(position, stop) if shard is None
+                         else torch.as_tensor(rows[position:stop]))
+                for cache, out in zip(caches, outs, strict=True):
+                    cache.features[where] = out.to("cpu")  # type: ignore[index]
+                    cache.labels[where] = labels  # type: ignore[index]
+                position = stop
+    finally:
+        backbone.train(was_training)
+    if position != len(rows):
+        raise RuntimeError(f"the loader gave {position} images for {len(rows)} samples")
+    for cache in caches:
+        if shard is not None:
+            with torch.inference_mode():  # where the storage was made: it may write there
+                shard.exchange(cache.features, cache.labels, loader.batch_size or 32)
+        cache._mark_complete()
 
 
 def reserve_disk(path: Path, nbytes: int) -> None:

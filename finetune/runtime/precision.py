@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -335,3 +336,24 @@ class VerdictStore:
         except (OSError, ValueError):
             return {}
         return verdicts if isinstance(verdicts, dict) else {}
+
+
+def machine() -> dict[str, Any]:
+    """The CPU (model, threads, the flags that decide precision) and GPU a figure was
+    measured on: every timing this project reports names it."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        model = next((line.split(":", 1)[1].strip() for line in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
+    except OSError:
+        flags, model = set(), platform.processor()
+    return {
+        "cpu": model,
+        "threads": torch.get_num_threads(),
+        "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "native_bf16": cpu_has_native_bf16(),
+        "isa_cap": onednn_isa_cap(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
