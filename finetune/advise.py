@@ -58,7 +58,7 @@ NOTHING_FROZEN = "none"
 BUDGET_EPOCHS = 1.0  # default fine-tune budget: this many epochs of full fine-tuning
 PROBE_LRS = (1e-3, 1e-2, 1e-1)
 PROBE_STEPS = 100
-TIMED_STEPS = 2  # timed optimizer steps per depth, after one untimed
+TIMED_STEPS = 1  # timed optimizer steps per depth, after one untimed
 
 
 @attrs.define
@@ -195,25 +195,32 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
     vx, vy = pooled(val[0]), val[1].long().clone()  # that autograd may save
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x, vx = (x - mean) / std, (vx - mean) / std
-    best: tuple[tuple[float, float], np.ndarray, float] | None = None
-    for lr in lrs:
-        weight = torch.zeros(x.shape[1], num_classes, requires_grad=True)
-        bias = torch.zeros(num_classes, requires_grad=True)
-        optimizer = torch.optim.Adam([weight, bias], lr=lr)
-        with torch.enable_grad():
-            for _ in range(steps):
-                loss = torch.nn.functional.cross_entropy(x @ weight + bias, y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        with torch.no_grad():
-            logits = vx @ weight + bias
-            score = (float((logits.argmax(1) == vy).float().mean()),
-                     float(torch.nn.functional.cross_entropy(logits, vy)))
-        if best is None or ahead(score, best[0]):
-            best = (score, logits.argmax(1).numpy(), lr)
-    if best is None:
+    if not lrs:
         raise ValueError("linear_probe needs at least one lr")
+    # one classifier per lr, trained side by side: their losses are summed, so each gets
+    # exactly its own gradient, and Adam's per-group lr keeps them apart
+    weights = [torch.zeros(x.shape[1], num_classes, requires_grad=True) for _ in lrs]
+    biases = [torch.zeros(num_classes, requires_grad=True) for _ in lrs]
+    optimizer = torch.optim.Adam([{"params": [w, b], "lr": lr}
+                                  for w, b, lr in zip(weights, biases, lrs, strict=True)])
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = sum(torch.nn.functional.cross_entropy(x @ w + b, y)
+                       for w, b in zip(weights, biases, strict=True))
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[union-attr]
+            optimizer.step()
+    results = []
+    with torch.no_grad():
+        for weight, bias, lr in zip(weights, biases, lrs, strict=True):
+            logits = vx @ weight + bias
+            results.append(((float((logits.argmax(1) == vy).float().mean()),
+                             float(torch.nn.functional.cross_entropy(logits, vy))),
+                            logits.argmax(1).numpy(), lr))
+    best = results[0]
+    for result in results[1:]:
+        if ahead(result[0], best[0]):
+            best = result
     return best[0][0], best[1], best[2]
 
 
@@ -457,7 +464,7 @@ class _Run:
         """Seconds per epoch's training pass from timed steps, and their peak memory."""
         clock = StepClock(self.advisor.timed_steps)
         trainer = self.trainer(depth, self.advisor.config.lr, 1, [clock])
-        with PeakMemory(self.device) as memory, contextlib.suppress(StepsTimed):
+        with PeakMemory(self.device, collect=False) as memory, contextlib.suppress(StepsTimed):
             trainer.fit(self.train_loader)
         if self.precision is None:
             self.precision = trainer.state.precision

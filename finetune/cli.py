@@ -1,4 +1,4 @@
-"""`finetune train | evaluate | strategies` (also `python -m finetune …`).
+"""`finetune train | evaluate | advise | strategies` (also `python -m finetune …`).
 
 Each command is a thin layer over the object API: `build_backbone`, `build_strategy`,
 `ImageFolderData`, `Trainer` with the `Checkpoint`, `WandbLogger` and progress callbacks.
@@ -39,6 +39,7 @@ from finetune.callbacks.run_file import (
     checkpoint_in,
     read_run_file,
 )
+from finetune.cli_advise import run_advise
 from finetune.cli_evaluate import recorded_backbone, run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
     add_recipe_arguments,
@@ -48,6 +49,7 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     device_argument,
     lr_argument,
     lr_grid_argument,
+    non_negative_float,
     non_negative_int,
     positive_int,
     recipe_settings,
@@ -155,6 +157,46 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, default=None,
                           help="also write the report as JSON to this file")
     evaluate.set_defaults(handler=run_evaluate, parser=evaluate)
+
+    advise = commands.add_parser(
+        "advise", help="which layers to freeze, and what each choice costs",
+        description="Measure every depth to freeze through — a linear probe on its frozen "
+                    "features, the cost of an epoch, short fine-tunes from the promising "
+                    "depths — from one pass over train and val, and recommend one "
+                    "(docs/advise.md). The test set is not read.",
+        epilog="example:\n  finetune advise --data sample --image-size 160 --batch-size 16 "
+               "--epochs 3 --train-per-class 20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_arguments(advise)
+    advise.add_argument("--backbone", type=backbone_name, default="auto", metavar="NAME",
+                        help="as for train (default: auto)")
+    advise.add_argument("--epochs", type=positive_int, default=5,
+                        help="the training the advice is for: its command trains this many "
+                             "epochs, and fine-tunes are this long unless --finetune-epochs "
+                             "(default: 5)")
+    advise.add_argument("--finetune-epochs", type=positive_int, default=None,
+                        help="length of each short fine-tune (default: --epochs)")
+    advise.add_argument("--budget", type=non_negative_float, default=None, metavar="SECONDS",
+                        help="time for the fine-tunes besides the head alone's (default: one "
+                             "epoch of full fine-tuning, as measured)")
+    advise.add_argument("--lr-grid", type=lr_grid_argument, default=None, metavar="LRS",
+                        help="the lrs each fine-tune races (default: "
+                             f"{','.join(f'{v:g}' for v in lr_grid(1e-3))}; it grows past an "
+                             "edge that wins)")
+    advise.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
+                        help=f"(default: {defaults.VAL_SPLIT})")
+    advise.add_argument("--image-size", type=positive_int, default=None,
+                        help="crop size (default: the weights' own)")
+    advise.add_argument("--train-per-class", type=positive_int, default=None,
+                        help="use at most N images of each class (before the val split)")
+    advise.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    advise.add_argument("--output", type=Path, default=Path("advice"),
+                        help="folder for advise.json, advise.md and frontier.png "
+                             "(default: advice)")
+    advise.add_argument("--overwrite", action="store_true",
+                        help="replace earlier advice in --output")
+    advise.set_defaults(handler=run_advise, parser=advise)
 
     strategies = commands.add_parser("strategies", help="list the registered strategies",
                                      description="The strategies --strategy accepts.")

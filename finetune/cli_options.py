@@ -52,6 +52,8 @@ positive_int = checked_number(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = checked_number(int, lambda v: v >= 0, "an integer ≥ 0")
 positive_float = checked_number(float, lambda v: math.isfinite(v) and v > 0,
                                 "a finite number > 0")
+non_negative_float = checked_number(float, lambda v: math.isfinite(v) and v >= 0,
+                                    "a finite number >= 0")
 val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 

@@ -1,0 +1,64 @@
+"""`finetune advise`: which layers to freeze and what each choice costs (`finetune.advise`),
+as a table, advise.json / advise.md / frontier.png, and the `finetune train` command that
+trains the recommendation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+from pathlib import Path
+
+from finetune.advise import Advisor
+from finetune.data import ImageFolderData, ImageSplits, resolve_data_root
+from finetune.model.zoo import build_backbone
+from finetune.train.config import TrainConfig
+from finetune.tuning import lr_grid
+
+ADVISE_LR_CENTER = 1e-3  # as `finetune train --lr auto`: the grid grows past a winning edge
+
+
+def run_advise(args: argparse.Namespace) -> int:
+    output: Path = args.output
+    if (output / "advise.json").is_file() and not args.overwrite:
+        args.parser.error(f"{output} holds earlier advice (advise.json); choose another "
+                          "--output or pass --overwrite")
+    if not args.val_split:
+        args.parser.error("advice is measured on the validation split: give --val-split "
+                          "above 0 (e.g. 0.2)")
+    splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
+                              split_seed=args.seed, train_per_class=args.train_per_class,
+                              progress=False)
+    backbone = build_backbone(args.backbone, len(splits.classes), "DEFAULT", seed=args.seed)
+    data = ImageFolderData(splits, seed=args.seed, batch_size=args.batch_size,
+                           data_augmentation=False, preprocessing=backbone.preprocessing,
+                           image_size=args.image_size, num_workers=args.workers,
+                           keep_decoded=True)  # every depth reads the same images
+    print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
+          f"{len(data.val_samples)} images ({data.root}); the test set is not read")
+    print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
+    grid = args.lr_grid or lr_grid(ADVISE_LR_CENTER)
+    centre = min(grid, key=lambda lr: abs(math.log(lr / ADVISE_LR_CENTER)))
+    config = TrainConfig(epochs=args.epochs, lr=centre, seed=args.seed,
+                         precision=args.precision, device=args.device,
+                         channels_last=args.channels_last)
+    advisor = Advisor(config, finetune_epochs=args.finetune_epochs, budget=args.budget,
+                      lr_grid=[centre, *(lr for lr in grid if lr != centre)],
+                      train_command=train_command(args, data.root))
+    advice = advisor.run(backbone, data.train_loader(), data.val_loader())
+    written = advice.write(output)
+    print(advice.summary())
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def train_command(args: argparse.Namespace, root: str | Path) -> str:
+    """`finetune train` with the data and model settings the advice was measured on."""
+    words = ["finetune", "train", "--data", str(root), "--backbone", args.backbone,
+             "--val-split", f"{args.val_split:g}", "--batch-size", str(args.batch_size),
+             "--seed", str(args.seed)]
+    if args.image_size is not None:
+        words += ["--image-size", str(args.image_size)]
+    if args.train_per_class is not None:
+        words += ["--train-per-class", str(args.train_per_class)]
+    return shlex.join(words)
