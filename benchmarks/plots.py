@@ -56,12 +56,12 @@ def plot_accuracy(summary: Summary, path: Path) -> Path:
 
 
 def plot_accuracy_vs_time(summary: Summary, path: Path) -> Path:
-    """Test accuracy against total training time (seconds per epoch × epochs): the cost of
-    each point of accuracy at a glance."""
+    """Test accuracy against total training time (seconds per epoch × epochs, and the
+    advice's own time for the advised row): the cost of each point of accuracy at a glance."""
     figure = Figure(figsize=(6.5, 4.5), layout="constrained")
     axes = figure.subplots()
     for s, bar in zip(summary, test_error_bars(summary).T, strict=True):
-        seconds = s["seconds_per_epoch"] * s["epochs"]
+        seconds = s["seconds_per_epoch"] * s["epochs"] + s.get("advise_seconds", 0.0)
         accuracy = 100 * s["test_accuracy"]
         axes.errorbar(seconds, accuracy, yerr=bar.reshape(2, 1), fmt="o", capsize=4)
         axes.annotate(s["strategy"], (seconds, accuracy), textcoords="offset points",

@@ -574,3 +574,24 @@ def test_untuned_rows_say_so(tree: Path, tmp_path: Path) -> None:
     assert row["tuning"] is None and row["lr"] == 0.01
     with pytest.raises(SystemExit, match="--lr-grid is the grid --tune lr searches"):
         compare.main([*args, "--lr-grid", "1e-3", "--overwrite"], backbone_factory=Factory())
+
+
+def test_the_advised_row_trains_the_advisors_pick_and_counts_its_time(
+        tree: Path, tmp_path: Path) -> None:
+    args = argv(tree, tmp_path, "--strategies", "last-layer,advised", "--tune", "lr",
+                "--epochs", "2")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    results = read_results(tmp_path)
+    advised = next(r for r in results["rows"] if r["strategy"] == "advised")
+    pick = advised["advice"]["strategy"]
+    assert advised["strategy_state"] == compare.parse_run(pick).strategy.state_dict()
+    assert [d["name"] for d in advised["advice"]["depths"]] == ["none", "stem", "block1",
+                                                               "block2"]
+    assert advised["advise_seconds"] > 0 and advised["tuning"] is not None
+    summary = next(s for s in results["summary"] if s["strategy"] == "advised")
+    assert summary["advised"] == [pick]
+    text = (tmp_path / "results.md").read_text()
+    assert f"| advised ({pick}) |" in text and "`finetune advise` recommended" in text
+    with pytest.raises(SystemExit):
+        compare.main(argv(tree, tmp_path / "ddp", "--strategies", "advised", "--tune", "none",
+                          "--nproc", "2"), backbone_factory=Factory())

@@ -38,6 +38,9 @@ def summarize(rows: list[dict[str, Any]], strategies: Sequence[str]) -> list[dic
         for key in ("seconds_per_epoch", "images_per_second", "peak_memory_mib"):
             row[key] = statistics.fmean(r[key] for r in runs)
         row["lr"] = sorted({r["lr"] for r in runs if r.get("lr") is not None})
+        if any(r.get("advice") for r in runs):  # the advised row: what it trained, and the
+            row["advised"] = sorted({r["advice"]["strategy"] for r in runs})  # advice's time
+            row["advise_seconds"] = statistics.fmean(r["advise_seconds"] for r in runs)
         summary.append(row)
     return summary
 
@@ -59,7 +62,10 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     lines = ["| strategy | lr | trainable params | val acc (%) | test acc (%) | 95% CI | runs | "
              "s / epoch | train img/s | peak mem (MiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {s['strategy']} | {learning_rate(s)} | "
+    def name(s: dict[str, Any]) -> str:
+        return s["strategy"] + (f" ({', '.join(s['advised'])})" if s.get("advised") else "")
+
+    lines += [f"| {name(s)} | {learning_rate(s)} | "
               f"{s['trainable_params']:,} ({s['trainable_pct']:.1f}%) | "
               f"{accuracy(s, 'val_accuracy')} | {accuracy(s, 'test_accuracy')} | "
               f"{interval(s)} | {s['runs']} | {s['seconds_per_epoch']:.1f} | "
@@ -107,6 +113,8 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
     verdict = analysis.verdict.text if analysis is not None else ""
     if analysis is not None and settings.tune == "lr":
         verdict += " " + tuning_note(rows, settings)
+    if analysis is not None:
+        verdict += advice_note(rows)
     seeds = ("auto (per strategy: the runs column)" if settings.seeds_auto
              else str(list(settings.seeds)))
     lr = (f"lr tuned per row on validation from {', '.join(f'{v:g}' for v in settings.lr_grid)}"
@@ -161,6 +169,20 @@ def tuning_note(rows: Sequence[dict[str, Any]], settings: Settings) -> str:
             f"{epochs / max(1, settings.epochs * len(tuned)):.1f}x the epochs of untuned "
             f"rows ({epochs:.1f} candidate epochs for {len(tuned)} rows) in {seconds:.0f} s of "
             "run time, the rows' own training included.")
+
+
+def advice_note(rows: Sequence[dict[str, Any]]) -> str:
+    """What the advised row trained, per seed, and what the advice cost (its time is added to
+    the row's in accuracy_vs_time.png)."""
+    advised = [r for r in rows if r.get("advice")]
+    if not advised:
+        return ""
+    picks = "; ".join(f"seed {r['seed']}: {r['advice']['strategy']} (lr {r['advice']['lr']:g})"
+                      for r in advised)
+    seconds = statistics.fmean(r["advise_seconds"] for r in advised)
+    return (f"\n\nThe advised row trained what `finetune advise` recommended on the same "
+            f"train and validation data ({picks}); the advice took {seconds:.0f} s per seed, "
+            "added to its training time in accuracy_vs_time.png.")
 
 
 def _shared_machine(settings: Settings) -> str:

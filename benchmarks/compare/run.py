@@ -24,6 +24,7 @@ from benchmarks.compare import noise, pool
 from benchmarks.compare.report import load_previous
 from benchmarks.compare.report import write_outputs as _write_outputs
 from benchmarks.compare.settings import (
+    ADVISED,
     Settings,
     parse_args,
     parse_run,
@@ -31,6 +32,7 @@ from benchmarks.compare.settings import (
     strategy_specs,
 )
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
+from finetune.advise import Advice, Advisor
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.cache.plan import ActivationCaches
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
@@ -122,12 +124,17 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     """Train `spec` with `seed` on the shared split — at `settings.lr`, or (`tune="lr"`) at the
     lr `finetune.tuning.LrSearch` chooses on the validation split — and return its results
     row; the test set is evaluated once, for the trained row. Runs that pass one `decoded`
-    store decode each un-augmented image once between them."""
-    run = parse_run(spec)
+    store decode each un-augmented image once between them. The `advised` row trains the
+    strategy `finetune.advise` recommends on this run's train and val data."""
+    run = parse_run("last-layer" if spec == ADVISED else spec)
     with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
         initial = backbone_factory(settings.backbone, len(splits.classes), run.pretrained)
     data = loaders_for(splits, settings, initial, decoded)
     train_loader, val_loader = data.train_loader(shuffle_seed=seed), data.val_loader()
+    advice = None
+    if spec == ADVISED:
+        advice = advise_row(settings, seed, initial, train_loader, val_loader)
+        run = parse_run(advice.recommendation.strategy)
 
     def make_trainer(lr: float, activations: ActivationCaches | None = None) -> Trainer:
         config = TrainConfig(epochs=settings.epochs, lr=lr, seed=seed,
@@ -145,7 +152,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
                 dir=str(output)))
         # candidates of a search start from copies: each trains its own weights
         backbone = copy.deepcopy(initial) if settings.tune == "lr" else initial
-        trainer = Trainer(backbone, parse_run(spec).strategy, config, callbacks,
+        trainer = Trainer(backbone, copy.deepcopy(run.strategy), config, callbacks,
                           classes=data.classes, activations=activations)
         return trainer
 
@@ -185,12 +192,40 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         "train_uncached_reason": witness.reason,
         "lr": trainer.config.lr,
         "tuning": tuning.to_dict() if tuning is not None else None,
+        **advice_fields(advice),
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),
         "test_images": len(data.test_samples),
         "per_class_test_accuracy": dict(zip(data.classes, map(float, test.per_class_accuracy),
                                             strict=True)),
         "history": history.records, "config": settings.to_dict(),
     }
+
+
+def advise_row(settings: Settings, seed: int, initial: Backbone, train_loader: Any,
+               val_loader: Any) -> Advice:
+    """The advisor on this run's split, measuring the training the comparison runs."""
+    config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
+                         precision=settings.precision, device=settings.device,
+                         schedule=settings.schedule, warmup=settings.warmup,
+                         label_smoothing=settings.label_smoothing)
+    grid = settings.lr_grid if settings.tune == "lr" else None  # as the rows' searches
+    advice = Advisor(config, lr_grid=grid).run(copy.deepcopy(initial), train_loader,
+                                               val_loader)
+    print(f"advised (seed {seed}): {advice.recommendation.reason} [{advice.seconds:.0f} s]",
+          flush=True)
+    return advice
+
+
+def advice_fields(advice: Advice | None) -> dict[str, Any]:
+    """What the advised row records: the strategy chosen and why, and the advice's time,
+    which its total cost includes."""
+    if advice is None:
+        return {}
+    recommendation = advice.recommendation
+    return {"advice": {"strategy": recommendation.strategy, "depth": recommendation.depth,
+                       "lr": recommendation.lr, "reason": recommendation.reason,
+                       "depths": [d.to_dict() for d in advice.depths]},
+            "advise_seconds": advice.seconds}
 
 
 def epoch_costs(history: History, tuning: Tuning | None) -> dict[str, float]:
@@ -222,9 +257,10 @@ def auto_seeds(rows: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dic
 def _first_run_seconds(rows: Sequence[dict[str, Any]],
                        strategies: Sequence[str]) -> dict[str, float]:
     """What seed 0 of each strategy cost: its lr search where tuned (every extra seed
-    searches too), else its epochs."""
+    searches too), else its epochs; and the advice, for the advised row."""
     return {r["strategy"]: (r["tuning"]["seconds"] if r.get("tuning")
                             else r["seconds_per_epoch"] * r["epochs"])
+            + r.get("advise_seconds", 0.0)
             for r in rows if r["seed"] == 0 and r["strategy"] in strategies}
 
 

@@ -39,6 +39,8 @@ TUNE_CHOICES = ("lr", "none")
 OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
 SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
+# The row whose strategy `finetune.advise` chooses, per seed, on the validation split.
+ADVISED = "advised"
 COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
     "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
@@ -192,6 +194,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) == "lr":
         p.error(f"--nproc with --tune lr: {SINGLE_PROCESS}")
+    if args.nproc > 1 and any(ADVISED in item.split(",") for item in args.strategies or ()):
+        p.error("--nproc with the advised row: the advisor runs in one process; run "
+                "`finetune advise` first and compare its strategy under --nproc")
     if args.resume and args.overwrite:
         p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
     output = Path(args.output)
@@ -226,6 +231,8 @@ def strategy_specs(args: argparse.Namespace) -> list[str]:
     trains."""
     specs = [s for item in (args.strategies or DEFAULT_STRATEGIES) for s in item.split(",") if s]
     for spec in specs:
+        if spec == ADVISED:  # its strategy is chosen when it runs
+            continue
         try:
             parse_run(spec)
         except ValueError as error:
