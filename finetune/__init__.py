@@ -1,5 +1,6 @@
 """finetune: fine-tune pretrained image classifiers with interchangeable freezing strategies."""
 
+from finetune.advisor import Advice, Advisor, advise
 from finetune.data import ImageFolderData, INaturalist12K
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import (
@@ -41,6 +42,8 @@ from finetune.train.trainer import History, Trainer, TrainState
 __all__ = [
     "PRESETS",
     "STRATEGIES",
+    "Advice",
+    "Advisor",
     "Architecture",
     "ArchitectureError",
     "Backbone",
@@ -72,6 +75,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "WeightsUnavailableError",
+    "advise",
     "build_strategy",
     "parse_strategy",
     "register",

@@ -1,4 +1,4 @@
-"""`finetune advise`: which layers to freeze and what each choice costs (`finetune.advise`),
+"""`finetune advise`: which layers to freeze and what each choice costs (`finetune.advisor`),
 as a table, advise.json / advise.md / frontier.png, and the `finetune train` command that
 trains the recommendation."""
 
@@ -9,7 +9,7 @@ import math
 import shlex
 from pathlib import Path
 
-from finetune.advise import Advisor
+from finetune.advisor import Advisor
 from finetune.data import ImageFolderData, ImageSplits, resolve_data_root
 from finetune.model.zoo import build_backbone
 from finetune.train.config import TrainConfig

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, parse_strategy
-from finetune.advise import Advisor, depth_strategies, linear_probe, paired_standard_error
+from finetune.advisor import Advisor, depth_strategies, linear_probe, paired_standard_error
 from finetune.cache import plan
 from finetune.cache.plan import ActivationCaches, plan_cut
 from finetune.strategies import LastLayerOnly

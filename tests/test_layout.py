@@ -21,7 +21,9 @@ LAYERS = (
     ("finetune.train",),
     ("finetune.callbacks",),
     ("finetune.tuning",),
-    ("finetune.cli", "finetune.cli_options", "finetune.cli_evaluate", "finetune.functional",
+    ("finetune.advisor",),
+    ("finetune.cli", "finetune.cli_options", "finetune.cli_evaluate", "finetune.cli_advise",
+     "finetune.functional",
      "finetune.integrations"),
 )
 FORBIDDEN = {

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import throughput
+from finetune.runtime.precision import cpu_has_native_bf16
 
 
 def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -34,7 +35,7 @@ def test_throughput_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     assert [row["strategy"] for row in written["rows"]] == list(rows)
     printed = capsys.readouterr().out
     assert printed.count("| last-layer |") == 1 and "ratio epoch 2+" in printed
-    kind = "with native bf16" if throughput.cpu_has_native_bf16() else "without native bf16"
+    kind = "with native bf16" if cpu_has_native_bf16() else "without native bf16"
     assert f"CPU {kind}" in printed.splitlines()[0]
 
 

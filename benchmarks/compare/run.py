@@ -32,7 +32,7 @@ from benchmarks.compare.settings import (
     strategy_specs,
 )
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
-from finetune.advise import Advice, Advisor
+from finetune.advisor import Advice, Advisor
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.cache.plan import ActivationCaches
 from finetune.callbacks import Callback, ProgressBar, WandbLogger
@@ -125,7 +125,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     lr `finetune.tuning.LrSearch` chooses on the validation split — and return its results
     row; the test set is evaluated once, for the trained row. Runs that pass one `decoded`
     store decode each un-augmented image once between them. The `advised` row trains the
-    strategy `finetune.advise` recommends on this run's train and val data."""
+    strategy `finetune.advisor` recommends on this run's train and val data."""
     run = parse_run("last-layer" if spec == ADVISED else spec)
     with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
         initial = backbone_factory(settings.backbone, len(splits.classes), run.pretrained)

@@ -39,7 +39,7 @@ TUNE_CHOICES = ("lr", "none")
 OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
 SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
-# The row whose strategy `finetune.advise` chooses, per seed, on the validation split.
+# The row whose strategy `finetune.advisor` chooses, per seed, on the validation split.
 ADVISED = "advised"
 COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
