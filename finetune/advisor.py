@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from finetune.atomic import atomic_write, atomic_write_json, atomic_write_text
-from finetune.cache.cut import CutPoint
+from finetune.cache.cut import CutPoint, multi_prefix
 from finetune.cache.plan import ActivationCaches, plan_cut
+from finetune.cache.store import Cut
 from finetune.model.backbone import Backbone
 from finetune.runtime import distributed
 from finetune.runtime.memory import PeakMemory
@@ -59,6 +60,7 @@ BUDGET_EPOCHS = 1.0  # default fine-tune budget: this many epochs of full fine-t
 PROBE_LRS = (1e-3, 1e-2, 1e-1)
 PROBE_STEPS = 100
 TIMED_STEPS = 1  # timed optimizer steps per depth, after one untimed
+WARMUP = 1
 
 
 @attrs.define
@@ -167,11 +169,35 @@ def depth_strategies(backbone: Backbone) -> list[tuple[str, FreezeStrategy, str]
     return out
 
 
-def _cut_point(backbone: Backbone, strategy: FreezeStrategy) -> tuple[CutPoint | None, int]:
+def _cut(backbone: Backbone, strategy: FreezeStrategy) -> tuple[Cut | None, int]:
     """Where `strategy` cuts the backbone, and how many parameters it trains."""
     report = strategy.apply(backbone)
     cut, _ = plan_cut(backbone)
-    return (cut.point if cut is not None else None), report.trainable_params
+    return cut, report.trainable_params
+
+
+def check_memory(backbone: Backbone, cut: Cut, points: Sequence[CutPoint], loaders: Sequence[Any],
+                 config: TrainConfig) -> None:
+    """Refuse, before the pass, to keep more activations than `config.cache_memory_gb` holds
+    (unless they may spill to `activation_cache_dir`): every depth's are kept at once."""
+    points = [point for point in points if point in cut.graph.traces.points]
+    if config.activation_cache_dir is not None or not points:
+        return
+    sample = loaders[0].dataset[0][0].unsqueeze(0)
+    backbone.eval()
+    with torch.no_grad():
+        outputs = multi_prefix(backbone.model, cut.graph.traces, points)(sample)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    per_image = sum(out.numel() * 4 for out in outputs)  # fp32: the most they take
+    images = sum(len(loader.dataset) for loader in loaders)
+    needed, budget = per_image * images, config.cache_memory_gb * 2**30
+    if needed > budget:
+        raise MemoryError(
+            f"advise keeps the activations of {images:,} images at {len(points)} depths: about "
+            f"{needed / 2**30:.2g} GiB, over the {config.cache_memory_gb:g} GiB cache budget. "
+            "Advise on fewer images (--train-per-class 100: the advice needs a sample, not "
+            "all of them) or a smaller --image-size; in Python, raise "
+            "TrainConfig.cache_memory_gb or give activation_cache_dir to spill to disk.")
 
 
 # -- probes -------------------------------------------------------------------------------------
@@ -289,11 +315,16 @@ class Advisor:
         initial = copy.deepcopy(backbone)
         plans = depth_strategies(initial)
         depths, strategies, points = [], {}, {}
+        cut: Cut | None = None
         for name, strategy, spec in plans:
-            point, trainable = _cut_point(initial, strategy)
+            cut, trainable = _cut(initial, strategy)
+            point = cut.point if cut is not None else None
             depths.append(Depth(name, spec, point.label if point else None, trainable))
             strategies[name], points[name] = strategy, point
-        shared = ActivationCaches(keep=[p for p in points.values() if p is not None])
+        kept = [p for p in points.values() if p is not None]
+        if cut is not None:  # the head alone's cut: every other point lies before it
+            check_memory(initial, cut, kept, [train_loader, val_loader], self.config)
+        shared = ActivationCaches(keep=kept, copies=True)  # every fit trains a copy
         run = _Run(self, initial, strategies, shared, train_loader, val_loader)
         phases: dict[str, float] = {}
         clock = time.perf_counter()
@@ -462,7 +493,7 @@ class _Run:
 
     def time(self, depth: Depth) -> None:
         """Seconds per epoch's training pass from timed steps, and their peak memory."""
-        clock = StepClock(self.advisor.timed_steps)
+        clock = StepClock(self.advisor.timed_steps, warmup=WARMUP)
         trainer = self.trainer(depth, self.advisor.config.lr, 1, [clock])
         with PeakMemory(self.device, collect=False) as memory, contextlib.suppress(StepsTimed):
             trainer.fit(self.train_loader)

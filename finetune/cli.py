@@ -51,6 +51,7 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     lr_grid_argument,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     recipe_settings,
     strategy_argument,
@@ -180,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--budget", type=non_negative_float, default=None, metavar="SECONDS",
                         help="time for the fine-tunes besides the head alone's (default: one "
                              "epoch of full fine-tuning, as measured)")
+    advise.add_argument("--lr", type=positive_float, default=1e-3,
+                        help="the lr each fine-tune tries first (default: 1e-3)")
     advise.add_argument("--lr-grid", type=lr_grid_argument, default=None, metavar="LRS",
-                        help="the lrs each fine-tune races (default: "
-                             f"{','.join(f'{v:g}' for v in lr_grid(1e-3))}; it grows past an "
-                             "edge that wins)")
+                        help="the other lrs each fine-tune races (default: --lr and its "
+                             "neighbours, two per decade; the grid grows past an edge that "
+                             "wins)")
     advise.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
                         help=f"(default: {defaults.VAL_SPLIT})")
     advise.add_argument("--image-size", type=positive_int, default=None,

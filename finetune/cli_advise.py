@@ -5,7 +5,6 @@ trains the recommendation."""
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from finetune.data import ImageFolderData, ImageSplits, resolve_data_root
 from finetune.model.zoo import build_backbone
 from finetune.train.config import TrainConfig
 from finetune.tuning import lr_grid
-
-ADVISE_LR_CENTER = 1e-3  # as `finetune train --lr auto`: the grid grows past a winning edge
 
 
 def run_advise(args: argparse.Namespace) -> int:
@@ -37,13 +34,12 @@ def run_advise(args: argparse.Namespace) -> int:
     print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
           f"{len(data.val_samples)} images ({data.root}); the test set is not read")
     print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
-    grid = args.lr_grid or lr_grid(ADVISE_LR_CENTER)
-    centre = min(grid, key=lambda lr: abs(math.log(lr / ADVISE_LR_CENTER)))
-    config = TrainConfig(epochs=args.epochs, lr=centre, seed=args.seed,
+    grid = (args.lr, *(lr for lr in (args.lr_grid or lr_grid(args.lr)) if lr != args.lr))
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                          precision=args.precision, device=args.device,
                          channels_last=args.channels_last)
     advisor = Advisor(config, finetune_epochs=args.finetune_epochs, budget=args.budget,
-                      lr_grid=[centre, *(lr for lr in grid if lr != centre)],
+                      lr_grid=grid,
                       train_command=train_command(args, data.root))
     advice = advisor.run(backbone, data.train_loader(), data.val_loader())
     written = advice.write(output)
@@ -53,8 +49,9 @@ def run_advise(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace, root: str | Path) -> str:
-    """`finetune train` with the data and model settings the advice was measured on."""
-    words = ["finetune", "train", "--data", str(root), "--backbone", args.backbone,
+    """`finetune train` with the data and model settings the advice was measured on (the
+    data as it was typed: `sample` stays `sample`)."""
+    words = ["finetune", "train", "--data", str(args.data or root), "--backbone", args.backbone,
              "--val-split", f"{args.val_split:g}", "--batch-size", str(args.batch_size),
              "--seed", str(args.seed)]
     if args.image_size is not None:

@@ -193,9 +193,12 @@ def test_probe_and_standard_error_helpers() -> None:
     assert paired_standard_error(a, b) > 0
 
 
-def test_advice_needs_validation_data() -> None:
+def test_advice_needs_validation_data_and_activations_that_fit() -> None:
     with pytest.raises(ValueError, match="validation"):
         advisor().run(make_tiny_backbone(), make_loader(16), None)
+    small = Advisor(attrs.evolve(CONFIG, cache_memory_gb=1e-5))
+    with pytest.raises(MemoryError, match=r"at 3 depths: about .*--train-per-class"):
+        small.run(make_tiny_backbone(), make_loader(16), make_loader(8))
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -214,3 +217,27 @@ def test_advise_command_writes_its_files_and_refuses_to_overwrite(tmp_path, caps
     assert record["recommendation"]["command"] in out
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "--overwrite" in err
+
+
+def test_copies_of_one_model_share_their_traces_and_train_as_alone(monkeypatch) -> None:
+    traced = []
+    original = plan.find_cuts
+    monkeypatch.setattr(plan, "find_cuts", lambda model, mode, eval_graph=None: (
+        traced.append(eval_graph is None), original(model, mode, eval_graph))[1])
+    initial = make_tiny_backbone(seed=5)
+    _, strategy, _ = depth_strategies(initial)[2]  # freeze through block1
+    train = make_loader(24, seed=1, shuffle=True)
+    config = attrs.evolve(CONFIG, epochs=1)
+    weights = []
+    for cache in (ActivationCaches(), ActivationCaches(copies=True),
+                  ActivationCaches(copies=True)):
+        trainers = [Trainer(copy.deepcopy(initial), copy.deepcopy(s), config, activations=cache)
+                    for s in (strategy, LastLayerOnly(), strategy)]
+        for trainer in trainers:
+            trainer.fit(train)
+        weights.append([t.backbone.model.state_dict() for t in trainers])
+    # with copies=True one evaluation trace, and one training trace per freezing, serve
+    # every copy: the third fit (the first's freezing again) traces nothing
+    assert traced == [True, False, True, False]
+    for alone, shared in zip(weights[0], weights[1], strict=True):
+        assert all(torch.equal(alone[k], shared[k]) for k in alone)

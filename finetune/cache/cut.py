@@ -162,13 +162,16 @@ def trace(model: nn.Module, leaf_paths: set[str] | None = None) -> fx.Graph:
                            "leaf modules")
 
 
-def find_cuts(model: nn.Module, training_mode: Callable[[], None]) -> Traces:
+def find_cuts(model: nn.Module, training_mode: Callable[[], None],
+              eval_graph: fx.Graph | None = None) -> Traces:
     """Trace `model` in both modes and find every point where an exactly-frozen prefix can
     end. `training_mode()` puts the model in the state training runs it in (the strategy's
-    BatchNorm / inference-mode policy); the model is left in that state."""
+    BatchNorm / inference-mode policy); the model is left in that state. `eval_graph`: the
+    evaluation trace of this model or of a copy (it does not depend on what trains)."""
     leaves: set[str] = set()
-    model.eval()
-    eval_graph = trace(model, leaves)
+    if eval_graph is None:
+        model.eval()
+        eval_graph = trace(model, leaves)
     training_mode()
     train_graph = trace(model, leaves)
     train_nodes, eval_nodes = list(train_graph.nodes), list(eval_graph.nodes)

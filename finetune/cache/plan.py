@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from finetune.cache.cut import CutPoint, UncacheableError, multi_prefix, split_graph
+from finetune.cache.cut import (
+    CutPoint,
+    Traces,
+    UncacheableError,
+    find_cuts,
+    multi_prefix,
+    split_graph,
+)
 from finetune.cache.store import ActivationCache, Cut, fill_together, is_deterministic
 from finetune.model.backbone import Backbone
 from finetune.runtime.distributed import RowShard
@@ -34,13 +41,28 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 PrefixForward = Callable[[Forward, torch.Tensor], torch.Tensor]
 
 
-def plan_cut(backbone: Backbone) -> tuple[Cut | None, str]:
+def plan_cut(backbone: Backbone, traced: dict[Any, Traces] | None = None
+             ) -> tuple[Cut | None, str]:
     """The cut for what the applied strategy freezes — the latest point of its traced graph
     after which one activation crosses — or (None, why there is none). Leaves the backbone
-    in the mode it was in."""
+    in the mode it was in. `traced`: traces kept by what trains and which modules are in
+    training mode, for backbones that are all copies of one model (tracing is most of the
+    cost of planning)."""
     was_training = backbone.training
     try:
-        graph = split_graph(backbone.model, lambda: backbone.train())
+        traces = None
+        if traced is not None:
+            backbone.train()
+            model = backbone.model
+            structure = tuple((name, type(m)) for name, m in model.named_modules())
+            key = (structure, tuple(p.requires_grad for p in model.parameters()),
+                   tuple(m.training for m in model.modules()))
+            if key not in traced:  # one evaluation trace serves every freezing of a structure
+                known = next((t for k, t in traced.items() if k[0] == structure), None)
+                traced[key] = find_cuts(model, lambda: backbone.train(),
+                                        known.eval if known is not None else None)
+            traces = traced[key]
+        graph = split_graph(backbone.model, lambda: backbone.train(), traces=traces)
     except UncacheableError as error:
         return None, str(error)
     finally:
@@ -66,12 +88,16 @@ class ActivationCaches:
     `allow` (fit's train and val loaders) are cached, and `release` drops every activation.
     `keep`: cut points whose activations each fill stores too (those before the cut it fills
     for), from the same pass; they are kept until the context or the prefix weights change.
+    `copies=True` promises that every backbone planned with this cache is a copy of one model
+    (the advisor's depths): a trace of one then serves the others.
     """
 
     def __init__(self, mode: str = "off", memory_budget: int = 0,
-                 directory: str | Path | None = None, *, keep: Sequence[CutPoint] = ()) -> None:
+                 directory: str | Path | None = None, *, keep: Sequence[CutPoint] = (),
+                 copies: bool = False) -> None:
         self.mode, self.memory_budget, self.directory = mode, memory_budget, directory
         self.keep = tuple(keep)
+        self._traced: dict[Any, Traces] | None = {} if copies else None
         self.cut: Cut | None = None
         self.reason = "fit has not planned a cut"
         self._context: Any = None  # what the stored activations were computed under
@@ -115,7 +141,8 @@ class ActivationCaches:
         `context` is what else the activations depend on (device, precision, memory format);
         activations are kept only for the same context and a prefix with equal weights — also
         when another backbone (a copy trained at another lr) takes over a shared cache."""
-        cut, reason = (None, "feature_cache='off'") if self.mode == "off" else plan_cut(backbone)
+        cut, reason = ((None, "feature_cache='off'") if self.mode == "off"
+                       else plan_cut(backbone, self._traced))
         if cut is None and reason != self.reason:  # said once, and kept for why_uncached
             log.info("activation cache off for %s: %s", backbone.name, reason)
         held = self._stored.get(cut.point, {}) if cut is not None else {}
