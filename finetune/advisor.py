@@ -59,8 +59,9 @@ NOTHING_FROZEN = "none"
 BUDGET_EPOCHS = 1.0  # default fine-tune budget: this many epochs of full fine-tuning
 PROBE_LRS = (1e-3, 1e-2, 1e-1)
 PROBE_STEPS = 100
-TIMED_STEPS = 1  # timed optimizer steps per depth, after one untimed
-WARMUP = 1
+TIMED_STEPS = 1  # timed optimizer steps per depth, after WARMUP untimed ones: a depth's
+WARMUP = 1  # first step is 40-70% slower (allocations, first calls), measured on Lite0
+FEW_VAL_IMAGES = 50  # below this the recommendation says how rough it is
 
 
 @attrs.define
@@ -88,6 +89,9 @@ class Depth:
 
 @attrs.frozen
 class Recommendation:
+    """The depth advised, as the spec `finetune train --strategy` takes, the lr its fine-tune
+    chose, the command that trains it, and why, in words."""
+
     depth: str
     strategy: str
     lr: float
@@ -282,11 +286,12 @@ class StepClock(Callback):
 class Advisor:
     """Measures every depth and recommends one; see the module docstring for how.
 
-    `config` is the training the advice is for (its lr centres the lr grid, its epochs go in
-    the recommended command); `finetune_epochs`: the length of each short fine-tune;
-    `budget`: seconds for the short fine-tunes after the head alone's (None:
-    `BUDGET_EPOCHS` epochs at the dearest cached depth); `max_finetunes`: depths fine-tuned
-    besides the head alone; `train_command`: the command the recommendation extends.
+    `config` is the training the advice is for (its lr is tried first, its epochs are the
+    fine-tunes' length and go in the recommended command); `finetune_epochs`: a shorter
+    fine-tune; `lr_grid`: the lrs each fine-tune races (default: the lr and its neighbours);
+    `budget`: seconds for the fine-tunes besides the head alone's (None: `BUDGET_EPOCHS`
+    epochs of full fine-tuning, as measured); `max_finetunes`: depths fine-tuned besides the
+    head alone; `train_command`: the command the recommendation extends.
     """
 
     def __init__(self, config: TrainConfig | None = None, *, finetune_epochs: int | None = None,
@@ -391,6 +396,11 @@ class Advisor:
                 break
         full = next(d for d in depths if d.name == NOTHING_FROZEN)
         reason = _reason(chosen, best, error, full, self.finetune_epochs)
+        images = len(best.val_correct) if best.val_correct is not None else 0
+        if images < FEW_VAL_IMAGES:
+            reason += (f". Caution: {images} validation images, so one image moves accuracy "
+                       f"by {100 / max(images, 1):.2g} points and depths can hardly be told "
+                       "apart; hold out more (--val-split, --train-per-class)")
         lr = chosen.finetune_lr if chosen.finetune_lr is not None else self.config.lr
         command = (f"{self.train_command} --strategy {chosen.strategy} --lr {lr:g} "
                    f"--epochs {self.config.epochs}")
@@ -477,7 +487,9 @@ class _Run:
 
     def probe(self, depth: Depth, point: CutPoint | None) -> None:
         if point is None:
-            depth.note = "nothing frozen: no features to probe"
+            depth.note = ("nothing frozen: no features to probe" if depth.name == NOTHING_FROZEN
+                          else "no cut where one activation crosses: trained uncached, "
+                          "not probed")
             return
         try:
             train = self.shared.stored(point, self.train_loader)
@@ -535,7 +547,7 @@ def plot_frontier(advice: Advice, path: Path) -> Path | None:
             continue
         if d.probe_val_accuracy is None and d.finetune_val_accuracy is None:
             axes.axvline(d.seconds_per_epoch, color="tab:gray", linestyle="--", linewidth=1)
-            axes.annotate(f"{d.name}: {d.seconds_per_epoch:.2g} s", (d.seconds_per_epoch, 0.02),
+            axes.annotate(f"{d.name}: {d.seconds_per_epoch:.2g} s", (d.seconds_per_epoch, 0.55),
                           xycoords=("data", "axes fraction"), fontsize=8, rotation=90,
                           xytext=(-10, 0), textcoords="offset points")
             continue

@@ -180,6 +180,9 @@ def test_the_budget_limits_the_fine_tunes_and_says_so() -> None:
     tuned = [d.name for d in advice.depths if d.finetune_val_accuracy is not None]
     assert tuned == ["block2"]  # the head alone is always fine-tuned
     assert any("budget" in d.note for d in advice.depths)
+    assert "Caution: 64 validation images" not in advice.recommendation.reason
+    few = advisor(budget=0.0).run(synthetic_backbone(False), vectors(128, 0), vectors(16, 10))
+    assert "Caution: 16 validation images" in few.recommendation.reason
 
 
 def test_probe_and_standard_error_helpers() -> None:
