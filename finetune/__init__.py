@@ -11,6 +11,7 @@ from finetune.errors import (
     FinetuneError,
     WeightsUnavailableError,
 )
+from finetune.inference import Classifier, load
 from finetune.model.architectures import Architecture
 from finetune.model.backbone import Backbone, ParameterGroup
 from finetune.stats.metrics import EvaluationReport
@@ -49,6 +50,7 @@ __all__ = [
     "Backbone",
     "BitFit",
     "CheckpointError",
+    "Classifier",
     "DataError",
     "DeviceError",
     "DiscriminativeLR",
@@ -77,6 +79,7 @@ __all__ = [
     "WeightsUnavailableError",
     "advise",
     "build_strategy",
+    "load",
     "parse_strategy",
     "register",
     "register_preset",

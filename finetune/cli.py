@@ -1,4 +1,5 @@
-"""`finetune train | evaluate | advise | strategies` (also `python -m finetune …`).
+"""`finetune train | evaluate | advise | predict | export | strategies` (also `python -m
+finetune …`).
 
 Each command is a thin layer over the object API: `build_backbone`, `build_strategy`,
 `ImageFolderData`, `Trainer` with the `Checkpoint`, `WandbLogger` and progress callbacks.
@@ -14,6 +15,7 @@ the preprocessing the model was trained with.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import math
 import os
@@ -40,7 +42,8 @@ from finetune.callbacks.run_file import (
     read_run_file,
 )
 from finetune.cli_advise import run_advise
-from finetune.cli_evaluate import recorded_backbone, run_evaluate
+from finetune.cli_deploy import run_export, run_predict
+from finetune.cli_evaluate import run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
     add_recipe_arguments,
     backbone_name,
@@ -59,9 +62,13 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
 )
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
 from finetune.errors import FinetuneError, redact
+from finetune.export import EXPORT_FORMATS
+from finetune.inference import recorded_backbone
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone
+from finetune.model_card import write_model_card
 from finetune.runtime import distributed
+from finetune.runtime.precision import machine
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.train.trainer import Trainer
@@ -201,6 +208,49 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace earlier advice in --output")
     advise.set_defaults(handler=run_advise, parser=advise)
 
+    predict = commands.add_parser(
+        "predict", help="classify image files with a trained run",
+        description="Classify files, folders (recursively) or glob patterns with a trained "
+                    "run (its folder, a checkpoint, or a .safetensors export) and write the "
+                    "top-k classes as CSV: path, rank, class, probability, error.",
+        epilog="example:\n  finetune predict runs/ff80 photos/ 'more/*.jpg' --top-k 3 "
+               "--output predictions.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_argument("model", type=Path, metavar="RUN_DIR|CHECKPOINT|EXPORT")
+    predict.add_argument("paths", nargs="+", metavar="PATH",
+                         help="image files, folders or glob patterns")
+    predict.add_argument("--top-k", type=positive_int, default=5, help="(default: 5)")
+    predict.add_argument("--output", type=Path, default=None,
+                         help="CSV file to write (default: standard output)")
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="(default: 32)")
+    predict.add_argument("--workers", type=positive_int, default=None,
+                         help="decoding threads (default: one per core, at most 8)")
+    predict.add_argument("--tta", choices=("none", "flip"), default="none",
+                         help="flip: average with the mirrored image (default: none)")
+    predict.add_argument("--device", type=device_argument, default="auto",
+                         help="auto, cpu, cuda or cuda:N (default: auto)")
+    predict.add_argument("--backbone", type=backbone_name, default=None, metavar="NAME",
+                         help="a package.module:function you trust, for runs whose backbone "
+                              "came from your code (never imported from a file)")
+    predict.set_defaults(handler=run_predict, parser=predict)
+
+    export = commands.add_parser(
+        "export", help="write a trained run as ONNX, TorchScript or safetensors, verified",
+        description="Export the whole classifier with its classes and preprocessing, load it "
+                    "back as a user would and compare its logits with PyTorch's on real "
+                    "images (max |difference| <= 1e-4), or fail and write nothing.",
+        epilog="example:\n  finetune export runs/ff80 --format onnx --output model.onnx",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("model", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    export.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    export.add_argument("--output", type=Path, required=True, help="the file to write")
+    export.add_argument("--check", nargs="+", default=None, metavar="IMAGES",
+                        help="images to verify on (default: a few of the run's test images, "
+                             "when its data folder is here)")
+    export.add_argument("--backbone", type=backbone_name, default=None, metavar="NAME",
+                        help="as for predict")
+    export.set_defaults(handler=run_export, parser=export)
+
     strategies = commands.add_parser("strategies", help="list the registered strategies",
                                      description="The strategies --strategy accepts.")
     strategies.set_defaults(handler=run_strategies, parser=strategies)
@@ -327,7 +377,22 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
         say("checkpoints: " + ", ".join(map(str, saved)))
     report = trainer.evaluate(data.test_loader())
     say(f"test set (weights after the last epoch):\n{report.table()}")
+    if checkpoint is not None and distributed.is_main():
+        card = write_model_card(
+            checkpoint.dirpath, record=record, report=report, history=trainer.history,
+            freeze=trainer.state.freeze_report, counts=split_counts(data),
+            precision=trainer.state.precision, device=str(trainer.state.device),
+            cpu=machine()["cpu"])
+        say(f"model card: {card}")
     return 0
+
+
+def split_counts(data: ImageFolderData) -> dict[str, int]:
+    """Images per split, and in the smallest training class (for the model card)."""
+    per_class = collections.Counter(label for _, label in data.train_samples)
+    return {"train": len(data.train_samples), "val": len(data.val_samples),
+            "test": len(data.test_samples),
+            "smallest_train_class": min(per_class.values()) if per_class else 0}
 
 
 def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStrategy,

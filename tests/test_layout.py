@@ -21,8 +21,10 @@ LAYERS = (
     ("finetune.train",),
     ("finetune.callbacks",),
     ("finetune.tuning",),
-    ("finetune.advisor",),
+    ("finetune.advisor", "finetune.inference", "finetune.model_card"),
+    ("finetune.export",),
     ("finetune.cli", "finetune.cli_options", "finetune.cli_evaluate", "finetune.cli_advise",
+     "finetune.cli_deploy",
      "finetune.functional",
      "finetune.integrations"),
 )
