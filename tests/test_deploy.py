@@ -153,3 +153,12 @@ def test_the_model_card_holds_the_runs_real_figures(trained) -> None:
         assert f"| {name} |" in body
     assert f"Trained on {len(data.train_samples)} images" in body
     assert "FreezeFraction" in body and "lr 0.0001" in body
+
+
+def test_the_predict_speed_benchmark_runs_and_reports_its_ratio(trained, capsys) -> None:
+    from benchmarks import predict_speed
+
+    assert predict_speed.main(["--model", str(trained["run"]), "--images",
+                               str(trained["tree"] / "val"), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "9 images at 32 px" in out and "ratio" in out
