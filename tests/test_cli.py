@@ -39,7 +39,7 @@ def test_train_then_evaluate_round_trip(tree, tmp_path, capsys):
     assert "parameters train" in out  # the FreezeReport
     assert re.search(r"epoch 1/1 · train loss [\d.]+ acc [\d.]+ · val loss", out)
     assert "test set" in out and {m[0] for m in ROW.findall(out)} == set(CLASSES)
-    assert {p.name for p in runs.iterdir()} == {"best.pt", "last.pt", "run.json"}
+    assert {p.name for p in runs.iterdir()} == {"best.pt", "last.pt", "run.json", "MODEL_CARD.md"}
     record = json.loads((runs / "run.json").read_text())
     assert record["backbone"] == "lite0" and record["classes"] == CLASSES
     assert record["preprocessing"]["crop_size"] == 32

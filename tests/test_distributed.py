@@ -231,7 +231,8 @@ def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_pa
     assert done.stdout.count("data: 3 classes") == 1
     record = json.loads((run / "run.json").read_text())
     assert record["world_size"] == 2
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["MODEL_CARD.md", "best.pt", "last.pt",
+                                                    "run.json"]
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
 
 
