@@ -41,7 +41,7 @@ import torch
 
 from finetune.atomic import atomic_write, atomic_write_json, atomic_write_text
 from finetune.cache.cut import CutPoint, multi_prefix
-from finetune.cache.plan import ActivationCaches, plan_cut
+from finetune.cache.plan import ActivationCaches
 from finetune.cache.store import Cut
 from finetune.model.backbone import Backbone
 from finetune.runtime import distributed
@@ -52,7 +52,7 @@ from finetune.strategies import FreezeAllBut, FreezeStrategy, FullUnfreeze, Last
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, StopFit
 from finetune.train.trainer import Trainer
-from finetune.tuning import PEEK, LrSearch, ahead, lr_grid
+from finetune.tuning import PEEK, LrSearch, ahead, search_grid
 
 ADVICE_FORMAT = 1
 NOTHING_FROZEN = "none"
@@ -173,11 +173,12 @@ def depth_strategies(backbone: Backbone) -> list[tuple[str, FreezeStrategy, str]
     return out
 
 
-def _cut(backbone: Backbone, strategy: FreezeStrategy) -> tuple[Cut | None, int]:
-    """Where `strategy` cuts the backbone, and how many parameters it trains."""
+def _cut(backbone: Backbone, strategy: FreezeStrategy, caches: ActivationCaches
+         ) -> tuple[Cut | None, int]:
+    """Where `strategy` cuts the backbone (traced once for every copy), and how many
+    parameters it trains."""
     report = strategy.apply(backbone)
-    cut, _ = plan_cut(backbone)
-    return cut, report.trainable_params
+    return caches.cut_for(backbone), report.trainable_params
 
 
 def check_memory(backbone: Backbone, cut: Cut, points: Sequence[CutPoint], loaders: Sequence[Any],
@@ -305,7 +306,7 @@ class Advisor:
         if budget is not None and not (math.isfinite(budget) and budget >= 0):
             raise ValueError(f"the budget is seconds >= 0, got {budget}")
         self.finetune_epochs, self.budget = finetune_epochs, budget
-        self.grid = tuple(lr_grid) if lr_grid else lr_grid_around(self.config.lr)
+        self.grid = search_grid(self.config.lr, lr_grid)
         self.max_finetunes, self.timed_steps = max_finetunes, timed_steps
         self.train_command = train_command
 
@@ -321,15 +322,16 @@ class Advisor:
         plans = depth_strategies(initial)
         depths, strategies, points = [], {}, {}
         cut: Cut | None = None
+        shared = ActivationCaches(copies=True)  # every fit trains a copy of `initial`
         for name, strategy, spec in plans:
-            cut, trainable = _cut(initial, strategy)
+            cut, trainable = _cut(initial, strategy, shared)
             point = cut.point if cut is not None else None
             depths.append(Depth(name, spec, point.label if point else None, trainable))
             strategies[name], points[name] = strategy, point
         kept = [p for p in points.values() if p is not None]
         if cut is not None:  # the head alone's cut: every other point lies before it
             check_memory(initial, cut, kept, [train_loader, val_loader], self.config)
-        shared = ActivationCaches(keep=kept, copies=True)  # every fit trains a copy
+        shared.keep = tuple(kept)
         run = _Run(self, initial, strategies, shared, train_loader, val_loader)
         phases: dict[str, float] = {}
         clock = time.perf_counter()
@@ -405,11 +407,6 @@ class Advisor:
         command = (f"{self.train_command} --strategy {chosen.strategy} --lr {lr:g} "
                    f"--epochs {self.config.epochs}")
         return Recommendation(chosen.name, chosen.strategy, lr, command, reason)
-
-
-def lr_grid_around(lr: float) -> tuple[float, ...]:
-    """The fine-tunes' lr grid: the config's lr first, then its neighbours."""
-    return (lr, *(value for value in lr_grid(lr) if value != lr))
 
 
 def paired_standard_error(a: np.ndarray | None, b: np.ndarray | None) -> float:

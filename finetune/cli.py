@@ -72,7 +72,7 @@ from finetune.runtime.precision import machine
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.train.trainer import Trainer
-from finetune.tuning import SINGLE_PROCESS, LrSearch, Tuning, lr_grid
+from finetune.tuning import SINGLE_PROCESS, LrSearch, Tuning, lr_grid, search_grid
 
 AUTO_LR_CENTER = 1e-3  # --lr auto's grid: 3.2e-4, 1e-3, 3.2e-3 and beyond a winning edge
 
@@ -409,7 +409,7 @@ def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStr
                        attrs.evolve(config, lr=lr), [progress_callback()],
                        classes=data.classes, activations=activations)
 
-    search = LrSearch([center, *(lr for lr in grid if lr != center)], args.epochs)
+    search = LrSearch(search_grid(center, grid), args.epochs)
     tuning, _ = search.run(make_trainer, data.train_loader(), val_loader)
     say(tuning.describe())
     return tuning

@@ -12,7 +12,6 @@ from finetune.advisor import Advisor
 from finetune.data import ImageFolderData, ImageSplits, resolve_data_root
 from finetune.model.zoo import build_backbone
 from finetune.train.config import TrainConfig
-from finetune.tuning import lr_grid
 
 
 def run_advise(args: argparse.Namespace) -> int:
@@ -34,12 +33,11 @@ def run_advise(args: argparse.Namespace) -> int:
     print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
           f"{len(data.val_samples)} images ({data.root}); the test set is not read")
     print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
-    grid = (args.lr, *(lr for lr in (args.lr_grid or lr_grid(args.lr)) if lr != args.lr))
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                          precision=args.precision, device=args.device,
                          channels_last=args.channels_last)
     advisor = Advisor(config, finetune_epochs=args.finetune_epochs, budget=args.budget,
-                      lr_grid=grid,
+                      lr_grid=args.lr_grid,
                       train_command=train_command(args, data.root))
     advice = advisor.run(backbone, data.train_loader(), data.val_loader())
     written = advice.write(output)

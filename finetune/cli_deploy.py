@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from finetune.atomic import atomic_write_text
-from finetune.data.images import is_image_file
+from finetune.errors import DataError
 from finetune.export import check_images, export
 from finetune.inference import find_images, load, load_run
 
@@ -78,6 +78,9 @@ def _run_images(record: dict | None) -> list[str]:
     for split in ("test", "val"):
         folder = root / split
         if folder.is_dir():
-            found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+            try:
+                found = find_images([folder])
+            except DataError:
+                continue
             return [str(p) for p in found[:: max(1, len(found) // CHECK_IMAGES)][:CHECK_IMAGES]]
     return []

@@ -72,6 +72,13 @@ def lr_grid(center: float, points: int = 3, step: float = GRID_STEP) -> tuple[fl
     return tuple(round_lr(center * step ** k) for k in range(low, low + points))
 
 
+def search_grid(lr: float, grid: Sequence[float] | None = None) -> tuple[float, ...]:
+    """The lrs a search tries: `lr` first (trained in full first, and it wins a full tie),
+    then `grid` (default: `lr`'s neighbours) in ascending order."""
+    rest = sorted(set(grid) if grid else set(lr_grid(lr)))
+    return (lr, *(value for value in rest if value != lr))
+
+
 def parse_grid(text: str) -> tuple[float, ...]:
     """`1e-4,3e-4,1e-3` -> (1e-4, 3e-4, 1e-3); refuses what is not a learning rate."""
     values = []

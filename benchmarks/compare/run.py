@@ -137,10 +137,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         run = parse_run(advice.recommendation.strategy)
 
     def make_trainer(lr: float, activations: ActivationCaches | None = None) -> Trainer:
-        config = TrainConfig(epochs=settings.epochs, lr=lr, seed=seed,
-                             precision=settings.precision, device=settings.device,
-                             schedule=settings.schedule, warmup=settings.warmup,
-                             label_smoothing=settings.label_smoothing)
+        config = train_config(settings, seed, lr)
         witness = TrainCacheWitness(train_loader)
         callbacks: list[Callback] = [witness, *extra_callbacks]
         if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble bars
@@ -201,13 +198,17 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     }
 
 
+def train_config(settings: Settings, seed: int, lr: float) -> TrainConfig:
+    """How every run of the comparison trains (and the advisor measures)."""
+    return TrainConfig(epochs=settings.epochs, lr=lr, seed=seed, precision=settings.precision,
+                       device=settings.device, schedule=settings.schedule,
+                       warmup=settings.warmup, label_smoothing=settings.label_smoothing)
+
+
 def advise_row(settings: Settings, seed: int, initial: Backbone, train_loader: Any,
                val_loader: Any) -> Advice:
     """The advisor on this run's split, measuring the training the comparison runs."""
-    config = TrainConfig(epochs=settings.epochs, lr=settings.lr, seed=seed,
-                         precision=settings.precision, device=settings.device,
-                         schedule=settings.schedule, warmup=settings.warmup,
-                         label_smoothing=settings.label_smoothing)
+    config = train_config(settings, seed, settings.lr)
     grid = settings.lr_grid if settings.tune == "lr" else None  # as the rows' searches
     advice = Advisor(config, lr_grid=grid).run(copy.deepcopy(initial), train_loader,
                                                val_loader)

@@ -30,7 +30,7 @@ from finetune.cli_options import (
 )
 from finetune.model.zoo import default_backbone_name
 from finetune.train.config import PRECISIONS, SCHEDULES
-from finetune.tuning import SINGLE_PROCESS, lr_grid
+from finetune.tuning import SINGLE_PROCESS, search_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
@@ -238,12 +238,6 @@ def strategy_specs(args: argparse.Namespace) -> list[str]:
         except ValueError as error:
             raise SystemExit(f"--strategies: {error}") from None
     return specs
-
-
-def search_grid(lr: float, grid: Sequence[float] | None) -> tuple[float, ...]:
-    """The lrs a tuned row tries, `lr` first (tried first, and it wins a full tie)."""
-    rest = sorted(set(grid) if grid else set(lr_grid(lr)))
-    return (lr, *(value for value in rest if value != lr))
 
 
 def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,

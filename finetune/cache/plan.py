@@ -89,7 +89,8 @@ class ActivationCaches:
     `keep`: cut points whose activations each fill stores too (those before the cut it fills
     for), from the same pass; they are kept until the context or the prefix weights change.
     `copies=True` promises that every backbone planned with this cache is a copy of one model
-    (the advisor's depths): a trace of one then serves the others.
+    (the advisor's depths): a trace of one then serves the others. `keep` may be set after
+    `cut_for` has found the points.
     """
 
     def __init__(self, mode: str = "off", memory_budget: int = 0,
@@ -127,6 +128,11 @@ class ActivationCaches:
             return {}
         return self._stored.setdefault(self.cut.point, {})
 
+    def cut_for(self, backbone: Backbone) -> Cut | None:
+        """The cut `plan` would choose for `backbone` as its strategy freezes it now, found
+        with the traces this cache shares among copies; nothing is planned."""
+        return plan_cut(backbone, self._traced)[0]
+
     def stored(self, point: CutPoint, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(activations, labels) of `loader`'s dataset at `point`, in dataset order."""
         cache = self._stored.get(point, {}).get(id(loader))
@@ -146,9 +152,8 @@ class ActivationCaches:
         if cut is None and reason != self.reason:  # said once, and kept for why_uncached
             log.info("activation cache off for %s: %s", backbone.name, reason)
         held = self._stored.get(cut.point, {}) if cut is not None else {}
-        stale = context != self._context or not all(
-            same_weights(cache.prefix, cache.cut.graph.prefix if cut is None
-                         else cut.graph.prefix) for cache in held.values())
+        stale = context != self._context or (cut is not None and not all(
+            same_weights(cache.prefix, cut.graph.prefix) for cache in held.values()))
         if stale or (not self.keep and cut != self.cut):
             self._drop()
         elif cut is not None:
