@@ -119,17 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the lrs --lr auto tries, comma-separated (default: "
                             f"{','.join(f'{v:g}' for v in lr_grid(AUTO_LR_CENTER))}; it grows "
                             "past an edge that wins)")
-    train.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
-                       help="share of each class's training images held out for validation; "
-                            f"0 for none (default: {defaults.VAL_SPLIT})")
+    _add_split_arguments(train)
     train.add_argument("--augment", action=argparse.BooleanOptionalAction,
                        default=defaults.AUGMENT,
                        help="random resized crops and flips on training images (default: off)")
-    train.add_argument("--image-size", type=positive_int, default=None,
-                       help="train and test at this crop size (default: the weights' own)")
-    train.add_argument("--train-per-class", type=positive_int, default=None,
-                       help="use at most N images of each class (before the val split)")
-    train.add_argument("--seed", type=int, default=0, help="(default: 0)")
     add_recipe_arguments(train)
     train.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
                        help="run a frozen prefix once per image and train on its stored "
@@ -194,13 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the other lrs each fine-tune races (default: --lr and its "
                              "neighbours, two per decade; the grid grows past an edge that "
                              "wins)")
-    advise.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
-                        help=f"(default: {defaults.VAL_SPLIT})")
-    advise.add_argument("--image-size", type=positive_int, default=None,
-                        help="crop size (default: the weights' own)")
-    advise.add_argument("--train-per-class", type=positive_int, default=None,
-                        help="use at most N images of each class (before the val split)")
-    advise.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    _add_split_arguments(advise)
     advise.add_argument("--output", type=Path, default=Path("advice"),
                         help="folder for advise.json, advise.md and frontier.png "
                              "(default: advice)")
@@ -255,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="The strategies --strategy accepts.")
     strategies.set_defaults(handler=run_strategies, parser=strategies)
     return parser
+
+
+def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """How train and advise take their images: the validation split, a per-class cap, the
+    crop size and the seed."""
+    parser.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
+                        help="share of each class's training images held out for validation; "
+                             f"0 for none (default: {defaults.VAL_SPLIT})")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="train and test at this crop size (default: the weights' own)")
+    parser.add_argument("--train-per-class", type=positive_int, default=None,
+                        help="use at most N images of each class (before the val split)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str = "") -> None:
