@@ -126,15 +126,14 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     row; the test set is evaluated once, for the trained row. Runs that pass one `decoded`
     store decode each un-augmented image once between them. The `advised` row trains the
     strategy `finetune.advisor` recommends on this run's train and val data."""
-    run = parse_run("last-layer" if spec == ADVISED else spec)
+    pretrained = True if spec == ADVISED else parse_run(spec).pretrained  # advice: pretrained
     with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
-        initial = backbone_factory(settings.backbone, len(splits.classes), run.pretrained)
+        initial = backbone_factory(settings.backbone, len(splits.classes), pretrained)
     data = loaders_for(splits, settings, initial, decoded)
     train_loader, val_loader = data.train_loader(shuffle_seed=seed), data.val_loader()
-    advice = None
-    if spec == ADVISED:
-        advice = advise_row(settings, seed, initial, train_loader, val_loader)
-        run = parse_run(advice.recommendation.strategy)
+    advice = (advise_row(settings, seed, initial, train_loader, val_loader)
+              if spec == ADVISED else None)
+    run = parse_run(advice.recommendation.strategy if advice is not None else spec)
 
     def make_trainer(lr: float, activations: ActivationCaches | None = None) -> Trainer:
         config = train_config(settings, seed, lr)
