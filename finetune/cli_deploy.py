@@ -8,12 +8,13 @@ import csv
 import io
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from finetune.atomic import atomic_write_text
 from finetune.errors import DataError
 from finetune.export import check_images, export
-from finetune.inference import find_images, load, load_run
+from finetune.inference import Classifier, Prediction, find_images, load, load_run
 
 CSV_HEADER = ("path", "rank", "class", "probability", "error")
 CHECK_IMAGES = 8  # real images an export is verified on
@@ -48,7 +49,7 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(items, total: int):  # type: ignore[no-untyped-def]
+def _progress(items: Iterator[Prediction], total: int) -> Iterable[Prediction]:
     if not sys.stderr.isatty():
         return items
     from tqdm import tqdm
@@ -60,8 +61,8 @@ def run_export(args: argparse.Namespace) -> int:
     run = load_run(args.model, args.backbone)
     sources = args.check or _run_images(run.record)
     images = None
-    if sources:
-        classifier = load(args.model, device="cpu", backbone=args.backbone)
+    if sources:  # preprocessed as the run was trained
+        classifier = Classifier(run.backbone, run.classes, run.preprocessing, device="cpu")
         images = check_images(classifier, find_images(sources), CHECK_IMAGES)
     done = export(run, args.format, args.output, images=images)
     print(f"wrote {done.path} ({done.format}), verified on {done.checked_on}: max |logit "
