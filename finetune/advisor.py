@@ -358,8 +358,8 @@ class Advisor:
             for depth in self._promising(depths):
                 needed = (depth.seconds_per_epoch or 0.0) * (self.finetune_epochs + 2 * PEEK)
                 if spent + needed > budget:
-                    depth.note = (f"not fine-tuned: needs about {needed:.0f} s, "
-                                  f"{budget - spent:.0f} s of the budget left (--budget)")
+                    depth.note = (f"not fine-tuned: needs about {needed:.2g} s, "
+                                  f"{budget - spent:.2g} s of the budget left (--budget)")
                     continue
                 spent += run.finetune(depth)
             phase("finetunes")
