@@ -71,7 +71,7 @@ from finetune.runtime import distributed
 from finetune.runtime.precision import machine
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
-from finetune.train.trainer import Trainer
+from finetune.train.trainer import TTA_MODES, Trainer
 from finetune.tuning import SINGLE_PROCESS, LrSearch, Tuning, lr_grid, search_grid
 
 AUTO_LR_CENTER = 1e-3  # --lr auto's grid: 3.2e-4, 1e-3, 3.2e-3 and beyond a winning edge
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: test)")
     evaluate.add_argument("--json", type=Path, default=None,
                           help="also write the report as JSON to this file")
+    evaluate.add_argument("--tta", choices=TTA_MODES, default="none",
+                          help="flip: average each image's probabilities with its mirror "
+                               "image's (default: none)")
     evaluate.set_defaults(handler=run_evaluate, parser=evaluate)
 
     advise = commands.add_parser(
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=positive_int, default=32, help="(default: 32)")
     predict.add_argument("--workers", type=positive_int, default=None,
                          help="decoding threads (default: one per core, at most 8)")
-    predict.add_argument("--tta", choices=("none", "flip"), default="none",
+    predict.add_argument("--tta", choices=TTA_MODES, default="none",
                          help="flip: average with the mirrored image (default: none)")
     predict.add_argument("--device", type=device_argument, default="auto",
                          help="auto, cpu, cuda or cuda:N (default: auto)")

@@ -42,9 +42,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loader = data.test_loader() if args.split == "test" else data.val_loader()
     config = TrainConfig(epochs=1, precision=args.precision, device=args.device,
                          channels_last=args.channels_last)
-    report = Trainer(backbone, None, config, classes=classes).evaluate(loader)  # as it is
+    trainer = Trainer(backbone, None, config, classes=classes)  # the model as it is
+    report = trainer.evaluate(loader, tta=args.tta)
+    flipped = " with flip test-time augmentation" if args.tta == "flip" else ""
     print(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
-          f"{data.root}:\n{report.table()}")
+          f"{data.root}{flipped}:\n{report.table()}")
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

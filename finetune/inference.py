@@ -34,8 +34,8 @@ from finetune.model.zoo import build_backbone, is_import_path
 from finetune.runtime.distributed import local_device
 from finetune.strategies import FreezeStrategy
 from finetune.train.checkpoint import load_checkpoint
+from finetune.train.trainer import TTA_MODES, average_probabilities
 
-TTA_MODES = ("none", "flip")
 EXPORT_FORMAT = 1  # the JSON beside a safetensors export
 
 
@@ -136,10 +136,9 @@ class Classifier:
         """Softmax probabilities; `tta="flip"` averages them with the mirrored images'."""
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-        probabilities = self.logits(batch).softmax(dim=1)
         if tta == "flip":
-            probabilities = (probabilities + self.logits(batch.flip(3)).softmax(dim=1)) / 2
-        return probabilities
+            return average_probabilities(self.logits(batch), self.logits(batch.flip(3))).exp()
+        return self.logits(batch).softmax(dim=1)
 
     # -- images -----------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:

@@ -162,3 +162,33 @@ def test_the_predict_speed_benchmark_runs_and_reports_its_ratio(trained, capsys)
                                str(trained["tree"] / "val"), "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "9 images at 32 px" in out and "ratio" in out
+
+
+def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror(trained) -> None:
+    from finetune.train.trainer import average_probabilities
+
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    expected = (a.softmax(1) + b.softmax(1)) / 2
+    assert torch.allclose(average_probabilities(a, b).exp(), expected, atol=1e-6)
+    run = load_run(trained["run"])
+    images = torch.stack([finetune.load(trained["run"]).preprocess(p)
+                          for p in find_images([trained["tree"] / "val"])])
+    labels = torch.arange(len(images)) % 3
+    trainer = Trainer(run.backbone, None, TrainConfig(precision="fp32", device="cpu",
+                                                      channels_last=False))
+    report = trainer.evaluate([(images, labels)], tta="flip")
+    with torch.inference_mode():
+        run.backbone.eval()
+        by_hand = ((run.backbone(images).softmax(1) + run.backbone(images.flip(3)).softmax(1))
+                   / 2).argmax(1)
+    assert report.predictions.tolist() == by_hand.tolist()
+    assert trainer.predict([(images, labels)], tta="flip").tolist() == by_hand.tolist()
+    with pytest.raises(ValueError, match="tta must be one of none, flip"):
+        trainer.evaluate([(images, labels)], tta="rotate")
+
+
+def test_evaluate_command_takes_tta(trained, capsys) -> None:
+    code, out, err = run_cli(["evaluate", "--checkpoint", str(trained["run"]), "--tta", "flip",
+                              *FAST], capsys)
+    assert code == 0, err
+    assert "with flip test-time augmentation" in out

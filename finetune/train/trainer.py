@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +50,8 @@ from finetune.train.events import Callback, Event, callback_keys, dispatch, noti
 from finetune.train.schedules import EpochScheduler, StepSchedule, total_steps
 from finetune.train.state import History, StepOutput, TrainState
 from finetune.train.step import OptimizerStep
+
+TTA_MODES = ("none", "flip")  # test-time augmentation of evaluate / predict
 
 
 class Trainer:
@@ -193,16 +196,19 @@ class Trainer:
                 restore_malloc_defaults()
         return self.history
 
-    def evaluate(self, loader: Iterable[Any]) -> EvaluationReport:
-        """Loss, accuracy, per-class metrics and confusion matrix on `loader`."""
+    def evaluate(self, loader: Iterable[Any], tta: str = "none") -> EvaluationReport:
+        """Loss, accuracy, per-class metrics and confusion matrix on `loader`. `tta="flip"`:
+        each image's probabilities averaged with its mirror image's (test-time augmentation;
+        the whole model runs, never stored activations)."""
         self._ensure_ready(loader)
-        return self._evaluate(loader)
+        return self._evaluate(loader, tta)
 
-    def predict(self, loader: Iterable[Any], probabilities: bool = False) -> torch.Tensor:
+    def predict(self, loader: Iterable[Any], probabilities: bool = False,
+                tta: str = "none") -> torch.Tensor:
         """Predicted class indices (or softmax probabilities) for every image in `loader`,
-        on the CPU; labels in the batches, if any, are ignored."""
+        on the CPU; labels in the batches, if any, are ignored. `tta` as for `evaluate`."""
         self._ensure_ready(loader)
-        outputs = [logits.float().cpu() for logits, _ in self._inference(loader)]
+        outputs = [logits.float().cpu() for logits, _ in self._inference(loader, tta)]
         if not outputs:
             return torch.empty(0, dtype=torch.float32 if probabilities else torch.long)
         logits = torch.cat(outputs)
@@ -383,26 +389,36 @@ class Trainer:
             labels = labels.to(device, non_blocking=True)
         return images, labels
 
-    def _inference(self, loader: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any]]:
-        """(logits, labels) of every sample; each process computes its share."""
+    def _inference(self, loader: Iterable[Any], tta: str = "none"
+                   ) -> Iterable[tuple[torch.Tensor, Any]]:
+        """(logits, labels) of every sample; each process computes its share. Under
+        `tta="flip"` the logits are log-probabilities averaged with the mirror image's."""
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         loader = distributed.shard_loader(loader)
-        return distributed.gather_outputs(self._local_inference(loader), loader)
+        return distributed.gather_outputs(self._local_inference(loader, tta), loader)
 
-    def _local_inference(self, loader: Iterable[Any]) -> Iterable[tuple[torch.Tensor, Any]]:
+    def _local_inference(self, loader: Iterable[Any], tta: str = "none"
+                         ) -> Iterable[tuple[torch.Tensor, Any]]:
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            with torch.inference_mode():
-                batches, forward = self._route(loader)
+            with torch.inference_mode():  # mirrored images need the whole model
+                batches, forward = ((loader, self.backbone) if tta == "flip"
+                                    else self._route(loader))
                 for batch in batches:
                     images, labels = self._to_device(batch)
-                    yield self._forward(images, forward), labels
+                    logits = self._forward(images, forward)
+                    if tta == "flip":
+                        logits = average_probabilities(
+                            logits, self._forward(images.flip(3), forward))
+                    yield logits, labels
         finally:
             self.backbone.train(was_training)
 
-    def _evaluate(self, loader: Iterable[Any]) -> EvaluationReport:
+    def _evaluate(self, loader: Iterable[Any], tta: str = "none") -> EvaluationReport:
         predictions, targets, total_loss, count = [], [], 0.0, 0
-        for logits, labels in self._inference(loader):
+        for logits, labels in self._inference(loader, tta):
             if labels is None:
                 raise ValueError("evaluation batches must hold (images, labels)")
             total_loss += float(self.eval_loss_fn(logits.float(), labels)) * len(labels)
@@ -433,6 +449,13 @@ class Trainer:
 LossSpec = nn.Module | type[nn.Module] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
+
+
+def average_probabilities(*logits: torch.Tensor) -> torch.Tensor:
+    """The log of the mean softmax of several views' logits: log-probabilities, so argmax,
+    softmax and cross-entropy read them as logits."""
+    stacked = torch.stack([view.float().log_softmax(dim=1) for view in logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
