@@ -277,10 +277,9 @@ class StepClock(Callback):
 
     @property
     def seconds_per_step(self) -> float | None:
-        timed = np.diff(self.times)[self.warmup:] if len(self.times) > 1 else []
-        if len(timed) == 0:
-            timed = np.diff(self.times)
-        return float(np.mean(timed)) if len(timed) else None
+        steps = np.diff(self.times)  # all of them when the fit ended before the warm-up did
+        timed = steps[self.warmup:] if len(steps) > self.warmup else steps
+        return float(timed.mean()) if len(timed) else None
 
 
 # -- the advisor --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from finetune.callbacks.run_file import checkpoint_in, read_run_file
-from finetune.data.images import is_image_file, load_rgb
+from finetune.data.images import image_files, is_image_file, load_rgb
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import EvalTransform
 from finetune.errors import CheckpointError, DataError
@@ -208,16 +208,15 @@ def _decode(classifier: Classifier, path: Path) -> torch.Tensor | str:
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files from files, folders (recursively, sorted) and glob patterns, each once,
-    in the order given."""
+    """Image files from files, folders (recursively, sorted, as a dataset is scanned: hidden
+    folders skipped) and glob patterns, each once, in the order given."""
     found: dict[Path, None] = {}
     missing = []
     for item in inputs:
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found.update((p, None) for p in sorted(path.rglob("*"))
-                         if p.is_file() and is_image_file(p))
+            found.update((p, None) for p in image_files(path))
         elif path.is_file():
             found[path] = None
         elif glob.has_magic(text):

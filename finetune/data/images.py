@@ -106,8 +106,7 @@ def scan_split(folder: Path, classes: Iterable[str]) -> list[tuple[Path, int]]:
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p)
-                       and not any(map(_hidden, p.relative_to(class_dir).parents)))
+        files = image_files(class_dir)
         if not files:
             raise DataError(
                 f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -115,6 +114,13 @@ def scan_split(folder: Path, classes: Iterable[str]) -> list[tuple[Path, int]]:
             )
         samples.extend((path, label) for path in files)
     return samples
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder`, recursively and sorted (a seed means the same thing
+    on every file system), outside hidden folders."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p)
+                  and not any(map(_hidden, p.relative_to(folder).parents)))
 
 
 def _hidden(path: Path) -> bool:
