@@ -45,10 +45,12 @@ from finetune.cli_advise import run_advise
 from finetune.cli_deploy import run_export, run_predict
 from finetune.cli_evaluate import run_evaluate
 from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
+    add_augment_arguments,
     add_recipe_arguments,
     backbone_name,
     channels_last_argument,
     check_image_fits,
+    data_settings,
     device_argument,
     lr_argument,
     lr_grid_argument,
@@ -61,6 +63,7 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     val_fraction,
 )
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
+from finetune.data.transforms import augmentation
 from finetune.errors import FinetuneError, redact
 from finetune.export import EXPORT_FORMATS
 from finetune.inference import recorded_backbone
@@ -97,20 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--strategy last-layer --checkpoint-dir runs/a",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_data_arguments(train)
-    train.add_argument("--strategy", type=strategy_argument, default="freeze-fraction",
-                       metavar="NAME[:OPTIONS]",
-                       help="registered name, optionally with options: NAME[:key=value,...] "
-                            "(lists joined with '+'), e.g. freeze-fraction:fraction=0.5,"
-                            "count=numel; `finetune strategies` lists them "
-                            "(default: freeze-fraction, the reference's 80%%)")
-    train.add_argument("--backbone", type=backbone_name, default="auto", metavar="NAME",
-                       help="auto (resnet50 if its weights are cached, else lite0), lite0, a "
-                            "torchvision name (resnet50, convnext_tiny, ...), timm/<model>, or "
-                            "package.module:function returning a Backbone (default: auto)")
-    train.add_argument("--weights", default="DEFAULT",
-                       help="DEFAULT (ImageNet), none (random init), a weights enum name "
-                            "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
+    _add_model_arguments(train)
     train.add_argument("--epochs", type=positive_int, default=5, help="(default: 5)")
     train.add_argument("--lr", type=lr_argument, default=1e-4,
                        help="Adam learning rate, or auto: chosen on the validation split from "
@@ -119,14 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the lrs --lr auto tries, comma-separated (default: "
                             f"{','.join(f'{v:g}' for v in lr_grid(AUTO_LR_CENTER))}; it grows "
                             "past an edge that wins)")
-    _add_split_arguments(train)
-    train.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                       default=defaults.AUGMENT,
-                       help="random resized crops and flips on training images (default: off)")
-    add_recipe_arguments(train)
-    train.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
-                       help="run a frozen prefix once per image and train on its stored "
-                            "activations; auto does so where that is exact (default: auto)")
+    _add_training_arguments(train)
     train.add_argument("--wandb-project", default=None,
                        help="log to this Weights & Biases project (offline without an API key)")
     train.add_argument("--wandb-name", default=None, help="the wandb run's name")
@@ -241,10 +224,58 @@ def build_parser() -> argparse.ArgumentParser:
                         help="as for predict")
     export.set_defaults(handler=run_export, parser=export)
 
+    lr_find = commands.add_parser(
+        "lr-find", help="the learning-rate range test: loss against an exponential lr ramp",
+        description="Train the strategy at an lr growing exponentially from --start to --end "
+                    "(one value per optimizer step) and suggest an lr: the smoothed loss's "
+                    "minimum divided by 10 (docs/recipes.md). The weights are not saved.",
+        epilog="example:\n  finetune lr-find --data sample --strategy last-layer --image-size "
+               "160 --batch-size 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(lr_find)
+    _add_training_arguments(lr_find)
+    lr_find.add_argument("--start", type=positive_float, default=1e-7, help="(default: 1e-7)")
+    lr_find.add_argument("--end", type=positive_float, default=1.0, help="(default: 1)")
+    lr_find.add_argument("--steps", type=positive_int, default=100,
+                         help="optimizer steps of the ramp (default: 100)")
+    lr_find.add_argument("--output", type=Path, default=Path("lr_find"),
+                         help="folder for lr_find.json and lr_find.png (default: lr_find)")
+    lr_find.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier range test in --output")
+    lr_find.set_defaults(handler=run_lr_find, parser=lr_find, epochs=1)
+
     strategies = commands.add_parser("strategies", help="list the registered strategies",
                                      description="The strategies --strategy accepts.")
     strategies.set_defaults(handler=run_strategies, parser=strategies)
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data loading, --strategy, --backbone and --weights (train and lr-find)."""
+    _add_data_arguments(parser)
+    parser.add_argument("--strategy", type=strategy_argument, default="freeze-fraction",
+                        metavar="NAME[:OPTIONS]",
+                        help="registered name, optionally with options: NAME[:key=value,...] "
+                             "(lists joined with '+'), e.g. freeze-fraction:fraction=0.5,"
+                             "count=numel; `finetune strategies` lists them "
+                             "(default: freeze-fraction, the reference's 80%%)")
+    parser.add_argument("--backbone", type=backbone_name, default="auto", metavar="NAME",
+                        help="auto (resnet50 if its weights are cached, else lite0), lite0, a "
+                             "torchvision name (resnet50, convnext_tiny, ...), timm/<model>, "
+                             "or package.module:function returning a Backbone (default: auto)")
+    parser.add_argument("--weights", default="DEFAULT",
+                        help="DEFAULT (ImageNet), none (random init), a weights enum name "
+                             "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The split, augmentation, recipes and cache flags (train and lr-find)."""
+    _add_split_arguments(parser)
+    add_augment_arguments(parser, defaults.AUGMENT)
+    add_recipe_arguments(parser)
+    parser.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
+                        help="run a frozen prefix once per image and train on its stored "
+                             "activations; auto does so where that is exact (default: auto)")
 
 
 def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +323,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 # flags a resume takes from the run's run.json when they are left at their defaults
 RESUMED_SETTINGS = ("weights", "val_split", "seed", "train_per_class", "image_size", "augment",
-                    "batch_size")
+                    "crop_scale", "balance", "batch_size", "schedule", "warmup", "accumulate",
+                    "label_smoothing", "max_grad_norm", "ema", "mixup", "cutmix")
 
 
 def take_run_settings(args: argparse.Namespace) -> None:
@@ -317,6 +349,8 @@ def take_run_settings(args: argparse.Namespace) -> None:
     for name in RESUMED_SETTINGS:
         if name in recorded and getattr(args, name) == parser.get_default(name):
             setattr(args, name, recorded[name])
+    args.augment = augmentation(args.augment)  # runs before the policies recorded True/False
+    args.crop_scale = tuple(args.crop_scale)
     if isinstance(record.get("tuning"), dict) and args.lr == parser.get_default("lr"):
         args.lr = float(record["tuning"]["chosen"])  # the lr --lr auto chose for the run
 
@@ -332,26 +366,10 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
                           "above 0 (e.g. 0.2), or a number: --lr 1e-4")
     if args.resume is not None:
         take_run_settings(args)
-    check_image_fits(args.image_size, args.batch_size)
-    # The tree first (the head's size), then the backbone, whose preprocessing the loaders use.
-    splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
-                              split_seed=args.seed, train_per_class=args.train_per_class,
-                              progress=False)
-    backbone = build_backbone(args.backbone, len(splits.classes), args.weights, seed=args.seed)
-    data = ImageFolderData(
-        splits, seed=args.seed, batch_size=args.batch_size, data_augmentation=args.augment,
-        preprocessing=backbone.preprocessing, image_size=args.image_size,
-        num_workers=args.workers,
-    )
-    say(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
-        f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
-    say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
+    data, backbone = _data_and_backbone(args, say)
     strategy: FreezeStrategy = args.strategy
     val_loader = data.val_loader() if args.val_split > 0 else None
-    config = TrainConfig(epochs=args.epochs, lr=AUTO_LR_CENTER if args.lr == "auto" else args.lr,
-                         seed=args.seed, precision=args.precision, device=args.device,
-                         channels_last=args.channels_last, feature_cache=args.feature_cache,
-                         **recipe_settings(args))
+    config = _train_config(args, AUTO_LR_CENTER if args.lr == "auto" else args.lr)
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
     if checkpoint_dir is not None:
@@ -387,6 +405,51 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
             precision=trainer.state.precision, device=str(trainer.state.device),
             cpu=machine()["cpu"])
         say(f"model card: {card}")
+    return 0
+
+
+def _data_and_backbone(args: argparse.Namespace, say: Callable[..., None]
+                       ) -> tuple[ImageFolderData, Backbone]:
+    """The tree first (the head's size), then the backbone, whose preprocessing the loaders
+    use (train and lr-find)."""
+    check_image_fits(args.image_size, args.batch_size)
+    splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
+                              split_seed=args.seed, train_per_class=args.train_per_class,
+                              progress=False)
+    backbone = build_backbone(args.backbone, len(splits.classes), args.weights, seed=args.seed)
+    data = ImageFolderData(
+        splits, seed=args.seed, batch_size=args.batch_size, **data_settings(args),
+        preprocessing=backbone.preprocessing, image_size=args.image_size,
+        num_workers=args.workers,
+    )
+    say(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
+        f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
+    say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
+    return data, backbone
+
+
+def _train_config(args: argparse.Namespace, lr: float) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, lr=lr, seed=args.seed, precision=args.precision,
+                       device=args.device, channels_last=args.channels_last,
+                       feature_cache=args.feature_cache, **recipe_settings(args))
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    """`finetune lr-find`: the range test of `Trainer.lr_find` on the training split."""
+    output: Path = args.output
+    if (output / "lr_find.json").is_file() and not args.overwrite:
+        args.parser.error(f"{output} holds an earlier range test (lr_find.json); choose "
+                          "another --output or pass --overwrite")
+    if distributed.world_size() > 1:
+        args.parser.error("lr-find runs in one process; run it without torchrun")
+    data, backbone = _data_and_backbone(args, print)
+    trainer = Trainer(backbone, args.strategy, _train_config(args, args.start),
+                      classes=data.classes)
+    finding = trainer.lr_find(data.train_loader(), start=args.start, end=args.end,
+                              steps=args.steps)
+    written = finding.write(output)
+    print(finding.summary())
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

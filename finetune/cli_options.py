@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from finetune.data.decoded import physical_memory
+from finetune.data.transforms import AUGMENTATIONS, DEFAULT_CROP_SCALE
 from finetune.errors import ArchitectureError
 from finetune.model.zoo import check_backbone_name
 from finetune.strategies import FreezeStrategy, parse_strategy
@@ -121,10 +122,56 @@ def warmup_argument(text: str) -> int | float:
 
 
 smoothing = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+ema_decay = checked_number(float, lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999")
+BALANCE_CHOICES = ("none", "sampler", "loss")
+
+
+def crop_scale_argument(text: str) -> tuple[float, float]:
+    """--crop-scale: MIN or MIN,MAX shares of the image area for random resized crops."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not 0 < values[0] <= values[-1] <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN or MIN,MAX with 0 < MIN <= MAX <= 1, got '{text}'")
+    return values[0], values[-1] if len(values) == 2 else 1.0
+
+
+def augment_argument(text: str) -> str:
+    """--augment: a policy name; on/off (and the old bare --augment) mean flip/none."""
+    value = {"on": "flip", "off": "none", "true": "flip", "false": "none"}.get(text.lower(),
+                                                                            text.lower())
+    if value not in AUGMENTATIONS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(AUGMENTATIONS)}, got "
+                                         f"'{text}'")
+    return value
+
+
+def add_augment_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--augment POLICY (bare: flip), --no-augment, --crop-scale, --balance (train and
+    benchmarks.compare; `default` None leaves it to a preset)."""
+    parser.add_argument("--augment", type=augment_argument, nargs="?", const="flip",
+                        default=default, metavar="{" + ",".join(AUGMENTATIONS) + "}",
+                        help="training-image augmentation: none; flip (random resized crops "
+                             "and flips); trivial, randaugment or autoaugment (torchvision's "
+                             "policies after the crop and flip). A bare --augment is flip "
+                             f"(default: {default or 'the preset'})")
+    parser.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                        help="the same as --augment none")
+    parser.add_argument("--crop-scale", type=crop_scale_argument, default=DEFAULT_CROP_SCALE,
+                        metavar="MIN[,MAX]",
+                        help="random resized crops take this share of the image area "
+                             "(default: 0.08,1)")
+    parser.add_argument("--balance", choices=BALANCE_CHOICES, default="none",
+                        help="imbalanced classes: sampler draws every class equally often; "
+                             "loss weights cross-entropy by inverse class frequency "
+                             "(default: none)")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """--schedule, --warmup, --accumulate, --label-smoothing, --max-grad-norm."""
+    """--schedule, --warmup, --accumulate, --label-smoothing, --max-grad-norm, --ema,
+    --mixup, --cutmix."""
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="learning rate per optimizer step: constant, or linear / cosine "
                              "decay to 0, or one-cycle (default: constant)")
@@ -138,10 +185,32 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cross-entropy label smoothing, e.g. 0.1 (default: 0)")
     parser.add_argument("--max-grad-norm", type=positive_float, default=None,
                         help="clip the gradient norm to this (default: no clipping)")
+    add_mixing_arguments(parser)
+
+
+def add_mixing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ema, --mixup, --cutmix (train and benchmarks.compare)."""
+    parser.add_argument("--ema", type=ema_decay, default=None, metavar="DECAY",
+                        help="validate, test and save a moving average of the weights, e.g. "
+                             "0.999 (decay warmed up as timm does; default: off)")
+    parser.add_argument("--mixup", type=non_negative_float, default=0.0, metavar="ALPHA",
+                        help="MixUp training batches, Beta(ALPHA, ALPHA), e.g. 0.2 (default: "
+                             "off); the training pass then runs the whole model")
+    parser.add_argument("--cutmix", type=non_negative_float, default=0.0, metavar="ALPHA",
+                        help="CutMix training batches, e.g. 1.0 (default: off); with --mixup, "
+                             "one of the two per batch")
 
 
 def recipe_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields `add_recipe_arguments` set."""
+    """The TrainConfig fields `add_recipe_arguments` (and --balance loss) set."""
     return {"schedule": args.schedule, "warmup": args.warmup,
             "accumulate_steps": args.accumulate, "label_smoothing": args.label_smoothing,
-            "max_grad_norm": args.max_grad_norm}
+            "max_grad_norm": args.max_grad_norm, "ema_decay": args.ema,
+            "mixup": args.mixup, "cutmix": args.cutmix,
+            "class_weights": "balanced" if args.balance == "loss" else "none"}
+
+
+def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ImageFolderData arguments `add_augment_arguments` set."""
+    return {"data_augmentation": args.augment, "crop_scale": args.crop_scale,
+            "balanced_sampling": args.balance == "sampler"}

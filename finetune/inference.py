@@ -33,7 +33,7 @@ from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone, is_import_path
 from finetune.runtime.distributed import local_device
 from finetune.strategies import FreezeStrategy
-from finetune.train.checkpoint import load_checkpoint
+from finetune.train.checkpoint import deployed_weights, load_checkpoint
 from finetune.train.trainer import TTA_MODES, average_probabilities
 
 EXPORT_FORMAT = 1  # the JSON beside a safetensors export
@@ -99,7 +99,7 @@ def load_run(path: str | Path, backbone: str | None = None) -> RunModel:
     strategy = FreezeStrategy.from_state_dict(checkpoint["strategy"])
     strategy.apply(model)  # LoRA adds its adapters here, before their weights load
     try:
-        model.model.load_state_dict(checkpoint["model"])
+        model.model.load_state_dict(deployed_weights(checkpoint))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit {model.name}: {error}") from error
     return RunModel(backbone=model, classes=classes,

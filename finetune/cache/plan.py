@@ -108,6 +108,7 @@ class ActivationCaches:
         self._stored: dict[CutPoint, dict[int, ActivationCache]] = {}
         self._loaders: dict[int, Any] = {}
         self._cacheable: set[int] = set()
+        self._vetoed: dict[int, str] = {}
         self._refused: dict[int, str] = {}
 
     def configure(self, mode: str, memory_budget: int, directory: str | Path | None) -> None:
@@ -161,8 +162,11 @@ class ActivationCaches:
                 cache.suffix = cut.graph.suffix
         self.cut, self.reason, self._context = cut, reason, context
 
-    def allow(self, *loaders: Any) -> None:
+    def allow(self, *loaders: Any, refused: dict[Any, str] | None = None) -> None:
+        """Cache only these loaders (fit's own), except those `refused` names with a reason
+        (e.g. training on mixed images), which always run the whole model."""
         self._cacheable = {id(loader) for loader in loaders if loader is not None}
+        self._vetoed = {id(loader): reason for loader, reason in (refused or {}).items()}
 
     def release(self) -> None:
         """Activations can take GiBs; and once fit returns the weights may change."""
@@ -200,6 +204,8 @@ class ActivationCaches:
         return cache.batches(loader), cache.suffix
 
     def _refusal(self, loader: Any) -> str:
+        if id(loader) in self._vetoed:
+            return self._vetoed[id(loader)]
         if id(loader) not in self._cacheable:
             return "only fit's own loaders are cached"
         if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:

@@ -20,7 +20,16 @@ from finetune.data.decoded import DecodedImages, ImageFile
 from finetune.data.defaults import AUGMENT, VAL_SPLIT
 from finetune.data.images import file_keys, load_rgb
 from finetune.data.preprocessing import Preprocessing
-from finetune.data.transforms import EvalTransform, TrainTransform, sized
+from finetune.data.transforms import (
+    DEFAULT_CROP_SCALE,
+    EvalTransform,
+    augmentation,
+    sized,
+    train_transform,
+)
+from finetune.data.transforms import (
+    crop_scale as check_crop_scale,
+)
 from finetune.data.tree import ImageSplits, Samples
 from finetune.errors import DataError
 
@@ -127,10 +136,18 @@ class ImageDataset(Dataset):
 class SeededShuffle(Sampler):
     """A fresh permutation every epoch from a torch.Generator seeded by (seed, epoch), each
     index paired with a seed for its augmentation: the same seed gives the same batches,
-    whatever the number of workers."""
+    whatever the number of workers.
 
-    def __init__(self, size: int, seed: int) -> None:
+    With `weights` (one per sample, e.g. `balanced_weights`) an epoch is instead `size` draws
+    with replacement, each index with probability proportional to its weight: the weighted
+    sampler that lets rare classes be seen as often as common ones."""
+
+    def __init__(self, size: int, seed: int, weights: Sequence[float] | None = None) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        if self.weights is not None and (len(self.weights) != size or bool(
+                (self.weights < 0).any()) or not float(self.weights.sum()) > 0):
+            raise DataError(f"weights must be {size} non-negative numbers, not all zero")
 
     def __len__(self) -> int:
         return self.size
@@ -142,9 +159,17 @@ class SeededShuffle(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         self.epoch += 1
-        order = torch.randperm(self.size, generator=generator).tolist()
+        order = (torch.randperm(self.size, generator=generator) if self.weights is None else
+                 torch.multinomial(self.weights, self.size, replacement=True,
+                                   generator=generator)).tolist()
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
         return iter(zip(order, seeds, strict=True))
+
+
+def balanced_weights(labels: Sequence[int]) -> list[float]:
+    """Per-sample weights 1 / (images of its class): each class is drawn equally often."""
+    counts = Counter(labels)
+    return [1.0 / counts[label] for label in labels]
 
 
 class ImageFolderData:
@@ -155,6 +180,12 @@ class ImageFolderData:
     by class and seeded by `split_seed`; the test loader reads the test folder. Images are
     decoded as `preprocessing` says (pass `backbone.preprocessing`), so each model gets its
     own resize, crop and mean/std; `image_size` trains at another crop size.
+
+    `data_augmentation`: "none" (the default: fixed images, which frozen strategies train on
+    as cached activations), "flip" (random resized crops within `crop_scale` of the area, and
+    flips), or "trivial" / "randaugment" / "autoaugment" (torchvision's policies after the crop
+    and flip); True/False mean "flip"/"none". `balanced_sampling` draws every class equally
+    often per epoch (with replacement), for imbalanced data.
 
     `seed` sets both `split_seed` (which images are val) and `shuffle_seed` (the training
     order and augmentation); give either to set it alone. Unreadable or truncated files are
@@ -181,7 +212,9 @@ class ImageFolderData:
         split_seed: int | None = None,
         shuffle_seed: int | None = None,
         batch_size: int = 32,
-        data_augmentation: bool = AUGMENT,
+        data_augmentation: bool | str = AUGMENT,
+        crop_scale: float | tuple[float, float] = DEFAULT_CROP_SCALE,
+        balanced_sampling: bool = False,
         preprocessing: Preprocessing | None = None,
         image_size: int | None = None,
         num_workers: int | None = None,
@@ -200,7 +233,10 @@ class ImageFolderData:
                         else DecodedImages() if keep_decoded else None)
         self.preprocessing = sized(preprocessing or Preprocessing(), image_size)
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
-        self.batch_size, self.data_augmentation, self.strict = batch_size, data_augmentation, strict
+        self.batch_size, self.strict = batch_size, strict
+        self.data_augmentation = augmentation(data_augmentation)
+        self.crop_scale = check_crop_scale(crop_scale)
+        self.balanced_sampling = bool(balanced_sampling)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         if isinstance(root, ImageSplits):
@@ -232,15 +268,17 @@ class ImageFolderData:
 
     # -- loaders ------------------------------------------------------------------------------
     def train_loader(self, shuffle_seed: int | None = None) -> DataLoader:
-        """Shuffled batches seeded by `shuffle_seed` (default: the data's own), augmented when
-        `data_augmentation` is on: one split, many seeded runs. A last batch of a single image
-        is dropped, since BatchNorm cannot train on it."""
-        transform = (TrainTransform if self.data_augmentation else EvalTransform)(
-            self.preprocessing
-        )
+        """Shuffled batches seeded by `shuffle_seed` (default: the data's own), augmented as
+        `data_augmentation` says: one split, many seeded runs. With `balanced_sampling` each
+        epoch draws as many images as the split holds, every class equally often (with
+        replacement). A last batch of a single image is dropped, since BatchNorm cannot train
+        on it."""
+        transform = train_transform(self.preprocessing, self.data_augmentation, self.crop_scale)
         dataset = self._dataset(self.train_samples, transform)
         seed = self.shuffle_seed if shuffle_seed is None else shuffle_seed
-        return self._loader(dataset, sampler=SeededShuffle(len(dataset), seed),
+        weights = (balanced_weights([label for _, label in self.train_samples])
+                   if self.balanced_sampling else None)
+        return self._loader(dataset, sampler=SeededShuffle(len(dataset), seed, weights),
                             drop_last=len(dataset) % self.batch_size == 1)
 
     def val_loader(self) -> DataLoader:

@@ -1,27 +1,71 @@
 """Train and eval transforms built from a backbone's `Preprocessing`.
 
 Random choices come from a `random.Random` seeded per sample (not torch's global RNG), so a
-seed gives the same augmented batches whatever the number of loader workers."""
+seed gives the same augmented batches whatever the number of loader workers. The automatic
+policies are torchvision's (`transforms.v2`), which draw from torch's global RNG: each runs
+under a forked RNG seeded from the sample's, so they are seeded the same way."""
 
 from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import attrs
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
+
+AUGMENTATIONS = ("none", "flip", "trivial", "randaugment", "autoaugment")
+# after the random resized crop and flip, as torchvision's classification reference does
+_POLICIES = {
+    "trivial": lambda: v2.TrivialAugmentWide(),
+    "randaugment": lambda: v2.RandAugment(),
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+}
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's, as torchvision's ImageNet recipe
 
 _INTERPOLATION = {
     "bilinear": F.InterpolationMode.BILINEAR,
     "bicubic": F.InterpolationMode.BICUBIC,
     "nearest": F.InterpolationMode.NEAREST,
 }
+
+
+def augmentation(value: bool | str) -> str:
+    """The augmentation policy named by `value`: one of `AUGMENTATIONS`, or a bool (True is
+    "flip": random resized crops and flips, False is "none")."""
+    if isinstance(value, bool):
+        return "flip" if value else "none"
+    if value not in AUGMENTATIONS:
+        raise DataError(f"augmentation must be one of {', '.join(AUGMENTATIONS)} (or True/False "
+                        f"for flip/none), got {value!r}")
+    return value
+
+
+def crop_scale(value: float | tuple[float, float]) -> tuple[float, float]:
+    """RandomResizedCrop's (min, max) share of the image area; a number is the min."""
+    low, high = (value, 1.0) if isinstance(value, (int, float)) else tuple(value)
+    if not 0.0 < low <= high <= 1.0:
+        raise DataError(f"crop scale must satisfy 0 < min <= max <= 1 (a share of the image "
+                        f"area), got {value!r}; torchvision's default is 0.08,1.0")
+    return float(low), float(high)
+
+
+def train_transform(preprocessing: Preprocessing, augment: bool | str = "flip",
+                    scale: float | tuple[float, float] = DEFAULT_CROP_SCALE
+                    ) -> EvalTransform | TrainTransform:
+    """The training images' transform: `EvalTransform` for "none" (fixed images, which the
+    activation cache may store), else a `TrainTransform` with that policy."""
+    policy = augmentation(augment)
+    if policy == "none":
+        return EvalTransform(preprocessing)
+    return TrainTransform(preprocessing, scale=crop_scale(scale), policy=policy)
 
 
 def sized(preprocessing: Preprocessing, image_size: int | None) -> Preprocessing:
@@ -61,12 +105,19 @@ class EvalTransform:
 
 @attrs.frozen
 class TrainTransform:
-    """Random resized crop (scale 8–100%, aspect 3/4–4/3) and horizontal flip, as torchvision's
-    ImageNet recipe, then normalise."""
+    """Random resized crop (scale 8–100% by default, aspect 3/4–4/3) and horizontal flip, as
+    torchvision's ImageNet recipe; then `policy`'s automatic augmentation ("trivial",
+    "randaugment", "autoaugment"; "flip" adds none), then normalise."""
 
     preprocessing: Preprocessing
-    scale: tuple[float, float] = (0.08, 1.0)
+    scale: tuple[float, float] = DEFAULT_CROP_SCALE
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    policy: str = attrs.field(default="flip", validator=attrs.validators.in_(AUGMENTATIONS[1:]))
+    _auto: Any = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        maker = _POLICIES.get(self.policy)
+        object.__setattr__(self, "_auto", maker() if maker else None)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng or random.Random()
@@ -78,6 +129,10 @@ class TrainTransform:
         )
         if rng.random() < 0.5:
             image = F.horizontal_flip(image)
+        if self._auto is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.getrandbits(63))
+                image = self._auto(image)
         return _normalise(image, p)
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:

@@ -135,7 +135,8 @@ def shard_loader(loader: Iterable[Any], seed: int | None = None) -> Iterable[Any
         )
     drop_last = loader.drop_last
     if isinstance(sampler, SeededShuffle):
-        shard: Any = ShardedSeededShuffle(sampler.size, sampler.seed, rank(), world_size())
+        shard: Any = ShardedSeededShuffle(sampler.size, sampler.seed, rank(), world_size(),
+                                          sampler.weights)
         shard.epoch = sampler.epoch
         drop_last = len(shard) % loader.batch_size == 1  # BatchNorm cannot train on 1 image
     else:

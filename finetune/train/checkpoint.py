@@ -26,7 +26,8 @@ CHECKPOINT_FORMAT = 1
 # TrainConfig fields whose change on resume alters the run's outcome; the others (epochs,
 # device, precision, cache settings) are expected to differ.
 OUTCOME_SETTINGS = ("lr", "weight_decay", "seed", "max_grad_norm", "schedule", "warmup",
-                    "accumulate_steps", "label_smoothing")
+                    "accumulate_steps", "label_smoothing", "ema_decay", "mixup", "cutmix",
+                    "class_weights")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -150,3 +151,14 @@ def check_compatible(checkpoint: dict[str, Any], backbone: Backbone, strategy: F
     if config is not None:
         warn_on_changed_settings(checkpoint, config, path)
 
+
+
+def deployed_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's model is used with: its trained weights, with the moving
+    average over them where the run kept one (`TrainConfig(ema_decay=...)`), since that is
+    what the run validated."""
+    weights = dict(checkpoint["model"])
+    average = checkpoint.get("ema")
+    if average:
+        weights.update(average["weights"])
+    return weights

@@ -13,6 +13,7 @@ from attrs import validators as v
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine", "one-cycle")  # finetune.train.schedules
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+CLASS_WEIGHTS = ("none", "balanced")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -53,6 +54,12 @@ def _check_lr(_: object, attribute: attrs.Attribute, value: float) -> None:
                       stacklevel=4)
 
 
+def _check_ema(_: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999, or None for no moving "
+                         f"average (got {value!r})")
+
+
 def _positive_or_none(_: object, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{attribute.name} must be a positive number or None (got {value!r})")
@@ -77,6 +84,14 @@ class TrainConfig:
     - `accumulate_steps`: one optimizer step per this many batches (and at the end of an
       epoch for a remainder), each batch's loss weighted by its share of the step's images.
     - `label_smoothing`: for the default cross-entropy loss (a custom `loss=` is refused).
+    - `ema_decay`: keep an exponential moving average of the trained weights (decay warmed up
+      as timm does, `finetune.train.recipes.WeightAverage`); validation uses the average,
+      and at the end of fit the backbone holds it. None: no average.
+    - `mixup` / `cutmix`: Beta alphas of MixUp / CutMix on training batches (0: off; with
+      both, one of the two per batch); the loss takes the mixed soft targets. They change the
+      images, so the training pass never runs on cached activations.
+    - `class_weights`: "balanced" weights the cross-entropy by inverse class frequency of the
+      training data (validation loss stays unweighted).
     - `keep_freed_memory`: on the CPU with glibc, have malloc reuse freed memory instead of
       returning it to the kernel every step (fewer page faults; see `finetune.runtime.memory`).
       It is process-wide, so it holds for the length of `fit` only and is undone when fit
@@ -103,6 +118,10 @@ class TrainConfig:
     accumulate_steps: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1)])
     label_smoothing: float = attrs.field(default=0.0, converter=float,
                                          validator=[v.ge(0.0), v.lt(1.0)])
+    ema_decay: float | None = attrs.field(default=None, validator=_check_ema)
+    mixup: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
+    cutmix: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
+    class_weights: str = attrs.field(default="none", validator=v.in_(CLASS_WEIGHTS))
     keep_freed_memory: bool = attrs.field(default=True, validator=v.instance_of(bool))
     feature_cache: str = attrs.field(default="auto", validator=v.in_(FEATURE_CACHE_MODES))
     cache_memory_gb: float = attrs.field(default=4.0, converter=float, validator=v.ge(0.0))

@@ -77,12 +77,14 @@ class OptimizerStep:
 
     # -- one batch -----------------------------------------------------------------------------
     def __call__(self, optimizer: Optimizer, model: Forward, images: torch.Tensor,
-                 labels: torch.Tensor, *, step: int = 0, where: str = "") -> StepOutput:
+                 labels: torch.Tensor, *, targets: torch.Tensor | None = None, step: int = 0,
+                 where: str = "") -> StepOutput:
         """Train on one batch: `model(images)` (the whole network, or the suffix after cached
         activations) under the run's autocast, backward its weighted loss, and update the
-        weights if the window is complete. `step` is the optimizer step this batch belongs to
-        (the schedule's clock); `where` ("epoch E, batch B") names the batch in a non-finite
-        loss error."""
+        weights if the window is complete. `targets` (soft targets of mixed images) replace
+        `labels` in the loss; accuracy counts against `labels`. `step` is the optimizer step
+        this batch belongs to (the schedule's clock); `where` ("epoch E, batch B") names the
+        batch in a non-finite loss error."""
         stepping = self.steps_now()
         if self._batches == 0:  # a window opens: its lr, and fresh gradients
             self.schedule.apply(optimizer, step)
@@ -91,7 +93,7 @@ class OptimizerStep:
         with contextlib.nullcontext() if stepping else self.no_sync():
             with autocast(self.device, self.precision):
                 logits = model(images)
-            loss = self.loss_fn(logits.float(), labels)
+            loss = self.loss_fn(logits.float(), labels if targets is None else targets)
             value = float(loss.detach())
             if not math.isfinite(value):
                 self._batches = self._images = 0

@@ -46,12 +46,23 @@ from finetune.train.checkpoint import (
     set_rng_state,
 )
 from finetune.train.config import TrainConfig
-from finetune.train.events import Callback, Event, callback_keys, dispatch, notify_exception
+from finetune.train.events import (
+    Callback,
+    Event,
+    StopFit,
+    callback_keys,
+    dispatch,
+    notify_exception,
+)
+from finetune.train.range_test import LrFinding, RangeTest
+from finetune.train.recipes import BatchMixing, WeightAverage, class_weights, dataset_labels
 from finetune.train.schedules import EpochScheduler, StepSchedule, total_steps
 from finetune.train.state import History, StepOutput, TrainState
-from finetune.train.step import OptimizerStep
+from finetune.train.step import NonFiniteLossError, OptimizerStep
 
 TTA_MODES = ("none", "flip")  # test-time augmentation of evaluate / predict
+MIXED_IMAGES = ("MixUp/CutMix mix the training images, so the training pass runs the whole "
+                "model")
 
 
 class Trainer:
@@ -92,10 +103,16 @@ class Trainer:
         self.config = config or TrainConfig()
         self.callbacks: list[Callback] = list(callbacks)
         self._optimization = Optimization(optimizer, scheduler)
+        self._loss_spec = loss
+        if loss is not None and self.config.class_weights != "none":
+            raise ValueError("class_weights applies to the default cross-entropy loss, but a "
+                             "custom loss= was given; weight the classes inside that loss.")
         self.loss_fn = make_loss(loss, self.config.label_smoothing)  # training
         self.eval_loss_fn = make_loss(loss) if loss is not None else self.loss_fn
         if self.config.label_smoothing:  # validation loss stays comparable across runs
             self.eval_loss_fn = make_loss(None)
+        self.mixing: BatchMixing | None = None  # MixUp / CutMix, built by fit for the head
+        self.average: WeightAverage | None = None  # the EMA of a fit with ema_decay
         self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm,
                                   self.config.accumulate_steps)  # its schedule is sized by fit
         self.classes: list[str] | None = list(classes) if classes is not None else None
@@ -150,7 +167,9 @@ class Trainer:
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, strategy, resume, self._data, config)
             distributed.check_world_size(checkpoint, resume)
-        self.activations.allow(train_loader, val_loader)
+        self._prepare_recipes(train_loader)
+        self.activations.allow(train_loader, val_loader, refused={
+            train_loader: MIXED_IMAGES} if self.mixing is not None else None)
         self._configure_optimizer(configured_epoch, previous=None)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -185,6 +204,9 @@ class Trainer:
                 if self.state.should_stop:
                     self.history.stopped_early = epoch + 1 < config.epochs
                     break
+            if self.average is not None:  # the weights validation measured are the result
+                self.average.copy_to(self.backbone.model)
+                self.average = None
             dispatch(self.callbacks, Event.FIT_END, self, history=self.history)
         except BaseException as error:
             notify_exception(self.callbacks, self, error)
@@ -214,6 +236,36 @@ class Trainer:
         logits = torch.cat(outputs)
         return logits.softmax(dim=1) if probabilities else logits.argmax(dim=1)
 
+    def lr_find(self, train_loader: Iterable[Any], *, start: float = 1e-7, end: float = 1.0,
+                steps: int = 100) -> LrFinding:
+        """The learning-rate range test (`finetune.train.range_test`): this trainer's strategy,
+        optimizer and loss, trained at an lr growing from `start` to `end` over `steps`
+        optimizer steps (or until the loss diverges). The weights, and every RNG, are put back
+        afterwards, so a `fit` after it runs as without it. Single-process."""
+        if self.strategy is None:
+            raise ValueError("lr_find needs a strategy (what trains)")
+        if distributed.world_size() > 1:
+            raise ValueError("lr_find runs in one process; run it before launching torchrun")
+        test = RangeTest(start, end, steps)
+        batches = loader_length(train_loader) or steps
+        config = attrs.evolve(self.config, epochs=math.ceil(steps / batches) + 1,
+                              schedule="constant", warmup=None, ema_decay=None)
+        probe = Trainer(self.backbone, self.strategy, config, [test],
+                        optimizer=self._optimization.optimizer_spec, loss=self._loss_spec,
+                        classes=self.classes, activations=self._shared_activations)
+        saved = {k: v.detach().clone() for k, v in self.backbone.model.state_dict().items()}
+        generators = rng_state()
+        try:
+            probe.fit(train_loader)
+        except StopFit:
+            pass
+        except NonFiniteLossError:
+            test.ended = "diverged"
+        finally:
+            self.backbone.model.load_state_dict(saved)
+            set_rng_state(generators)
+        return test.finding()
+
     # -- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs, as tensors and plain data (loads with weights_only)."""
@@ -232,6 +284,7 @@ class Trainer:
             "world_size": distributed.world_size(),
             "global_step": self.state.global_step,
             "scaler": self.step.state_dict(),
+            "ema": self.average.state_dict() if self.average is not None else None,
             "precision": self.state.precision,  # the timed choices: a resume keeps them
             "channels_last": self.state.channels_last,
             "history": self.history.to_dict(),
@@ -302,6 +355,25 @@ class Trainer:
             self._resolve_classes(loader)
             self._prepare(0, loader, training=False)
 
+    def _prepare_recipes(self, train_loader: Iterable[Any]) -> None:
+        """The moving average, batch mixing and class-weighted loss the config asks for."""
+        config, classes = self.config, self.backbone.num_classes
+        self.average = WeightAverage(config.ema_decay) if config.ema_decay else None
+        self.mixing = (BatchMixing(classes, config.mixup, config.cutmix)
+                       if config.mixup or config.cutmix else None)
+        if config.class_weights == "balanced":
+            labels = dataset_labels(train_loader)
+            if labels is None:
+                raise DataError("class_weights='balanced' needs the training labels: a loader "
+                                "whose dataset lists `samples` (ImageFolder, finetune.data) "
+                                "or `targets`.")
+            weights = class_weights(labels, classes).to(self.state.device)
+            self.loss_fn = nn.CrossEntropyLoss(weight=weights,
+                                               label_smoothing=config.label_smoothing)
+            self.step.loss_fn = self.loss_fn
+            if self._loss_spec is None:  # validation loss stays unweighted, comparable
+                self.eval_loss_fn = make_loss(None)
+
     def _freeze(self, strategy: FreezeStrategy, epoch: int) -> None:
         """The strategy decides for `epoch`; the decision is applied and held."""
         self.freeze = strategy.decide(self.backbone, epoch)
@@ -323,6 +395,8 @@ class Trainer:
         self.state.history = History.from_dict(checkpoint["history"])
         self.state.global_step = int(checkpoint["global_step"])
         self.step.load_state_dict(checkpoint.get("scaler"))  # older checkpoints have none
+        if self.average is not None and checkpoint.get("ema"):
+            self.average.load_state_dict(checkpoint["ema"])
         self.state.epoch = int(checkpoint["epoch"])
         saved = checkpoint["callbacks"]
         for key, callback in zip(callback_keys(self.callbacks), self.callbacks, strict=True):
@@ -363,6 +437,8 @@ class Trainer:
 
     def _stepped(self) -> None:
         self.state.global_step += 1
+        if self.average is not None:
+            self.average.update(self.backbone.model)
         dispatch(self.callbacks, Event.OPTIMIZER_STEP, self, step=self.state.global_step)
 
     def _train_step(self, batch: Any, forward: Forward | None = None) -> StepOutput:
@@ -371,8 +447,11 @@ class Trainer:
         images, labels = self._to_device(batch)
         if labels is None:
             raise ValueError("training batches must hold (images, labels)")
+        targets = None
+        if self.mixing is not None:
+            images, targets = self.mixing(images, labels)
         return self.step(self._require_optimizer(), forward or self.backbone, images, labels,
-                         step=self.state.global_step,
+                         targets=targets, step=self.state.global_step,
                          where=f"epoch {self.state.epoch}, batch {self.state.batch}")
 
     def _forward(self, images: torch.Tensor, forward: Forward | None = None) -> torch.Tensor:
@@ -417,6 +496,13 @@ class Trainer:
             self.backbone.train(was_training)
 
     def _evaluate(self, loader: Iterable[Any], tta: str = "none") -> EvaluationReport:
+        """The report of the weights a run validates: during a fit with `ema_decay`, the
+        moving average (swapped in for the pass)."""
+        with (self.average.swapped_in(self.backbone.model) if self.average is not None
+              else contextlib.nullcontext()):
+            return self._report(loader, tta)
+
+    def _report(self, loader: Iterable[Any], tta: str) -> EvaluationReport:
         predictions, targets, total_loss, count = [], [], 0.0, 0
         for logits, labels in self._inference(loader, tta):
             if labels is None:
@@ -586,7 +672,7 @@ class Optimization:
                 "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5): a scheduler "
                 "instance is bound to one optimizer, and the Trainer builds its own."
             )
-        self._optimizer_spec = optimizer
+        self.optimizer_spec = optimizer
         self._scheduler_spec = scheduler
 
     def epoch_scheduler(self) -> EpochScheduler | None:
@@ -616,7 +702,7 @@ class Optimization:
         return optimizer
 
     def _make_optimizer(self, groups: list[dict[str, Any]], config: TrainConfig) -> Optimizer:
-        spec = self._optimizer_spec
+        spec = self.optimizer_spec
         if spec is None:
             return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
         if isinstance(spec, Optimizer):
