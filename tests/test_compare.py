@@ -381,15 +381,15 @@ def test_quick_preset_trains_unaugmented_so_frozen_strategies_train_cached(
     assert compare.main(argv(tree, tmp_path / "quick", "--strategies", "last-layer"),
                         backbone_factory=Factory()) == 0
     results = read_results(tmp_path / "quick")
-    assert results["config"]["augment"] is False
+    assert results["config"]["augment"] == "none"
     assert results["rows"][0]["train_uncached_reason"] is None
     assert compare.main(argv(tree, tmp_path / "augmented", "--strategies", "last-layer",
                              "--augment"), backbone_factory=Factory()) == 0
     results = read_results(tmp_path / "augmented")
-    assert results["config"]["augment"] is True
+    assert results["config"]["augment"] == "flip"  # a bare --augment, as before the policies
     assert "augmentation" in results["rows"][0]["train_uncached_reason"]
     args = compare_run.parse_args(["--preset", "reference"])
-    assert compare_run.resolve_settings(args, ["last-layer"], "d", "c").augment is True
+    assert compare_run.resolve_settings(args, ["last-layer"], "d", "c").augment == "flip"
 
 
 class PidFactory:

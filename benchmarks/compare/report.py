@@ -118,11 +118,12 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
     seeds = ("auto (per strategy: the runs column)" if settings.seeds_auto
              else str(list(settings.seeds)))
     lr = (f"lr tuned per row on validation from {', '.join(f'{v:g}' for v in settings.lr_grid)}"
-          if settings.tune == "lr" else f"lr {settings.lr} for every row (untuned)")
+          if settings.tune == "lr" else "lr per row from the lr range test (fastai's valley)"
+          if settings.tune == "lr-find" else f"lr {settings.lr} for every row (untuned)")
     header = (f"`{settings.command}`\n\nbackbone {settings.backbone} · data "
               f"{settings.data} · {settings.epochs} epochs · {lr} · "
               f"{settings.image_size} px · batch {settings.batch_size} · seeds {seeds}"
-              f"{_shared_machine(settings)}\n\n")
+              f"{_shared_machine(settings)}\n\n{recipes_line(settings)}")
     pairwise = "" if analysis is None else noise.pairwise_markdown(analysis.pairs)
     atomic_write_text(output / "results.md", header + table + "\n" + (
         f"\n{verdict}\n\nPairwise differences of test accuracy (points):\n\n{pairwise}\n"
@@ -153,6 +154,28 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
                                      star if marks is not None else None,
                                      noise.class_marks_note(marks))
     return table + (f"\n\n{verdict}" if verdict else "")
+
+
+def recipes_line(settings: Settings) -> str:
+    """The training recipes every row used, as the line above the table ("" for none)."""
+    parts = []
+    if settings.augment != "none":
+        low, high = settings.crop_scale
+        parts.append(f"augmentation {settings.augment} (crops {low:g}–{high:g} of the area)")
+    if settings.ema:
+        parts.append(f"**validation and test accuracies are of the EMA weights** (decay "
+                     f"{settings.ema:g})")
+    if settings.mixup or settings.cutmix:
+        mixes = [f"{name} {alpha:g}" for name, alpha in (("MixUp", settings.mixup),
+                                                          ("CutMix", settings.cutmix)) if alpha]
+        parts.append(" + ".join(mixes) + " (training pass uncached)")
+    if settings.balance != "none":
+        parts.append(f"class balance by {settings.balance}")
+    if settings.label_smoothing:
+        parts.append(f"label smoothing {settings.label_smoothing:g}")
+    if settings.tta != "none":
+        parts.append(f"test-time augmentation {settings.tta}")
+    return ("Recipes: " + "; ".join(parts) + ".\n\n") if parts else ""
 
 
 def tuning_note(rows: Sequence[dict[str, Any]], settings: Settings) -> str:

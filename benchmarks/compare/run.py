@@ -25,6 +25,7 @@ from benchmarks.compare.report import load_previous
 from benchmarks.compare.report import write_outputs as _write_outputs
 from benchmarks.compare.settings import (
     ADVISED,
+    LR_FIND_STEPS,
     Settings,
     parse_args,
     parse_run,
@@ -101,6 +102,8 @@ def loaders_for(splits: ImageSplits, settings: Settings, backbone: Backbone,
     return ImageFolderData(splits, batch_size=settings.batch_size,
                            preprocessing=backbone.preprocessing, image_size=settings.image_size,
                            num_workers=settings.workers, data_augmentation=settings.augment,
+                           crop_scale=settings.crop_scale,
+                           balanced_sampling=settings.balance == "sampler",
                            keep_decoded=True if decoded is None else decoded)
 
 
@@ -156,15 +159,19 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
                                              and torch.cuda.is_available())
                     else torch.device("cpu")) as memory:
         # Same split for every run; the shuffle and augmentation follow the run's seed.
-        tuning = None
+        tuning, range_test = None, None
         if settings.tune == "lr":
             tuning, trainer = LrSearch(settings.lr_grid, settings.epochs).run(
                 make_trainer, train_loader, val_loader)
         else:
-            trainer = make_trainer(settings.lr)
+            lr = settings.lr
+            if settings.tune == "lr-find":
+                range_test = lr_find_row(make_trainer(settings.lr), train_loader)
+                lr = range_test["chosen"]
+            trainer = make_trainer(lr)
             trainer.fit(train_loader, val_loader)
         history = trainer.history
-        test = trainer.evaluate(data.test_loader())
+        test = trainer.evaluate(data.test_loader(), tta=settings.tta)
     strategy, backbone, freeze = trainer.strategy, trainer.backbone, trainer.state.freeze_report
     if strategy is None or freeze is None:
         raise RuntimeError("run_one's trainers are built with a strategy, which fit applies")
@@ -188,6 +195,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         "train_uncached_reason": witness.reason,
         "lr": trainer.config.lr,
         "tuning": tuning.to_dict() if tuning is not None else None,
+        "lr_find": range_test,
         **advice_fields(advice),
         "train_images": len(data.train_samples), "val_images": len(data.val_samples),
         "test_images": len(data.test_samples),
@@ -201,7 +209,19 @@ def train_config(settings: Settings, seed: int, lr: float) -> TrainConfig:
     """How every run of the comparison trains (and the advisor measures)."""
     return TrainConfig(epochs=settings.epochs, lr=lr, seed=seed, precision=settings.precision,
                        device=settings.device, schedule=settings.schedule,
-                       warmup=settings.warmup, label_smoothing=settings.label_smoothing)
+                       warmup=settings.warmup, label_smoothing=settings.label_smoothing,
+                       ema_decay=settings.ema, mixup=settings.mixup, cutmix=settings.cutmix,
+                       class_weights="balanced" if settings.balance == "loss" else "none")
+
+
+def lr_find_row(trainer: Trainer, train_loader: Any) -> dict[str, Any]:
+    """`--tune lr-find`: the range test's suggestion (and what it cost) for a row."""
+    started = time.perf_counter()
+    finding = trainer.lr_find(train_loader, steps=LR_FIND_STEPS)
+    return {"chosen": finding.suggestion, "rule": finding.rule,
+            "minimum_tenth": finding.minimum_tenth, "steepest": finding.steepest,
+            "steps": len(finding.lrs), "ended": finding.ended,
+            "seconds": time.perf_counter() - started}
 
 
 def advise_row(settings: Settings, seed: int, initial: Backbone, train_loader: Any,
@@ -260,7 +280,7 @@ def _first_run_seconds(rows: Sequence[dict[str, Any]],
     searches too), else its epochs; and the advice, for the advised row."""
     return {r["strategy"]: (r["tuning"]["seconds"] if r.get("tuning")
                             else r["seconds_per_epoch"] * r["epochs"])
-            + r.get("advise_seconds", 0.0)
+            + r.get("advise_seconds", 0.0) + (r.get("lr_find") or {}).get("seconds", 0.0)
             for r in rows if r["seed"] == 0 and r["strategy"] in strategies}
 
 

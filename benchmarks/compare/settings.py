@@ -19,6 +19,8 @@ import finetune
 from benchmarks.compare import pool
 from finetune import FreezeStrategy
 from finetune.cli_options import (
+    add_augment_arguments,
+    add_mixing_arguments,
     check_image_fits,
     checked_number,
     lr_grid_argument,
@@ -28,13 +30,16 @@ from finetune.cli_options import (
     smoothing,
     warmup_argument,
 )
+from finetune.data.transforms import DEFAULT_CROP_SCALE, augmentation
 from finetune.model.zoo import default_backbone_name
 from finetune.train.config import PRECISIONS, SCHEDULES
+from finetune.train.trainer import TTA_MODES
 from finetune.tuning import SINGLE_PROCESS, search_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
-TUNE_CHOICES = ("lr", "none")
+TUNE_CHOICES = ("lr", "lr-find", "none")
+LR_FIND_STEPS = 100  # the range test's ramp in `--tune lr-find`
 # Every row needs a validation accuracy, so unlike `finetune train` 0 is not allowed.
 OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
@@ -45,7 +50,7 @@ COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
     "reference": {"backbone": "resnet50", "epochs": 5, "train_per_class": None, "val_split": 0.2,
                   "image_size": 224, "batch_size": 32, "lr": 1e-4, "pre_resize": True,
-                  "augment": True, "jobs": 1, "tune": "none"},
+                  "augment": "flip", "jobs": 1, "tune": "none"},
     # Minutes on a 2-core CPU: 20 images per class (16 train + 4 val), 160 px, 3 epochs, batch
     # 16 for more steps per image; Adam at 5e-4 so a linear probe gets somewhere in 60 steps
     # without wrecking full fine-tuning. The test set is always the whole test/val folder.
@@ -56,7 +61,7 @@ COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # lr would decide the ranking (docs/benchmarks.md).
     "quick": {"backbone": "auto", "epochs": 3, "train_per_class": 20, "val_split": 0.2,
               "image_size": 160, "batch_size": 16, "lr": 5e-4, "pre_resize": False,
-              "augment": False, "jobs": "auto", "tune": "lr"},
+              "augment": "none", "jobs": "auto", "tune": "lr"},
 }
 
 
@@ -82,8 +87,17 @@ class Settings:
     schedule: str = _resume(default="constant")
     warmup: int | float | None = _resume(default=None)
     label_smoothing: float = _resume(default=0.0)
-    augment: bool = _resume(default=True)  # random crops and flips of the training images
-    tune: str = _resume(default="none")  # "lr": each row at its own lr, chosen on validation
+    # training-image augmentation (finetune.data.transforms.AUGMENTATIONS; True/False: older
+    # results' flip/none)
+    augment: str = _resume(default="flip", converter=augmentation)
+    crop_scale: tuple[float, float] = _resume(default=DEFAULT_CROP_SCALE, converter=tuple)
+    balance: str = _resume(default="none")  # "sampler" or "loss" (class-weighted)
+    ema: float | None = _resume(default=None)  # EMA decay: validation and test use the average
+    mixup: float = _resume(default=0.0)
+    cutmix: float = _resume(default=0.0)
+    tta: str = _resume(default="none")  # the test pass's test-time augmentation
+    # "lr": each row at its own lr, chosen on validation; "lr-find": the range test's suggestion
+    tune: str = _resume(default="none")
     lr_grid: tuple[float, ...] = _resume(default=(), converter=tuple)  # the lrs "lr" tries
     pre_resize: bool
     preset: str
@@ -107,8 +121,19 @@ class Settings:
         # results written before a field existed ran with its default
         old = {f.name: previous.get(f.name, None if f.default is attrs.NOTHING else f.default)
                for f in attrs.fields(Settings)}
+        old = {name: _converted(name, value) for name, value in old.items()}
         return [f"{f.name}: {old[f.name]!r} -> {ours[f.name]!r}" for f in attrs.fields(Settings)
                 if f.metadata.get("resume") and old[f.name] != ours[f.name]]
+
+
+def _converted(name: str, value: Any) -> Any:
+    """An older results.json's value as the field holds it now (True -> "flip"), as a list
+    where the field is a tuple (the form `to_dict` writes)."""
+    converter = attrs.fields_dict(Settings)[name].converter
+    if converter is None or value is None:
+        return value
+    value = converter(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 @attrs.frozen
@@ -160,15 +185,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--tune", choices=TUNE_CHOICES, help="lr: each strategy at its own lr, "
                    "chosen on the validation split from --lr-grid (the test set is used once, "
-                   "for the chosen lr); none: every strategy at --lr (default: the preset's; "
-                   "quick: lr, reference: none)")
+                   "for the chosen lr); lr-find: each at the lr range test's suggestion; none: "
+                   "every strategy at --lr (default: the preset's; quick: lr, reference: none)")
     p.add_argument("--lr-grid", type=lr_grid_argument,
                    help="the lrs --tune lr tries, comma-separated (default: --lr and its "
                    "neighbours two per decade, e.g. 1.6e-4,5e-4,1.6e-3); --lr is always one of "
                    "them, and the grid grows past an edge that wins")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="random crops and flips of the training images (default: the preset's;"
-                   " quick: off, so frozen strategies train on cached activations; reference: on)")
+    add_augment_arguments(p, default=None)  # None: the preset's (quick: none, reference: flip)
+    add_mixing_arguments(p)
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="the test pass: flip averages each image's probabilities with its "
+                   "mirror image's (default: none)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="per-step learning-rate schedule (default: the preset's)")
@@ -192,7 +219,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "without an API key), all in one group")
     p.add_argument("--wandb-project", default="finetune-compare")
     args = p.parse_args(argv)
-    if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) == "lr":
+    if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) != "none":
         p.error(f"--nproc with --tune lr: {SINGLE_PROCESS}")
     if args.nproc > 1 and any(ADVISED in item.split(",") for item in args.strategies or ()):
         p.error("--nproc with the advised row: the advisor runs in one process; run "
@@ -249,18 +276,20 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
                 "augment", "jobs", "tune", "lr_grid"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
-    if args.lr_grid is not None and chosen["tune"] == "none":
+    if args.lr_grid is not None and chosen["tune"] != "lr":
         raise SystemExit("--lr-grid is the grid --tune lr searches; add --tune lr (or drop "
                          "--lr-grid: this preset trains every strategy at --lr)")
     chosen["lr_grid"] = (search_grid(chosen["lr"], chosen.get("lr_grid"))
                          if chosen["tune"] == "lr" else ())
+    chosen.update(crop_scale=args.crop_scale, balance=args.balance, ema=args.ema,
+                  mixup=args.mixup, cutmix=args.cutmix, tta=args.tta)
     if chosen["backbone"] == "auto":
         chosen["backbone"] = default_backbone_name()
         chosen["backbone_choice"] = (
             "ResNet50 weights found in the torch hub cache" if chosen["backbone"] == "resnet50"
             else "ResNet50 weights not cached: packaged Lite0 weights")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if chosen["tune"] == "lr" and max(world_size, args.nproc) > 1:
+    if chosen["tune"] != "none" and max(world_size, args.nproc) > 1:
         raise SystemExit(f"--tune lr: {SINGLE_PROCESS}")
     if args.nproc > 1 and args.jobs not in (None, "auto", 1):
         raise SystemExit("--jobs runs several single-process runs at once and --nproc one run "

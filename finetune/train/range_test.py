@@ -4,8 +4,9 @@ against it. `Trainer.lr_find` runs it on a copy of the run's state and puts the 
 
 The suggestion's rule, stated once: **fastai's "valley"** — the longest run over which the
 smoothed loss keeps falling (its longest decreasing subsequence), and the lr halfway along it:
-past the flat start, well before the minimum, where the lr is already unstable. Two older rules are reported beside it: the minimum's lr divided by 10 (fastai's
-`lr_min`) and the steepest descent of the smoothed loss against log lr.
+past the flat start, well before the minimum, where the lr is already unstable. Two older rules
+are reported beside it: the minimum's lr divided by 10 (fastai's `lr_min`) and the steepest
+descent of the smoothed loss against log lr.
 Under the activation cache a frozen prefix runs once, so a test of a head costs almost nothing.
 """
 
