@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"{args.data}" if recipes is RECIPES else
                  f"{args.data}, long-tailed training split (rarest class {args.long_tail:g})")
         sections.append((title, table))
-    cpu = machine()["cpu"]
+    box = machine()
+    cpu = (f"{box['cpu']}, {box['threads']} threads, {', '.join(box['flags'])}"
+           + (f", ISA capped at {box['isa_cap']}" if box["isa_cap"] else ""))
     text = "\n\n".join(markdown(table, strategies, title) for title, table in sections)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     text += f"\n\nCPU: {cpu}. Command: `python -m benchmarks.recipes {command}`\n"
