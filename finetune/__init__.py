@@ -37,6 +37,8 @@ from finetune.strategies import (
     register_preset,
 )
 from finetune.train.config import TrainConfig
+from finetune.train.range_test import LrFinding
+from finetune.train.recipes import BatchMixing, WeightAverage
 from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import History, Trainer, TrainState
 
@@ -48,6 +50,7 @@ __all__ = [
     "Architecture",
     "ArchitectureError",
     "Backbone",
+    "BatchMixing",
     "BitFit",
     "CheckpointError",
     "Classifier",
@@ -70,12 +73,14 @@ __all__ = [
     "LastLayerOnly",
     "LinearProbeThenFinetune",
     "LoRA",
+    "LrFinding",
     "NonFiniteLossError",
     "ParameterGroup",
     "Preprocessing",
     "TrainConfig",
     "TrainState",
     "Trainer",
+    "WeightAverage",
     "WeightsUnavailableError",
     "advise",
     "build_strategy",

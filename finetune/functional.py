@@ -140,7 +140,7 @@ def _data(
 def data_load(
     batch_size: int = 32,
     val_split: float = defaults.VAL_SPLIT,
-    data_augmentation: bool = defaults.AUGMENT,
+    data_augmentation: bool | str = defaults.AUGMENT,
     *,
     root: str | os.PathLike | None = None,
     model: Backbone | None = None,
@@ -155,8 +155,9 @@ def data_load(
     Data from `root` or `$FINETUNE_DATA`. Images are preprocessed for `model` when given,
     else for the default backbone (`default_preprocessing`) — so loaders made before
     `pretrain_model(backbone=...)` picks another architecture normalise for the wrong one:
-    pass `model=` then. `data_augmentation` is off by default (random resized crops and flips
-    when on): short runs compare strategies on the images the weights were trained to see.
+    pass `model=` then. `data_augmentation` is off by default (True: random resized crops and
+    flips; or a policy name, `finetune.data.transforms.AUGMENTATIONS`): short runs compare
+    strategies on the images the weights were trained to see.
     """
     data = _data(root, model, batch_size, val_split=val_split, seed=seed,
                  data_augmentation=data_augmentation, image_size=image_size,

@@ -595,3 +595,36 @@ def test_the_advised_row_trains_the_advisors_pick_and_counts_its_time(
     with pytest.raises(SystemExit):
         compare.main(argv(tree, tmp_path / "ddp", "--strategies", "advised", "--tune", "none",
                           "--nproc", "2"), backbone_factory=Factory())
+
+
+def test_every_recipe_is_a_compare_flag_recorded_and_named_above_the_table(
+        tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recipes"
+    assert compare.main(argv(tree, out, "--strategies", "last-layer", "--tune", "none",
+                             "--augment", "trivial", "--crop-scale", "0.5", "--ema", "0.9",
+                             "--mixup", "0.2", "--cutmix", "1.0", "--balance", "loss",
+                             "--tta", "flip"), backbone_factory=Factory()) == 0
+    results = read_results(out)
+    config = results["config"]
+    assert (config["augment"], config["crop_scale"], config["ema"], config["mixup"],
+            config["cutmix"], config["balance"], config["tta"]) == (
+        "trivial", [0.5, 1.0], 0.9, 0.2, 1.0, "loss", "flip")
+    assert "MixUp" in results["rows"][0]["train_uncached_reason"]
+    table = (out / "results.md").read_text()
+    assert "**validation and test accuracies are of the EMA weights** (decay 0.9)" in table
+    assert "augmentation trivial (crops 0.5–1 of the area)" in table
+    assert "test-time augmentation flip" in table
+    # results written before the policies (augment true/false) still resume
+    settings = compare_run.resolve_settings(compare_run.parse_args(["--augment"]), ["a"], "d", "c")
+    assert "augment" not in " ".join(settings.changed_from({"augment": True}))
+    assert "augment" in " ".join(settings.changed_from({"augment": False}))
+
+
+def test_tune_lr_find_trains_each_row_at_the_range_tests_suggestion(
+        tree: Path, tmp_path: Path) -> None:
+    assert compare.main(argv(tree, tmp_path / "lrf", "--strategies", "last-layer",
+                             "--tune", "lr-find"), backbone_factory=Factory()) == 0
+    row = read_results(tmp_path / "lrf")["rows"][0]
+    assert row["lr"] == row["lr_find"]["chosen"] and row["tuning"] is None
+    assert row["lr_find"]["steps"] >= 3 and row["lr_find"]["seconds"] > 0
+    assert "lr range test" in (tmp_path / "lrf" / "results.md").read_text()

@@ -44,3 +44,21 @@ def test_the_documented_plain_loop_follows_a_scheduled_strategy(
     plain_loop()(backbone, GradualUnfreeze(every=1), random_batches, epochs=3, lr=1e-2)
     assert torch.equal(backbone.model.stem[0].weight, stem)  # unfreezes at epoch 3: never
     assert not torch.equal(backbone.model.block1[0].weight, block1)  # from epoch 2
+
+
+def test_the_documented_recipes_loop_averages_what_trains_and_leaves_the_rest(
+        random_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    text = DOC.read_text()
+    block = re.search(r"<!-- tested-recipes: [^>]*-->\n```python\n(.*?)```", text, re.S)
+    assert block is not None, "docs/integrations.md lost its tested recipes block"
+    namespace: dict[str, Any] = {}
+    exec(compile(block.group(1), str(DOC), "exec"), namespace)
+    backbone = make_tiny_backbone()
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    torch.manual_seed(0)
+    namespace["train_with_recipes"](backbone, FreezeAllBut(["block2"]), random_batches, 2)
+    after = backbone.model.state_dict()
+    for name, value in before.items():
+        moved = not torch.equal(value, after[name])
+        trains = name.startswith(("block2.", "fc."))
+        assert moved == trains, name
