@@ -22,11 +22,14 @@ from finetune.data.preprocessing import Preprocessing
 from finetune.errors import DataError
 
 AUGMENTATIONS = ("none", "flip", "trivial", "randaugment", "autoaugment")
-# after the random resized crop and flip, as torchvision's classification reference does
+# after the random resized crop and flip, with bilinear resampling for the geometric ops, as
+# torchvision's classification reference (references/classification/presets.py) runs them
+_BILINEAR = F.InterpolationMode.BILINEAR
 _POLICIES = {
-    "trivial": lambda: v2.TrivialAugmentWide(),
-    "randaugment": lambda: v2.RandAugment(),
-    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+    "trivial": lambda: v2.TrivialAugmentWide(interpolation=_BILINEAR),
+    "randaugment": lambda: v2.RandAugment(interpolation=_BILINEAR),
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET,
+                                          interpolation=_BILINEAR),
 }
 DEFAULT_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's, as torchvision's ImageNet recipe
 
