@@ -173,8 +173,9 @@ def compare_recipes(measured: dict[str, Path], baseline: str, strategies: list[s
 
 
 def markdown(table: list[dict[str, Any]], strategies: list[str], title: str) -> str:
-    lines = [f"**{title}** — test accuracy % (mean over seeds), difference from the baseline "
-             "in points [95% interval], training time × the baseline's", "",
+    lines = [f"**{title}** — test accuracy % (mean over seeds; the baseline ± its SD over "
+             "seeds), difference from the baseline in points [95% interval, test images and "
+             "seeds resampled; bold where it excludes 0], training time × the baseline's", "",
              "| recipe | " + " | ".join(strategies) + " |",
              "|---|" + "---|" * len(strategies)]
     for recipe in dict.fromkeys(row["recipe"] for row in table):
@@ -184,6 +185,9 @@ def markdown(table: list[dict[str, Any]], strategies: list[str], title: str) -> 
                        None)
             if row is None:
                 cells.append("–")
+                continue
+            if row["recipe"] == table[0]["recipe"]:  # the baseline itself
+                cells.append(f"{row['test_accuracy']:.1f} ± {row['test_accuracy_sd']:.1f}")
                 continue
             low, high = row["difference_ci95"]
             mark = "**" if low > 0 or high < 0 else ""  # the interval excludes zero
