@@ -328,3 +328,16 @@ def test_lr_find_command_writes_its_files_and_refuses_to_overwrite(tmp_path, cap
     assert (out / "lr_find.json").is_file()
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "--overwrite" in err
+
+
+def test_train_suggests_balancing_a_long_tailed_split() -> None:
+    from types import SimpleNamespace
+
+    from finetune.cli import imbalance_hint
+
+    tailed = SimpleNamespace(train_samples=[("x", 0)] * 12 + [("y", 1)] * 4)
+    assert "--balance loss" in imbalance_hint(tailed, "none")
+    assert "12 vs 4" in imbalance_hint(tailed, "none")
+    assert imbalance_hint(tailed, "sampler") is None  # already balancing
+    even = SimpleNamespace(train_samples=[("x", 0)] * 12 + [("y", 1)] * 5)
+    assert imbalance_hint(even, "none") is None
