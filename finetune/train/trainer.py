@@ -111,7 +111,7 @@ class Trainer:
         self.eval_loss_fn = make_loss(loss) if loss is not None else self.loss_fn
         if self.config.label_smoothing:  # validation loss stays comparable across runs
             self.eval_loss_fn = make_loss(None)
-        self.mixing: BatchMixing | None = None  # MixUp / CutMix, built by fit for the head
+        self.mixing: BatchMixing | None = None  # MixUp / CutMix; fit builds it (class count)
         self.average: WeightAverage | None = None  # the EMA of a fit with ema_decay
         self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm,
                                   self.config.accumulate_steps)  # its schedule is sized by fit
