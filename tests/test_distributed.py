@@ -78,17 +78,19 @@ class BucketRecorder(Callback):
 
 def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
             strategy: str = "full-unfreeze", epochs: int = 2, resume: str | None = None,
-            checkpoint: str | None = None, accumulate: int = 1) -> dict[str, Any]:
+            checkpoint: str | None = None, accumulate: int = 1, balanced: bool = False,
+            ema: float | None = None) -> dict[str, Any]:
     """One fit on the tree at `root`, as the same code on each process; what it produced."""
     backbone = plain_backbone() if model == "plain" else make_tiny_backbone(image_size=24)
     data = ImageFolderData(root, val_split=0.2, batch_size=batch_size, num_workers=0,
                            data_augmentation=False, preprocessing=backbone.preprocessing,
-                           progress=False)
+                           progress=False, balanced_sampling=balanced)
     recorder = BucketRecorder()
     callbacks: list[Callback] = [recorder]
     if checkpoint is not None:
         callbacks.append(Checkpoint(checkpoint, save_best=False))
-    config = TrainConfig(**{**CONFIG, "epochs": epochs}, accumulate_steps=accumulate)
+    config = TrainConfig(**{**CONFIG, "epochs": epochs}, accumulate_steps=accumulate,
+                         ema_decay=ema)
     trainer = Trainer(backbone, build_strategy(strategy), config, callbacks)
     history = trainer.fit(data.train_loader(), data.val_loader(), resume=resume)
     report = trainer.evaluate(data.test_loader())
@@ -176,6 +178,19 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_
     assert ranks[0]["predictions"] == single["predictions"]
     assert ranks[0]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
     assert ranks[0]["buckets"] == [6, 6]  # full fine-tune: all 6 tensors (2 convs, head)
+
+
+def test_balanced_sampling_and_an_ema_on_two_ranks_match_one_process(tree, tmp_path):
+    """The weighted draws are dealt to the ranks like the shuffle (each step sees the images
+    one process with twice the batch sees), and each rank's average equals that process's."""
+    ranks = on_two_ranks(tmp_path, root=str(tree), batch_size=4, balanced=True, ema=0.9)
+    single = fit_run(str(tree), str(tmp_path), batch_size=8, balanced=True, ema=0.9)
+    assert_close(ranks[0]["weights"], single["weights"])
+    assert_close(ranks[1]["weights"], single["weights"])
+    assert ranks[0]["history"][0]["train_images"] == single["history"][0]["train_images"]
+    plain = fit_run(str(tree), str(tmp_path), batch_size=8)
+    assert any(not torch.equal(plain["weights"][k], single["weights"][k])
+               for k in plain["weights"])  # sampling and averaging did change the run
 
 
 def test_cached_prefix_fills_shards_and_only_trainable_tensors_enter_ddp(tree, tmp_path):
