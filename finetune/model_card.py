@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.atomic import atomic_write_text
-from finetune.data.transforms import augmentation
 from finetune.stats.metrics import EvaluationReport
 from finetune.stats.significance import Bootstrap
 from finetune.strategies import FreezeReport
+from finetune.train.recipes import describe
 from finetune.train.state import History
 
 CARD_FILE = "MODEL_CARD.md"
@@ -76,8 +76,8 @@ can be off from that alone.
 {len(history)} epochs, Adam, lr {lr}{tuned},
 batch size {cli.get('batch_size')}, image size {record['preprocessing']['crop_size']} px
 (resize {record['preprocessing']['resize_size']}, mean {record['preprocessing']['mean']},
-std {record['preprocessing']['std']}), augmentation {augmentation(cli.get('augment', 'none'))},
-{recipes(cli)}precision {precision}, seed {record['seed']}.
+std {record['preprocessing']['std']}), {'; '.join(describe(cli)) or 'no augmentation'},
+precision {precision}, seed {record['seed']}.
 
 ## Evaluation
 Test accuracy **{100 * accuracy:.1f}%** (95% interval {100 * low:.1f}–{100 * high:.1f}%,
@@ -101,21 +101,6 @@ classifier = finetune.load("RUN_DIR")
 classifier.predict(["photo.jpg"], top_k=3)
 ```
 """
-
-
-def recipes(cli: dict[str, Any]) -> str:
-    """The training recipes a run used beyond augmentation, as words ending in ", " ("" for
-    none); the EMA is named first, since the card's figures are of those weights."""
-    parts = []
-    if cli.get("ema"):
-        parts.append(f"weights averaged (EMA, decay {cli['ema']:g}: the figures below are "
-                     "of the average)")
-    parts += [f"{name} {cli[key]:g}" for key, name in (
-        ("mixup", "MixUp"), ("cutmix", "CutMix"), ("label_smoothing", "label smoothing"))
-        if cli.get(key)]
-    if cli.get("balance", "none") != "none":
-        parts.append(f"class balance by {cli['balance']}")
-    return "".join(part + ", " for part in parts)
 
 
 def write_model_card(folder: Path, **fields: Any) -> Path:

@@ -19,6 +19,7 @@ from benchmarks import plots
 from benchmarks.compare import noise
 from benchmarks.compare.settings import Settings
 from finetune.atomic import atomic_write_text
+from finetune.train.recipes import describe
 
 
 def summarize(rows: list[dict[str, Any]], strategies: Sequence[str]) -> list[dict[str, Any]]:
@@ -158,23 +159,7 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
 
 def recipes_line(settings: Settings) -> str:
     """The training recipes every row used, as the line above the table ("" for none)."""
-    parts = []
-    if settings.augment != "none":
-        low, high = settings.crop_scale
-        parts.append(f"augmentation {settings.augment} (crops {low:g}–{high:g} of the area)")
-    if settings.ema:
-        parts.append(f"**validation and test accuracies are of the EMA weights** (decay "
-                     f"{settings.ema:g})")
-    if settings.mixup or settings.cutmix:
-        mixes = [f"{name} {alpha:g}" for name, alpha in (("MixUp", settings.mixup),
-                                                          ("CutMix", settings.cutmix)) if alpha]
-        parts.append(" + ".join(mixes) + " (training pass uncached)")
-    if settings.balance != "none":
-        parts.append(f"class balance by {settings.balance}")
-    if settings.label_smoothing:
-        parts.append(f"label smoothing {settings.label_smoothing:g}")
-    if settings.tta != "none":
-        parts.append(f"test-time augmentation {settings.tta}")
+    parts = describe(settings.to_dict())
     return ("Recipes: " + "; ".join(parts) + ".\n\n") if parts else ""
 
 

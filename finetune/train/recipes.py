@@ -10,19 +10,21 @@ loop can use as the Trainer does (docs/recipes.md), and each is measured there.
 - `BatchMixing`: torchvision.transforms.v2's `MixUp` / `CutMix` (one of the two per batch,
   chosen at random when both are on, as timm does) and the soft targets they make.
 - `class_weights`: inverse class frequency, for a class-weighted cross-entropy.
+- `describe`: the recipes a run used, in words, for model cards and comparison reports.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from finetune.data.transforms import DEFAULT_CROP_SCALE, augmentation
 from finetune.errors import FinetuneError
 
 WARMUP_POWER = 2 / 3  # timm's default: decay 0.9 after ~30 updates, 0.99 after ~1000
@@ -184,3 +186,30 @@ def dataset_labels(loader: Any) -> list[int] | None:
     if targets is not None:
         return [int(t) for t in targets]
     return None
+
+
+def describe(settings: Mapping[str, Any]) -> list[str]:
+    """The recipes a run used, in words, from its settings named as `finetune train`'s flags
+    (augment, crop_scale, ema, mixup, cutmix, balance, label_smoothing, tta; older records'
+    augment True/False included); [] for a plain run. Said in Markdown: an EMA run's figures
+    are of the average, which a reader must not miss."""
+    parts = []
+    policy = augmentation(settings.get("augment") or "none")
+    if policy != "none":
+        low, high = settings.get("crop_scale") or DEFAULT_CROP_SCALE
+        parts.append(f"augmentation {policy} (crops {low:g}–{high:g} of the area)")
+    if settings.get("ema"):
+        parts.append(f"**validation and test accuracies are of the EMA weights** (decay "
+                     f"{settings['ema']:g})")
+    mixes = [f"{name} {settings[key]:g}" for key, name in (("mixup", "MixUp"),
+                                                            ("cutmix", "CutMix"))
+             if settings.get(key)]
+    if mixes:
+        parts.append(" + ".join(mixes) + " (training pass uncached)")
+    if settings.get("balance", "none") != "none":
+        parts.append(f"class balance by {settings['balance']}")
+    if settings.get("label_smoothing"):
+        parts.append(f"label smoothing {settings['label_smoothing']:g}")
+    if settings.get("tta", "none") != "none":
+        parts.append(f"test-time augmentation {settings['tta']}")
+    return parts
