@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.compare.run import row_seconds
 from finetune.atomic import atomic_write_text
 from finetune.data.images import image_files
 from finetune.data.sample import resolve_named_data
@@ -128,15 +129,6 @@ def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return results["rows"], results["test_targets"]
 
 
-def run_seconds(row: dict[str, Any]) -> float:
-    """What a row cost to train: its epochs, plus the lr search or range test that chose
-    its lr."""
-    seconds = row["seconds_per_epoch"] * row["epochs"]
-    if row.get("tuning"):
-        seconds = row["tuning"]["seconds"]
-    return seconds + (row.get("lr_find") or {}).get("seconds", 0.0)
-
-
 def compare_recipes(measured: dict[str, Path], baseline: str, strategies: list[str]
                     ) -> list[dict[str, Any]]:
     """Per recipe and strategy: mean test accuracy, the paired difference from `baseline`
@@ -164,8 +156,8 @@ def compare_recipes(measured: dict[str, Path], baseline: str, strategies: list[s
                 "test_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(ours) > 1 else 0.0,
                 "difference": 100 * difference.value,
                 "difference_ci95": [100 * difference.low, 100 * difference.high],
-                "time_ratio": (sum(map(run_seconds, ours)) / max(1e-9, sum(map(run_seconds,
-                                                                              base)))),
+                "time_ratio": (sum(map(row_seconds, ours))
+                               / max(1e-9, sum(map(row_seconds, base)))),
                 "lr": [r["lr"] for r in ours],
                 "uncached": ours[0].get("train_uncached_reason"),
             })

@@ -437,7 +437,7 @@ IMBALANCE_RATIO = 3  # largest / smallest training class from which train sugges
 def imbalance_hint(data: ImageFolderData, balance: str) -> str | None:
     """A line suggesting --balance loss for a training split whose largest class has
     IMBALANCE_RATIO times the images of its smallest (measured in docs/recipes.md)."""
-    counts = collections.Counter(label for _, label in data.train_samples)
+    counts = train_class_counts(data)
     if balance != "none" or len(counts) < 2:
         return None
     largest, smallest = max(counts.values()), min(counts.values())
@@ -473,9 +473,14 @@ def run_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_class_counts(data: ImageFolderData) -> collections.Counter[int]:
+    """Training images per class index (classes without images are absent)."""
+    return collections.Counter(label for _, label in data.train_samples)
+
+
 def split_counts(data: ImageFolderData) -> dict[str, int]:
     """Images per split, and in the smallest training class (for the model card)."""
-    per_class = collections.Counter(label for _, label in data.train_samples)
+    per_class = train_class_counts(data)
     return {"train": len(data.train_samples), "val": len(data.val_samples),
             "test": len(data.test_samples),
             "smallest_train_class": min(per_class.values()) if per_class else 0}

@@ -276,12 +276,19 @@ def auto_seeds(rows: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dic
 
 def _first_run_seconds(rows: Sequence[dict[str, Any]],
                        strategies: Sequence[str]) -> dict[str, float]:
-    """What seed 0 of each strategy cost: its lr search where tuned (every extra seed
-    searches too), else its epochs; and the advice, for the advised row."""
-    return {r["strategy"]: (r["tuning"]["seconds"] if r.get("tuning")
-                            else r["seconds_per_epoch"] * r["epochs"])
-            + r.get("advise_seconds", 0.0) + (r.get("lr_find") or {}).get("seconds", 0.0)
+    """What seed 0 of each strategy cost (`row_seconds`)."""
+    return {r["strategy"]: row_seconds(r)
             for r in rows if r["seed"] == 0 and r["strategy"] in strategies}
+
+
+def row_seconds(row: dict[str, Any]) -> float:
+    """What a row cost to train: its lr search where tuned (which includes the chosen run),
+    else its epochs; plus the range test that set its lr and the advice that chose its
+    strategy, where it had them."""
+    seconds = (row["tuning"]["seconds"] if row.get("tuning")
+               else row["seconds_per_epoch"] * row["epochs"])
+    return (seconds + row.get("advise_seconds", 0.0)
+            + (row.get("lr_find") or {}).get("seconds", 0.0))
 
 
 def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) -> str:

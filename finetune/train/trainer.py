@@ -367,9 +367,8 @@ class Trainer:
                 raise DataError("class_weights='balanced' needs the training labels: a loader "
                                 "whose dataset lists `samples` (ImageFolder, finetune.data) "
                                 "or `targets`.")
-            weights = class_weights(labels, classes).to(self.state.device)
-            self.loss_fn = nn.CrossEntropyLoss(weight=weights,
-                                               label_smoothing=config.label_smoothing)
+            self.loss_fn = make_loss(None, config.label_smoothing,
+                                     class_weights(labels, classes).to(self.state.device))
             self.step.loss_fn = self.loss_fn
             if self._loss_spec is None:  # validation loss stays unweighted, comparable
                 self.eval_loss_fn = make_loss(None)
@@ -628,12 +627,14 @@ def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
         set_epoch(epoch)
 
 
-def make_loss(loss: LossSpec, label_smoothing: float = 0.0
+def make_loss(loss: LossSpec, label_smoothing: float = 0.0,
+              class_weights: torch.Tensor | None = None
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss function for a `Trainer(loss=...)` spec (None: cross-entropy, with
-    `label_smoothing`; a custom loss smooths labels itself, if it wants to)."""
+    `label_smoothing` and per-class `class_weights`; a custom loss smooths labels itself, if
+    it wants to)."""
     if loss is None:
-        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
     if label_smoothing:
         raise ValueError(
             f"label_smoothing={label_smoothing} applies to the default cross-entropy loss, "
