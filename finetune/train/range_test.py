@@ -150,8 +150,7 @@ class RangeTest(Callback):
 
     def __init__(self, start: float = 1e-7, end: float = 1.0, steps: int = 100) -> None:
         self.lrs = ramp(start, end, steps)
-        self.seen: list[float] = []
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # step i trained at self.lrs[i]
         self.ended = "end"
 
     def on_fit_start(self, trainer: Any) -> None:
@@ -163,7 +162,6 @@ class RangeTest(Callback):
     def on_train_batch_end(self, trainer: Any, batch: Any, outputs: Any) -> None:
         if not outputs.stepped:
             return
-        self.seen.append(self.lrs[len(self.losses)])
         self.losses.append(outputs.loss)
         if not math.isfinite(outputs.loss) or self.diverged():
             self.ended = "diverged"
@@ -182,6 +180,6 @@ class RangeTest(Callback):
                                                                               1.0)
 
     def finding(self) -> LrFinding:
-        smoothed = smooth(self.losses)
-        return LrFinding(tuple(self.seen), tuple(self.losses), tuple(smoothed),
-                         *suggest(self.seen, smoothed), self.ended)
+        smoothed, seen = smooth(self.losses), self.lrs[:len(self.losses)]
+        return LrFinding(tuple(seen), tuple(self.losses), tuple(smoothed),
+                         *suggest(seen, smoothed), self.ended)
