@@ -30,7 +30,7 @@ from finetune.runtime import distributed
 from finetune.strategies import build_strategy
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback
-from finetune.train.trainer import Trainer
+from finetune.train.trainer import Trainer, epoch_seed
 from tests.conftest import FAST, TINY, make_tiny_backbone, make_tree
 
 TIMEOUT_S = 180
@@ -68,6 +68,10 @@ class BucketRecorder(Callback):
     def __init__(self) -> None:
         self.buckets: list[int | None] = []
         self.cached: list[str | None] = []
+        self.draws: list[float] = []  # a draw of torch's RNG at each epoch start
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.draws.append(float(torch.rand(1)))
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         wrapper = trainer.parallel._wrapper
@@ -97,6 +101,7 @@ def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
     return {"weights": {k: v.clone() for k, v in backbone.model.state_dict().items()},
             "history": history.records, "confusion": report.confusion_matrix.tolist(),
             "test_loss": report.loss, "buckets": recorder.buckets, "cached": recorder.cached,
+            "draws": recorder.draws,
             "predictions": trainer.predict(data.test_loader()).tolist()}
 
 
@@ -178,6 +183,18 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_
     assert ranks[0]["predictions"] == single["predictions"]
     assert ranks[0]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
     assert ranks[0]["buckets"] == [6, 6]  # full fine-tune: all 6 tensors (2 convs, head)
+
+
+def test_each_rank_draws_its_own_random_numbers_alike_from_run_to_run(tree, tmp_path):
+    """Dropout and MixUp draw from torch's RNG: seeded from (seed, rank) under torchrun, so
+    the ranks differ and a rerun repeats; one process keeps the run's own seed."""
+    first = on_two_ranks(tmp_path / "a", root=str(tree), batch_size=4, epochs=1)
+    again = on_two_ranks(tmp_path / "b", root=str(tree), batch_size=4, epochs=1)
+    assert first[0]["draws"] != first[1]["draws"]
+    assert [r["draws"] for r in first] == [r["draws"] for r in again]
+    single = fit_run(str(tree), str(tmp_path), batch_size=8, epochs=1)
+    torch.manual_seed(epoch_seed(CONFIG["seed"], 0))
+    assert single["draws"] == [float(torch.rand(1))]
 
 
 def test_balanced_sampling_and_an_ema_on_two_ranks_match_one_process(tree, tmp_path):

@@ -11,6 +11,7 @@ needs for that, and nothing when only one process runs (every function then does
 - `shard_loader`: give each process its share of a DataLoader (a `DistributedSampler`, or for
   finetune.data's `SeededShuffle` the same order strided by one — `ShardedSeededShuffle`).
 - `DataParallel`: the DDP wrapper over what trains now, rebuilt when the strategy changes it.
+- `rank_seed`: each process's seed for its RNGs, derived from the run's seed and the rank.
 - `sums`, `any_rank`, `same_as_main`, `gather_outputs`, `RowShard`: the reductions: epoch
   metrics, the stop flag, probe verdicts, evaluation outputs (each sample exactly once, in the
   sampler's order) and the activation cache's rows.
@@ -22,6 +23,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -53,6 +55,16 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0, the one process that writes files, logs and shows progress (True alone)."""
     return rank() == 0
+
+
+def rank_seed(seed: int) -> int:
+    """This process's seed for its global RNGs (dropout, MixUp, augmentation drawn from
+    torch): `seed` itself in one process, else one derived from (seed, rank), so ranks draw
+    differently from each other and alike from run to run. The data order is not drawn
+    from it: samplers take `seed` itself, so the ranks' shares stay one permutation."""
+    if world_size() == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, rank()]).generate_state(1)[0])
 
 
 def start(device: str = "auto") -> bool:

@@ -148,8 +148,9 @@ class Trainer:
         val_loader = None if val_loader is None else distributed.shard_loader(val_loader)
         self._resolve_classes(train_loader)
         self._data = data_identity(self.classes or [], train_loader)
-        if config.seed is not None:
-            seed_everything(config.seed)
+        seed = None if config.seed is None else distributed.rank_seed(config.seed)
+        if seed is not None:
+            seed_everything(seed)
         checkpoint = load_checkpoint(resume) if resume is not None else None
         if checkpoint is not None and int(checkpoint["epoch"]) + 1 >= config.epochs:
             done = int(checkpoint["epoch"]) + 1
@@ -181,8 +182,8 @@ class Trainer:
                     self._freeze(strategy, epoch)
                     self.activations.plan(self.backbone, self._fill_context())
                     self._configure_optimizer(epoch, previous=self.optimizer)
-                if config.seed is not None:
-                    reseed(epoch_seed(config.seed, epoch), train_loader)
+                if seed is not None:
+                    reseed(epoch_seed(seed, epoch), train_loader)
                 set_sampler_epoch(train_loader, epoch)
                 self.state.batches_per_epoch = loader_length(train_loader)  # for this epoch
                 dispatch(self.callbacks, Event.EPOCH_START, self, epoch=epoch)
