@@ -1,5 +1,7 @@
 """`finetune evaluate`: rebuild the model a `finetune train` checkpoint holds (with the
-preprocessing its run.json records) and report it per class on the test or validation set."""
+preprocessing its run.json records) and report it per class on the test or validation set.
+Under torchrun each process evaluates its share of the images and rank 0 alone prints and
+writes the report, which counts every image once (`Trainer.evaluate` shards and gathers)."""
 
 from __future__ import annotations
 
@@ -13,22 +15,33 @@ from finetune.callbacks.run_file import RUN_FILE
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 from finetune.errors import DataError
 from finetune.inference import load_run
+from finetune.runtime import distributed
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    started = distributed.start(args.device)
+    try:
+        return _evaluate(args)
+    finally:
+        if started:
+            distributed.stop()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    say = print if distributed.is_main() else lambda *_, **__: None
     run = load_run(args.checkpoint, args.backbone)
     path, checkpoint, record, classes = run.path, run.checkpoint, run.record, run.classes
     if path.name == "last.pt" and path != args.checkpoint:
         best = checkpoint.get("callbacks", {}).get("Checkpoint", {}).get("best_epoch")
         if best is not None:
-            print(f"note: {path.parent} has no best.pt though last.pt records a best at epoch "
-                  f"{best + 1}; evaluating last.pt (epoch {int(checkpoint['epoch']) + 1})",
-                  file=sys.stderr)
+            say(f"note: {path.parent} has no best.pt though last.pt records a best at epoch "
+                f"{best + 1}; evaluating last.pt (epoch {int(checkpoint['epoch']) + 1})",
+                file=sys.stderr)
     if record is None:
-        print(f"note: no {RUN_FILE} beside {path}; assuming {run.spec} with its default "
-              "preprocessing", file=sys.stderr)
+        say(f"note: no {RUN_FILE} beside {path}; assuming {run.spec} with its default "
+            "preprocessing", file=sys.stderr)
     backbone, preprocessing = run.backbone, run.preprocessing
     data_root = args.data or (Path(record["data"]) if record else None) or os.environ.get(DATA_ENV)
     data = ImageFolderData(
@@ -45,8 +58,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     trainer = Trainer(backbone, None, config, classes=classes)  # the model as it is
     report = trainer.evaluate(loader, tta=args.tta)
     flipped = " with flip test-time augmentation" if args.tta == "flip" else ""
-    print(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
-          f"{data.root}{flipped}:\n{report.table()}")
-    if args.json is not None:
+    say(f"{path} (epoch {int(checkpoint['epoch']) + 1}) on the {args.split} set of "
+        f"{data.root}{flipped}:\n{report.table()}")
+    if args.json is not None and distributed.is_main():
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

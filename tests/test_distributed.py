@@ -266,6 +266,22 @@ def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_pa
     assert sorted(p.name for p in run.iterdir()) == ["MODEL_CARD.md", "best.pt", "last.pt",
                                                     "run.json"]
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
+    # evaluate under torchrun: each rank its share, every test image counted once, one report
+    evaluate = ["evaluate", "--checkpoint", str(run), "--backbone", TINY, *FAST]
+    launched = [*command[:command.index("train")], *evaluate, "--json", str(tmp_path / "two.json")]
+    done = subprocess.run(launched, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("on the test set of") == 1
+    alone = subprocess.run([sys.executable, "-m", "finetune", *evaluate, "--json",
+                            str(tmp_path / "one.json")],
+                           capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
+                           cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert sum(map(sum, two["confusion_matrix"])) == 9  # 9 test images, none twice
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
 def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
