@@ -522,6 +522,7 @@ def _run_record(args: argparse.Namespace, backbone: Backbone, data: ImageFolderD
         "seed": args.seed,
         "train_per_class": args.train_per_class,
         "world_size": distributed.world_size(),
+        "nodes": distributed.nodes(),
         "cli": _cli_config(args),
     }
 

@@ -284,6 +284,62 @@ def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_pa
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
+def on_two_nodes(argv: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """`finetune ARGV` under two torchrun launchers of one process each, as on two machines:
+    `--nnodes 2 --node-rank 0|1`, c10d rendezvous on 127.0.0.1; both must finish."""
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+         str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         f"127.0.0.1:{port}", "--rdzv-id", f"nodes{port}", "-m", "finetune", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        for node in (0, 1)]
+    done = []
+    for launcher in launchers:
+        try:
+            out, err = launcher.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in launchers:
+                other.kill()
+            pytest.fail(f"two-node {argv[0]} did not finish in {TIMEOUT_S} s")
+        done.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err))
+        assert launcher.returncode == 0, err[-3000:]
+    return done
+
+
+def test_two_nodes_train_resume_and_evaluate_as_one_process(tree: Path, tmp_path: Path):
+    """Two launchers on one host stand for two machines: a run trained one epoch, resumed
+    for a second and evaluated there equals one process with twice the batch; one process
+    of the two writes, and run.json says two nodes."""
+    train = ["train", "--data", str(tree), "--backbone", TINY, "--strategy", "last-layer",
+             "--batch-size", "4", *FAST]
+    run, alone = tmp_path / "nodes", tmp_path / "alone"
+    on_two_nodes([*train, "--epochs", "1", "--checkpoint-dir", str(run)], tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    assert (record["world_size"], record["nodes"]) == (2, 2)
+    resumed = on_two_nodes([*train, "--epochs", "2", "--resume", str(run)], tmp_path)
+    assert sum(p.stdout.count("test set (weights after the last epoch)") for p in resumed) == 1
+    evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--backbone", TINY, *FAST]
+    on_two_nodes([*evaluate, "--json", str(tmp_path / "nodes.json")], tmp_path)
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    one = [*train[:train.index("--batch-size")], "--batch-size", "8", *FAST, "--epochs", "2",
+           "--checkpoint-dir", str(alone)]
+    for argv in (one, [*evaluate[:2], str(alone / "last.pt"), *evaluate[3:], "--json",
+                       str(tmp_path / "alone.json")]):
+        done = subprocess.run([sys.executable, "-m", "finetune", *argv], capture_output=True,
+                              text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = (torch.load(p / "last.pt", weights_only=True) for p in (run, alone))
+    assert int(ours["epoch"]) == int(theirs["epoch"]) == 1
+    assert_close(ours["model"], theirs["model"])
+    nodes, single = (json.loads((tmp_path / f"{n}.json").read_text())
+                     for n in ("nodes", "alone"))
+    assert nodes["confusion_matrix"] == single["confusion_matrix"]
+    assert sum(map(sum, nodes["confusion_matrix"])) == 9
+
+
 def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
     from benchmarks.compare import run
 

@@ -52,6 +52,15 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def nodes() -> int:
+    """How many machines the run spans: torchrun's launchers (its `--nnodes`), from the
+    processes per launcher it sets in LOCAL_WORLD_SIZE; 1 outside a process group."""
+    if not active():
+        return 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    return max(1, world_size() // max(1, local))
+
+
 def is_main() -> bool:
     """Rank 0, the one process that writes files, logs and shows progress (True alone)."""
     return rank() == 0
