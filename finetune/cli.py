@@ -313,12 +313,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str
 # -- commands ---------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
     """Under torchrun every process runs this; rank 0 alone prints and writes files."""
-    started = distributed.start(args.device)
-    try:
-        return _train(args, print if distributed.is_main() else lambda *_, **__: None)
-    finally:
-        if started:
-            distributed.stop()
+    with distributed.joined(args.device):
+        return _train(args, distributed.say)
 
 
 # flags a resume takes from the run's run.json when they are left at their defaults

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune.callbacks.run_file import RUN_FILE
@@ -21,16 +22,11 @@ from finetune.train.trainer import Trainer
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    started = distributed.start(args.device)
-    try:
-        return _evaluate(args)
-    finally:
-        if started:
-            distributed.stop()
+    with distributed.joined(args.device):
+        return _evaluate(args, distributed.say)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    say = print if distributed.is_main() else lambda *_, **__: None
+def _evaluate(args: argparse.Namespace, say: Callable[..., None]) -> int:
     run = load_run(args.checkpoint, args.backbone)
     path, checkpoint, record, classes = run.path, run.checkpoint, run.record, run.classes
     if path.name == "last.pt" and path != args.checkpoint:

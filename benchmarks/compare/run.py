@@ -390,15 +390,11 @@ def main(argv: Sequence[str] | None = None,
     specs = strategy_specs(args)
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return launch(argv, args.nproc)
-    started = distributed.start(args.device)
-    try:
+    with distributed.joined(args.device):
         if not distributed.is_main():
             with contextlib.redirect_stdout(io.StringIO()):
                 return _compare(args, specs, Path(args.output), argv, backbone_factory)
         return _locked(args, specs, argv, backbone_factory)
-    finally:
-        if started:
-            distributed.stop()
 
 
 def _locked(args: argparse.Namespace, specs: list[str], argv: Sequence[str] | None,

@@ -7,7 +7,8 @@ in backward, so all processes take the same optimizer step. This module holds wh
 needs for that, and nothing when only one process runs (every function then does nothing):
 
 - `start`: join the group torchrun describes in the environment (gloo on the CPU, nccl on CUDA);
-  a group a script already initialised is kept as it is.
+  a group a script already initialised is kept as it is. `joined` holds it for a command's
+  length; `say` prints on rank 0 alone.
 - `shard_loader`: give each process its share of a DataLoader (a `DistributedSampler`, or for
   finetune.data's `SeededShuffle` the same order strided by one — `ShardedSeededShuffle`).
 - `DataParallel`: the DDP wrapper over what trains now, rebuilt when the strategy changes it.
@@ -19,6 +20,7 @@ needs for that, and nothing when only one process runs (every function then does
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -100,6 +102,24 @@ def stop() -> None:
     if _owned and dist.is_initialized():
         dist.destroy_process_group()
     _owned = False
+
+
+@contextlib.contextmanager
+def joined(device: str = "auto") -> Iterator[None]:
+    """A command's length inside the group torchrun describes: `start`, and `stop` after if
+    `start` created it (a script's own group, or none, is left as it is)."""
+    started = start(device)
+    try:
+        yield
+    finally:
+        if started:
+            stop()
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """`print`, on rank 0 alone: the other processes of a command stay silent."""
+    if is_main():
+        print(*args, **kwargs)
 
 
 def local_device(spec: str) -> torch.device:
