@@ -69,6 +69,7 @@ class BucketRecorder(Callback):
         self.buckets: list[int | None] = []
         self.cached: list[str | None] = []
         self.draws: list[float] = []  # a draw of torch's RNG at each epoch start
+        self.shared: list[tuple[int, int]] = []  # (bytes one machine's processes share, all)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.draws.append(float(torch.rand(1)))
@@ -78,12 +79,13 @@ class BucketRecorder(Callback):
         self.buckets.append(None if wrapper is None else
                             wrapper._get_ddp_logging_data()["num_parameter_tensors"])
         self.cached.append(trainer.state.cached_prefix)
+        self.shared.append((trainer.activations.shared_nbytes, trainer.activations.nbytes))
 
 
 def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
             strategy: str = "full-unfreeze", epochs: int = 2, resume: str | None = None,
             checkpoint: str | None = None, accumulate: int = 1, balanced: bool = False,
-            ema: float | None = None) -> dict[str, Any]:
+            ema: float | None = None, spill_to: str | None = None) -> dict[str, Any]:
     """One fit on the tree at `root`, as the same code on each process; what it produced."""
     backbone = plain_backbone() if model == "plain" else make_tiny_backbone(image_size=24)
     data = ImageFolderData(root, val_split=0.2, batch_size=batch_size, num_workers=0,
@@ -93,15 +95,16 @@ def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
     callbacks: list[Callback] = [recorder]
     if checkpoint is not None:
         callbacks.append(Checkpoint(checkpoint, save_best=False))
+    spill = {} if spill_to is None else dict(activation_cache_dir=spill_to, cache_memory_gb=0)
     config = TrainConfig(**{**CONFIG, "epochs": epochs}, accumulate_steps=accumulate,
-                         ema_decay=ema)
+                         ema_decay=ema, **spill)
     trainer = Trainer(backbone, build_strategy(strategy), config, callbacks)
     history = trainer.fit(data.train_loader(), data.val_loader(), resume=resume)
     report = trainer.evaluate(data.test_loader())
     return {"weights": {k: v.clone() for k, v in backbone.model.state_dict().items()},
             "history": history.records, "confusion": report.confusion_matrix.tolist(),
             "test_loss": report.loss, "buckets": recorder.buckets, "cached": recorder.cached,
-            "draws": recorder.draws,
+            "draws": recorder.draws, "shared": recorder.shared,
             "predictions": trainer.predict(data.test_loader()).tolist()}
 
 
@@ -222,6 +225,65 @@ def test_cached_prefix_fills_shards_and_only_trainable_tensors_enter_ddp(tree, t
     assert ranks[0]["buckets"] == ranks[1]["buckets"] == [2, 2]  # fc weight and bias
     assert_close(ranks[1]["weights"], single["weights"])
     assert ranks[0]["confusion"] == single["confusion"]
+    # one host: the two processes kept one copy in shared memory; one process has no peer
+    assert all(shared == total > 0 for shared, total in ranks[0]["shared"] + ranks[1]["shared"])
+    assert all(shared == 0 < total for shared, total in single["shared"])
+
+
+def test_a_spilled_cache_is_one_file_both_ranks_map(tree, tmp_path):
+    """Over the memory budget the activations go to one keyed file on disk: the two
+    processes write their own rows into it and train as one process does."""
+    spill = str(tmp_path / "spill")
+    ranks = on_two_ranks(tmp_path / "two", root=str(tree), batch_size=4, model="tiny",
+                         strategy="last-layer", spill_to=spill)
+    single = fit_run(str(tree), str(tmp_path / "one"), batch_size=8, model="tiny",
+                     strategy="last-layer", spill_to=str(tmp_path / "spill_one"))
+    assert len(list(Path(spill).glob("*.bin"))) == 2  # train and val, one file each
+    assert all(shared == total > 0 for shared, total in ranks[0]["shared"] + ranks[1]["shared"])
+    assert_close(ranks[0]["weights"], single["weights"])
+    assert ranks[1]["confusion"] == single["confusion"]
+
+
+class WideNet(nn.Module):
+    """A wide full-resolution first convolution: its cached output is ~0.5 MB an image at
+    64 px, far more than what training the rest holds, so a copy of it is plain to see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(32, 8, 3, stride=4, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+
+
+def wide_backbone(num_classes: int = 3) -> Backbone:
+    torch.manual_seed(0)
+    return Backbone.from_module(WideNet(), head="fc", num_classes=num_classes, name="widenet",
+                                groups=(("stem", r"^stem\."), ("block", r"^block\.")),
+                                preprocessing=Preprocessing(resize_size=64, crop_size=64))
+
+
+def test_a_second_local_process_adds_little_of_the_cache_to_the_machine(tmp_path: Path):
+    """benchmarks.cache_memory's measurement, one process and then two under torchrun: the
+    processes' summed PSS growth (what they cost the machine, shared pages split between
+    them) shows the cache once, and the second process adds under 30% of its size."""
+    from benchmarks.cache_memory import run_processes, summary
+
+    data = make_tree(tmp_path / "data", classes=3, n_train=40, n_test=1)
+    options = ["--data", str(data), "--backbone", "tests.test_distributed:wide_backbone",
+               "--strategy", "freeze-all-but:groups=block", "--image-size", "64",
+               "--batch-size", "16"]
+    one = summary(run_processes(1, options, tmp_path / "one", timeout=TIMEOUT_S))
+    ranks = run_processes(2, options, tmp_path / "two", timeout=TIMEOUT_S)
+    two, cache = summary(ranks), one["cache_bytes"]
+    assert cache == two["cache_bytes"] > 40 * 2**20  # 3 x 40 images x 0.5 MB
+    assert (one["shared_bytes"], two["shared_bytes"]) == (0, cache)
+    assert one["machine_added"] > 0.7 * cache  # the measurement does see the cache
+    assert two["machine_added"] - one["machine_added"] < 0.3 * cache
+    assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
 def test_gradual_unfreezing_rebuilds_ddp_with_what_trains(tree: Path, tmp_path: Path):

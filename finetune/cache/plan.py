@@ -123,6 +123,17 @@ class ActivationCaches:
         return len(self._caches)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of activations held now, every cut point and loader together."""
+        return sum(cache.nbytes for held in self._stored.values() for cache in held.values())
+
+    @property
+    def shared_nbytes(self) -> int:
+        """Of `nbytes`, those in storage this machine's processes share (one copy for all)."""
+        return sum(cache.nbytes for held in self._stored.values() for cache in held.values()
+                   if cache.shared)
+
+    @property
     def _caches(self) -> dict[int, ActivationCache]:
         """The planned cut's caches, by id(loader)."""
         if self.cut is None:

@@ -13,6 +13,11 @@ Activations are stored in the dtype the prefix produced (bf16 under bf16 autocas
 otherwise), in memory up to `memory_budget` bytes and in a memory-mapped file under
 `directory` beyond it. A disk cache is named by a key over the prefix's weights, the cut, the
 preprocessing and the sample list, so a stale cache is never read.
+
+Under data-parallel training each process computes its share of the rows
+(`finetune.runtime.distributed.RowShard`). The processes of one machine keep one copy: in
+memory, a file in /dev/shm they all map (`machine_memory`); on disk, the one keyed file. Only
+rows computed on other machines are sent, so a machine holds the cache once, not once per GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,9 @@ from finetune.atomic import atomic_write_json, disk_full, out_of_space
 from finetune.cache.cut import CutPoint, GraphSplit, UncacheableError
 from finetune.data.images import file_key
 from finetune.model.backbone import Backbone
+from finetune.runtime.distributed import RowShard
+
+SHARED_MEMORY = Path("/dev/shm")  # a tmpfs on Linux: files there are memory
 
 
 @attrs.frozen
@@ -131,6 +140,7 @@ class ActivationCache:
         self.labels: torch.Tensor | None = None
         self.on_disk: Path | None = None
         self.complete = False
+        self.shared = False  # one storage that this machine's processes all map
 
     @property
     def nbytes(self) -> int:
@@ -157,7 +167,8 @@ class ActivationCache:
             yield self.features[index], self.labels[index]
 
     # -- storage ------------------------------------------------------------------------------
-    def _allocate(self, count: int, sample: torch.Tensor, dataset: Any) -> None:
+    def _allocate(self, count: int, sample: torch.Tensor, dataset: Any,
+                  shard: RowShard | None = None) -> None:
         shape = (count, *sample.shape[1:])
         dtype = sample.dtype
         nbytes = torch.Size(shape).numel() * sample.itemsize
@@ -170,7 +181,9 @@ class ActivationCache:
                     "TrainConfig.cache_memory_gb, give activation_cache_dir to spill to disk, or "
                     "set feature_cache='off'."
                 )
-            self.features = torch.empty(shape, dtype=dtype)
+            mapped = machine_memory(shape, dtype, shard) if shard is not None else None
+            self.shared = mapped is not None
+            self.features = mapped if mapped is not None else torch.empty(shape, dtype=dtype)
             return
         key = cache_key(self.backbone, self.cut, dataset, str(dtype))
         folder = Path(self.directory)
@@ -183,6 +196,9 @@ class ActivationCache:
         numel = torch.Size(shape).numel()
         storage = torch.from_file(str(self.on_disk), shared=True, size=numel, dtype=dtype)
         self.features = storage.view(shape)
+        # the machine's processes map one file when their keys agree (not for datasets keyed
+        # by identity, which differ per process)
+        self.shared = shard is not None and shard.same_on_machine(str(self.on_disk.resolve()))
         if self.complete:
             self.labels = torch.tensor(json.loads(meta.read_text())["labels"], dtype=torch.long)
 
@@ -226,16 +242,19 @@ def fill_together(caches: Sequence[ActivationCache], prefix: Any, loader: Any, f
                             "row per image")
                 if caches[0].features is None:
                     for cache, out in zip(caches, outs, strict=True):
-                        cache._allocate(len(dataset), out, dataset)
+                        cache._allocate(len(dataset), out, dataset, shard)
                     done = all(cache.complete for cache in caches)
                     if done if shard is None else shard.agree(done):
                         return
                 stop = position + len(images)
-                where = (slice(position, stop) if shard is None
-                         else torch.as_tensor(rows[position:stop]))
+                if shard is None:
+                    where, keep = slice(position, stop), slice(None)
+                else:  # its own rows, not the repeats that pad the last shard
+                    where, keep = shard.own(position, stop)
+                    where = where[keep]
                 for cache, out in zip(caches, outs, strict=True):
-                    cache.features[where] = out.to("cpu")  # type: ignore[index]
-                    cache.labels[where] = labels  # type: ignore[index]
+                    cache.features[where] = out.to("cpu")[keep]  # type: ignore[index]
+                    cache.labels[where] = labels[keep]  # type: ignore[index]
                 position = stop
     finally:
         backbone.train(was_training)
@@ -244,8 +263,38 @@ def fill_together(caches: Sequence[ActivationCache], prefix: Any, loader: Any, f
     for cache in caches:
         if shard is not None:
             with torch.inference_mode():  # where the storage was made: it may write there
-                shard.exchange(cache.features, cache.labels, loader.batch_size or 32)
+                shard.exchange(cache.features, cache.labels, loader.batch_size or 32,
+                               shared=cache.shared)
         cache._mark_complete()
+
+
+def machine_memory(shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard
+                   ) -> torch.Tensor | None:
+    """One tensor in shared memory that every process of this machine maps, or None where
+    there is no peer on the machine or no room in /dev/shm (then each keeps its own copy).
+    The machine's first process creates the file; once all have mapped it, it is unlinked,
+    so the memory goes when the last process lets go of it, crash or not."""
+    if not shard.machine_peers or not SHARED_MEMORY.is_dir():
+        return None
+    path = SHARED_MEMORY / f"finetune-activations-{shard.token()}-{shard.machine[0]}.bin"
+    numel = torch.Size(shape).numel()
+    try:
+        room = True
+        if shard.machine_leader:
+            try:
+                reserve_disk(path, numel * torch.empty((), dtype=dtype).itemsize)
+            except OSError as error:
+                warnings.warn(f"each process keeps its own activation cache: {error}",
+                              RuntimeWarning, stacklevel=2)
+                room = False
+        if not shard.agree(room):
+            return None
+        mapped = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        shard.agree(True)  # every process has mapped it
+        return mapped
+    finally:
+        if shard.machine_leader:
+            path.unlink(missing_ok=True)
 
 
 def reserve_disk(path: Path, nbytes: int) -> None:

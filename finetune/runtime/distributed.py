@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -304,25 +306,86 @@ def gather_outputs(outputs: Iterable[Outputs], loader: Any) -> Iterator[Outputs]
 
 class RowShard:
     """The activation cache's rows this process computes (DistributedSampler's share of the
-    dataset in order), and the exchange after which every process holds every row: each
-    epoch deals the rows to the processes anew, so each needs them all."""
+    dataset in order), and the exchange after which every process can read every row: each
+    epoch deals the rows to the processes anew, so each needs them all.
+
+    The processes of one machine (one torchrun launcher) may hold the rows in one storage
+    they all map (`finetune.cache.store`): each writes its own rows there, and only rows
+    computed on other machines travel, written by the machine's first process. Rows that
+    DistributedSampler repeats to pad the last shard are computed but written by their owner
+    alone, so every row is one process's computation, whichever storage holds it."""
 
     def __init__(self, size: int) -> None:
-        self.rows_of = [list(DistributedSampler(range(size), num_replicas=world_size(), rank=q,
-                                                shuffle=False)) for q in range(world_size())]
-        self.rows = self.rows_of[rank()]
+        count = world_size()
+        self.rows_of = [list(DistributedSampler(range(size), num_replicas=count, rank=q,
+                                                shuffle=False)) for q in range(count)]
+        # position k of rank q is entry q + k*count of the padded order: past `size`, a repeat
+        self.genuine_of = [[q + k * count < size for k in range(len(rows))]
+                           for q, rows in enumerate(self.rows_of)]
+        self.rows, self.genuine = self.rows_of[rank()], self.genuine_of[rank()]
+        self.machine = machine_ranks()
+        self.machine_leader = rank() == self.machine[0]
 
     @classmethod
     def for_dataset(cls, size: int) -> RowShard | None:
         return cls(size) if active() else None
 
+    @property
+    def machine_peers(self) -> bool:
+        """Whether other processes of this run share this machine (and could share storage)."""
+        return len(self.machine) > 1
+
     def agree(self, flag: bool) -> bool:
-        """True only where every process says True (a disk cache complete everywhere)."""
+        """True only where every process says True (a disk cache complete everywhere); a
+        barrier too."""
         return sums(float(not flag))[0] == 0
 
-    def exchange(self, features: torch.Tensor, labels: torch.Tensor, chunk: int) -> None:
+    def token(self) -> str:
+        """One random name for the whole run (rank 0's), for storage the processes share."""
+        return same_as_main(uuid.uuid4().hex)
+
+    def same_on_machine(self, value: Any) -> bool:
+        """Whether every process of this machine holds an equal `value` (a file path)."""
+        values: list[Any] = [None] * world_size()
+        dist.all_gather_object(values, value)
+        return all(values[q] == value for q in self.machine)
+
+    def own(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, which of them to write) for this process's positions start..stop."""
+        return (torch.as_tensor(self.rows[start:stop]),
+                torch.as_tensor(self.genuine[start:stop], dtype=torch.bool))
+
+    def exchange(self, features: torch.Tensor, labels: torch.Tensor, chunk: int,
+                 shared: bool = False) -> None:
+        """Write the other processes' rows of `features` and `labels` (this process's own
+        are written). `shared`: `features` is one storage of this machine's processes, so
+        peers' rows are there already and the machine's first process writes the rest."""
+        travel = [labels] if shared and len(self.machine) == world_size() else [
+            features, labels]
         for start in range(0, len(self.rows), chunk):
             mine = torch.as_tensor(self.rows[start:start + chunk])
-            for tensor in (features, labels):
-                for rows, part in zip(self.rows_of, _all_gather(tensor[mine]), strict=True):
-                    tensor[torch.as_tensor(rows[start:start + chunk])] = part
+            for tensor in travel:
+                parts = _all_gather(tensor[mine])  # a collective: every process takes part
+                in_storage = shared and tensor is features
+                if in_storage and not self.machine_leader:
+                    continue
+                for q, part in enumerate(parts):
+                    if q == rank() or (in_storage and q in self.machine):
+                        continue
+                    keep = torch.as_tensor(self.genuine_of[q][start:start + chunk],
+                                           dtype=torch.bool)
+                    tensor[torch.as_tensor(self.rows_of[q][start:start + chunk])[keep]] = \
+                        part[keep]
+        if shared:
+            self.agree(True)  # nobody reads before every row is written
+
+
+def machine_ranks() -> list[int]:
+    """The ranks on this process's machine, in order: torchrun's launcher (GROUP_RANK) on
+    this host; a process group started without torchrun groups by host name alone."""
+    if not active():
+        return [0]
+    here = f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '')}"
+    everywhere: list[Any] = [None] * world_size()
+    dist.all_gather_object(everywhere, here)
+    return [q for q, there in enumerate(everywhere) if there == here]
