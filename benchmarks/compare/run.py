@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import io
 import os
 import subprocess
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.compare import noise, pool
+from benchmarks.compare import noise, pool, store
 from benchmarks.compare.report import load_previous
 from benchmarks.compare.report import write_outputs as _write_outputs
 from benchmarks.compare.settings import (
@@ -50,6 +51,7 @@ from finetune.tuning import LrSearch, Tuning
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
 LOCK_FILE = ".compare.lock"  # held while a comparison writes its output folder
+WAIT_SECONDS = 5.0  # how often a --store worker with nothing to claim looks again
 
 
 def make_backbone(name: str, num_classes: int, pretrained: bool) -> Backbone:
@@ -302,26 +304,34 @@ def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) ->
 def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
             failed: list[dict[str, Any]], settings: Settings, splits: ImageSplits,
             targets: list[int], backbone_factory: BackboneFactory, output: Path,
-            decoded: DecodedImages | None = None) -> int | None:
+            decoded: DecodedImages | None = None, claims: store.Claims | None = None
+            ) -> int | None:
     """Run each (strategy, seed) not yet in `rows` — `settings.jobs` at a time — rewriting the
-    outputs after each; a run that raises goes to `failed`. Returns 130 on Ctrl-C (outputs
-    written), else None."""
+    outputs after each; a run that raises goes to `failed`. With `claims` (`--store`) a run
+    is trained only where this worker claims it. Returns 130 on Ctrl-C (outputs written),
+    else None."""
     done = {(r["strategy"], r["seed"]) for r in rows}
+    if claims is not None and not claims.retry_failed:
+        done |= {(f["strategy"], f["seed"]) for f in failed}
     todo = []
     for index, (spec, seed) in enumerate(runs, start=1):
         if (spec, seed) in done:
-            print(f"[{index}/{len(runs)}] {spec} seed {seed}: already in "
-                  f"{output / 'results.json'}, skipped (--resume)")
+            where = "the store" if claims is not None else output / "results.json"
+            print(f"[{index}/{len(runs)}] {spec} seed {seed}: already in {where}, skipped")
         else:
             todo.append((index, spec, seed))
     shared = {"settings": settings, "splits": splits, "backbone_factory": backbone_factory,
               "output": output}
-    finished = (pool.outcomes(todo, settings.jobs, run_one, shared) if settings.jobs > 1
-                else _one_at_a_time(todo, {**shared, "decoded": decoded}))
+    run = run_one if claims is None else claims.runner(run_one)
+    finished = (pool.outcomes(todo, settings.jobs, run, shared) if settings.jobs > 1
+                else _one_at_a_time(todo, run, {**shared, "decoded": decoded}))
     try:
         for (index, spec, seed), outcome in finished:
-            _record(f"[{index}/{len(runs)}] {spec} seed {seed}", spec, seed, outcome, rows,
-                    failed)
+            tag = f"[{index}/{len(runs)}] {spec} seed {seed}"
+            if outcome == store.TAKEN:
+                print(f"{tag}: another worker has it (--store)", flush=True)
+                continue
+            _record(tag, spec, seed, outcome, rows, failed)
             write_outputs(output, settings, splits.classes, rows, failed, draw=False,
                           targets=targets)
     except KeyboardInterrupt:
@@ -332,11 +342,55 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
     return None
 
 
-def _one_at_a_time(todo: Sequence[tuple[int, str, int]], shared: dict[str, Any]
+def split_digest(splits: ImageSplits) -> str:
+    """Which images are train, val and test (class folder, file name, label), not where the
+    tree lies: workers on other machines may mount the data elsewhere."""
+    digest = hashlib.sha1()
+    for part in (splits.train, splits.val, splits.test):
+        for path, label in part:
+            digest.update(f"{Path(path).parent.name}/{Path(path).stem}|{label}\n".encode())
+        digest.update(b"--\n")
+    return digest.hexdigest()
+
+
+def store_changes(settings: Settings, splits: ImageSplits, held: dict[str, Any]) -> list[str]:
+    """How this worker's comparison differs from the one a store holds: the settings rows
+    depend on (the data's path aside) and the split itself."""
+    changed = [c for c in settings.changed_from(held) if not c.startswith("data:")]
+    if held.get("split") != split_digest(splits):
+        changed.append("split: other train/val/test images")
+    return changed
+
+
+def run_shared(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
+               failed: list[dict[str, Any]], *args: Any, claims: store.Claims) -> int | None:
+    """`run_all` as one of the workers of `--store`: run what this worker claims, then wait
+    for the runs others hold, running any whose claim lapses; `rows` and `failed` end as the
+    store's, every worker's runs together. `--resume` retries failed runs once, here."""
+    said = False
+    while True:
+        status = run_all(runs, rows, failed, *args, claims=claims)
+        claims.retry_failed = False
+        rows[:], failed[:] = claims.rows(), claims.failures()
+        if status is not None:
+            return status
+        waiting, lapse = claims.open_runs(list(runs))
+        if not waiting:
+            return None
+        if not said:
+            print(f"waiting for {len(waiting)} run(s) other workers hold; one whose worker "
+                  f"stops renewing its claim runs here after {store.LEASE_SECONDS:.0f} s",
+                  flush=True)
+            said = True
+        time.sleep(min(max(lapse - time.time(), 1.0), WAIT_SECONDS))
+
+
+def _one_at_a_time(todo: Sequence[tuple[int, str, int]], run: Callable[..., Any],
+                   shared: dict[str, Any]
                    ) -> Iterator[tuple[tuple[int, str, int], pool.Outcome]]:
     for index, spec, seed in todo:
         try:
-            yield (index, spec, seed), run_one(spec, seed, **shared)
+            yield (index, spec, seed), run(spec, seed, **shared)
         except Exception as error:
             yield (index, spec, seed), error
 
@@ -421,29 +475,42 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
     command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}" if args.wandb else None
     settings = resolve_settings(args, specs, str(resolve_data(args.data)), command, group)
-    rows = load_previous(output, settings) if args.resume else []
+    rows = load_previous(output, settings) if args.resume and not args.store else []
     for key, value in settings.to_dict().items():
         print(f"{key:>16}: {value}")
     splits = scan_data(settings, Path(settings.data))
     print(f"{'split':>16}: {len(splits.classes)} classes · {len(splits.train)} train · "
           f"{len(splits.val)} val · {len(splits.test)} test images")
+    claims = None
+    if args.store:
+        claims = store.Claims(store.store_path(args.store), retry_failed=args.resume)
+        claims.adopt({**settings.to_dict(), "split": split_digest(splits)},
+                     lambda held: store_changes(settings, splits, held))
+        rows = claims.rows()
+        print(f"{'store':>16}: {claims.path} ({len(rows)} run(s) done by the workers "
+              f"sharing it); this worker is {claims.worker}")
     on_sample = Path(settings.data) == SAMPLE_ROOT.resolve()
     if on_sample:
         print(f"{'':>16}  the packaged sample (UC Merced Land Use, public domain). {OTHER_DATA}")
     targets = [label for _, label in splits.test]
-    failed: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = claims.failures() if claims is not None else []
     runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
     decoded = DecodedImages()  # every run reads the same split: decode it once
-    status = run_all(runs, rows, failed, settings, splits, targets, backbone_factory, output,
-                     decoded)
+
+    def run_these(batch: Sequence[tuple[str, int]]) -> int | None:
+        context = (rows, failed, settings, splits, targets, backbone_factory, output, decoded)
+        if claims is not None:
+            return run_shared(batch, *context, claims=claims)
+        return run_all(batch, *context)
+
+    status = run_these(runs)
     if status is None and settings.seeds_auto:
         # rank 0's timings decide for every process of a data-parallel comparison
         plan = distributed.same_as_main(auto_seeds(rows, settings.strategies))
         if plan:
             print(describe_auto_seeds(plan, rows), flush=True)
         extra = [(s, seed) for s in settings.strategies for seed in range(1, plan.get(s, 1))]
-        status = run_all(extra, rows, failed, settings, splits, targets, backbone_factory,
-                         output, decoded)
+        status = run_these(extra)
     if status is not None:
         return status
     print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets))

@@ -212,7 +212,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="train each run data-parallel on N processes of this machine (started "
                    "with torchrun; --batch-size is then per process); see docs/distributed.md")
     p.add_argument("--output", default="runs/compare", help="folder for results and plots")
-    p.add_argument("--resume", action="store_true", help="skip runs already in --output")
+    p.add_argument("--resume", action="store_true", help="skip runs already in --output "
+                   "(with --store: retry the store's failed runs)")
+    p.add_argument("--store", help="an SQLite file (or sqlite:///path) on a disk every worker "
+                   "sees: several workers started with the same command and --store share the "
+                   "runs, each claiming what nobody holds; see docs/distributed.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --output (refused otherwise)")
     p.add_argument("--wandb", action="store_true", help="log each run to wandb (offline "

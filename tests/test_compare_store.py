@@ -1,0 +1,137 @@
+"""`benchmarks.compare --store`: workers sharing one comparison through one SQLite file claim
+each run once, take over runs whose worker stopped, and all end with every row."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare
+from benchmarks.compare import store
+from benchmarks.compare.store import SharedStore
+from finetune.model.backbone import Backbone
+from tests.conftest import make_tiny_backbone, make_tree
+from tests.test_compare import Factory, argv
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+def slow_tiny_backbone(num_classes: int) -> Backbone:
+    """The tiny backbone, a second late: runs long enough that two workers share them."""
+    time.sleep(1.0)
+    return make_tiny_backbone(num_classes)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("store"), classes=3, n_train=6, n_test=2)
+
+
+def test_a_run_is_claimed_once_and_a_lapsed_claim_changes_hands(tmp_path: Path):
+    first, second = SharedStore(tmp_path / "s.db", "a"), SharedStore(tmp_path / "s.db", "b")
+    token = first.claim("last-layer", 0, now=100.0)
+    assert token is not None
+    assert second.claim("last-layer", 0, now=100.0 + store.LEASE_SECONDS - 1) is None
+    assert first.renew(token, now=100.0 + store.LEASE_SECONDS - 1)  # still renewing: held
+    assert second.claim("last-layer", 0, now=100.0 + store.LEASE_SECONDS + 1) is None
+    later = 100.0 + 2 * store.LEASE_SECONDS  # the first worker stopped renewing: it lapsed
+    taken = second.claim("last-layer", 0, now=later)
+    assert taken is not None and not first.renew(token, now=later)
+    assert not first.finish(token, {"strategy": "last-layer", "seed": 0, "by": "a"})
+    assert second.finish(taken, {"strategy": "last-layer", "seed": 0, "by": "b"})
+    assert [row["by"] for row in first.rows()] == ["b"]  # one row, from the claim that held
+    assert second.claim("last-layer", 0, now=later) is None  # done: nobody runs it again
+
+
+def test_a_failed_run_stays_failed_until_a_worker_resumes(tmp_path: Path):
+    shared = SharedStore(tmp_path / "s.db")
+    assert shared.finish(shared.claim("bitfit", 1), error="RuntimeError('boom')")
+    assert shared.failures() == [{"strategy": "bitfit", "seed": 1, "error": "RuntimeError('boom')"}]
+    assert shared.claim("bitfit", 1) is None
+    assert shared.claim("bitfit", 1, retry_failed=True) is not None
+    assert shared.open_runs([("bitfit", 1), ("bitfit", 2)])[0] == [("bitfit", 1), ("bitfit", 2)]
+
+
+def test_a_worker_with_other_settings_or_another_store_url_is_refused(tree: Path,
+                                                                      tmp_path: Path):
+    db = tmp_path / "s.db"
+    assert compare.main(argv(tree, tmp_path / "a", "--strategies", "last-layer", "--tune",
+                             "none", "--store", str(db)), backbone_factory=Factory()) == 0
+    with pytest.raises(SystemExit, match=r"other settings .*epochs: 1 -> 2"):
+        compare.main(argv(tree, tmp_path / "b", "--strategies", "last-layer", "--tune", "none",
+                          "--epochs", "2", "--store", f"sqlite:///{db}"),
+                     backbone_factory=Factory())
+    with pytest.raises(SystemExit, match="only SQLite"):
+        compare.main(argv(tree, tmp_path / "c", "--tune", "none", "--store",
+                          "postgresql://host/db"), backbone_factory=Factory())
+
+
+def test_a_run_whose_worker_died_is_run_again_and_kept_once(tree: Path, tmp_path: Path):
+    """A claim left by a worker that stopped renewing long ago (killed with its run) is
+    taken over; the run is kept once, on its second attempt."""
+    db = tmp_path / "s.db"
+    SharedStore(db, "dead-worker").claim("last-layer", 0, now=0.0)
+    assert compare.main(argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit",
+                             "--tune", "none", "--store", str(db)),
+                        backbone_factory=Factory()) == 0
+    records = {(s, seed): state for s, seed, state, *_ in SharedStore(db).records()}
+    assert records == {("last-layer", 0): "done", ("bitfit", 0): "done"}
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert sorted(r["strategy"] for r in rows) == ["bitfit", "last-layer"]
+
+
+def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_path: Path):
+    """Two workers started at once, one of them two data-parallel processes under torchrun:
+    each run is trained by one worker, and both end with the whole comparison."""
+    db = tmp_path / "sweep.db"
+    common = ["--data", str(tree), "--backbone", "tests.test_compare_store:slow_tiny_backbone",
+              "--epochs", "1", "--batch-size", "4",
+              "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu",
+              "--tune", "none", "--seeds", "2", "--strategies",
+              "last-layer,bitfit,full-unfreeze", "--store", str(db)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "benchmarks.compare", *common,
+                                 "--output", str(tmp_path / name), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=ROOT)
+
+    workers = [start("two", "--nproc", "2")]  # slower to start: it goes first
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (db.exists() and SharedStore(db).records()):  # until it holds a run
+        if workers[0].poll() is not None or time.monotonic() > deadline:
+            pytest.fail("the torchrun worker claimed nothing: "
+                        + workers[0].communicate()[1][-3000:])
+        time.sleep(0.2)
+    workers.append(start("one", "--jobs", "1"))
+    outputs = []
+    for worker in workers:
+        try:
+            out, err = worker.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in workers:
+                other.kill()
+            pytest.fail(f"a --store worker did not finish in {TIMEOUT_S} s")
+        assert worker.returncode == 0, err[-3000:]
+        outputs.append(out)
+    trained = [match for out in outputs
+               for match in re.findall(r"\] (\S+) seed (\d): val", out)]
+    runs = {(s, str(seed)) for s in ("last-layer", "bitfit", "full-unfreeze") for seed in (0, 1)}
+    assert sorted(trained) == sorted(runs)  # each run trained once, by one of the workers
+    records = SharedStore(db).records()
+    assert len(records) == 6 and {state for _, _, state, *_ in records} == {"done"}
+    for name in ("one", "two"):
+        rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
+        assert {(r["strategy"], str(r["seed"])) for r in rows} == runs and len(rows) == 6
+    sizes = {json.loads(row)["world_size"] for _, _, _, row, *_ in records}
+    assert sizes == {1, 2}  # both workers trained: the data-parallel one on two processes
