@@ -268,6 +268,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
 
 
+CACHE_MEMORY_GB = attrs.fields(TrainConfig).cache_memory_gb.default
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The split, augmentation, recipes and cache flags (train and lr-find)."""
     _add_split_arguments(parser)
@@ -276,6 +279,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
                         help="run a frozen prefix once per image and train on its stored "
                              "activations; auto does so where that is exact (default: auto)")
+    parser.add_argument("--cache-memory-gb", type=non_negative_float,
+                        default=CACHE_MEMORY_GB,
+                        help="the activation cache's memory budget, per machine (default: "
+                             "%(default)s)")
+    parser.add_argument("--activation-cache-dir", type=Path,
+                        help="spill activations over the budget to memory-mapped files here "
+                             "(a local disk; one file per machine's processes)")
 
 
 def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
@@ -447,7 +457,8 @@ def imbalance_hint(data: ImageFolderData, balance: str) -> str | None:
 def _train_config(args: argparse.Namespace, lr: float) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=lr, seed=args.seed, precision=args.precision,
                        device=args.device, channels_last=args.channels_last,
-                       feature_cache=args.feature_cache, **recipe_settings(args))
+                       feature_cache=args.feature_cache, cache_memory_gb=args.cache_memory_gb,
+                       activation_cache_dir=args.activation_cache_dir, **recipe_settings(args))
 
 
 def run_lr_find(args: argparse.Namespace) -> int:

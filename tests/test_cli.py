@@ -210,3 +210,14 @@ def test_lr_auto_chooses_on_validation_then_trains_and_a_resume_keeps_its_lr(
     code, out, err = run(["train", *common, "--lr", "auto", "--checkpoint-dir", str(runs)],
                          capsys)
     assert code == 2 and "already holds" in err and "--lr auto: trying" not in out
+
+
+def test_train_spills_activations_over_the_budget_to_the_folder_given(tree, tmp_path, capsys):
+    spill = tmp_path / "spill"
+    code, _, err = run(["train", "--data", str(tree), "--backbone", TINY, "--strategy",
+                          "last-layer", "--epochs", "1", "--batch-size", "4",
+                          "--cache-memory-gb", "0", "--activation-cache-dir", str(spill),
+                          "--checkpoint-dir", str(tmp_path / "run"), *FAST], capsys)
+    assert code == 0, err
+    files = list(spill.glob("*.bin"))
+    assert len(files) == 2 and all(f.stat().st_size > 0 for f in files)  # train and val
