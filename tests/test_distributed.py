@@ -346,14 +346,16 @@ def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_pa
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-def on_two_nodes(argv: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
-    """`finetune ARGV` under two torchrun launchers of one process each, as on two machines:
-    `--nnodes 2 --node-rank 0|1`, c10d rendezvous on 127.0.0.1; both must finish."""
+def on_two_nodes(argv: list[str], cwd: Path, per_node: int = 1
+                 ) -> list[subprocess.CompletedProcess]:
+    """`finetune ARGV` under two torchrun launchers of `per_node` processes each, as on two
+    machines: `--nnodes 2 --node-rank 0|1`, c10d rendezvous on 127.0.0.1; both must finish."""
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1",
                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-         str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         str(node), "--nproc-per-node", str(per_node), "--rdzv-backend", "c10d",
+         "--rdzv-endpoint",
          f"127.0.0.1:{port}", "--rdzv-id", f"nodes{port}", "-m", "finetune", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
         for node in (0, 1)]
@@ -400,6 +402,14 @@ def test_two_nodes_train_resume_and_evaluate_as_one_process(tree: Path, tmp_path
                      for n in ("nodes", "alone"))
     assert nodes["confusion_matrix"] == single["confusion_matrix"]
     assert sum(map(sum, nodes["confusion_matrix"])) == 9
+
+    # two machines of two processes each: each machine's pair shares one cache, and rows
+    # travel only between the machines; still one process's run with the global batch
+    four = tmp_path / "four"
+    on_two_nodes([*train[:train.index("--batch-size")], "--batch-size", "2", *FAST,
+                  "--epochs", "2", "--checkpoint-dir", str(four)], tmp_path, per_node=2)
+    assert json.loads((four / "run.json").read_text())["world_size"] == 4
+    assert_close(torch.load(four / "last.pt", weights_only=True)["model"], theirs["model"])
 
 
 def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):

@@ -269,12 +269,13 @@ def same_as_main(value: Any) -> Any:
     return holder[0]
 
 
-def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's `tensor` (same shape everywhere), as bytes so any dtype travels."""
+def _all_gather(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    """Every process's `tensor` (same shape everywhere) — of `group`, else of all — as bytes
+    so any dtype travels."""
     local = tensor.contiguous()
     raw = local.reshape(-1).view(torch.uint8).to(_device())
-    parts = [torch.empty_like(raw) for _ in range(world_size())]
-    dist.all_gather(parts, raw)
+    parts = [torch.empty_like(raw) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, raw, group=group)
     return [part.cpu().view(local.dtype).view(local.shape) for part in parts]
 
 
@@ -310,8 +311,8 @@ class RowShard:
     epoch deals the rows to the processes anew, so each needs them all.
 
     The processes of one machine (one torchrun launcher) may hold the rows in one storage
-    they all map (`finetune.cache.store`): each writes its own rows there, and only rows
-    computed on other machines travel, written by the machine's first process. Rows that
+    they all map (`finetune.cache.store`): each writes its own rows there, and only the
+    machines' first processes exchange rows, each sending its machine's. Rows that
     DistributedSampler repeats to pad the last shard are computed but written by their owner
     alone, so every row is one process's computation, whichever storage holds it."""
 
@@ -323,7 +324,8 @@ class RowShard:
         self.genuine_of = [[q + k * count < size for k in range(len(rows))]
                            for q, rows in enumerate(self.rows_of)]
         self.rows, self.genuine = self.rows_of[rank()], self.genuine_of[rank()]
-        self.machine = machine_ranks()
+        self.machines = machines()
+        self.machine = next(m for m in self.machines if rank() in m)
         self.machine_leader = rank() == self.machine[0]
 
     @classmethod
@@ -359,33 +361,66 @@ class RowShard:
                  shared: bool = False) -> None:
         """Write the other processes' rows of `features` and `labels` (this process's own
         are written). `shared`: `features` is one storage of this machine's processes, so
-        peers' rows are there already and the machine's first process writes the rest."""
-        travel = [labels] if shared and len(self.machine) == world_size() else [
-            features, labels]
+        their rows are there once all have written, and only other machines' rows travel."""
+        if not shared:
+            self._gather(features, chunk)
+            self._gather(labels, chunk)
+            return
+        self.agree(True)  # every process has written its own rows
+        if len(self.machines) > 1:
+            self._between_machines(features, chunk)
+        self._gather(labels, chunk)
+        self.agree(True)  # nobody reads before every row is written
+
+    def _gather(self, tensor: torch.Tensor, chunk: int) -> None:
+        """Every process's rows of `tensor` into this process's copy."""
         for start in range(0, len(self.rows), chunk):
-            mine = torch.as_tensor(self.rows[start:start + chunk])
-            for tensor in travel:
-                parts = _all_gather(tensor[mine])  # a collective: every process takes part
-                in_storage = shared and tensor is features
-                if in_storage and not self.machine_leader:
-                    continue
-                for q, part in enumerate(parts):
-                    if q == rank() or (in_storage and q in self.machine):
-                        continue
-                    keep = torch.as_tensor(self.genuine_of[q][start:start + chunk],
-                                           dtype=torch.bool)
-                    tensor[torch.as_tensor(self.rows_of[q][start:start + chunk])[keep]] = \
-                        part[keep]
-        if shared:
-            self.agree(True)  # nobody reads before every row is written
+            parts = _all_gather(tensor[torch.as_tensor(self.rows[start:start + chunk])])
+            for q, part in enumerate(parts):
+                if q != rank():
+                    rows, keep = self._rows([q], start, chunk)
+                    tensor[rows[keep]] = part[keep]
+
+    def _between_machines(self, features: torch.Tensor, chunk: int) -> None:
+        """Other machines' rows into this machine's storage: the machines' first processes
+        gather among themselves (a group of their own), each sending its machine's rows —
+        so a machine takes in each row once, not once per process."""
+        group = dist.new_group([machine[0] for machine in self.machines])  # all take part
+        try:
+            if not self.machine_leader:
+                return
+            widest = max(len(machine) for machine in self.machines)
+            for start in range(0, len(self.rows), chunk):
+                rows, _ = self._rows(self.machine, start, chunk)
+                mine = features[rows]
+                if len(self.machine) < widest:  # all_gather wants one shape: pad, cut after
+                    pad = len(rows) // len(self.machine) * widest - len(rows)
+                    mine = torch.cat([mine, mine.new_zeros(pad, *mine.shape[1:])])
+                parts = _all_gather(mine, group)
+                for machine, part in zip(self.machines, parts, strict=True):
+                    if machine is not self.machine:
+                        rows, keep = self._rows(machine, start, chunk)
+                        features[rows[keep]] = part[:len(rows)][keep]
+        finally:
+            if self.machine_leader:  # the others are not in it
+                dist.destroy_process_group(group)
+
+    def _rows(self, ranks: list[int], start: int, chunk: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows `ranks` computed at positions start..start+chunk, and which are theirs
+        to write (not a pad's repeat)."""
+        rows = [row for q in ranks for row in self.rows_of[q][start:start + chunk]]
+        keep = [flag for q in ranks for flag in self.genuine_of[q][start:start + chunk]]
+        return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(keep, dtype=torch.bool)
 
 
-def machine_ranks() -> list[int]:
-    """The ranks on this process's machine, in order: torchrun's launcher (GROUP_RANK) on
-    this host; a process group started without torchrun groups by host name alone."""
+def machines() -> list[list[int]]:
+    """The ranks of each machine, in order: torchrun's launcher (GROUP_RANK) on its host; a
+    process group started without torchrun groups by host name alone."""
     if not active():
-        return [0]
+        return [[0]]
     here = f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '')}"
     everywhere: list[Any] = [None] * world_size()
     dist.all_gather_object(everywhere, here)
-    return [q for q, there in enumerate(everywhere) if there == here]
+    return [[q for q, there in enumerate(everywhere) if there == key]
+            for key in dict.fromkeys(everywhere)]
