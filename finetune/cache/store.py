@@ -271,16 +271,17 @@ def fill_together(caches: Sequence[ActivationCache], prefix: Any, loader: Any, f
 def machine_memory(shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard
                    ) -> torch.Tensor | None:
     """One tensor in shared memory that every process of this machine maps, or None where
-    there is no peer on the machine or no room in /dev/shm (then each keeps its own copy).
-    The machine's first process creates the file; once all have mapped it, it is unlinked,
-    so the memory goes when the last process lets go of it, crash or not."""
-    if not shard.machine_peers or not SHARED_MEMORY.is_dir():
+    no machine runs two processes of this run or a machine has no room in /dev/shm (then
+    each process keeps its own copy). The machine's first process creates the file; once all
+    have mapped it, it is unlinked, so the memory goes when the last process lets go of it,
+    crash or not. Every process decides alike: the steps are collectives."""
+    if not shard.machines_shared:
         return None
     path = SHARED_MEMORY / f"finetune-activations-{shard.token()}-{shard.machine[0]}.bin"
     numel = torch.Size(shape).numel()
     try:
-        room = True
-        if shard.machine_leader:
+        room = SHARED_MEMORY.is_dir()
+        if room and shard.machine_leader:
             try:
                 reserve_disk(path, numel * torch.empty((), dtype=dtype).itemsize)
             except OSError as error:

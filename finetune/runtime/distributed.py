@@ -333,9 +333,10 @@ class RowShard:
         return cls(size) if active() else None
 
     @property
-    def machine_peers(self) -> bool:
-        """Whether other processes of this run share this machine (and could share storage)."""
-        return len(self.machine) > 1
+    def machines_shared(self) -> bool:
+        """Whether some machine runs two or more processes of this run (then each machine's
+        processes may share storage); the same answer on every process."""
+        return any(len(machine) > 1 for machine in self.machines)
 
     def agree(self, flag: bool) -> bool:
         """True only where every process says True (a disk cache complete everywhere); a
@@ -347,10 +348,12 @@ class RowShard:
         return same_as_main(uuid.uuid4().hex)
 
     def same_on_machine(self, value: Any) -> bool:
-        """Whether every process of this machine holds an equal `value` (a file path)."""
+        """Whether on every machine its processes hold equal `value`s (a file path): the
+        same answer on every process."""
         values: list[Any] = [None] * world_size()
         dist.all_gather_object(values, value)
-        return all(values[q] == value for q in self.machine)
+        return all(values[q] == values[machine[0]] for machine in self.machines
+                   for q in machine)
 
     def own(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, which of them to write) for this process's positions start..stop."""
