@@ -49,6 +49,9 @@ def test_a_run_is_claimed_once_and_a_lapsed_claim_changes_hands(tmp_path: Path):
     assert second.finish(taken, {"strategy": "last-layer", "seed": 0, "by": "b"})
     assert [row["by"] for row in first.rows()] == ["b"]  # one row, from the claim that held
     assert second.claim("last-layer", 0, now=later) is None  # done: nobody runs it again
+    third = first.claim("bitfit", 0, now=later)
+    first.release(third)  # given up (Ctrl-C): free at once, not after the lease
+    assert second.claim("bitfit", 0, now=later) is not None
 
 
 def test_a_failed_run_stays_failed_until_a_worker_resumes(tmp_path: Path):

@@ -142,6 +142,12 @@ class SharedStore:
                 "UPDATE runs SET state=?, row=?, error=?, lease_until=0 WHERE token=? AND "
                 "state='running'", (state, value, error, token)).rowcount == 1
 
+    def release(self, token: str) -> None:
+        """Give a claim up at once (Ctrl-C): the next worker that looks may run it."""
+        with self._transaction() as db:
+            db.execute("UPDATE runs SET lease_until=0 WHERE token=? AND state='running'",
+                       (token,))
+
     def records(self) -> list[tuple[str, int, str, str | None, str | None, float]]:
         """(strategy, seed, state, row JSON, error, lease_until) of every run recorded."""
         db = sqlite3.connect(self.path, timeout=120)
@@ -251,6 +257,10 @@ def run_claimed(spec: str, seed: int, *, run: Callable[..., dict[str, Any]], sto
     except Exception as error:
         if shared_store is not None:
             shared_store.finish(token, error=redact(repr(error)))
+        raise
+    except BaseException:  # Ctrl-C, a stopped comparison: the run is not this worker's now
+        if shared_store is not None:
+            shared_store.release(token)
         raise
     kept = distributed.same_as_main(
         shared_store.finish(token, row) if shared_store is not None else None)
