@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measured import cpu_label, write_measurement
 from finetune.atomic import atomic_write_text
 from finetune.data import ImageFolderData
 from finetune.data.sample import resolve_named_data
@@ -31,7 +32,6 @@ from finetune.data.tree import ImageSplits
 from finetune.model.zoo import build_backbone
 from finetune.runtime import distributed
 from finetune.runtime.memory import trim_heap
-from finetune.runtime.precision import machine
 from finetune.strategies import parse_strategy
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback
@@ -174,16 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         options += ["--per-class", str(args.per_class)]
     rows = [summary(run_processes(count, options, args.out / f"{count}"))
             for count in args.processes]
-    box = machine()
     title = (f"{args.data}, {args.backbone} {args.strategy}, {args.image_size} px, "
              f"{args.precision}, {rows[0]['images']} images cached (train + val); CPU: "
-             f"{box['cpu']}, {', '.join(box['flags'])}")
-    text = markdown(rows, title)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    text += f"\n\nCommand: `python -m benchmarks.cache_memory {command}`\n"
-    atomic_write_text(args.out / "cache_memory.md", text)
-    atomic_write_text(args.out / "cache_memory.json", json.dumps(rows, indent=2))
-    print(text)
+             f"{cpu_label()}")
+    write_measurement(args.out, "cache_memory", markdown(rows, title), rows,
+                      "benchmarks.cache_memory", argv)
 
 
 if __name__ == "__main__":

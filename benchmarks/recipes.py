@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.compare.run import row_seconds
-from finetune.atomic import atomic_write_text
+from benchmarks.measured import cpu_label, write_measurement
 from finetune.data.images import image_files
 from finetune.data.sample import resolve_named_data
-from finetune.runtime.precision import machine
 from finetune.stats.significance import Bootstrap
 
 STRATEGIES = "last-layer,freeze-80,full-unfreeze"
@@ -213,17 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"{args.data}" if recipes is RECIPES else
                  f"{args.data}, long-tailed training split (rarest class {args.long_tail:g})")
         sections.append((title, table))
-    box = machine()
-    cpu = (f"{box['cpu']}, {box['threads']} threads, {', '.join(box['flags'])}"
-           + (f", ISA capped at {box['isa_cap']}" if box["isa_cap"] else ""))
+    cpu = cpu_label()
     text = "\n\n".join(markdown(table, strategies, title) for title, table in sections)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    text += f"\n\nCPU: {cpu}. Command: `python -m benchmarks.recipes {command}`\n"
-    atomic_write_text(args.output / "recipes.md", text)
-    atomic_write_text(args.output / "recipes.json", json.dumps(
-        {"cpu": cpu, "sections": [{"title": t, "rows": rows} for t, rows in sections]},
-        indent=2))
-    print(text)
+    write_measurement(args.output, "recipes", f"{text}\n\nCPU: {cpu}.",
+                      {"cpu": cpu, "sections": [{"title": t, "rows": rows}
+                                                for t, rows in sections]},
+                      "benchmarks.recipes", argv)
     return 0
 
 

@@ -16,8 +16,6 @@ process as fast as this device. Run it on one GPU of the target machines for the
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +23,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.measured import cpu_label, write_measurement
 from finetune.advisor import depth_strategies
-from finetune.atomic import atomic_write_text
 from finetune.cache.plan import plan_cut
 from finetune.model.zoo import build_backbone
-from finetune.runtime.precision import machine
 
 RAM_SHARE = 0.5  # of a node's RAM the cache may take: the rest is the processes' own
 
@@ -163,15 +160,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = arguments(argv)
     entries = plan(measure_depths(args), args)
-    box = machine()
-    where = (box["cuda"] or f"{box['cpu']} ({box['threads']} threads, "
-             f"{', '.join(box['flags'])})") + f", {args.precision}, batch {args.batch_size}"
-    text = markdown(entries, args, where)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    text += f"\n\nCommand: `python -m benchmarks.scale_plan {command}`\n"
-    atomic_write_text(args.out / "scale_plan.md", text)
-    atomic_write_text(args.out / "scale_plan.json", json.dumps(entries, indent=2))
-    print(text)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" \
+        else None
+    where = f"{gpu or cpu_label()}, {args.precision}, batch {args.batch_size}"
+    write_measurement(args.out, "scale_plan", markdown(entries, args, where), entries,
+                      "benchmarks.scale_plan", argv)
 
 
 if __name__ == "__main__":
