@@ -3,6 +3,7 @@ batches and loaders, small image trees on disk, and running the CLI in-process."
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +161,20 @@ def make_named_tree(root: Path, n_train: int = 10, n_test: int = 3, size=(48, 40
             for i in range(count):
                 write_image(root / split / name / f"{name}{i:03d}.jpg", COLOURS[name], size)
     return root
+
+
+def finish_all(processes: list[subprocess.Popen], timeout: float, what: str
+               ) -> list[subprocess.CompletedProcess]:
+    """Wait for processes started together (launchers, workers); each must exit 0. Past the
+    deadline all are killed and the test fails, rather than hang on a broken collective."""
+    done = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail(f"{what} did not finish in {timeout:.0f} s")
+        assert process.returncode == 0, err[-3000:]
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return done

@@ -17,7 +17,7 @@ from benchmarks import compare
 from benchmarks.compare import store
 from benchmarks.compare.store import SharedStore
 from finetune.model.backbone import Backbone
-from tests.conftest import make_tiny_backbone, make_tree
+from tests.conftest import finish_all, make_tiny_backbone, make_tree
 from tests.test_compare import Factory, argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,16 +117,7 @@ def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_
                         + workers[0].communicate()[1][-3000:])
         time.sleep(0.2)
     workers.append(start("one", "--jobs", "1"))
-    outputs = []
-    for worker in workers:
-        try:
-            out, err = worker.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other in workers:
-                other.kill()
-            pytest.fail(f"a --store worker did not finish in {TIMEOUT_S} s")
-        assert worker.returncode == 0, err[-3000:]
-        outputs.append(out)
+    outputs = [done.stdout for done in finish_all(workers, TIMEOUT_S, "a --store worker")]
     trained = [match for out in outputs
                for match in re.findall(r"\] (\S+) seed (\d): val", out)]
     runs = {(s, str(seed)) for s in ("last-layer", "bitfit", "full-unfreeze") for seed in (0, 1)}

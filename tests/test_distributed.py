@@ -31,7 +31,7 @@ from finetune.strategies import build_strategy
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback
 from finetune.train.trainer import Trainer, epoch_seed
-from tests.conftest import FAST, TINY, make_tiny_backbone, make_tree
+from tests.conftest import FAST, TINY, finish_all, make_tiny_backbone, make_tree
 
 TIMEOUT_S = 180
 CONFIG = dict(epochs=2, lr=1e-3, seed=0, precision="fp32", channels_last=False, device="cpu",
@@ -40,12 +40,15 @@ CONFIG = dict(epochs=2, lr=1e-3, seed=0, precision="fp32", channels_last=False, 
 
 class PlainNet(nn.Module):
     """Convolutions and a linear head without BatchNorm: per-process batch statistics cannot
-    make two processes differ from one."""
+    make two processes differ from one. `width` and the strides shape the stem's output (the
+    cached activations of a probe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 8, stem_stride: int = 2, block_stride: int = 2) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=stem_stride, padding=1),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, 8, 3, stride=block_stride, padding=1),
+                                   nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8, 1000)
 
@@ -53,11 +56,12 @@ class PlainNet(nn.Module):
         return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
 
 
-def plain_backbone(num_classes: int = 3) -> Backbone:
+def plain_backbone(num_classes: int = 3, size: int = 24, **shape: int) -> Backbone:
     torch.manual_seed(0)
-    return Backbone.from_module(PlainNet(), head="fc", num_classes=num_classes, name="plainnet",
+    return Backbone.from_module(PlainNet(**shape), head="fc", num_classes=num_classes,
+                                name="plainnet",
                                 groups=(("stem", r"^stem\."), ("block", r"^block\.")),
-                                preprocessing=Preprocessing(resize_size=24, crop_size=24))
+                                preprocessing=Preprocessing(resize_size=size, crop_size=size))
 
 
 class BucketRecorder(Callback):
@@ -244,26 +248,10 @@ def test_a_spilled_cache_is_one_file_both_ranks_map(tree, tmp_path):
     assert ranks[1]["confusion"] == single["confusion"]
 
 
-class WideNet(nn.Module):
-    """A wide full-resolution first convolution: its cached output is ~0.5 MB an image at
-    64 px, far more than what training the rest holds, so a copy of it is plain to see."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(32, 8, 3, stride=4, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 1000)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
-
-
 def wide_backbone(num_classes: int = 3) -> Backbone:
-    torch.manual_seed(0)
-    return Backbone.from_module(WideNet(), head="fc", num_classes=num_classes, name="widenet",
-                                groups=(("stem", r"^stem\."), ("block", r"^block\.")),
-                                preprocessing=Preprocessing(resize_size=64, crop_size=64))
+    """A wide full-resolution stem: its cached output is ~0.5 MB an image at 64 px, far more
+    than what training the rest holds, so a copy of it is plain to see."""
+    return plain_backbone(num_classes, size=64, width=32, stem_stride=1, block_stride=4)
 
 
 def test_a_second_local_process_adds_little_of_the_cache_to_the_machine(tmp_path: Path):
@@ -359,17 +347,7 @@ def on_two_nodes(argv: list[str], cwd: Path, per_node: int = 1
          f"127.0.0.1:{port}", "--rdzv-id", f"nodes{port}", "-m", "finetune", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
         for node in (0, 1)]
-    done = []
-    for launcher in launchers:
-        try:
-            out, err = launcher.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other in launchers:
-                other.kill()
-            pytest.fail(f"two-node {argv[0]} did not finish in {TIMEOUT_S} s")
-        done.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err))
-        assert launcher.returncode == 0, err[-3000:]
-    return done
+    return finish_all(launchers, TIMEOUT_S, f"two-node {argv[0]}")
 
 
 def test_two_nodes_train_resume_and_evaluate_as_one_process(tree: Path, tmp_path: Path):
