@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +252,7 @@ def run_claimed(spec: str, seed: int, *, run: Callable[..., dict[str, Any]], sto
     if token is None:
         return TAKEN
     try:
-        with Lease(shared_store, token) if shared_store is not None else _nothing():
+        with Lease(shared_store, token) if shared_store is not None else nullcontext():
             row = run(spec, seed, **shared)
     except Exception as error:
         if shared_store is not None:
@@ -265,8 +265,3 @@ def run_claimed(spec: str, seed: int, *, run: Callable[..., dict[str, Any]], sto
     kept = distributed.same_as_main(
         shared_store.finish(token, row) if shared_store is not None else None)
     return row if kept else TAKEN
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
