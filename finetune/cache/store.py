@@ -216,7 +216,8 @@ def fill_together(caches: Sequence[ActivationCache], prefix: Any, loader: Any, f
     cache, a tuple of them when there are several (`finetune.cache.cut.multi_prefix`).
     `forward(prefix, images)` applies precision and memory format. Under data-parallel
     training `shard` (`finetune.runtime.distributed.RowShard`) names the rows this process
-    computes, and then exchanges them so that every process holds all."""
+    computes, and then exchanges them so that every process can read all (one copy per
+    machine where its processes share storage)."""
     dataset = loader.dataset
     rows = range(len(dataset)) if shard is None else shard.rows
     order = torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
@@ -283,7 +284,7 @@ def machine_memory(shape: tuple[int, ...], dtype: torch.dtype, shard: RowShard
         room = SHARED_MEMORY.is_dir()
         if room and shard.machine_leader:
             try:
-                reserve_disk(path, numel * torch.empty((), dtype=dtype).itemsize)
+                reserve_disk(path, numel * dtype.itemsize)
             except OSError as error:
                 warnings.warn(f"each process keeps its own activation cache: {error}",
                               RuntimeWarning, stacklevel=2)
