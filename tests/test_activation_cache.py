@@ -232,3 +232,35 @@ def test_image_folder_loaders_are_cached_only_without_augmentation(
     assert len(history) == 2
     assert trainer.state.cached_prefix == (None if augment else "avgpool")
     assert trainer.classes == ["cat", "dog", "owl"]
+
+
+class OneMachineShard:
+    """The parts of a RowShard `machine_memory` asks, for one process that leads a machine
+    of two (the collectives answer as everywhere agreed)."""
+
+    machines_shared, machine_leader, machine = True, True, [0, 1]
+
+    def token(self) -> str:
+        return "test"
+
+    def agree(self, flag: bool) -> bool:
+        return flag
+
+
+def test_machine_memory_maps_an_unlinked_file_or_says_why_each_process_keeps_a_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from finetune.cache import store
+
+    monkeypatch.setattr(store, "SHARED_MEMORY", tmp_path)
+    mapped = store.machine_memory((4, 3), torch.float32, OneMachineShard())
+    assert mapped is not None and mapped.shape == (4, 3)
+    mapped[:] = 7.0  # writable, and backed by a file nobody can open any more
+    assert list(tmp_path.iterdir()) == []  # unlinked once mapped: gone with the last process
+
+    def full(path: Path, nbytes: int) -> None:
+        raise store.disk_full(path, nbytes)
+
+    monkeypatch.setattr(store, "reserve_disk", full)
+    with pytest.warns(RuntimeWarning, match="each process keeps its own activation cache"):
+        assert store.machine_memory((4, 3), torch.float32, OneMachineShard()) is None
+    assert list(tmp_path.iterdir()) == []
