@@ -4,12 +4,14 @@ each run once, take over runs whose worker stopped, and all end with every row."
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +54,42 @@ def test_a_run_is_claimed_once_and_a_lapsed_claim_changes_hands(tmp_path: Path):
     third = first.claim("bitfit", 0, now=later)
     first.release(third)  # given up (Ctrl-C): free at once, not after the lease
     assert second.claim("bitfit", 0, now=later) is not None
+
+
+RACED = [(strategy, seed) for strategy in ("a", "b", "c", "d") for seed in range(10)]
+
+
+def _claim_everything(path: str, name: str, start: Any, results: Any) -> None:
+    """A worker that, once all are ready, claims and finishes every run it can."""
+    shared, claimed, kept = SharedStore(path, name), [], []
+    start.wait()
+    for strategy, seed in RACED:
+        token = shared.claim(strategy, seed)
+        if token is not None:
+            claimed.append((strategy, seed))
+            if shared.finish(token, {"strategy": strategy, "seed": seed}):
+                kept.append((strategy, seed))
+    results.put((name, claimed, kept))
+
+
+def test_four_racing_workers_claim_each_run_exactly_once(tmp_path: Path):
+    """Real processes on one SQLite file, released together, each trying every run: every
+    run is won by exactly one of them (which one varies), and the store keeps one row each."""
+    path = str(tmp_path / "race.db")
+    SharedStore(path)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_claim_everything, args=(path, f"w{i}", start, results))
+               for i in range(4)]
+    for worker in workers:
+        worker.start()
+    reports = [results.get(timeout=TIMEOUT_S) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=TIMEOUT_S)
+    claimed = [run for _, runs, _ in reports for run in runs]
+    kept = [run for _, _, runs in reports for run in runs]
+    assert sorted(claimed) == sorted(kept) == sorted(RACED)  # none trained twice, none lost
+    assert len(SharedStore(path).rows()) == len(RACED)
 
 
 def test_a_failed_run_stays_failed_until_a_worker_resumes(tmp_path: Path):
