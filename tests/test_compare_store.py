@@ -127,6 +127,14 @@ def test_a_run_whose_worker_died_is_run_again_and_kept_once(tree: Path, tmp_path
     assert records == {("last-layer", 0): "done", ("bitfit", 0): "done"}
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert sorted(r["strategy"] for r in rows) == ["bitfit", "last-layer"]
+    # the worker started again on its folder: --resume, nothing left to train
+    factory = Factory()
+    assert compare.main(argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit",
+                             "--tune", "none", "--store", str(db), "--resume"),
+                        backbone_factory=factory) == 0
+    assert factory.calls == []
+    again = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["test_predictions"] for r in again] == [r["test_predictions"] for r in rows]
 
 
 def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_path: Path):
@@ -162,8 +170,9 @@ def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_
     assert sorted(trained) == sorted(runs)  # each run trained once, by one of the workers
     records = SharedStore(db).records()
     assert len(records) == 6 and {state for _, _, state, *_ in records} == {"done"}
-    for name in ("one", "two"):
-        rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
-        assert {(r["strategy"], str(r["seed"])) for r in rows} == runs and len(rows) == 6
+    written = [[(r["strategy"], str(r["seed"])) for r in json.loads(
+        (tmp_path / name / "results.json").read_text())["rows"]] for name in ("one", "two")]
+    assert written[0] == written[1]  # the same report, rows in the command's order
+    assert set(written[0]) == runs and len(written[0]) == 6
     sizes = {json.loads(row)["world_size"] for _, _, _, row, *_ in records}
     assert sizes == {1, 2}  # both workers trained: the data-parallel one on two processes

@@ -513,6 +513,9 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
         status = run_these(extra)
     if status is not None:
         return status
+    if claims is not None:  # in the order of the command, whichever worker finished first
+        order = {spec: index for index, spec in enumerate(settings.strategies)}
+        rows.sort(key=lambda row: (order.get(row["strategy"], len(order)), row["seed"]))
     print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets))
     print(f"\nresults in {output}/ (results.json, results.csv, results.md, pairwise.*, "
           "per_class.*, *.png)")
