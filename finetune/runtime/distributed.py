@@ -323,7 +323,7 @@ class RowShard:
         # position k of rank q is entry q + k*count of the padded order: past `size`, a repeat
         self.genuine_of = [[q + k * count < size for k in range(len(rows))]
                            for q, rows in enumerate(self.rows_of)]
-        self.rows, self.genuine = self.rows_of[rank()], self.genuine_of[rank()]
+        self.rows = self.rows_of[rank()]
         self.machines = machines()
         self.machine = next(m for m in self.machines if rank() in m)
         self.machine_leader = rank() == self.machine[0]
@@ -357,8 +357,7 @@ class RowShard:
 
     def own(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, which of them to write) for this process's positions start..stop."""
-        return (torch.as_tensor(self.rows[start:stop]),
-                torch.as_tensor(self.genuine[start:stop], dtype=torch.bool))
+        return self._rows([rank()], start, stop - start)
 
     def exchange(self, features: torch.Tensor, labels: torch.Tensor, chunk: int,
                  shared: bool = False) -> None:
