@@ -58,13 +58,14 @@ from finetune.cli_options import (  # the argument types; benchmarks.compare reu
     non_negative_int,
     positive_float,
     positive_int,
+    range_test_steps,
     recipe_settings,
     strategy_argument,
     val_fraction,
 )
 from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
 from finetune.data.transforms import augmentation
-from finetune.errors import FinetuneError, redact
+from finetune.errors import CheckpointError, FinetuneError, redact
 from finetune.export import EXPORT_FORMATS
 from finetune.inference import recorded_backbone
 from finetune.model.backbone import Backbone
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(lr_find)
     lr_find.add_argument("--start", type=positive_float, default=1e-7, help="(default: 1e-7)")
     lr_find.add_argument("--end", type=positive_float, default=1.0, help="(default: 1)")
-    lr_find.add_argument("--steps", type=positive_int, default=100,
+    lr_find.add_argument("--steps", type=range_test_steps, default=100,
                          help="optimizer steps of the ramp (default: 100)")
     lr_find.add_argument("--output", type=Path, default=Path("lr_find"),
                          help="folder for lr_find.json and lr_find.png (default: lr_find)")
@@ -354,11 +355,36 @@ def take_run_settings(args: argparse.Namespace) -> None:
                                                                     "train_per_class")}}
     for name in RESUMED_SETTINGS:
         if name in recorded and getattr(args, name) == parser.get_default(name):
-            setattr(args, name, recorded[name])
+            setattr(args, name, recorded_flag(parser, name, recorded[name], source))
     args.augment = augmentation(args.augment)  # runs before the policies recorded True/False
     args.crop_scale = tuple(args.crop_scale)
-    if isinstance(record.get("tuning"), dict) and args.lr == parser.get_default("lr"):
-        args.lr = float(record["tuning"]["chosen"])  # the lr --lr auto chose for the run
+    if args.lr == parser.get_default("lr"):  # the run's lr, or the one --lr auto chose
+        tuning, run_lr = record.get("tuning"), recorded.get("lr")
+        if isinstance(tuning, dict):
+            args.lr = float(tuning["chosen"])
+        elif run_lr not in (None, "auto"):
+            args.lr = recorded_flag(parser, "lr", run_lr, source)
+    if isinstance(record.get("tuning"), dict):  # the resumed run.json keeps how lr was chosen
+        args.tuned = record["tuning"]
+
+
+def recorded_flag(parser: argparse.ArgumentParser, name: str, value: Any, source: Path) -> Any:
+    """A flag's value as run.json records it, checked as the command line would check it: an
+    edited file gets an error naming the field, not a TypeError deep in training."""
+    action = next((a for a in parser._actions if a.dest == name), None)
+    if action is None or value is None or isinstance(value, (list, dict, bool)):
+        return value
+    flag = action.option_strings[0] if action.option_strings else name
+    try:
+        checked = action.type(str(value)) if action.type is not None else value
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{source}: cli.{name} holds {value!r}, which {flag} does not "
+                              f"take ({error}); restore the value, or give {flag} yourself"
+                              ) from None
+    if action.choices is not None and checked not in action.choices:
+        raise CheckpointError(f"{source}: cli.{name} holds {value!r}; {flag} takes "
+                              f"{', '.join(map(str, action.choices))}")
+    return checked
 
 
 def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
@@ -393,6 +419,8 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
         record = _run_record(args, backbone, data, strategy)
         if tuning is not None:
             record["tuning"] = tuning.to_dict()
+        elif getattr(args, "tuned", None) is not None:
+            record["tuning"] = args.tuned
         callbacks += [checkpoint, RunFile(checkpoint.dirpath, record)]
     if args.wandb_project:
         callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
@@ -539,7 +567,7 @@ def _auto_name(backbone: Backbone) -> str:
 
 
 def _cli_config(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"handler", "parser", "command", "traceback"}
+    skip = {"handler", "parser", "command", "traceback", "tuned"}
     out: dict[str, Any] = {}
     for key, value in vars(args).items():
         if key in skip:

@@ -16,6 +16,9 @@ from finetune.train.config import TrainConfig
 
 def run_advise(args: argparse.Namespace) -> int:
     output: Path = args.output
+    if output.exists() and not output.is_dir():  # said before anything is measured
+        args.parser.error(f"--output {output} is a file; advise writes a folder (advise.json, "
+                          "advise.md): give a folder name")
     if (output / "advise.json").is_file() and not args.overwrite:
         args.parser.error(f"{output} holds earlier advice (advise.json); choose another "
                           "--output or pass --overwrite")

@@ -8,6 +8,7 @@ import csv
 import io
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,14 @@ CHECK_IMAGES = 8  # real images an export is verified on
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    classifier = load(args.model, device=args.device, backbone=args.backbone)
+    if args.output is not None and args.output.is_dir():  # said before any image is read
+        raise DataError(f"--output {args.output} is a folder; give the CSV file to write, "
+                        f"e.g. {args.output / 'predictions.csv'}")
+    with warnings.catch_warnings(record=True) as caught:  # said once, as a note
+        warnings.simplefilter("always")
+        classifier = load(args.model, device=args.device, backbone=args.backbone)
+    for warning in caught:
+        print(f"note: {warning.message}", file=sys.stderr)
     paths = find_images(args.paths)
     rows, unreadable, started = [], 0, time.perf_counter()
     predictions = classifier.predict_files(paths, top_k=args.top_k, batch_size=args.batch_size,
@@ -59,6 +67,8 @@ def _progress(items: Iterator[Prediction], total: int) -> Iterable[Prediction]:
 
 def run_export(args: argparse.Namespace) -> int:
     run = load_run(args.model, args.backbone)
+    if run.assumed is not None:
+        print(f"note: {run.assumed}; the export embeds that preprocessing", file=sys.stderr)
     sources = args.check or _run_images(run.record)
     images = None
     if sources:  # preprocessed as the run was trained

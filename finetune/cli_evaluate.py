@@ -35,9 +35,11 @@ def _evaluate(args: argparse.Namespace, say: Callable[..., None]) -> int:
             say(f"note: {path.parent} has no best.pt though last.pt records a best at epoch "
                 f"{best + 1}; evaluating last.pt (epoch {int(checkpoint['epoch']) + 1})",
                 file=sys.stderr)
-    if record is None:
-        say(f"note: no {RUN_FILE} beside {path}; assuming {run.spec} with its default "
-            "preprocessing", file=sys.stderr)
+    if run.assumed is not None:
+        say(f"note: {run.assumed}", file=sys.stderr)
+    elif record is None:
+        say(f"note: no {RUN_FILE} beside {path}; {run.spec} at the preprocessing the "
+            "checkpoint records", file=sys.stderr)
     backbone, preprocessing = run.backbone, run.preprocessing
     data_root = args.data or (Path(record["data"]) if record else None) or os.environ.get(DATA_ENV)
     data = ImageFolderData(

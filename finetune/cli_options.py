@@ -14,6 +14,7 @@ from finetune.errors import ArchitectureError
 from finetune.model.zoo import check_backbone_name
 from finetune.strategies import FreezeStrategy, parse_strategy
 from finetune.train.config import SCHEDULES, TrainConfig
+from finetune.train.range_test import MIN_STEPS
 from finetune.tuning import parse_grid
 
 
@@ -56,6 +57,9 @@ positive_float = checked_number(float, lambda v: math.isfinite(v) and v > 0,
 non_negative_float = checked_number(float, lambda v: math.isfinite(v) and v >= 0,
                                     "a finite number >= 0")
 val_fraction = checked_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+range_test_steps = checked_number(int, lambda v: v >= MIN_STEPS,
+                                  f"an integer ≥ {MIN_STEPS} (a suggestion needs a slope on "
+                                  "each side of a point)")
 
 
 def lr_argument(text: str) -> float | str:

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 import torch
+from PIL import Image
 
 from finetune.atomic import atomic_write_json, current_umask
 from finetune.errors import FinetuneError
@@ -56,6 +57,7 @@ def export(run: RunModel, fmt: str, output: str | os.PathLike,
     if output.is_dir():
         raise ExportError(f"--output {output} is a folder; give a file name, e.g. "
                           f"{output / ('model' + SUFFIXES[fmt])}")
+    output.parent.mkdir(parents=True, exist_ok=True)  # as predict's --output
     model = run.backbone.to("cpu").eval()
     model.to(memory_format=torch.contiguous_format)
     checked_on = f"{len(images)} real images" if images is not None else "random inputs"
@@ -71,7 +73,7 @@ def export(run: RunModel, fmt: str, output: str | os.PathLike,
     try:
         write, check = WRITERS[fmt]
         write(model, images, temporary, description)
-        difference = float((check(temporary, images) - expected).abs().max())
+        difference = float((check(temporary, images, description) - expected).abs().max())
         if not difference <= tolerance:
             raise ExportError(f"the {fmt} export of {run.path} gives logits up to {difference:.3g} "
                               f"away from the PyTorch model's (tolerance {tolerance:g}); "
@@ -98,7 +100,8 @@ def check_images(classifier: Classifier, paths: Sequence[Path], limit: int = 8
     """Up to `limit` readable images from `paths`, preprocessed as the run was trained."""
     tensors = []
     for path in paths:
-        with contextlib.suppress(OSError, ValueError):
+        # unreadable, as predict says of it: skipped (a decompression bomb too)
+        with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError):
             tensors.append(classifier.preprocess(path))
         if len(tensors) == limit:
             break
@@ -115,7 +118,7 @@ def _torchscript(model: torch.nn.Module, images: torch.Tensor, path: Path,
                        _extra_files={"finetune.json": json.dumps(description)})
 
 
-def _check_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
+def _check_torchscript(path: Path, images: torch.Tensor, _: dict[str, Any]) -> torch.Tensor:
     files = {"finetune.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -142,7 +145,7 @@ def _onnx(model: torch.nn.Module, images: torch.Tensor, path: Path,
     onnx.save(graph, str(path))
 
 
-def _check_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+def _check_onnx(path: Path, images: torch.Tensor, _: dict[str, Any]) -> torch.Tensor:
     runtime = _require("onnxruntime")
     session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     if "finetune" not in session.get_modelmeta().custom_metadata_map:
@@ -159,8 +162,11 @@ def _safetensors(model: torch.nn.Module, images: torch.Tensor, path: Path,
     atomic_write_json(Path(f"{path}.json"), description)  # what `load` reads to verify
 
 
-def _check_safetensors(path: Path, images: torch.Tensor) -> torch.Tensor:
-    return load_safetensors(path, Path(f"{path}.json"), device="cpu").logits(images)
+def _check_safetensors(path: Path, images: torch.Tensor, description: dict[str, Any]
+                       ) -> torch.Tensor:
+    # the backbone as the run was loaded: an import path only where the user named it
+    return load_safetensors(path, Path(f"{path}.json"), device="cpu",
+                            backbone=description["backbone"]).logits(images)
 
 
 def _require(module: str) -> Any:
@@ -171,7 +177,8 @@ def _require(module: str) -> Any:
                           "(onnx and onnxruntime)") from None
 
 
-WRITERS: dict[str, tuple[Callable[..., None], Callable[[Path, torch.Tensor], torch.Tensor]]] = {
+Check = Callable[[Path, torch.Tensor, dict[str, Any]], torch.Tensor]
+WRITERS: dict[str, tuple[Callable[..., None], Check]] = {
     "onnx": (_onnx, _check_onnx),
     "torchscript": (_torchscript, _check_torchscript),
     "safetensors": (_safetensors, _check_safetensors),

@@ -15,6 +15,7 @@ import concurrent.futures
 import glob
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,15 @@ from PIL import Image
 from torch import nn
 
 from finetune.callbacks.run_file import checkpoint_in, read_run_file
-from finetune.data.images import image_files, is_image_file, load_rgb
-from finetune.data.preprocessing import Preprocessing
+from finetune.data.images import image_files, is_image_file, load_rgb, to_rgb
+from finetune.data.preprocessing import Preprocessing, preprocessing_from_record
 from finetune.data.transforms import EvalTransform
 from finetune.errors import CheckpointError, DataError
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone, is_import_path
 from finetune.runtime.distributed import local_device
 from finetune.strategies import FreezeStrategy
-from finetune.train.checkpoint import deployed_weights, load_checkpoint
+from finetune.train.checkpoint import deployed_weights, file_kind, load_checkpoint
 from finetune.train.trainer import TTA_MODES, average_probabilities
 
 EXPORT_FORMAT = 1  # the JSON beside a safetensors export
@@ -60,6 +61,8 @@ class RunModel:
     record: dict[str, Any] | None
     path: Path
     spec: str  # the backbone as `build_backbone` takes it
+    # why `preprocessing` may not be what the model trained with (None: it is recorded)
+    assumed: str | None = None
 
 
 def recorded_backbone(spec: str, source: Path, given: str | None) -> str:
@@ -84,7 +87,10 @@ def load_run(path: str | Path, backbone: str | None = None) -> RunModel:
     classes = list(checkpoint["classes"])
     num_classes = int(checkpoint["backbone"]["num_classes"])
     if record is None:
-        spec, preprocessing = checkpoint["backbone"]["name"], None
+        spec = checkpoint["backbone"]["name"]
+        recorded = checkpoint.get("preprocessing")
+        preprocessing = (None if recorded is None
+                         else preprocessing_from_record(recorded, f"{path} (its preprocessing)"))
     else:
         saved_name = checkpoint["backbone"]["name"]
         if record["backbone_name"] != saved_name or record["classes"] != classes:
@@ -93,7 +99,8 @@ def load_run(path: str | Path, backbone: str | None = None) -> RunModel:
                 f"{record['classes']} but {path} holds {saved_name} on {classes}; it belongs "
                 "to another run.")
         spec = recorded_backbone(record["backbone"], path.parent / "run.json", backbone)
-        preprocessing = Preprocessing(**record["preprocessing"])
+        preprocessing = preprocessing_from_record(record["preprocessing"],
+                                                  str(path.parent / "run.json"))
     model = build_backbone(backbone or spec, num_classes, weights=None,
                            allow_import=backbone is not None)
     strategy = FreezeStrategy.from_state_dict(checkpoint["strategy"])
@@ -102,9 +109,14 @@ def load_run(path: str | Path, backbone: str | None = None) -> RunModel:
         model.model.load_state_dict(deployed_weights(checkpoint))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit {model.name}: {error}") from error
+    assumed = None if preprocessing is not None else (
+        f"{path} records no preprocessing and has no run.json beside it (a checkpoint from "
+        f"before checkpoints carried it): assuming {model.name}'s default (resize "
+        f"{model.preprocessing.resize_size}, crop {model.preprocessing.crop_size}); put the "
+        "run's run.json beside it if it trained at another --image-size")
     return RunModel(backbone=model, classes=classes,
                     preprocessing=preprocessing or model.preprocessing, checkpoint=checkpoint,
-                    record=record, path=path, spec=backbone or spec)
+                    record=record, path=path, spec=backbone or spec, assumed=assumed)
 
 
 class Classifier:
@@ -145,16 +157,25 @@ class Classifier:
         """One image (PIL, or a file) as the model's input (3, H, W)."""
         if not isinstance(image, Image.Image):
             image = load_rgb(image, min_size=self.preprocessing.resize_size)
-        elif image.mode != "RGB":
-            image = image.convert("RGB")
+        else:  # as a file is read: EXIF rotation, transparency on white, 16-bit scaled
+            image = to_rgb(image)
         return self.transform(image)
 
     def predict(self, images: torch.Tensor | Sequence[Image.Image | str | os.PathLike],
                 top_k: int = 5, tta: str = "none") -> list[list[tuple[str, float]]]:
         """Top-k (class, probability) per image: PIL images, image paths, or a preprocessed
         tensor batch."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
+        if not isinstance(images, torch.Tensor) and len(images) == 0:
+            return []
         batch = images if isinstance(images, torch.Tensor) else torch.stack(
             [self.preprocess(image) for image in images])
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"a tensor batch must be (N, 3, H, W), preprocessed as "
+                             f"`preprocess` does; got shape {tuple(batch.shape)}")
+        if len(batch) == 0:
+            return []
         return [list(zip(names, probs, strict=True))
                 for names, probs in self._top(self.probabilities(batch, tta), top_k)]
 
@@ -209,19 +230,29 @@ def _decode(classifier: Classifier, path: Path) -> torch.Tensor | str:
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Image files from files, folders (recursively, sorted, as a dataset is scanned: hidden
-    folders skipped) and glob patterns, each once, in the order given."""
-    found: dict[Path, None] = {}
+    folders skipped) and glob patterns (a folder it matches, as a folder), each file once
+    however it was named (relative, absolute, twice), in the order given."""
+    found: dict[Path, Path] = {}  # resolved -> as first given
+
+    def add(paths: Iterable[Path]) -> None:
+        for path in paths:
+            found.setdefault(path.resolve(), path)
+
     missing = []
     for item in inputs:
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found.update((p, None) for p in image_files(path))
+            add(image_files(path))
         elif path.is_file():
-            found[path] = None
+            add([path])
         elif glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            found.update((p, None) for p in matches if p.is_file() and is_image_file(p))
+            for match in matches:
+                if match.is_dir():
+                    add(image_files(match))
+                elif match.is_file() and is_image_file(match):
+                    add([match])
             if not matches:
                 missing.append(text)
         else:
@@ -230,7 +261,7 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         raise DataError(f"no such file, folder or matching pattern: {', '.join(missing)}")
     if not found:
         raise DataError("no image files (.jpg, .jpeg, .png, …) in what was given")
-    return list(found)
+    return list(found.values())
 
 
 def load(path: str | os.PathLike, device: str = "auto", backbone: str | None = None
@@ -239,9 +270,11 @@ def load(path: str | os.PathLike, device: str = "auto", backbone: str | None = N
     export (its `.json` beside it). `backbone`: an import path you trust, for runs whose
     backbone came from your own code (a name read from a file is never imported)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or (path.is_file() and file_kind(path) == "safetensors"):
         return load_safetensors(path, device=device, backbone=backbone)
     run = load_run(path, backbone)
+    if run.assumed is not None:
+        warnings.warn(run.assumed, UserWarning, stacklevel=2)
     return Classifier(run.backbone, run.classes, run.preprocessing, device=device,
                       channels_last=bool(run.checkpoint.get("channels_last")), source=str(path))
 
@@ -254,6 +287,20 @@ def export_description(run: RunModel) -> dict[str, Any]:
             "preprocessing": attrs.asdict(run.preprocessing),
             "strategy": run.checkpoint["strategy"],
             "channels_last": bool(run.checkpoint.get("channels_last"))}
+
+
+def check_description(meta: dict[str, Any], source: Path) -> None:
+    """Refuse an export description whose classes cannot name the model's outputs."""
+    classes, outputs = meta.get("classes"), meta.get("num_classes")
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 2:
+        raise CheckpointError(f"{source}: num_classes must be a whole number >= 2, got "
+                              f"{outputs!r}")
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{source}: classes must be a list of names in output order, "
+                              f"got {type(classes).__name__}")
+    if len(classes) != outputs:
+        raise CheckpointError(f"{source}: {len(classes)} class names for a model with "
+                              f"{outputs} outputs; list one name per output, in order")
 
 
 def load_safetensors(path: Path, meta_path: Path | None = None, *, device: str = "auto",
@@ -270,6 +317,7 @@ def load_safetensors(path: Path, meta_path: Path | None = None, *, device: str =
                               f"preprocessing, backbone): {error}") from error
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{meta_path} is not a finetune export description")
+    check_description(meta, meta_path)
     spec = recorded_backbone(meta["backbone"], meta_path, backbone)
     model = build_backbone(backbone or spec, int(meta["num_classes"]), weights=None,
                            allow_import=backbone is not None)
@@ -278,6 +326,7 @@ def load_safetensors(path: Path, meta_path: Path | None = None, *, device: str =
         model.model.load_state_dict(load_file(str(path)))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit {model.name}: {error}") from error
-    return Classifier(model, meta["classes"], Preprocessing(**meta["preprocessing"]),
+    return Classifier(model, meta["classes"],
+                      preprocessing_from_record(meta.get("preprocessing"), str(meta_path)),
                       device=device, channels_last=bool(meta.get("channels_last")),
                       source=str(path))

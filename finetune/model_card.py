@@ -4,7 +4,9 @@ the next reader of a run folder needs, from the run's real figures."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ def model_card(*, record: dict[str, Any], report: EvaluationReport, history: His
     lr = record["tuning"]["chosen"] if record.get("tuning") else cli.get("lr")
     tuned = " (chosen on the validation split)" if record.get("tuning") else ""
     per_class = "\n".join(
-        f"| {c} | {100 * float(a):.1f} | {int(n)} |"
+        f"| {markdown_text(c)} | {100 * float(a):.1f} | {int(n)} |"
         for c, a, n in zip(classes, report.per_class_accuracy, report.support, strict=True))
     smallest = counts.get("smallest_train_class", 0)
     front = {"library_name": "finetune", "pipeline_tag": "image-classification",
@@ -60,7 +62,7 @@ def model_card(*, record: dict[str, Any], report: EvaluationReport, history: His
 - Files: `best.pt` / `last.pt` (weights-only checkpoints), `run.json` (how to rebuild it).
 
 ## Uses and limitations
-Classifies images into: {', '.join(f'`{c}`' for c in classes)}. It has seen nothing else: an
+Classifies images into: {', '.join(markdown_text(c) for c in classes)}. It has seen nothing else: an
 image of another kind still gets one of these labels, with a probability that does not say
 so. Trained on {counts.get('train', 0):,} images ({smallest:,} in the smallest class);
 accuracy on images unlike these (other cameras, seasons, places) is unmeasured. The test
@@ -101,6 +103,13 @@ classifier = finetune.load("RUN_DIR")
 classifier.predict(["photo.jpg"], top_k=3)
 ```
 """
+
+
+def markdown_text(text: str) -> str:
+    """A class name as literal text in a Markdown table cell or sentence: one line, HTML
+    escaped, and Markdown's own characters (a `|` would split a table row) backslashed."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", text)
 
 
 def write_model_card(folder: Path, **fields: Any) -> Path:

@@ -180,6 +180,7 @@ def test_library_errors_become_messages_not_tracebacks(tree, tmp_path, capsys, m
         assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_finetune_reports_errors_with_exit_code_2():
     result = subprocess.run([sys.executable, "-m", "finetune", "train", "--strategy", "nope"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

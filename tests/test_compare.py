@@ -63,9 +63,12 @@ class Factory:
 
 
 def argv(tree: Path, output: Path, *extra: str) -> list[str]:
+    """A comparison of the tiny backbone on `tree`; untuned (`--tune none`) unless `extra`
+    names a --tune: a test of anything else does not pay for a learning-rate search."""
+    tune = () if "--tune" in extra else ("--tune", "none")
     return ["--data", str(tree), "--backbone", "tiny", "--epochs", "1", "--batch-size", "4",
             "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu",
-            "--jobs", "1", "--output", str(output), *extra]
+            "--jobs", "1", "--output", str(output), *tune, *extra]
 
 
 def read_results(output: Path) -> dict:
@@ -230,7 +233,7 @@ def test_resume_refuses_other_settings(tree: Path, tmp_path: Path) -> None:
     args = argv(tree, tmp_path, "--strategies", "last-layer")
     assert compare.main(args, backbone_factory=Factory()) == 0
     changed = [*args, "--lr", "0.1", "--resume"]
-    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.0005 -> 0.1, lr_grid: "):
+    with pytest.raises(SystemExit, match=r"other settings \(lr: 0.0005 -> 0.1\)"):
         compare.main(changed, backbone_factory=Factory())
 
 
@@ -404,6 +407,7 @@ class PidFactory:
         return make_tiny_backbone(num_classes=num_classes)
 
 
+@pytest.mark.subprocess
 def test_jobs_run_side_by_side_in_worker_processes(tree: Path, tmp_path: Path) -> None:
     built = tmp_path / "built"
     built.mkdir()
@@ -420,6 +424,7 @@ def test_jobs_run_side_by_side_in_worker_processes(tree: Path, tmp_path: Path) -
     assert "2 runs at once" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.subprocess
 def test_a_failing_run_in_a_worker_is_reported_and_the_others_finish(
         tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     broken = "freeze-all-but:groups=layer4"  # the tiny backbone has no layer4: fails in fit
@@ -483,6 +488,7 @@ class InterruptingFactory:
         return make_tiny_backbone(num_classes=num_classes)
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_in_a_worker_stops_the_comparison_and_keeps_finished_rows(
         tree: Path, tmp_path: Path) -> None:
     args = argv(tree, tmp_path, "--strategies", "from-scratch,last-layer,full-unfreeze",
@@ -536,7 +542,7 @@ def test_tuned_rows_use_the_test_set_once_and_record_their_search(
                         lambda self, *a, **k: CountingLoader(original(self, *a, **k)))
     CountingLoader.passes = 0
     args = argv(tree, tmp_path, "--strategies", "last-layer,full-unfreeze", "--epochs", "2",
-                "--lr-grid", "1e-3,1e-2")
+                "--tune", "lr", "--lr-grid", "1e-3,1e-2")
     assert compare.main(args, backbone_factory=Factory()) == 0
     assert CountingLoader.passes == 2  # one pass per row, however many candidates trained
     results = read_results(tmp_path)
@@ -557,11 +563,12 @@ def test_tuned_rows_use_the_test_set_once_and_record_their_search(
 
 
 def test_resume_keeps_the_tuning_of_finished_rows(tree: Path, tmp_path: Path) -> None:
-    args = argv(tree, tmp_path, "--strategies", "last-layer")
+    args = argv(tree, tmp_path, "--strategies", "last-layer", "--tune", "lr")
     assert compare.main(args, backbone_factory=Factory()) == 0
     before = read_results(tmp_path)["rows"][0]["tuning"]
     assert before is not None
-    more = [*argv(tree, tmp_path, "--strategies", "last-layer,bitfit"), "--resume"]
+    more = [*argv(tree, tmp_path, "--strategies", "last-layer,bitfit", "--tune", "lr"),
+            "--resume"]
     assert compare.main(more, backbone_factory=Factory()) == 0
     rows = read_results(tmp_path)["rows"]
     assert rows[0]["tuning"] == before and rows[1]["tuning"]["parameter"] == "lr"

@@ -72,6 +72,7 @@ def _claim_everything(path: str, name: str, start: Any, results: Any) -> None:
     results.put((name, claimed, kept))
 
 
+@pytest.mark.subprocess
 def test_four_racing_workers_claim_each_run_exactly_once(tmp_path: Path):
     """Real processes on one SQLite file, released together, each trying every run: every
     run is won by exactly one of them (which one varies), and the store keeps one row each."""
@@ -137,6 +138,7 @@ def test_a_run_whose_worker_died_is_run_again_and_kept_once(tree: Path, tmp_path
     assert [r["test_predictions"] for r in again] == [r["test_predictions"] for r in rows]
 
 
+@pytest.mark.distributed
 def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_path: Path):
     """Two workers started at once, one of them two data-parallel processes under torchrun:
     each run is trained by one worker, and both end with the whole comparison."""
@@ -176,3 +178,57 @@ def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_
     assert set(written[0]) == runs and len(written[0]) == 6
     sizes = {json.loads(row)["world_size"] for _, _, _, row, *_ in records}
     assert sizes == {1, 2}  # both workers trained: the data-parallel one on two processes
+
+
+# -- a store no retry can fix: one line naming it, at once -----------------------------------------
+def read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every connection opens its file read-only (as a read-only mount or file would for a
+    user who is not root; the tests run as root, whom file modes do not stop)."""
+    connect = store.sqlite3.connect
+
+    def reading(path: Any, *args: Any, **kwargs: Any) -> Any:
+        return connect(f"file:{path}?mode=ro", *args, uri=True, **kwargs)
+
+    monkeypatch.setattr(store.sqlite3, "connect", reading)
+
+
+@pytest.mark.parametrize("kind", ["read-only", "folder", "text", "corrupt"])
+def test_a_store_that_cannot_work_is_one_line_naming_it(tree, tmp_path, monkeypatch, kind):
+    db = tmp_path / "s.db"
+    if kind == "read-only":
+        SharedStore(db)  # a real store, then opened read-only
+        read_only(monkeypatch)
+    elif kind == "folder":
+        db.mkdir()
+    elif kind == "text":
+        db.write_text("strategy,seed\nlast-layer,0\n" * 40)
+    else:
+        SharedStore(db)
+        data = bytearray(db.read_bytes())
+        data[100:4096] = b"\xff" * (4096 - 100)  # the schema page, overwritten
+        db.write_bytes(bytes(data))
+    factory = Factory()
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(argv(tree, tmp_path / "out", "--strategies", "last-layer", "--store",
+                          str(db)), backbone_factory=factory)
+    message = str(stopped.value)
+    assert message.startswith(f"--store {db}") and "\n" not in message
+    assert factory.calls == []  # nothing trained, nothing retried
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_store_that_turns_read_only_mid_run_stops_the_worker(tree, tmp_path, monkeypatch):
+    """Writable when the worker started, read-only when its run finishes: the worker stops
+    with the store's line instead of retrying every run forever."""
+    db = tmp_path / "s.db"
+    factory = Factory()
+
+    def then_read_only(*args: Any) -> Backbone:
+        read_only(monkeypatch)
+        return factory(*args)
+
+    with pytest.raises(SystemExit, match=rf"--store {re.escape(str(db))}: attempt to write a "
+                                         "readonly database"):
+        compare.main(argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit",
+                          "--store", str(db)), backbone_factory=then_read_only)
+    assert len(factory.calls) == 1  # the second run was never started

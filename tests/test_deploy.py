@@ -117,6 +117,7 @@ def test_a_tampered_export_fails_verification_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.subprocess
 def test_load_works_in_a_fresh_process_without_the_data(trained, tmp_path) -> None:
     moved = tmp_path / "run"
     shutil.copytree(trained["run"], moved)

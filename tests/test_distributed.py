@@ -31,7 +31,7 @@ from finetune.strategies import build_strategy
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback
 from finetune.train.trainer import Trainer, epoch_seed
-from tests.conftest import FAST, TINY, finish_all, make_tiny_backbone, make_tree
+from tests.conftest import FAST, TINY, finish_all, make_tiny_backbone, make_tree, run_cli
 
 TIMEOUT_S = 180
 CONFIG = dict(epochs=2, lr=1e-3, seed=0, precision="fp32", channels_last=False, device="cpu",
@@ -173,6 +173,7 @@ def plain_two_ranks(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
                         accumulate=2)
 
 
+@pytest.mark.distributed
 def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_ranks, tmp_path):
     """2 ranks × batch 2 × 2 accumulated batches = 1 process × batch 8."""
     ranks = plain_two_ranks
@@ -192,11 +193,23 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_
     assert ranks[0]["buckets"] == [6, 6]  # full fine-tune: all 6 tensors (2 convs, head)
 
 
-def test_each_rank_draws_its_own_random_numbers_alike_from_run_to_run(tree, tmp_path):
-    """Dropout and MixUp draw from torch's RNG: seeded from (seed, rank) under torchrun, so
-    the ranks differ and a rerun repeats; one process keeps the run's own seed."""
-    first = on_two_ranks(tmp_path / "a", root=str(tree), batch_size=4, epochs=1)
-    again = on_two_ranks(tmp_path / "b", root=str(tree), batch_size=4, epochs=1)
+@pytest.fixture(scope="module")
+def balanced_two_ranks(tree: Path, tmp_path_factory: pytest.TempPathFactory
+                       ) -> list[dict[str, Any]]:
+    """Balanced sampling and an EMA on two ranks with batch 4; the same seed as
+    `plain_two_ranks`."""
+    return on_two_ranks(tmp_path_factory.mktemp("balanced"), root=str(tree), batch_size=4,
+                        balanced=True, ema=0.9)
+
+
+@pytest.mark.distributed
+def test_each_rank_draws_its_own_random_numbers_alike_from_run_to_run(
+        tree, plain_two_ranks, balanced_two_ranks, tmp_path):
+    """Dropout and MixUp draw from torch's RNG: seeded from (seed, rank, epoch) under
+    torchrun, so the ranks differ and every run with the seed repeats them (here two runs
+    that differ only in batch, sampling and averaging, which draw nothing from it); one
+    process keeps the run's own seed."""
+    first, again = plain_two_ranks, balanced_two_ranks
     assert first[0]["draws"] != first[1]["draws"]
     assert [r["draws"] for r in first] == [r["draws"] for r in again]
     single = fit_run(str(tree), str(tmp_path), batch_size=8, epochs=1)
@@ -204,10 +217,12 @@ def test_each_rank_draws_its_own_random_numbers_alike_from_run_to_run(tree, tmp_
     assert single["draws"] == [float(torch.rand(1))]
 
 
-def test_balanced_sampling_and_an_ema_on_two_ranks_match_one_process(tree, tmp_path):
+@pytest.mark.distributed
+def test_balanced_sampling_and_an_ema_on_two_ranks_match_one_process(
+        tree, balanced_two_ranks, tmp_path):
     """The weighted draws are dealt to the ranks like the shuffle (each step sees the images
     one process with twice the batch sees), and each rank's average equals that process's."""
-    ranks = on_two_ranks(tmp_path, root=str(tree), batch_size=4, balanced=True, ema=0.9)
+    ranks = balanced_two_ranks
     single = fit_run(str(tree), str(tmp_path), batch_size=8, balanced=True, ema=0.9)
     assert_close(ranks[0]["weights"], single["weights"])
     assert_close(ranks[1]["weights"], single["weights"])
@@ -217,6 +232,7 @@ def test_balanced_sampling_and_an_ema_on_two_ranks_match_one_process(tree, tmp_p
                for k in plain["weights"])  # sampling and averaging did change the run
 
 
+@pytest.mark.distributed
 def test_cached_prefix_fills_shards_and_only_trainable_tensors_enter_ddp(tree, tmp_path):
     """Last layer of a BatchNorm net (frozen BN in eval mode): the prefix's activations are
     cached from each rank's rows, the head alone is in DDP's buckets, and the result is one
@@ -234,6 +250,7 @@ def test_cached_prefix_fills_shards_and_only_trainable_tensors_enter_ddp(tree, t
     assert all(shared == 0 < total for shared, total in single["shared"])
 
 
+@pytest.mark.distributed
 def test_a_spilled_cache_is_one_file_both_ranks_map(tree, tmp_path):
     """Over the memory budget the activations go to one keyed file on disk: the two
     processes write their own rows into it and train as one process does."""
@@ -254,6 +271,7 @@ def wide_backbone(num_classes: int = 3) -> Backbone:
     return plain_backbone(num_classes, size=64, width=32, stem_stride=1, block_stride=4)
 
 
+@pytest.mark.distributed
 def test_a_second_local_process_adds_little_of_the_cache_to_the_machine(tmp_path: Path):
     """benchmarks.cache_memory's measurement, one process and then two under torchrun: the
     processes' summed PSS growth (what they cost the machine, shared pages split between
@@ -274,6 +292,7 @@ def test_a_second_local_process_adds_little_of_the_cache_to_the_machine(tmp_path
     assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
+@pytest.mark.distributed
 def test_gradual_unfreezing_rebuilds_ddp_with_what_trains(tree: Path, tmp_path: Path):
     ranks = on_two_ranks(tmp_path, root=str(tree), batch_size=4,
                          strategy="gradual-unfreeze")
@@ -283,6 +302,7 @@ def test_gradual_unfreezing_rebuilds_ddp_with_what_trains(tree: Path, tmp_path: 
         assert torch.equal(tensor, ranks[1]["weights"][name]), name
 
 
+@pytest.mark.distributed
 def test_resume_on_two_ranks_equals_a_straight_run_and_another_world_size_is_refused(
         tree: Path, plain_two_ranks: list[dict[str, Any]], tmp_path: Path):
     run = tmp_path / "run"
@@ -298,6 +318,7 @@ def test_resume_on_two_ranks_equals_a_straight_run_and_another_world_size_is_ref
         fit_run(str(tree), str(tmp_path), batch_size=8, resume=str(run / "last.pt"))
 
 
+@pytest.mark.distributed
 def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_path: Path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -350,6 +371,7 @@ def on_two_nodes(argv: list[str], cwd: Path, per_node: int = 1
     return finish_all(launchers, TIMEOUT_S, f"two-node {argv[0]}")
 
 
+@pytest.mark.distributed
 def test_two_nodes_train_resume_and_evaluate_as_one_process(tree: Path, tmp_path: Path):
     """Two launchers on one host stand for two machines: a run trained one epoch, resumed
     for a second and evaluated there equals one process with twice the batch; one process
@@ -435,16 +457,12 @@ def test_shard_loader_deals_each_kind_of_loader_or_says_what_it_needs(as_rank_on
         distributed.shard_loader([(torch.zeros(2, 3), torch.zeros(2))])
 
 
-def test_lr_auto_under_torchrun_is_refused_before_anything_trains(tree: Path, tmp_path: Path):
+def test_lr_auto_under_torchrun_is_refused_before_anything_trains(tree, tmp_path, capsys,
+                                                                   as_rank_one_of_two):
     """The lr search runs in one process for now: under torchrun it says how to go on."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "finetune", "train", "--data", str(tree),
-               "--backbone", TINY, "--strategy", "last-layer", "--lr", "auto",
-               "--checkpoint-dir", str(tmp_path / "run"), *FAST]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
-                          cwd=tmp_path)
-    assert done.returncode != 0
-    assert "--lr auto: the lr search runs in one process for now" in done.stderr
-    assert "--lr auto: trying" not in done.stdout and not (tmp_path / "run").exists()
+    code, out, err = run_cli(["train", "--data", str(tree), "--backbone", TINY, "--strategy",
+                              "last-layer", "--lr", "auto", "--checkpoint-dir",
+                              str(tmp_path / "run"), *FAST], capsys)
+    assert code == 2
+    assert "--lr auto: the lr search runs in one process for now" in err
+    assert "--lr auto: trying" not in out and not (tmp_path / "run").exists()

@@ -479,6 +479,7 @@ def test_hidden_folders_inside_class_folders_are_not_images(tmp_path):
 
 
 # -- 12: a class name the terminal cannot encode does not fail the run --------------------------
+@pytest.mark.subprocess
 def test_train_and_evaluate_survive_an_ascii_stdout(tmp_path):
     import os
     import subprocess

@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
 from finetune import Backbone, ImageFolderData, TrainConfig, Trainer, build_strategy
 from finetune.runtime import precision as precision_module
-from tests.conftest import TINY, make_tree, run_cli
+from finetune.train.events import Callback
+from tests.conftest import TINY, TINY_GROUPS, TinyNet, make_tree, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +49,72 @@ def test_three_fits_in_one_process_agree_bit_for_bit(toy_data: ImageFolderData) 
     (_, first), (_, second), (_, third) = (_toy_fit(toy_data) for _ in range(3))
     assert torch.equal(first, second)
     assert torch.equal(second, third)
+
+
+def test_one_seed_covers_a_backbone_built_after_any_draws(toy_data: ImageFolderData) -> None:
+    """A random-init ResNet18 built after 0, 7 and 100 draws of the process's RNG (so its
+    weights and new head differ as built): TrainConfig.seed draws them again at fit, and
+    the three fits agree bit for bit."""
+    fits, built = [], []
+    for draws in (0, 7, 100):
+        torch.rand(draws)
+        backbone = Backbone.from_torchvision("resnet18", 2, weights=None)
+        built.append(_weights(backbone))
+        trainer = Trainer(backbone, build_strategy("full-unfreeze"), TrainConfig(
+            epochs=1, lr=1e-3, seed=0, precision="fp32", feature_cache="off"))
+        trainer.fit(toy_data.train_loader(), toy_data.val_loader())
+        fits.append(_weights(backbone))
+    assert not torch.equal(built[0], built[1])  # the process's RNG did make them differ
+    assert torch.equal(fits[0], fits[1]) and torch.equal(fits[1], fits[2])
+
+
+class HeadAtStart(Callback):
+    def __init__(self) -> None:
+        self.heads: list[torch.Tensor] = []
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.heads.append(trainer.backbone.head.weight.detach().clone())
+
+
+def test_the_seed_draws_the_new_head_and_never_redraws_a_trained_one(
+        toy_data: ImageFolderData) -> None:
+    """A pretrained body keeps its weights; only the new head is the seed's. A backbone that
+    has trained (or whose weights were loaded) is never drawn again; seed=None leaves the
+    head as built."""
+    def pretrained_body(draws: int = 0) -> Backbone:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)  # the same "pretrained" body each time
+            body = TinyNet()
+        torch.rand(draws)  # and whatever the process drew before the new head
+        return Backbone.from_module(body, head="fc", groups=TINY_GROUPS, num_classes=2)
+
+    first, second = pretrained_body(), pretrained_body(13)
+    assert not torch.equal(first.head.weight, second.head.weight)
+    torch.manual_seed(5)
+    other = Backbone.from_module(TinyNet(), head="fc", groups=TINY_GROUPS, num_classes=2)
+    assert first.draw_fresh(0) and second.draw_fresh(0) and other.draw_fresh(0)
+    assert torch.equal(first.head.weight, second.head.weight)
+    assert torch.equal(first.head.weight, other.head.weight)  # the head is the seed's alone
+    assert not torch.equal(first.model.stem[0].weight, other.model.stem[0].weight)
+
+    recorder = HeadAtStart()
+    config = TrainConfig(epochs=1, lr=1e-2, seed=3, precision="fp32", feature_cache="off")
+    trainer = Trainer(first, build_strategy("full-unfreeze"), config, [recorder])
+    trainer.fit(toy_data.train_loader(), toy_data.val_loader())
+    trained = first.head.weight.detach().clone()
+    assert not first.is_as_drawn() and not first.draw_fresh(3)
+    trainer.fit(toy_data.train_loader(), toy_data.val_loader())  # a second fit goes on
+    assert torch.equal(recorder.heads[1], trained)
+
+    loaded = pretrained_body()
+    loaded.model.load_state_dict(first.model.state_dict())
+    assert not loaded.draw_fresh(3) and torch.equal(loaded.head.weight, first.head.weight)
+
+    unseeded = pretrained_body()
+    as_built = unseeded.head.weight.detach().clone()
+    Trainer(unseeded, build_strategy("last-layer"), attrs.evolve(config, seed=None, epochs=1),
+            [recorder]).fit(toy_data.train_loader())
+    assert torch.equal(recorder.heads[-1], as_built)
 
 
 @pytest.fixture
@@ -136,6 +204,7 @@ def _cli_train(tree: Path, run: Path, cache: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
+@pytest.mark.subprocess
 def test_three_cli_runs_with_one_seed_agree_bit_for_bit(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "data", n_train=6, n_test=2, size=32)
     records = [_cli_train(tree, tmp_path / f"run{i}", tmp_path / "cache") for i in range(3)]

@@ -53,6 +53,7 @@ class KillingFactory:
         return make_tiny_backbone(num_classes=num_classes)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("times", "from_scratch_finishes"), [(1, True), (9, False)])
 def test_a_killed_worker_is_retried_once_and_never_fails_the_others(
         tree, tmp_path, capsys, times, from_scratch_finishes) -> None:

@@ -53,6 +53,7 @@ def test_throughput_needs_two_epochs() -> None:
         throughput.parse_args(["--epochs", "1"])
 
 
+@pytest.mark.slow
 def test_allocator_benchmark_reports_each_setting(capsys: pytest.CaptureFixture) -> None:
     from benchmarks import allocator
 

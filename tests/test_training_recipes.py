@@ -267,8 +267,10 @@ def test_class_weighted_loss_matches_a_hand_computation() -> None:
         trainer.fit(loader)  # a TensorDataset does not list its labels
     loader.dataset.targets = labels.tolist()
     history = trainer.fit(loader)
-    logits_before = None  # the loss is of the weights before the single step: recompute
+    # the loss is of the weights before the single step (the new head the seed drew):
+    # recompute
     backbone = make_tiny_backbone(num_classes=2)
+    backbone.draw_fresh(FP32.seed)
     backbone.model.eval()
     with torch.no_grad():
         logits_before = backbone(loader.dataset.tensors[0])

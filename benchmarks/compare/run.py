@@ -328,6 +328,8 @@ def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
     try:
         for (index, spec, seed), outcome in finished:
             tag = f"[{index}/{len(runs)}] {spec} seed {seed}"
+            if isinstance(outcome, store.StoreError):
+                raise outcome  # no run can be kept: every worker stops at once
             if outcome == store.TAKEN:
                 print(f"{tag}: another worker has it (--store)", flush=True)
                 continue
@@ -460,7 +462,7 @@ def _locked(args: argparse.Namespace, specs: list[str], argv: Sequence[str] | No
     try:
         with exclusive_lock(output / LOCK_FILE, wait=False, busy=busy):
             return _compare(args, specs, output, argv, backbone_factory)
-    except LockBusyError as error:
+    except (LockBusyError, store.StoreError) as error:
         raise SystemExit(str(error)) from None
 
 

@@ -46,6 +46,30 @@ CREATE TABLE IF NOT EXISTS runs (
 TAKEN = "taken"  # what a claimed run returns where another worker has it (or has done it)
 
 
+class StoreError(Exception):
+    """The store cannot be used at all (read-only, not an SQLite file, a folder): every
+    worker stops at once with this one line, where a busy store is waited for."""
+
+
+# sqlite3's words for a store no retry can fix (a locked or busy one is retried)
+_UNUSABLE = ("readonly", "read-only", "not a database", "unable to open", "malformed",
+             "disk i/o error", "is a directory")
+
+
+@contextmanager
+def usable(path: Path) -> Iterator[None]:
+    """Turn sqlite3's error for a store that cannot work into a StoreError naming it."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        reason = str(error)
+        if not any(word in reason.lower() for word in _UNUSABLE):
+            raise
+        raise StoreError(
+            f"--store {path}: {reason}; give a writable SQLite file (a new path is created) "
+            "on a disk every worker sees") from None
+
+
 def store_path(spec: str) -> Path:
     """`--store`'s value as a file: a path, or an sqlite:/// URL. Other databases need a
     server this project does not depend on."""
@@ -67,6 +91,9 @@ class SharedStore:
     def __init__(self, path: str | Path, worker: str | None = None) -> None:
         self.path = Path(path)
         self.worker = worker or worker_name()
+        if self.path.is_dir():
+            raise StoreError(f"--store {self.path} is a folder; give a file path inside it, "
+                             f"e.g. {self.path / 'store.db'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction() as db:
             for statement in SCHEMA.split(";"):
@@ -76,17 +103,18 @@ class SharedStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE takes the database's write lock first,
         so a read-then-update (a claim) cannot interleave with another worker's."""
-        db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with usable(self.path):
+            db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                db.close()
 
     def adopt(self, config: dict[str, Any], changed: Callable[[dict[str, Any]], list[str]]
               ) -> None:
@@ -150,12 +178,13 @@ class SharedStore:
 
     def records(self) -> list[tuple[str, int, str, str | None, str | None, float]]:
         """(strategy, seed, state, row JSON, error, lease_until) of every run recorded."""
-        db = sqlite3.connect(self.path, timeout=120)
-        try:
-            return db.execute("SELECT strategy, seed, state, row, error, lease_until FROM runs"
-                              ).fetchall()
-        finally:
-            db.close()
+        with usable(self.path):
+            db = sqlite3.connect(self.path, timeout=120)
+            try:
+                return db.execute("SELECT strategy, seed, state, row, error, lease_until "
+                                  "FROM runs").fetchall()
+            finally:
+                db.close()
 
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(row) for _, _, state, row, _, _ in self.records()
@@ -239,6 +268,8 @@ class Lease:
                     return
             except sqlite3.Error:
                 continue  # a busy or unreachable store: the next renewal tries again
+            except StoreError:
+                return  # the run's own finish says so, once
 
 
 def run_claimed(spec: str, seed: int, *, run: Callable[..., dict[str, Any]], store: str,

@@ -78,8 +78,11 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Samples, transform: Any, decode_size: int, strict: bool,
                  classes: Sequence[str] | None = None,
-                 decoded: DecodedImages | None = None) -> None:
+                 decoded: DecodedImages | None = None,
+                 preprocessing: Preprocessing | None = None) -> None:
         self.samples, self.transform = samples, transform
+        # what `transform` resizes, crops and normalises to: a checkpoint records it
+        self.preprocessing = preprocessing
         self.decode_size, self.strict = decode_size, strict
         self.classes = list(classes) if classes is not None else None
         self.paths = [path for path, _ in samples]
@@ -303,7 +306,7 @@ class ImageFolderData:
     # -- helpers ------------------------------------------------------------------------------
     def _dataset(self, samples: Samples, transform: Any) -> ImageDataset:
         dataset = ImageDataset(samples, transform, self.preprocessing.resize_size, self.strict,
-                               self.classes)
+                               self.classes, preprocessing=self.preprocessing)
         if (self.decoded is not None and isinstance(transform, EvalTransform)
                 and self.decoded.admit(dataset.paths, transform, transform.pixel_bytes)):
             dataset.keep_decoded(self.decoded)

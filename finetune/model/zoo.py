@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import torch
 import torchvision
 
 from finetune.data.preprocessing import Preprocessing, preprocessing_from_weights
 from finetune.errors import ArchitectureError, WeightsUnavailableError
 from finetune.model.architectures import TORCHVISION_ARCHITECTURES
-from finetune.model.backbone import LITE0_PREPROCESSING, Backbone
+from finetune.model.backbone import LITE0_PREPROCESSING, Backbone, seeded
 from finetune.model.weights import hub_checkpoint_path
 
 LITE0_NAMES = ("lite0", "efficientnet_lite0", "efficientnet-lite0")
@@ -54,19 +51,6 @@ def default_preprocessing() -> Preprocessing:
     """What `default_backbone` expects of an image, for loaders made before the model."""
     weights = cached_resnet50_weights()
     return preprocessing_from_weights(weights) if weights is not None else LITE0_PREPROCESSING
-
-
-@contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Run the block with the CPU RNG seeded by `seed` (nothing when None), restoring the
-    caller's RNG state after: a model built inside (its fresh head, from-scratch weights) is a
-    function of the seed, whatever ran before, and the process's own RNG is left alone."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        yield
 
 
 def build_backbone(name: str, num_classes: int, weights: str | None = "DEFAULT", *,

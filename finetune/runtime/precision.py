@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ _CACHE: dict[tuple[str, str, tuple[int, ...], bool], str] = {}
 _LAYOUTS: dict[tuple[str, str, tuple[int, ...], str], bool] = {}
 CPUINFO = Path("/proc/cpuinfo")
 VERDICT_FILE = "verdicts.json"
+# what a stored verdict may be, per kind: an edited or foreign file is decided again
+VALID_VERDICTS: dict[str, Callable[[Any], bool]] = {
+    "precision": lambda value: value in ("fp32", "bf16", "fp16"),
+    "channels_last": lambda value: isinstance(value, bool),
+}
 
 
 # oneDNN ISA levels (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) that include bf16 instructions;
@@ -315,6 +321,11 @@ class VerdictStore:
         A cache root that cannot be written keeps the verdict for this process only."""
         name = hashlib.sha1(repr((kind, machine_signature(), key)).encode()).hexdigest()[:24]
         stored = self._read().get(name)
+        if stored is not None and not VALID_VERDICTS.get(kind, lambda _: True)(stored):
+            warnings.warn(f"{self.path}: the stored {kind} verdict {stored!r} is not one this "
+                          "version makes; deciding again (delete the file to forget the others)",
+                          RuntimeWarning, stacklevel=2)
+            stored = None
         if stored is not None or probe is None:
             return stored
         verdict = probe()
@@ -324,6 +335,8 @@ class VerdictStore:
                 if fcntl is not None:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                 verdicts = self._read()
+                if not VALID_VERDICTS.get(kind, lambda _: True)(verdicts.get(name)):
+                    verdicts.pop(name, None)  # an invalid one is replaced, not kept
                 verdicts.setdefault(name, verdict)
                 atomic_write_json(self.path, verdicts, indent=1)
                 return verdicts[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import random
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,56 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda file: torch.save(state, file), durable=True)
 
 
+def file_kind(path: Path) -> str:
+    """What a file is, from its first bytes: "torch" (torch.save's zip or legacy pickle),
+    "torchscript", "safetensors", or a description of something that is no checkpoint."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "a damaged zip archive"
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            return "torchscript"
+        return "torch" if any(name.endswith("data.pkl") for name in names) else "a zip archive"
+    if head[:1] == b"\x80":
+        return "torch"
+    header_length = int.from_bytes(head[:8], "little")
+    if head[8:10] in (b'{"', b"{ ") and header_length < 2**27:
+        return "safetensors"
+    for magic, kind in ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"),
+                        (b"GIF8", "a GIF image"), (b"SQLite format", "an SQLite database")):
+        if head.startswith(magic):
+            return kind
+    stripped = head.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        return "a JSON file"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head):
+        return "an ONNX model"
+    return "not a file finetune wrote"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with `weights_only=True`: tensors and plain data only, never code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    kind = file_kind(path)
+    if kind == "torchscript":
+        raise CheckpointError(
+            f"{path} is a TorchScript export (finetune export --format torchscript): load it "
+            "with torch.jit.load; finetune reads a run folder, its best.pt/last.pt, or a "
+            ".safetensors export")
+    if kind == "safetensors":
+        raise CheckpointError(
+            f"{path} holds safetensors weights, not a checkpoint: finetune.load / finetune "
+            "predict read it with the export's .json description beside it")
+    if kind != "torch":
+        raise CheckpointError(
+            f"{path} is {kind}, not a checkpoint: give a run folder, its best.pt or last.pt, "
+            "or a .safetensors export")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's text would advise weights_only=False

@@ -26,11 +26,14 @@ DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minim
 RULE = "fastai's valley: halfway along the longest stretch of falling smoothed loss"
 
 
+MIN_STEPS = 3  # what a suggestion needs: a slope on each side of a point
+
+
 def ramp(start: float, end: float, steps: int) -> list[float]:
     """`steps` learning rates from `start` to `end`, evenly spaced in log scale."""
-    if not (0 < start < end) or steps < 2:
-        raise ValueError(f"the range test needs 0 < start < end and at least 2 steps (got "
-                         f"start={start}, end={end}, steps={steps})")
+    if not (0 < start < end) or steps < MIN_STEPS:
+        raise ValueError(f"the range test needs 0 < start < end and at least {MIN_STEPS} steps "
+                         f"(got start={start}, end={end}, steps={steps})")
     ratio = (end / start) ** (1 / (steps - 1))
     return [start * ratio**i for i in range(steps)]
 
@@ -74,7 +77,8 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, flo
     the lr of the most negative slope of the smoothed loss against log lr (the first and last
     tenth left out: the average is settling there and the loss is blowing up)."""
     if len(lrs) != len(smoothed) or len(lrs) < 3:
-        raise ValueError("the range test recorded too few steps for a suggestion (need 3)")
+        raise ValueError(f"the range test recorded {len(smoothed)} step(s), too few for a "
+                         f"suggestion (it needs {MIN_STEPS}); start the ramp lower (--start)")
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
     margin = max(1, len(lrs) // 10)
     inner = range(margin, max(margin + 1, len(lrs) - margin))

@@ -11,6 +11,7 @@ clipping, scaler — so that path reads top to bottom in one place.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import random
@@ -126,6 +127,7 @@ class Trainer:
         self.activations = activations if activations is not None else ActivationCaches()
         self.parallel = distributed.DataParallel()  # DDP under torchrun, else nothing
         self._data: dict[str, Any] | None = None  # data_identity of the loader fit trains on
+        self._preprocessing: dict[str, Any] | None = None  # its images' size and normalisation
 
     @property
     def history(self) -> History:
@@ -148,9 +150,11 @@ class Trainer:
         val_loader = None if val_loader is None else distributed.shard_loader(val_loader)
         self._resolve_classes(train_loader)
         self._data = data_identity(self.classes or [], train_loader)
+        self._preprocessing = trained_preprocessing(train_loader)
         seed = None if config.seed is None else distributed.rank_seed(config.seed)
         if seed is not None:
             seed_everything(seed)
+            self.backbone.draw_fresh(config.seed)  # a new head: the run's, on every rank
         checkpoint = load_checkpoint(resume) if resume is not None else None
         if checkpoint is not None and int(checkpoint["epoch"]) + 1 >= config.epochs:
             done = int(checkpoint["epoch"]) + 1
@@ -241,8 +245,9 @@ class Trainer:
                 steps: int = 100) -> LrFinding:
         """The learning-rate range test (`finetune.train.range_test`): this trainer's strategy,
         optimizer and loss, trained at an lr growing from `start` to `end` over `steps`
-        optimizer steps (or until the loss diverges). The weights, and every RNG, are put back
-        afterwards, so a `fit` after it runs as without it. Single-process."""
+        optimizer steps (or until the loss diverges). It trains a copy of the backbone (what a
+        strategy adds, such as LoRA's adapters, stays on the copy) and puts every RNG back, so
+        a `fit` after it runs as without it. Single-process."""
         if self.strategy is None:
             raise ValueError("lr_find needs a strategy (what trains)")
         if distributed.world_size() > 1:
@@ -251,10 +256,10 @@ class Trainer:
         batches = loader_length(train_loader) or steps
         config = attrs.evolve(self.config, epochs=math.ceil(steps / batches) + 1,
                               schedule="constant", warmup=None, ema_decay=None)
-        probe = Trainer(self.backbone, self.strategy, config, [test],
-                        optimizer=self._optimization.optimizer_spec, loss=self._loss_spec,
-                        classes=self.classes, activations=self._shared_activations)
-        saved = {k: v.detach().clone() for k, v in self.backbone.model.state_dict().items()}
+        probe = Trainer(copy.deepcopy(self.backbone), copy.deepcopy(self.strategy), config,
+                        [test], optimizer=self._optimization.optimizer_spec,
+                        loss=self._loss_spec, classes=self.classes,
+                        activations=self._shared_activations)
         generators = rng_state()
         try:
             probe.fit(train_loader)
@@ -263,7 +268,6 @@ class Trainer:
         except NonFiniteLossError:
             test.ended = "diverged"
         finally:
-            self.backbone.model.load_state_dict(saved)
             set_rng_state(generators)
         return test.finding()
 
@@ -277,6 +281,7 @@ class Trainer:
             "backbone": {"name": self.backbone.name, "num_classes": self.backbone.num_classes},
             "classes": list(self.classes or []),
             "data": self._data,
+            "preprocessing": self._preprocessing,
             "model": {k: v.detach().cpu() for k, v in self.backbone.model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -739,6 +744,14 @@ def flag_last(batches: Iterable[Any], length: int | None, look_ahead: bool
 
 
 _END = object()
+
+def trained_preprocessing(loader: Iterable[Any]) -> dict[str, Any] | None:
+    """The resize, crop and normalisation of the images a loader serves, where its dataset
+    says (ours do): a checkpoint carries it, so a copy without its run.json still predicts
+    at the size it trained at. None for a dataset that does not say."""
+    preprocessing = getattr(getattr(loader, "dataset", None), "preprocessing", None)
+    return attrs.asdict(preprocessing) if attrs.has(type(preprocessing)) else None
+
 
 def data_identity(classes: Sequence[str], loader: Iterable[Any]) -> dict[str, Any]:
     """What a run trains on: its class names, and — for datasets that list (path, label)
