@@ -76,7 +76,15 @@ from finetune.runtime.precision import machine
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
 from finetune.train.trainer import TTA_MODES, Trainer
-from finetune.tuning import SINGLE_PROCESS, LrSearch, Tuning, lr_grid, search_grid
+from finetune.tuning import (
+    SELECTIONS,
+    SINGLE_PROCESS,
+    LrSearch,
+    Selection,
+    Tuning,
+    lr_grid,
+    search_grid,
+)
 
 AUTO_LR_CENTER = 1e-3  # --lr auto's grid: 3.2e-4, 1e-3, 3.2e-3 and beyond a winning edge
 
@@ -110,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the lrs --lr auto tries, comma-separated (default: "
                             f"{','.join(f'{v:g}' for v in lr_grid(AUTO_LR_CENTER))}; it grows "
                             "past an edge that wins)")
+    train.add_argument("--select", choices=SELECTIONS, default="loss",
+                       help="how --lr auto compares candidates on the validation split: loss "
+                            "(cross-entropy), accuracy, or accuracy+loss (default: loss)")
     _add_training_arguments(train)
     train.add_argument("--wandb-project", default=None,
                        help="log to this Weights & Biases project (offline without an API key)")
@@ -535,7 +546,8 @@ def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStr
                        attrs.evolve(config, lr=lr), [progress_callback()],
                        classes=data.classes, activations=activations)
 
-    search = LrSearch(search_grid(center, grid), args.epochs)
+    search = LrSearch(search_grid(center, grid), args.epochs,
+                      selection=Selection(args.select))
     tuning, _ = search.run(make_trainer, data.train_loader(), val_loader)
     say(tuning.describe())
     return tuning

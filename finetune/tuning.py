@@ -1,28 +1,29 @@
 """Learning-rate search on validation data: a log-spaced grid, each lr raced against the best
-run so far, and a grid that grows past a winning edge.
+run so far on the same validation images, and a grid that grows past a winning edge.
 
 `LrSearch(grid, epochs).run(make_trainer, train_loader, val_loader)` trains candidates that
 `make_trainer(lr, activations)` builds and returns what the search saw (`Tuning`) with the
 trainer of the chosen lr, trained for all `epochs` — an uninterrupted fit at that lr, the very
 run `--lr <chosen>` alone makes. The test set is no argument, so nothing here can look at it.
 
-How it spends time, and why it cannot choose worse than the first lr:
-- The first lr of the grid (a preset's) trains all `epochs`; its validation accuracy and loss
-  are recorded at a third of the first epoch (a peek that leaves the run as it was: the
-  random state is restored after it) and at every epoch's end. It is the best run so far.
-- Every other lr races that record: it trains with the same peeks and goes on only while
-  it leads the best run at the same point (at the peek: higher accuracy, or the same with
-  lower loss; at an epoch's end: higher accuracy). One that finishes more accurate becomes
-  the best run. A poor lr thus costs a third of an epoch, a good one what it takes to prove
-  itself, and the chosen run's final validation accuracy is never below the first lr's. (A
-  late starter that would only overtake in the last epoch is stopped: the search errs
-  towards the first lr, never below it.)
+A search is a space and a stopping rule:
+- The space: the first lr of the grid (a preset's) trains all `epochs` first; every other lr
+  races the best run so far; while the best run has the smallest or largest lr tried, the grid
+  grows one step that way (`max_extensions` per side, within `bounds`), so a boundary value
+  is not reported as the best without a look past it.
+- Scores: every candidate is validated at a third of the first epoch (a peek that leaves the
+  run as it was: the random state is forked) and at each epoch's end, keeping each image's
+  cross-entropy and whether it was right (`Score`).
+- The stopping rule (`Selection.behind`): a challenger stops only when it is behind the best
+  run at the same point beyond noise — the paired per-image differences on the same images
+  average worse by more than `z` standard errors. A tie goes on; so does one image's dip.
+- The choice (`Selection.better`): among the runs that finished, the best by the criterion
+  (default: validation cross-entropy, a proper scoring rule that still separates candidates
+  where 60 images make accuracy move in 1.7-point steps and saturate near the top; measured
+  against accuracy and accuracy-then-loss in docs/benchmarks.md).
 - Every candidate shares one `ActivationCaches`: a strategy with a frozen prefix runs the
   prefix over the images once for all of them (`ActivationCaches.plan` keeps activations only
   for a prefix with equal weights, on the same device and precision).
-- Edge of the grid: while the best run has the smallest or largest lr tried, the grid grows
-  one step that way (`max_extensions` steps per side at most, within `bounds`), so a boundary
-  value is not reported as the best without a look past it.
 
 Successive halving (all candidates one epoch, the best third on) was measured first: on UC
 Merced's quick comparison it cost 1.50x the untuned run, and after one epoch freeze-80 led at
@@ -38,10 +39,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 
 from finetune.cache.plan import ActivationCaches
 from finetune.runtime import distributed
+from finetune.stats.metrics import EvaluationReport
 from finetune.train.events import Callback, StopFit
 from finetune.train.trainer import Trainer
 
@@ -55,7 +58,8 @@ SINGLE_PROCESS = ("the lr search runs in one process for now (a data-parallel se
                   "--lr (compare: --tune none --lr X)")
 GRID_STEP = 10 ** 0.5  # two grid points per decade
 PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped
-Score = tuple[float, float]  # (validation accuracy, validation loss)
+SELECTIONS = ("loss", "accuracy+loss", "accuracy")
+NOISE_Z = 1.64  # behind by this many standard errors: 95% one-sided, on paired differences
 
 
 def round_lr(lr: float) -> float:
@@ -97,9 +101,71 @@ def parse_grid(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
-def ahead(ours: Score, theirs: Score) -> bool:
-    """Higher validation accuracy, or the same with lower validation loss."""
+def ahead(ours: tuple[float, float], theirs: tuple[float, float]) -> bool:
+    """Higher accuracy, or the same with lower loss: (accuracy, loss) pairs."""
     return ours[0] > theirs[0] or (ours[0] == theirs[0] and ours[1] < theirs[1])
+
+
+@attrs.frozen(eq=False)
+class Score:
+    """A candidate's validation at one point: each image's cross-entropy and whether it was
+    right, in the validation loader's order (the same images for every candidate)."""
+
+    losses: np.ndarray
+    correct: np.ndarray
+
+    @classmethod
+    def of(cls, report: EvaluationReport) -> Score:
+        if report.losses is None or report.predictions is None or report.targets is None:
+            raise ValueError("a search scores reports that keep per-image losses and "
+                             "predictions (Trainer.evaluate's do)")
+        return cls(np.asarray(report.losses, dtype=np.float64),
+                   np.asarray(report.predictions == report.targets))
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.mean())
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+@attrs.frozen
+class Selection:
+    """How a search compares two candidates on the same validation images.
+
+    `criterion` orders finished runs: "loss" (mean cross-entropy, lower wins), "accuracy"
+    (higher wins; a tie keeps the run found first), "accuracy+loss" (accuracy, a tie going to
+    the lower loss). `z`: how many standard errors of the paired per-image differences — in
+    cross-entropy for "loss", in right-or-wrong for the accuracy criteria — a challenger must
+    be behind before it is stopped."""
+
+    criterion: str = attrs.field(default="loss", validator=attrs.validators.in_(SELECTIONS))
+    z: float = attrs.field(default=NOISE_Z, validator=attrs.validators.ge(0))
+
+    def better(self, ours: Score, theirs: Score) -> bool:
+        """Whether `ours` beats `theirs` by the criterion (a tie does not)."""
+        if self.criterion == "loss":
+            return ours.loss < theirs.loss
+        if self.criterion == "accuracy":
+            return ours.accuracy > theirs.accuracy
+        return ahead((ours.accuracy, ours.loss), (theirs.accuracy, theirs.loss))
+
+    def behind(self, ours: Score, theirs: Score) -> bool:
+        """Whether `ours` is behind `theirs` beyond noise: the mean per-image difference is
+        worse by more than `z` of its standard errors (a one-image dip is not)."""
+        if len(ours.losses) != len(theirs.losses):
+            raise ValueError("two candidates were scored on different validation images")
+        if self.criterion == "loss":
+            worse = ours.losses - theirs.losses
+        else:
+            worse = theirs.correct.astype(np.float64) - ours.correct.astype(np.float64)
+        mean = float(worse.mean())
+        if mean <= 0:
+            return False
+        error = float(worse.std(ddof=1)) / math.sqrt(len(worse)) if len(worse) > 1 else 0.0
+        return mean > self.z * error
 
 
 @attrs.frozen
@@ -120,7 +186,8 @@ class Candidate:
 @attrs.frozen
 class Tuning:
     """What a search tried and chose. `seconds`: its wall time, the chosen run's own training
-    included; `fill_seconds`: the part spent filling the shared activation cache."""
+    included; `fill_seconds`: the part spent filling the shared activation cache; `select`:
+    the criterion it chose by."""
 
     parameter: str
     chosen: float
@@ -128,21 +195,23 @@ class Tuning:
     seconds: float
     schedule: str
     fill_seconds: float = 0.0
+    select: str = "loss"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"parameter": self.parameter, "chosen": self.chosen,
+        return {"parameter": self.parameter, "chosen": self.chosen, "select": self.select,
                 "candidates": [c.to_dict() for c in self.candidates],
                 "seconds": self.seconds, "schedule": self.schedule,
                 "fill_seconds": self.fill_seconds}
 
     def describe(self) -> str:
-        tried = ", ".join(f"{c.lr:g}: {100 * c.val_accuracy:.1f}% after {c.epochs:.2g} ep"
-                          for c in sorted(self.candidates, key=lambda c: c.lr))
-        return f"lr {self.chosen:g}, chosen on validation ({tried}); {self.seconds:.0f} s in all"
+        tried = ", ".join(f"{c.lr:g}: {100 * c.val_accuracy:.1f}% / loss {c.val_loss:.3g} after "
+                          f"{c.epochs:.2g} ep" for c in sorted(self.candidates, key=lambda c: c.lr))
+        return (f"lr {self.chosen:g}, chosen on validation by {self.select} ({tried}); "
+                f"{self.seconds:.0f} s in all")
 
 
 class Behind(StopFit):
-    """A raced candidate did not lead at the peek: its fit ends there."""
+    """A raced candidate is behind beyond noise at the peek: its fit ends there."""
 
 
 @attrs.define
@@ -160,20 +229,28 @@ class _Run:
         return point, self.scores[point]
 
     def record(self) -> Candidate:
-        point, (accuracy, loss) = self.last
-        return Candidate(self.lr, accuracy, loss, round(point, 3), self.steps)
+        point, score = self.last
+        return Candidate(self.lr, score.accuracy, score.loss, round(point, 3), self.steps)
+
+
+def stops(selection: Selection, run: _Run, point: float, rival: _Run | None) -> bool:
+    """Whether `run`, just scored at `point`, stops there: it is behind `rival` at the same
+    point beyond noise. Shared by the live race and `benchmarks.selection`'s replay."""
+    theirs = rival.scores.get(point) if rival is not None else None
+    return theirs is not None and selection.behind(run.scores[point], theirs)
 
 
 class Race(Callback):
     """Scores a fit on validation at a peek in the first epoch and at each epoch's end, and
-    stops it as soon as it does not lead `rival` at the same point. The peek runs under a
+    stops it once it is behind `rival` beyond noise at the same point. The peek runs under a
     forked random state, so a fit that goes on is the fit it would have been without it."""
 
     every_rank = True  # every process peeks and stops at the same step
 
     def __init__(self, run: _Run, val_loader: Iterable[Any], rival: _Run | None,
-                 peek: float) -> None:
+                 peek: float, selection: Selection | None = None) -> None:
         self.run, self.val_loader, self.rival, self.peek = run, val_loader, rival, peek
+        self.selection = selection or Selection()
         self.peek_step = 0
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
@@ -187,39 +264,34 @@ class Race(Callback):
         device = trainer.state.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             report = trainer.evaluate(self.val_loader)
-        if self._judge(self.peek, (report.accuracy, float(report.loss or 0.0)), trainer):
+        if self._judge(self.peek, Score.of(report), trainer):
             raise Behind(f"lr {self.run.lr:g} is behind at {self.peek:.2g} of an epoch")
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        score = (float(metrics["val_accuracy"]), float(metrics["val_loss"]))
-        if self._judge(float(trainer.state.epoch + 1), score, trainer):
+        report = trainer.state.val_report
+        if report is None:
+            raise RuntimeError("the race scores each epoch's validation report")
+        if self._judge(float(trainer.state.epoch + 1), Score.of(report), trainer):
             trainer.state.should_stop = True
 
     def _judge(self, point: float, score: Score, trainer: Any) -> bool:
-        """Record `score` at `point`; whether the run fails to lead its rival there. At the
-        peek a tie in accuracy goes to the lower loss (after a few steps accuracy is coarse);
-        at an epoch's end it stops the run: models at chance differ in loss only by how near
-        uniform their output is, and would otherwise each train in full."""
         self.run.scores[point] = score
         self.run.steps = trainer.state.global_step
-        theirs = self.rival.scores.get(point) if self.rival is not None else None
-        if theirs is None:
-            return False
-        return not ahead(score, theirs) if point < 1 else score[0] <= theirs[0]
+        return stops(self.selection, self.run, point, self.rival)
 
 
 class LrSearch:
     """Chooses a learning rate on validation data; see the module docstring for how.
 
     `grid`: the lrs to try, the first trained in full first (put a preset's lr there);
-    `epochs`: the length of every run; `peek`: where in the first epoch a candidate is first
-    compared; `step`: the ratio of one grid extension (default: the grid's own spacing, else
-    two per decade).
+    `epochs`: the length of every run; `selection`: how candidates are stopped and chosen;
+    `peek`: where in the first epoch a candidate is first compared; `step`: the ratio of one
+    grid extension (default: the grid's own spacing, else two per decade).
     """
 
     def __init__(self, grid: Sequence[float], epochs: int, *, peek: float = PEEK,
                  max_extensions: int = 2, bounds: tuple[float, float] = (1e-6, 1.0),
-                 step: float | None = None) -> None:
+                 step: float | None = None, selection: Selection | None = None) -> None:
         if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid):
             raise ValueError(f"the lr grid must hold positive learning rates, got {list(grid)}")
         if epochs < 1 or not 0 < peek < 1 or max_extensions < 0:
@@ -227,6 +299,7 @@ class LrSearch:
         self.grid = list(dict.fromkeys(grid))
         self.epochs, self.peek = epochs, peek
         self.max_extensions, self.bounds = max_extensions, bounds
+        self.selection = selection or Selection()
         ordered = sorted(self.grid)
         spacing = ((ordered[-1] / ordered[0]) ** (1 / (len(ordered) - 1))
                    if len(ordered) > 1 else GRID_STEP)
@@ -253,7 +326,7 @@ class LrSearch:
             if trainer.config.epochs != self.epochs:
                 raise ValueError(f"make_trainer built a trainer for {trainer.config.epochs} "
                                  f"epochs; the search runs {self.epochs}")
-            trainer.callbacks.append(Race(run, val_loader, rival, self.peek))
+            trainer.callbacks.append(Race(run, val_loader, rival, self.peek, self.selection))
             try:
                 trainer.fit(train_loader, val_loader)
             except Behind:
@@ -262,35 +335,46 @@ class LrSearch:
                 run.trainer = trainer
             return run
 
-        def contest(lr: float, best: _Run) -> _Run:
-            run = race(lr, best)
-            tried.append(run)
-            leads = run.trainer is not None and run.last[1][0] > best.last[1][0]
-            return run if leads else best
-
         try:
-            best = race(self.grid[0], None)
-            tried = [best]
-            for lr in self.grid[1:]:
-                best = contest(lr, best)
-            for direction in (-1, 1):  # past the edge the best run holds, while it holds it
-                for _ in range(self.max_extensions):
-                    edge = (min if direction < 0 else max)(r.lr for r in tried)
-                    lr = self._beyond(edge, direction)
-                    if best.lr != edge or not self.bounds[0] <= lr <= self.bounds[1]:
-                        break
-                    best = contest(lr, best)
+            best, tried = self.search(race)
         finally:
             if activations is None:
                 shared.release()
         if best.trainer is None:
             raise RuntimeError("the first lr's run did not finish")
         tuning = Tuning("lr", best.lr, tuple(r.record() for r in tried),
-                        time.perf_counter() - started,
-                        f"each lr raced the best run so far and stopped once it did not "
-                        f"lead (at {self.peek:.2g} of the first epoch or an epoch's end)",
-                        shared.fill_seconds - filled)
+                        time.perf_counter() - started, self.describe(),
+                        shared.fill_seconds - filled, self.selection.criterion)
         return tuning, best.trainer
+
+    def search(self, race: Callable[[float, _Run | None], _Run]) -> tuple[_Run, list[_Run]]:
+        """The order of the search, given `race(lr, rival)` that trains (or replays) one
+        candidate against the best run so far: (the best run, every run tried)."""
+        best = race(self.grid[0], None)
+        tried = [best]
+
+        def contest(lr: float, best: _Run) -> _Run:
+            run = race(lr, best)
+            tried.append(run)
+            finished = max(run.scores) >= self.epochs
+            return run if finished and self.selection.better(run.last[1], best.last[1]) else best
+
+        for lr in self.grid[1:]:
+            best = contest(lr, best)
+        for direction in (-1, 1):  # past the edge the best run holds, while it holds it
+            for _ in range(self.max_extensions):
+                edge = (min if direction < 0 else max)(r.lr for r in tried)
+                lr = self._beyond(edge, direction)
+                if best.lr != edge or not self.bounds[0] <= lr <= self.bounds[1]:
+                    break
+                best = contest(lr, best)
+        return best, tried
+
+    def describe(self) -> str:
+        return (f"each lr raced the best run so far on the same validation images and stopped "
+                f"once behind beyond noise ({self.selection.z:g} standard errors of the paired "
+                f"differences, at {self.peek:.2g} of the first epoch or an epoch's end); chosen "
+                f"by validation {self.selection.criterion}")
 
     def _beyond(self, edge: float, direction: int) -> float:
         """The next lr past `edge` on the grid's lattice: the first lr times whole powers of

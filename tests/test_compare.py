@@ -637,3 +637,42 @@ def test_tune_lr_find_trains_each_row_at_the_range_tests_suggestion(
     assert row["lr"] == row["lr_find"]["chosen"] and row["tuning"] is None
     assert row["lr_find"]["steps"] >= 3 and row["lr_find"]["seconds"] > 0
     assert "lr range test" in (tmp_path / "lrf" / "results.md").read_text()
+
+
+def test_hindsight_rows_are_measurements_kept_out_of_the_rows_and_the_verdict(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lr the search could choose, trained at a fixed lr and read on test once each:
+    labelled hindsight in every output, beside the tuned row, and never a row itself."""
+    from finetune.data import ImageFolderData
+
+    original = ImageFolderData.test_loader
+    monkeypatch.setattr(ImageFolderData, "test_loader",
+                        lambda self, *a, **k: CountingLoader(original(self, *a, **k)))
+    CountingLoader.passes = 0
+    args = argv(tree, tmp_path, "--strategies", "last-layer,bitfit", "--tune", "lr",
+                "--lr", "1e-3", "--lr-grid", "1e-3,1e-2", "--hindsight")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    results = read_results(tmp_path)
+    assert [r["strategy"] for r in results["rows"]] == ["last-layer", "bitfit"]
+    assert all(r["tuning"]["select"] == "loss" for r in results["rows"])
+    assert [s["strategy"] for s in results["summary"]] == ["last-layer", "bitfit"]
+    measured = results["hindsight"]
+    lrs = {spec: {c["lr"] for r in results["rows"] if r["strategy"] == spec
+                  for c in r["tuning"]["candidates"]} for spec in ("last-layer", "bitfit")}
+    assert all(h["hindsight"] for h in measured["rows"])
+    assert {(h["strategy"], h["lr"]) for h in measured["rows"]} == {
+        (spec, lr) for spec, tried in lrs.items() for lr in tried | {1e-3, 1e-2}}
+    assert CountingLoader.passes == 2 + len(measured["rows"])  # once per row, once per lr
+    for entry in measured["summary"]:
+        assert entry["label"].startswith("hindsight")
+        assert entry["best_test_accuracy"] == max(entry["fixed"].values())
+        assert "tuned_minus_best" in entry
+    text = (tmp_path / "results.md").read_text()
+    table, _, section = text.partition("## Hindsight (a measurement")
+    assert section and not any("hindsight" in line for line in table.splitlines()
+                               if line.startswith("| "))  # no row of the table or pairs
+    assert "chosen by validation loss" in table
+    csv_rows = list(csv.DictReader((tmp_path / "hindsight.csv").open()))
+    assert {r["label"] for r in csv_rows} == {"hindsight"}
+    with pytest.raises(SystemExit, match="--hindsight measures what --tune lr"):
+        compare.main(argv(tree, tmp_path / "b", "--hindsight"), backbone_factory=Factory())

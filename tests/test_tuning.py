@@ -4,11 +4,12 @@ winning edge, and the candidates of a cached strategy share one activation fill.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import ClassVar
 
 import attrs
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,7 +20,7 @@ from finetune.cache.plan import ActivationCaches
 from finetune.strategies import FullUnfreeze, LastLayerOnly
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
-from finetune.tuning import LrSearch, lr_grid, parse_grid, round_lr
+from finetune.tuning import LrSearch, Score, Selection, lr_grid, parse_grid, round_lr
 from tests.conftest import make_loader, make_tiny_backbone
 
 CONFIG = TrainConfig(epochs=3, lr=1.0, seed=0, precision="fp32", device="cpu",
@@ -60,7 +61,8 @@ def test_a_linear_probe_gets_the_large_lr_it_needs_and_one_shared_fill(monkeypat
     tried = {c.lr: c for c in tuning.candidates}
     assert tuning.chosen >= 3.2e-2 and tuning.chosen == trainer.config.lr
     assert tried[tuning.chosen].val_accuracy > tried[1e-2].val_accuracy
-    assert max(tried) == 0.1  # the top edge won, so the grid grew past it
+    assert tried[tuning.chosen].val_loss == min(c.val_loss for c in tuning.candidates)
+    assert max(tried) > 3.2e-2  # the top edge won, so the grid grew past it
     assert fills == [48, 24]  # train and val, once for every candidate
     assert trainer.history["val_accuracy"][-1] == tried[tuning.chosen].val_accuracy
 
@@ -105,20 +107,39 @@ def test_the_first_lr_trains_as_a_plain_fit_and_the_chosen_run_is_one() -> None:
     assert plain.history["val_loss"] == chosen.history["val_loss"]
 
 
+VAL_IMAGES = 60
+
+
+def report(losses: Sequence[float], correct: Sequence[bool]) -> SimpleNamespace:
+    """What Trainer.evaluate reports, as far as a search reads it."""
+    losses, correct = np.asarray(losses, dtype=float), np.asarray(correct, dtype=bool)
+    targets = np.zeros(len(losses), dtype=np.int64)
+    return SimpleNamespace(losses=losses, targets=targets, predictions=np.where(correct, 0, 1),
+                           accuracy=float(correct.mean()), loss=float(losses.mean()))
+
+
 class ScriptedTrainer:
-    """Stands in for a Trainer: 3 steps an epoch, validation scores from `score(lr, epochs)`."""
+    """Stands in for a Trainer: 3 steps an epoch, validation from `images(lr, epochs)` —
+    each image's loss and correctness — by default every image's loss `2 - score(lr, at)`."""
 
     score: Callable[[float, float], float] = staticmethod(lambda lr, at: 0.5)
+    images: Callable[[float, float], SimpleNamespace] | None = None
     fits: ClassVar[list[float]] = []
 
     def __init__(self, lr: float, activations: object) -> None:
         self.lr, self.callbacks = lr, []
         self.config = SimpleNamespace(epochs=3, accumulate_steps=1, lr=lr)
         self.state = SimpleNamespace(epoch=0, batches_per_epoch=3, global_step=0,
-                                     device=torch.device("cpu"), should_stop=False)
+                                     device=torch.device("cpu"), should_stop=False,
+                                     val_report=None)
+
+    def _report(self, at: float) -> SimpleNamespace:
+        if type(self).images is not None:
+            return type(self).images(self.lr, at)
+        return report([2.0 - type(self).score(self.lr, at)] * VAL_IMAGES, [True] * VAL_IMAGES)
 
     def evaluate(self, loader: object) -> SimpleNamespace:
-        return SimpleNamespace(accuracy=type(self).score(self.lr, 1 / 3), loss=1.0)
+        return self._report(1 / 3)
 
     def fit(self, train: object, val: object) -> None:
         type(self).fits.append(self.lr)
@@ -130,17 +151,23 @@ class ScriptedTrainer:
                 self.state.global_step += 1
                 for callback in self.callbacks:
                     callback.on_optimizer_step(self, self.state.global_step)
-            metrics = {"val_accuracy": type(self).score(self.lr, epoch + 1), "val_loss": 1.0}
+            self.state.val_report = self._report(epoch + 1)
+            metrics = {"val_accuracy": self.state.val_report.accuracy,
+                       "val_loss": self.state.val_report.loss}
             for callback in self.callbacks:
                 callback.on_epoch_end(self, metrics)
             if self.state.should_stop:
                 return
 
 
-def scripted(monkeypatch, score: Callable[[float, float], float]) -> LrSearch:
-    monkeypatch.setattr(ScriptedTrainer, "score", staticmethod(score))
+def scripted(monkeypatch, score: Callable[[float, float], float] | None = None,
+             images: Callable[[float, float], SimpleNamespace] | None = None,
+             selection: Selection | None = None) -> LrSearch:
+    monkeypatch.setattr(ScriptedTrainer, "score", staticmethod(score or (lambda lr, at: 0.5)))
+    monkeypatch.setattr(ScriptedTrainer, "images",
+                        staticmethod(images) if images is not None else None)
     monkeypatch.setattr(ScriptedTrainer, "fits", [])
-    return LrSearch((5e-4, 1.6e-4, 1.6e-3), epochs=3)
+    return LrSearch((5e-4, 1.6e-4, 1.6e-3), epochs=3, selection=selection)
 
 
 @pytest.mark.parametrize(("score", "chosen", "grown"), [
@@ -155,12 +182,13 @@ def test_the_grid_grows_past_an_edge_the_best_run_holds(monkeypatch, score, chos
     result, trainer = scripted(monkeypatch, score).run(ScriptedTrainer, [], [])
     assert result.chosen == chosen and trainer.lr == chosen
     assert sorted({c.lr for c in result.candidates} - {5e-4, 1.6e-4, 1.6e-3}) == grown
+    assert result.to_dict()["select"] == "loss"
 
 
-def test_a_race_stops_a_candidate_once_behind_and_never_chooses_below_the_first_lr(
+def test_a_race_stops_a_candidate_behind_beyond_noise_and_keeps_the_better_finisher(
         monkeypatch) -> None:
     # 1.6e-3 leads until epoch 3, then falls behind: a one-epoch rung would have chosen it;
-    # 1.6e-4 is behind at the peek
+    # 1.6e-4 is behind at the peek on every image
     def score(lr: float, at: float) -> float:
         return {5e-4: at, 1.6e-4: at / 2, 1.6e-3: 2 * at if at < 3 else 2.9}[lr]
 
@@ -169,6 +197,57 @@ def test_a_race_stops_a_candidate_once_behind_and_never_chooses_below_the_first_
     assert result.chosen == 5e-4
     assert epochs == {5e-4: 3, 1.6e-4: 0.333, 1.6e-3: 3}
     assert ScriptedTrainer.fits == [5e-4, 1.6e-4, 1.6e-3]  # the first lr first, once each
+
+
+def saturated(lr: float, at: float) -> SimpleNamespace:
+    """Every lr gets every validation image right (accuracy saturates); 1.6e-3 is more
+    confident on each of them, by a margin that varies from image to image."""
+    jitter = 0.05 * np.sin(np.arange(VAL_IMAGES))
+    level = {5e-4: 0.6, 1.6e-4: 0.9, 1.6e-3: 0.3}.get(lr, 0.45)
+    return report(level / at + jitter, [True] * VAL_IMAGES)
+
+
+def test_where_accuracy_saturates_the_loss_separates_and_chooses(monkeypatch) -> None:
+    by_loss, _ = scripted(monkeypatch, images=saturated).run(ScriptedTrainer, [], [])
+    assert by_loss.chosen == 1.6e-3 and by_loss.select == "loss"
+    by_accuracy, _ = scripted(monkeypatch, images=saturated,
+                              selection=Selection("accuracy")).run(ScriptedTrainer, [], [])
+    assert by_accuracy.chosen == 5e-4  # every accuracy ties: the first lr is kept
+
+
+def one_image_behind(lr: float, at: float) -> SimpleNamespace:
+    """1.6e-3 gets one image fewer right at the end of epoch 1 (and a loss of 1 higher on
+    it); elsewhere it is 1.6e-4's twin and 5e-4's better."""
+    correct = np.ones(VAL_IMAGES, dtype=bool)
+    losses = np.full(VAL_IMAGES, 0.5 if lr == 5e-4 else 0.4)
+    if lr == 1.6e-3 and at == 1:
+        correct[7], losses[7] = False, 1.4
+    return report(losses, correct)
+
+
+@pytest.mark.parametrize("criterion", ["loss", "accuracy", "accuracy+loss"])
+def test_a_challenger_one_image_behind_at_an_epoch_end_goes_on(monkeypatch, criterion) -> None:
+    result, _ = scripted(monkeypatch, images=one_image_behind,
+                         selection=Selection(criterion)).run(ScriptedTrainer, [], [])
+    epochs = {c.lr: c.epochs for c in result.candidates}
+    assert epochs[1.6e-3] == 3  # not stopped on the dip
+    dip, rival = (Score.of(one_image_behind(lr, 1)) for lr in (1.6e-3, 1.6e-4))
+    assert not Selection(criterion).behind(dip, rival)
+    assert Selection(criterion, z=0).behind(dip, rival)  # it is behind, within noise
+
+
+def test_behind_beyond_noise_is_a_paired_test_on_the_same_images() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 2.0, VAL_IMAGES)
+    ours = Score.of(report(base + 0.3 + rng.normal(0, 0.05, VAL_IMAGES), [True] * VAL_IMAGES))
+    theirs = Score.of(report(base, [True] * VAL_IMAGES))
+    selection = Selection()
+    # each image 0.3 worse: far beyond noise, though the spread across images is wide
+    assert selection.behind(ours, theirs) and not selection.behind(theirs, ours)
+    noisy = Score.of(report(base + rng.normal(0.02, 0.5, VAL_IMAGES), [True] * VAL_IMAGES))
+    assert not selection.behind(noisy, theirs)  # 0.02 worse on average, 0.5 of noise
+    with pytest.raises(ValueError, match="different validation images"):
+        selection.behind(ours, Score.of(report(base[:10], [True] * 10)))
 
 
 def test_a_shared_cache_is_refilled_for_a_prefix_with_other_weights() -> None:

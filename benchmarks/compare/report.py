@@ -17,6 +17,7 @@ import numpy as np
 
 from benchmarks import plots
 from benchmarks.compare import noise
+from benchmarks.compare.hindsight import hindsight_markdown, summarize_hindsight
 from benchmarks.compare.settings import Settings
 from finetune.atomic import atomic_write_text
 from finetune.train.recipes import describe
@@ -84,11 +85,13 @@ def per_class_matrix(rows: list[dict[str, Any]], strategies: Sequence[str],
 
 def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
                   rows: list[dict[str, Any]], failed: list[dict[str, Any]],
-                  draw: bool = True, targets: Sequence[int] | None = None) -> str:
+                  draw: bool = True, targets: Sequence[int] | None = None,
+                  hindsight: Sequence[dict[str, Any]] = ()) -> str:
     """(Re)write every output file from the rows so far; returns the Markdown table and the
     verdict. The PNGs and the per-class tests take seconds, so runs in progress skip them
     (`draw=False`) and the end does them. `targets`: the test labels, in the order of each
-    row's `test_predictions`."""
+    row's `test_predictions`. `hindsight`: the fixed-lr measurements of `--hindsight`, written
+    apart from the rows (never in the table or the verdict)."""
     config = settings.to_dict()
     strategy_order = {name: i for i, name in enumerate(settings.strategies)}
     rows.sort(key=lambda r: (strategy_order.get(r["strategy"], len(strategy_order)), r["seed"]))
@@ -101,11 +104,19 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
     if analysis is not None:
         for entry in summary:
             entry.update(analysis.intervals[entry["strategy"]])
+    measured = (summarize_hindsight(rows, hindsight, targets)
+                if hindsight and targets is not None else [])
     atomic_write_text(output / "results.json", json.dumps(
         {"config": config, "classes": list(classes), "rows": rows, "failed": failed,
          "test_targets": None if targets is None else list(targets), "summary": summary,
-         **(analysis.to_dict() if analysis is not None else {})},
+         **(analysis.to_dict() if analysis is not None else {}),
+         **({"hindsight": {"rows": list(hindsight), "summary": measured}} if hindsight else {})},
         indent=2, default=str))
+    if measured:
+        atomic_write_text(output / "hindsight.csv", _csv(
+            ["label", "strategy", "lr", "test_accuracy", "best_in_hindsight"],
+            [["hindsight", s["strategy"], lr, value, float(lr) == s["best_lr"]]
+             for s in measured for lr, value in s["fixed"].items()]))
     flat = [{**{k: v for k, v in r.items() if not isinstance(v, (dict, list))},
              **{f"config.{k}": v for k, v in config.items()}} for r in rows]
     atomic_write_text(output / "results.csv", _csv(
@@ -118,7 +129,8 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
         verdict += advice_note(rows)
     seeds = ("auto (per strategy: the runs column)" if settings.seeds_auto
              else str(list(settings.seeds)))
-    lr = (f"lr tuned per row on validation from {', '.join(f'{v:g}' for v in settings.lr_grid)}"
+    lr = (f"lr tuned per row on validation ({settings.select}) from "
+          f"{', '.join(f'{v:g}' for v in settings.lr_grid)}"
           if settings.tune == "lr" else "lr per row from the lr range test (fastai's valley)"
           if settings.tune == "lr-find" else f"lr {settings.lr} for every row (untuned)")
     header = (f"`{settings.command}`\n\nbackbone {settings.backbone} · data "
@@ -128,7 +140,8 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
     pairwise = "" if analysis is None else noise.pairwise_markdown(analysis.pairs)
     atomic_write_text(output / "results.md", header + table + "\n" + (
         f"\n{verdict}\n\nPairwise differences of test accuracy (points):\n\n{pairwise}\n"
-        if analysis is not None else ""))
+        if analysis is not None else "") + (f"\n{hindsight_markdown(measured)}" if measured
+                                            else ""))
     if analysis is not None:
         atomic_write_text(output / "pairwise.md", pairwise + "\n")
         atomic_write_text(output / "pairwise.csv", _csv(
@@ -154,7 +167,8 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
         plots.plot_per_class_heatmap(names, classes, matrix, output / "per_class_heatmap.png",
                                      star if marks is not None else None,
                                      noise.class_marks_note(marks))
-    return table + (f"\n\n{verdict}" if verdict else "")
+    return table + (f"\n\n{verdict}" if verdict else "") + (
+        f"\n\n{hindsight_markdown(measured)}" if measured else "")
 
 
 def recipes_line(settings: Settings) -> str:
@@ -172,7 +186,8 @@ def tuning_note(rows: Sequence[dict[str, Any]], settings: Settings) -> str:
     seconds = sum(t["seconds"] for t in tuned)
     return (f"Each row trained at its own lr, chosen on the validation split from "
             f"{', '.join(f'{v:g}' for v in settings.lr_grid)} (grown past an edge that won; "
-            "each lr raced the best run so far and stopped once behind); the test set "
+            "each lr raced the best run so far and stopped once behind it beyond noise; "
+            f"chosen by validation {settings.select}); the test set "
             f"was evaluated once per row, for the chosen lr. The search trained "
             f"{epochs / max(1, settings.epochs * len(tuned)):.1f}x the epochs of untuned "
             f"rows ({epochs:.1f} candidate epochs for {len(tuned)} rows) in {seconds:.0f} s of "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.compare import noise, pool, store
+from benchmarks.compare.hindsight import run_hindsight
 from benchmarks.compare.report import load_previous
 from benchmarks.compare.report import write_outputs as _write_outputs
 from benchmarks.compare.settings import (
@@ -46,7 +47,7 @@ from finetune.model.zoo import build_backbone, seeded
 from finetune.runtime import distributed
 from finetune.runtime.memory import PeakMemory
 from finetune.train.state import History
-from finetune.tuning import LrSearch, Tuning
+from finetune.tuning import LrSearch, Selection, Tuning
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
@@ -163,8 +164,9 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         # Same split for every run; the shuffle and augmentation follow the run's seed.
         tuning, range_test = None, None
         if settings.tune == "lr":
-            tuning, trainer = LrSearch(settings.lr_grid, settings.epochs).run(
-                make_trainer, train_loader, val_loader)
+            search = LrSearch(settings.lr_grid, settings.epochs,
+                              selection=Selection(settings.select))
+            tuning, trainer = search.run(make_trainer, train_loader, val_loader)
         else:
             lr = settings.lr
             if settings.tune == "lr-find":
@@ -518,7 +520,13 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
     if claims is not None:  # in the order of the command, whichever worker finished first
         order = {spec: index for index, spec in enumerate(settings.strategies)}
         rows.sort(key=lambda row: (order.get(row["strategy"], len(order)), row["seed"]))
-    print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets))
+    measured = []
+    if settings.hindsight:
+        measured = run_hindsight(settings, rows, lambda spec, seed, fixed: run_one(
+            spec, seed, settings=fixed, splits=splits, backbone_factory=backbone_factory,
+            output=output, decoded=decoded))
+    print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets,
+                               hindsight=measured))
     print(f"\nresults in {output}/ (results.json, results.csv, results.md, pairwise.*, "
           "per_class.*, *.png)")
     if on_sample:

@@ -34,7 +34,7 @@ from finetune.data.transforms import DEFAULT_CROP_SCALE, augmentation
 from finetune.model.zoo import default_backbone_name
 from finetune.train.config import PRECISIONS, SCHEDULES
 from finetune.train.trainer import TTA_MODES
-from finetune.tuning import SINGLE_PROCESS, search_grid
+from finetune.tuning import SELECTIONS, SINGLE_PROCESS, search_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
@@ -99,6 +99,8 @@ class Settings:
     # "lr": each row at its own lr, chosen on validation; "lr-find": the range test's suggestion
     tune: str = _resume(default="none")
     lr_grid: tuple[float, ...] = _resume(default=(), converter=tuple)  # the lrs "lr" tries
+    select: str = _resume(default="loss")  # how "lr" compares candidates (finetune.tuning)
+    hindsight: bool = False  # also every grid lr at a fixed lr: `benchmarks.compare.hindsight`
     pre_resize: bool
     preset: str
     strategies: tuple[str, ...] = attrs.field(converter=tuple)
@@ -191,6 +193,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the lrs --tune lr tries, comma-separated (default: --lr and its "
                    "neighbours two per decade, e.g. 1.6e-4,5e-4,1.6e-3); --lr is always one of "
                    "them, and the grid grows past an edge that wins")
+    p.add_argument("--select", choices=SELECTIONS,
+                   help="how --tune lr compares candidates on the validation split: loss "
+                   "(cross-entropy; the default, measured best in docs/benchmarks.md), accuracy, "
+                   "or accuracy+loss (accuracy, ties to the lower loss)")
+    p.add_argument("--hindsight", action="store_true",
+                   help="also train every lr the search could choose, each at a fixed lr to the "
+                   "end, and report the best in hindsight beside each tuned row: what tuning "
+                   "leaves on the table (a measurement; those runs read the test set per lr and "
+                   "stay out of the table and the verdict)")
     add_augment_arguments(p, default=None)  # None: the preset's (quick: none, reference: flip)
     add_mixing_arguments(p)
     p.add_argument("--tta", choices=TTA_MODES, default="none",
@@ -283,8 +294,16 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     if args.lr_grid is not None and chosen["tune"] != "lr":
         raise SystemExit("--lr-grid is the grid --tune lr searches; add --tune lr (or drop "
                          "--lr-grid: this preset trains every strategy at --lr)")
+    if args.select is not None and chosen["tune"] != "lr":
+        raise SystemExit("--select is how --tune lr chooses; add --tune lr (or drop --select)")
     chosen["lr_grid"] = (search_grid(chosen["lr"], chosen.get("lr_grid"))
                          if chosen["tune"] == "lr" else ())
+    chosen["select"] = args.select or "loss"
+    if args.hindsight and chosen["tune"] != "lr":
+        raise SystemExit("--hindsight measures what --tune lr leaves on the table; add --tune lr")
+    if args.hindsight and args.store:
+        raise SystemExit("--hindsight runs in one worker: drop --store (or --hindsight)")
+    chosen["hindsight"] = args.hindsight
     chosen.update(crop_scale=args.crop_scale, balance=args.balance, ema=args.ema,
                   mixup=args.mixup, cutmix=args.cutmix, tta=args.tta)
     if chosen["backbone"] == "auto":

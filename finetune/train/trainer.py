@@ -508,7 +508,7 @@ class Trainer:
             return self._report(loader, tta)
 
     def _report(self, loader: Iterable[Any], tta: str) -> EvaluationReport:
-        predictions, targets, total_loss, count = [], [], 0.0, 0
+        predictions, targets, losses, total_loss, count = [], [], [], 0.0, 0
         for logits, labels in self._inference(loader, tta):
             if labels is None:
                 raise ValueError("evaluation batches must hold (images, labels)")
@@ -516,11 +516,13 @@ class Trainer:
             count += len(labels)
             predictions.append(logits.argmax(dim=1).cpu())
             targets.append(labels.cpu())
+            losses.append(nn.functional.cross_entropy(logits.float(), labels,
+                                                      reduction="none").cpu())
         if count == 0:
             raise ValueError("the evaluation loader yielded no batches")
         return EvaluationReport.from_predictions(
             torch.cat(targets), torch.cat(predictions), self.classes or self.backbone.num_classes,
-            loss=total_loss / count,
+            loss=total_loss / count, losses=torch.cat(losses),
         )
 
     def _require_optimizer(self) -> Optimizer:
