@@ -7,7 +7,8 @@ at each epoch's end (each image's cross-entropy and correctness), and once on te
 is then replayed on those records — `LrSearch.search` itself, with a race that reads the
 records instead of training — for each rule:
 - loss / accuracy+loss / accuracy: the criterion, a challenger stopped only when behind beyond
-  noise (`Selection.behind`, paired per-image differences);
+  noise (`Selection.behind`, paired per-image differences) and taken only when ahead beyond
+  it ("unconfirmed": when ahead at all); z=1 a looser noise bound than the default 1.64;
 - previous: the race before this change (accuracy; stopped on any dip at an epoch's end, or
   when not ahead at the peek).
 A replayed candidate follows its recorded fit exactly up to where the rule stops it (the peek
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -51,9 +53,11 @@ from finetune.tuning import PEEK, LrSearch, Race, Score, Selection, _Run, ahead,
 
 # name -> the search's selection (None: the previous race); z in standard errors
 RULES: dict[str, Any] = {
-    "loss": Selection("loss"), "loss z=1": Selection("loss", z=1.0),
-    "loss z=0.5": Selection("loss", z=0.5), "accuracy+loss": Selection("accuracy+loss"),
-    "accuracy": Selection("accuracy"), "previous": None}
+    "loss": Selection("loss"), "loss, z=1": Selection("loss", z=1.0),
+    "loss, unconfirmed": Selection("loss", confirm=False),
+    "loss, z=1, unconfirmed": Selection("loss", z=1.0, confirm=False),
+    "accuracy+loss": Selection("accuracy+loss"), "accuracy": Selection("accuracy"),
+    "accuracy, unconfirmed": Selection("accuracy", confirm=False), "previous": None}
 LRS = (5e-5, 1.6e-4, 5e-4, 1.6e-3, 5e-3, 1.6e-2)
 
 
@@ -126,6 +130,25 @@ def replay(rule: str, grid: Sequence[float], epochs: int,
     return best.lr, sum(max(r.scores) for r in tried)
 
 
+def to_json(recorded: dict[str, dict[int, dict[float, dict[str, Any]]]]) -> Any:
+    """The trained runs as plain data (per-image arrays as lists), to replay later."""
+    return {strategy: {str(seed): {repr(lr): {
+        "seconds": run["seconds"], "test_correct": run["test_correct"].tolist(),
+        "scores": {repr(point): [score.losses.tolist(), score.correct.tolist()]
+                   for point, score in run["scores"].items()}}
+        for lr, run in runs.items()} for seed, runs in seeds.items()}
+        for strategy, seeds in recorded.items()}
+
+
+def from_json(data: Any) -> dict[str, dict[int, dict[float, dict[str, Any]]]]:
+    return {strategy: {int(seed): {float(lr): {
+        "seconds": run["seconds"], "test_correct": np.asarray(run["test_correct"]),
+        "scores": {float(point): Score(np.asarray(losses), np.asarray(correct))
+                   for point, (losses, correct) in run["scores"].items()}}
+        for lr, run in runs.items()} for seed, runs in seeds.items()}
+        for strategy, seeds in data.items()}
+
+
 def paired(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
     """Mean difference of correctness in points, and its 95% half-width (normal, paired)."""
     difference = ours.astype(float) - theirs.astype(float)
@@ -185,6 +208,33 @@ def markdown(name: str, results: list[dict[str, Any]], counts: dict[str, int]) -
     return "\n".join(lines)
 
 
+def overall(folder: Path) -> str:
+    """Every rule over every measured set and strategy (the selection-*.json in `folder`):
+    mean test accuracy, mean gap to the best fixed lr in hindsight and to the untuned row,
+    the cells where it is behind hindsight beyond noise, and the mean epochs ratio."""
+    cells = [(json.loads(path.read_text()), path.stem.removeprefix("selection-"))
+             for path in sorted(folder.glob("selection-*.json"))]
+    lines = ["| rule | mean tuned test | vs hindsight | vs untuned | cells behind hindsight "
+             "beyond noise | cells below untuned beyond noise | epochs vs untuned |",
+             "|---|---:|---:|---:|---|---|---:|"]
+    for rule in RULES:
+        figures = [(result["rules"][rule], f"{name}/{result['strategy']}")
+                   for data, name in cells for result in data["results"]
+                   if rule in result["rules"]]
+        if not figures:
+            continue
+        behind = [cell for f, cell in figures
+                  if f["vs_hindsight"][0] + f["vs_hindsight"][1] < 0]
+        below = [cell for f, cell in figures if f["vs_untuned"][0] + f["vs_untuned"][1] < 0]
+        lines.append(
+            f"| {rule} | {np.mean([f['test'] for f, _ in figures]):.1f} | "
+            f"{np.mean([f['vs_hindsight'][0] for f, _ in figures]):+.2f} | "
+            f"{np.mean([f['vs_untuned'][0] for f, _ in figures]):+.2f} | "
+            f"{', '.join(behind) or 'none'} | {', '.join(below) or 'none'} | "
+            f"{np.mean([f['epochs_ratio'] for f, _ in figures]):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.selection",
                                      description=__doc__.split("\n\n")[0])
@@ -192,24 +242,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", default="last-layer,freeze-80")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="images per class before the val split (default: the quick "
+                        "preset's 20; 0: all)")
     parser.add_argument("--output", type=Path, default=Path("selection"))
+    parser.add_argument("--overall", action="store_true",
+                        help="only print every rule over the sets measured in --output")
+    parser.add_argument("--replay", action="store_true",
+                        help="replay the rules on the runs an earlier call kept in --output "
+                        "(records-NAME.pt) instead of training them again")
     args = parser.parse_args(argv)
+    if args.overall:
+        text = (f"{overall(args.output)}\n\nEach cell: 3 seeds of one strategy on one set "
+                f"(`selection-*.json` in {args.output}); CPU: {cpu_label()}.")
+        write_measurement(args.output, "overall", text, {"table": text},
+                          "benchmarks.selection", argv)
+        return 0
     compare_args = ["--tune", "lr", "--jobs", "1", "--workers", "0"]
     if args.data:
         compare_args += ["--data", args.data]
+    if args.train_per_class:
+        compare_args += ["--train-per-class", str(args.train_per_class)]
     settings = resolve_settings(parse_args(compare_args), args.strategies.split(","),
                                 str(resolve_data(args.data)), "selection")
+    if args.train_per_class == 0:
+        settings = attrs.evolve(settings, train_per_class=None)
     lrs = tuple(float(v) for v in args.lrs.split(","))
     splits = scan_data(settings, Path(settings.data))
     counts = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
     seeds = list(range(args.seeds))
+    name = Path(settings.data).name + (f"-{settings.train_per_class}"
+                                       if settings.train_per_class else "-all")
+    kept = args.output / f"records-{name}.json"
     started = time.perf_counter()
-    results = []
-    for strategy in settings.strategies:
-        runs = {seed: record_runs(settings, strategy, seed, lrs, splits) for seed in seeds}
-        results.append(summarise(strategy, seeds, runs, settings.lr_grid, settings.epochs,
-                                 settings.lr))
-    name = Path(settings.data).name
+    if args.replay:
+        recorded = from_json(json.loads(kept.read_text()))
+    else:
+        recorded = {strategy: {seed: record_runs(settings, strategy, seed, lrs, splits)
+                               for seed in seeds} for strategy in settings.strategies}
+        args.output.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(to_json(recorded)))
+    results = [summarise(strategy, seeds, recorded[strategy], settings.lr_grid,
+                         settings.epochs, settings.lr) for strategy in settings.strategies]
     text = (f"{markdown(name, results, counts)}\n\nCPU: {cpu_label()}; every lr trained once "
             f"per strategy and seed in {time.perf_counter() - started:.0f} s.")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,12 @@ A search is a space and a stopping rule:
 - The stopping rule (`Selection.behind`): a challenger stops only when it is behind the best
   run at the same point beyond noise — the paired per-image differences on the same images
   average worse by more than `z` standard errors. A tie goes on; so does one image's dip.
-- The choice (`Selection.better`): among the runs that finished, the best by the criterion
-  (default: validation cross-entropy, a proper scoring rule that still separates candidates
-  where 60 images make accuracy move in 1.7-point steps and saturate near the top; measured
-  against accuracy and accuracy-then-loss in docs/benchmarks.md).
+- The choice (`Selection.better`): a run that finished replaces the best run when it is ahead
+  by the criterion beyond the same noise (default: validation cross-entropy, a proper scoring
+  rule that still separates candidates where 60 images make accuracy move in 1.7-point steps
+  and saturate near the top; measured against accuracy and accuracy-then-loss, confirmed or
+  not, in docs/benchmarks.md). Where nothing is ahead beyond noise the first lr (a preset's)
+  stays.
 - Every candidate shares one `ActivationCaches`: a strategy with a frozen prefix runs the
   prefix over the images once for all of them (`ActivationCaches.plan` keeps activations only
   for a prefix with equal weights, on the same device and precision).
@@ -139,13 +141,19 @@ class Selection:
     (higher wins; a tie keeps the run found first), "accuracy+loss" (accuracy, a tie going to
     the lower loss). `z`: how many standard errors of the paired per-image differences — in
     cross-entropy for "loss", in right-or-wrong for the accuracy criteria — a challenger must
-    be behind before it is stopped."""
+    be behind before it is stopped, and (`confirm`) ahead before it replaces the best run:
+    on 40-84 validation images a challenger that is better only within noise is as likely
+    worse on test (docs/benchmarks.md)."""
 
     criterion: str = attrs.field(default="loss", validator=attrs.validators.in_(SELECTIONS))
     z: float = attrs.field(default=NOISE_Z, validator=attrs.validators.ge(0))
+    confirm: bool = True  # a finisher replaces the best run only when ahead beyond noise
 
     def better(self, ours: Score, theirs: Score) -> bool:
-        """Whether `ours` beats `theirs` by the criterion (a tie does not)."""
+        """Whether `ours` beats `theirs` by the criterion (a tie does not); with `confirm`,
+        only where `theirs` is behind `ours` beyond noise."""
+        if self.confirm and not self.behind(theirs, ours):
+            return False
         if self.criterion == "loss":
             return ours.loss < theirs.loss
         if self.criterion == "accuracy":
