@@ -7,8 +7,9 @@ at each epoch's end (each image's cross-entropy and correctness), and once on te
 is then replayed on those records — `LrSearch.search` itself, with a race that reads the
 records instead of training — for each rule:
 - loss / accuracy+loss / accuracy: the criterion, a challenger stopped only when behind beyond
-  noise (`Selection.behind`, paired per-image differences) and taken only when ahead beyond
-  it ("unconfirmed": when ahead at all); z=1 a looser noise bound than the default 1.64;
+  noise (`Selection.behind`, paired per-image differences: by more than 1 standard error, or
+  the bound named) and taken only when ahead by more than 1.64 ("any lead": when ahead at
+  all);
 - previous: the race before this change (accuracy; stopped on any dip at an epoch's end, or
   when not ahead at the peek).
 A replayed candidate follows its recorded fit exactly up to where the rule stops it (the peek
@@ -53,11 +54,12 @@ from finetune.tuning import PEEK, LrSearch, Race, Score, Selection, _Run, ahead,
 
 # name -> the search's selection (None: the previous race); z in standard errors
 RULES: dict[str, Any] = {
-    "loss": Selection("loss"), "loss, z=1": Selection("loss", z=1.0),
-    "loss, unconfirmed": Selection("loss", confirm=False),
-    "loss, z=1, unconfirmed": Selection("loss", z=1.0, confirm=False),
+    "loss": Selection("loss"), "loss, stop at 1.64": Selection("loss", stop_z=1.64),
+    "loss, stop at 0.5": Selection("loss", stop_z=0.5),
+    "loss, any lead": Selection("loss", switch_z=None),
+    "loss, 1.64 both ways, any lead": Selection("loss", stop_z=1.64, switch_z=None),
     "accuracy+loss": Selection("accuracy+loss"), "accuracy": Selection("accuracy"),
-    "accuracy, unconfirmed": Selection("accuracy", confirm=False), "previous": None}
+    "accuracy, any lead": Selection("accuracy", switch_z=None), "previous": None}
 LRS = (5e-5, 1.6e-4, 5e-4, 1.6e-3, 5e-3, 1.6e-2)
 
 
@@ -88,7 +90,8 @@ def record_runs(settings: Any, strategy: str, seed: int, lrs: Sequence[float], s
     """Each lr trained in full at a fixed lr: its validation scores by point, its test
     correctness, and its seconds."""
     with seeded(seed):
-        initial = make_backbone(settings.backbone, len(splits.classes), True)
+        initial = make_backbone(settings.backbone, len(splits.classes),
+                                parse_run(strategy).pretrained)
     data = loaders_for(splits, settings, initial)
     train, val = data.train_loader(shuffle_seed=seed), data.val_loader()
     records = {}
@@ -246,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images per class before the val split (default: the quick "
                         "preset's 20; 0: all)")
     parser.add_argument("--output", type=Path, default=Path("selection"))
+    parser.add_argument("--name", help="what the outputs are named after (default: the data "
+                        "folder and images per class)")
     parser.add_argument("--overall", action="store_true",
                         help="only print every rule over the sets measured in --output")
     parser.add_argument("--replay", action="store_true",
@@ -253,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(records-NAME.pt) instead of training them again")
     args = parser.parse_args(argv)
     if args.overall:
-        text = (f"{overall(args.output)}\n\nEach cell: 3 seeds of one strategy on one set "
+        text = (f"{overall(args.output)}\n\nEach cell: the seeds of one strategy on one set "
                 f"(`selection-*.json` in {args.output}); CPU: {cpu_label()}.")
         write_measurement(args.output, "overall", text, {"table": text},
                           "benchmarks.selection", argv)
@@ -271,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = scan_data(settings, Path(settings.data))
     counts = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
     seeds = list(range(args.seeds))
-    name = Path(settings.data).name + (f"-{settings.train_per_class}"
-                                       if settings.train_per_class else "-all")
+    name = args.name or Path(settings.data).name + (f"-{settings.train_per_class}"
+                                                    if settings.train_per_class else "-all")
     kept = args.output / f"records-{name}.json"
     started = time.perf_counter()
     if args.replay:

@@ -16,13 +16,14 @@ A search is a space and a stopping rule:
   cross-entropy and whether it was right (`Score`).
 - The stopping rule (`Selection.behind`): a challenger stops only when it is behind the best
   run at the same point beyond noise — the paired per-image differences on the same images
-  average worse by more than `z` standard errors. A tie goes on; so does one image's dip.
+  average worse by more than `stop_z` (1) standard errors. A tie goes on; so does one image's
+  dip.
 - The choice (`Selection.better`): a run that finished replaces the best run when it is ahead
-  by the criterion beyond the same noise (default: validation cross-entropy, a proper scoring
-  rule that still separates candidates where 60 images make accuracy move in 1.7-point steps
-  and saturate near the top; measured against accuracy and accuracy-then-loss, confirmed or
-  not, in docs/benchmarks.md). Where nothing is ahead beyond noise the first lr (a preset's)
-  stays.
+  by the criterion by more than `switch_z` (1.64) standard errors (default criterion:
+  validation cross-entropy, a proper scoring rule that still separates candidates where 60
+  images make accuracy move in 1.7-point steps and saturate near the top; measured against
+  accuracy and accuracy-then-loss, and each bound against others, in docs/benchmarks.md).
+  Where nothing is ahead beyond noise the first lr (a preset's) stays.
 - Every candidate shares one `ActivationCaches`: a strategy with a frozen prefix runs the
   prefix over the images once for all of them (`ActivationCaches.plan` keeps activations only
   for a prefix with equal weights, on the same device and precision).
@@ -61,7 +62,9 @@ SINGLE_PROCESS = ("the lr search runs in one process for now (a data-parallel se
 GRID_STEP = 10 ** 0.5  # two grid points per decade
 PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped
 SELECTIONS = ("loss", "accuracy+loss", "accuracy")
-NOISE_Z = 1.64  # behind by this many standard errors: 95% one-sided, on paired differences
+# In standard errors of the paired per-image differences (docs/benchmarks.md measured both):
+STOP_Z = 1.0  # behind by more: a challenger stops (no choice changed from 0 to 1.64; cost did)
+SWITCH_Z = 1.64  # ahead by more, 95% one-sided: a finisher replaces the best run
 
 
 def round_lr(lr: float) -> float:
@@ -139,20 +142,20 @@ class Selection:
 
     `criterion` orders finished runs: "loss" (mean cross-entropy, lower wins), "accuracy"
     (higher wins; a tie keeps the run found first), "accuracy+loss" (accuracy, a tie going to
-    the lower loss). `z`: how many standard errors of the paired per-image differences — in
-    cross-entropy for "loss", in right-or-wrong for the accuracy criteria — a challenger must
-    be behind before it is stopped, and (`confirm`) ahead before it replaces the best run:
-    on 40-84 validation images a challenger that is better only within noise is as likely
-    worse on test (docs/benchmarks.md)."""
+    the lower loss). Noise is measured in standard errors of the paired per-image
+    differences — in cross-entropy for "loss", in right-or-wrong for the accuracy criteria: a
+    challenger behind by more than `stop_z` stops, and a finisher must be ahead by more than
+    `switch_z` to replace the best run (None: ahead at all). On 40-84 validation images a
+    challenger better only within noise is as likely worse on test (docs/benchmarks.md)."""
 
     criterion: str = attrs.field(default="loss", validator=attrs.validators.in_(SELECTIONS))
-    z: float = attrs.field(default=NOISE_Z, validator=attrs.validators.ge(0))
-    confirm: bool = True  # a finisher replaces the best run only when ahead beyond noise
+    stop_z: float = attrs.field(default=STOP_Z, validator=attrs.validators.ge(0))
+    switch_z: float | None = attrs.field(default=SWITCH_Z)
 
     def better(self, ours: Score, theirs: Score) -> bool:
-        """Whether `ours` beats `theirs` by the criterion (a tie does not); with `confirm`,
-        only where `theirs` is behind `ours` beyond noise."""
-        if self.confirm and not self.behind(theirs, ours):
+        """Whether `ours` beats `theirs` by the criterion (a tie does not), beyond noise
+        unless `switch_z` is None."""
+        if self.switch_z is not None and not self.behind(theirs, ours, self.switch_z):
             return False
         if self.criterion == "loss":
             return ours.loss < theirs.loss
@@ -160,9 +163,10 @@ class Selection:
             return ours.accuracy > theirs.accuracy
         return ahead((ours.accuracy, ours.loss), (theirs.accuracy, theirs.loss))
 
-    def behind(self, ours: Score, theirs: Score) -> bool:
+    def behind(self, ours: Score, theirs: Score, z: float | None = None) -> bool:
         """Whether `ours` is behind `theirs` beyond noise: the mean per-image difference is
-        worse by more than `z` of its standard errors (a one-image dip is not)."""
+        worse by more than `z` (default `stop_z`) of its standard errors (a one-image dip is
+        not)."""
         if len(ours.losses) != len(theirs.losses):
             raise ValueError("two candidates were scored on different validation images")
         if self.criterion == "loss":
@@ -173,7 +177,7 @@ class Selection:
         if mean <= 0:
             return False
         error = float(worse.std(ddof=1)) / math.sqrt(len(worse)) if len(worse) > 1 else 0.0
-        return mean > self.z * error
+        return mean > (self.stop_z if z is None else z) * error
 
 
 @attrs.frozen
@@ -379,10 +383,13 @@ class LrSearch:
         return best, tried
 
     def describe(self) -> str:
+        switch = self.selection.switch_z
         return (f"each lr raced the best run so far on the same validation images and stopped "
-                f"once behind beyond noise ({self.selection.z:g} standard errors of the paired "
-                f"differences, at {self.peek:.2g} of the first epoch or an epoch's end); chosen "
-                f"by validation {self.selection.criterion}")
+                f"once behind beyond noise ({self.selection.stop_z:g} standard errors of the "
+                f"paired differences, at {self.peek:.2g} of the first epoch or an epoch's end); "
+                f"chosen by validation {self.selection.criterion}"
+                + (f", a finisher taken when ahead by {switch:g} standard errors"
+                   if switch is not None else ""))
 
     def _beyond(self, edge: float, direction: int) -> float:
         """The next lr past `edge` on the grid's lattice: the first lr times whole powers of

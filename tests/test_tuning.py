@@ -233,7 +233,7 @@ def test_a_challenger_one_image_behind_at_an_epoch_end_goes_on(monkeypatch, crit
     assert epochs[1.6e-3] == 3  # not stopped on the dip
     dip, rival = (Score.of(one_image_behind(lr, 1)) for lr in (1.6e-3, 1.6e-4))
     assert not Selection(criterion).behind(dip, rival)
-    assert Selection(criterion, z=0).behind(dip, rival)  # it is behind, within noise
+    assert Selection(criterion, stop_z=0).behind(dip, rival)  # it is behind, within noise
 
 
 def test_behind_beyond_noise_is_a_paired_test_on_the_same_images() -> None:
