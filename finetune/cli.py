@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the lrs --lr auto tries, comma-separated (default: "
                             f"{','.join(f'{v:g}' for v in lr_grid(AUTO_LR_CENTER))}; it grows "
                             "past an edge that wins)")
-    train.add_argument("--select", choices=SELECTIONS, default="loss",
+    train.add_argument("--select", choices=SELECTIONS, default=None,
                        help="how --lr auto compares candidates on the validation split: loss "
                             "(cross-entropy), accuracy, or accuracy+loss (default: loss)")
     _add_training_arguments(train)
@@ -404,6 +404,9 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
                           "the lr its run chose (leave --lr out)")
     if args.lr == "auto" and distributed.world_size() > 1:
         args.parser.error(f"--lr auto: {SINGLE_PROCESS}")
+    if args.select is not None and args.lr != "auto":
+        args.parser.error("--select is how --lr auto chooses the lr; add --lr auto (or drop "
+                          "--select)")
     if args.lr == "auto" and not args.val_split:
         args.parser.error("--lr auto chooses the lr on the validation split: give --val-split "
                           "above 0 (e.g. 0.2), or a number: --lr 1e-4")
@@ -547,7 +550,7 @@ def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStr
                        classes=data.classes, activations=activations)
 
     search = LrSearch(search_grid(center, grid), args.epochs,
-                      selection=Selection(args.select))
+                      selection=Selection(args.select or "loss"))
     tuning, _ = search.run(make_trainer, data.train_loader(), val_loader)
     say(tuning.describe())
     return tuning

@@ -194,12 +194,14 @@ def test_lr_auto_chooses_on_validation_then_trains_and_a_resume_keeps_its_lr(
     common = ["--data", str(tree), "--backbone", TINY, "--batch-size", "4",
               "--strategy", "last-layer", *FAST]
     code, out, err = run(["train", *common, "--epochs", "1", "--lr", "auto", "--lr-grid",
-                          "1e-3,1e-2", "--checkpoint-dir", str(runs)], capsys)
+                          "1e-3,1e-2", "--select", "accuracy", "--checkpoint-dir", str(runs)],
+                         capsys)
     assert code == 0, err
     assert "--lr auto: trying 0.001, 0.01 on the validation split" in out
     record = json.loads((runs / "run.json").read_text())
     chosen = record["tuning"]["chosen"]
-    assert f"lr {chosen:g}, chosen on validation" in out
+    assert f"lr {chosen:g}, chosen on validation by accuracy" in out
+    assert record["tuning"]["select"] == "accuracy"
     assert {c["lr"] for c in record["tuning"]["candidates"]} >= {1e-3, 1e-2}
     state = load_checkpoint(runs / "last.pt")
     assert state["config"]["lr"] == chosen  # the run itself trained at the chosen lr
@@ -208,6 +210,8 @@ def test_lr_auto_chooses_on_validation_then_trains_and_a_resume_keeps_its_lr(
     assert load_checkpoint(runs / "last.pt")["config"]["lr"] == chosen
     code, _, err = run(["train", *common, "--lr", "auto", "--val-split", "0"], capsys)
     assert code == 2 and "give --val-split above 0" in err
+    code, _, err = run(["train", *common, "--select", "loss"], capsys)
+    assert code == 2 and "--select is how --lr auto chooses" in err
     code, out, err = run(["train", *common, "--lr", "auto", "--checkpoint-dir", str(runs)],
                          capsys)
     assert code == 2 and "already holds" in err and "--lr auto: trying" not in out
