@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from benchmarks.compare.hindsight import paired_points
 from benchmarks.compare.run import (
     loaders_for,
     make_backbone,
@@ -152,13 +152,6 @@ def from_json(data: Any) -> dict[str, dict[int, dict[float, dict[str, Any]]]]:
         for strategy, seeds in data.items()}
 
 
-def paired(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
-    """Mean difference of correctness in points, and its 95% half-width (normal, paired)."""
-    difference = ours.astype(float) - theirs.astype(float)
-    half = 1.96 * difference.std(ddof=1) / math.sqrt(len(difference))
-    return 100 * float(difference.mean()), 100 * half
-
-
 def summarise(strategy: str, seeds: Sequence[int], runs: dict[int, dict[float, dict]],
               grid: Sequence[float], epochs: int, preset_lr: float) -> dict[str, Any]:
     """One strategy's figures over its seeds."""
@@ -185,8 +178,8 @@ def summarise(strategy: str, seeds: Sequence[int], runs: dict[int, dict[float, d
         cost = float(np.mean([spent for _, spent in replays.values()])) / epochs
         out["rules"][rule] = {
             "chosen": [f"{chosen[s]:g}" for s in seeds], "test": accuracy(chosen),
-            "vs_hindsight": paired(pooled(chosen), pooled(hindsight)),
-            "vs_untuned": paired(pooled(chosen), pooled(fixed)), "epochs_ratio": cost}
+            "vs_hindsight": paired_points(pooled(chosen), pooled(hindsight)),
+            "vs_untuned": paired_points(pooled(chosen), pooled(fixed)), "epochs_ratio": cost}
     return out
 
 

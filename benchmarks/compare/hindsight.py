@@ -69,14 +69,20 @@ def summarize_hindsight(rows: Sequence[dict[str, Any]], hindsight: Sequence[dict
                                    for s in seeds])
             theirs = np.concatenate([np.asarray(h["test_predictions"]) == truth
                                      for h in by_lr[best] if h["seed"] in tuned])
-            difference = ours.astype(float) - theirs.astype(float)
             entry["tuned_test_accuracy"] = float(ours.mean())
-            entry["tuned_minus_best"] = 100 * float(difference.mean())
-            entry["tuned_minus_best_ci95"] = (
-                100 * 1.96 * float(difference.std(ddof=1)) / math.sqrt(len(difference))
-                if len(difference) > 1 else 0.0)
+            entry["tuned_minus_best"], entry["tuned_minus_best_ci95"] = paired_points(ours,
+                                                                                   theirs)
         summary.append(entry)
     return summary
+
+
+def paired_points(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """The mean difference of two runs' correctness on the same test images, in points, and
+    its 95% half-width (normal approximation of the paired differences)."""
+    difference = ours.astype(float) - theirs.astype(float)
+    half = (1.96 * float(difference.std(ddof=1)) / math.sqrt(len(difference))
+            if len(difference) > 1 else 0.0)
+    return 100 * float(difference.mean()), 100 * half
 
 
 def hindsight_markdown(summary: Sequence[dict[str, Any]]) -> str:
