@@ -49,6 +49,7 @@ from finetune.cache.plan import ActivationCaches
 from finetune.runtime import distributed
 from finetune.stats.metrics import EvaluationReport
 from finetune.train.events import Callback, StopFit
+from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import Trainer
 
 MakeTrainer = Callable[[float, ActivationCaches], Trainer]
@@ -65,6 +66,7 @@ SELECTIONS = ("loss", "accuracy+loss", "accuracy")
 # In standard errors of the paired per-image differences (docs/benchmarks.md measured both):
 STOP_Z = 1.0  # behind by more: a challenger stops (no choice changed from 0 to 1.64; cost did)
 SWITCH_Z = 1.64  # ahead by more, 95% one-sided: a finisher replaces the best run
+WORST_LOSS = 1e4  # an image's cross-entropy where a diverged model gives NaN or inf
 
 
 def round_lr(lr: float) -> float:
@@ -124,7 +126,8 @@ class Score:
         if report.losses is None or report.predictions is None or report.targets is None:
             raise ValueError("a search scores reports that keep per-image losses and "
                              "predictions (Trainer.evaluate's do)")
-        return cls(np.asarray(report.losses, dtype=np.float64),
+        losses = np.asarray(report.losses, dtype=np.float64)  # a NaN or inf is the worst
+        return cls(np.nan_to_num(losses, nan=WORST_LOSS, posinf=WORST_LOSS),
                    np.asarray(report.predictions == report.targets))
 
     @property
@@ -183,13 +186,15 @@ class Selection:
 @attrs.frozen
 class Candidate:
     """One lr tried: its validation accuracy and loss where it stopped, after `epochs`
-    epochs (a fraction where it stopped at the first peek) and `steps` optimizer steps."""
+    epochs (a fraction where it stopped at the first peek) and `steps` optimizer steps;
+    `diverged` where its training loss became NaN or infinite (no score before that: None)."""
 
     lr: float
-    val_accuracy: float
-    val_loss: float
+    val_accuracy: float | None
+    val_loss: float | None
     epochs: float
     steps: int
+    diverged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -216,8 +221,11 @@ class Tuning:
                 "fill_seconds": self.fill_seconds}
 
     def describe(self) -> str:
-        tried = ", ".join(f"{c.lr:g}: {100 * c.val_accuracy:.1f}% / loss {c.val_loss:.3g} after "
-                          f"{c.epochs:.2g} ep" for c in sorted(self.candidates, key=lambda c: c.lr))
+        tried = ", ".join(
+            f"{c.lr:g}: diverged" if c.val_accuracy is None or c.val_loss is None else
+            f"{c.lr:g}: {100 * c.val_accuracy:.1f}% / loss {c.val_loss:.3g} after {c.epochs:.2g} "
+            f"ep{' (then diverged)' if c.diverged else ''}"
+            for c in sorted(self.candidates, key=lambda c: c.lr))
         return (f"lr {self.chosen:g}, chosen on validation by {self.select} ({tried}); "
                 f"{self.seconds:.0f} s in all")
 
@@ -234,15 +242,24 @@ class _Run:
     scores: dict[float, Score] = attrs.field(factory=dict)
     steps: int = 0
     trainer: Trainer | None = None  # set once it has trained all epochs
+    diverged: bool = False
 
     @property
     def last(self) -> tuple[float, Score]:
         point = max(self.scores)
         return point, self.scores[point]
 
+    @property
+    def reached(self) -> float:
+        """How far it trained, in epochs, as far as it was scored (0: never)."""
+        return max(self.scores, default=0.0)
+
     def record(self) -> Candidate:
+        if not self.scores:
+            return Candidate(self.lr, None, None, 0.0, self.steps, diverged=True)
         point, score = self.last
-        return Candidate(self.lr, score.accuracy, score.loss, round(point, 3), self.steps)
+        return Candidate(self.lr, score.accuracy, score.loss, round(point, 3), self.steps,
+                         self.diverged)
 
 
 def stops(selection: Selection, run: _Run, point: float, rival: _Run | None) -> bool:
@@ -343,7 +360,10 @@ class LrSearch:
                 trainer.fit(train_loader, val_loader)
             except Behind:
                 return run
-            if max(run.scores) >= self.epochs:
+            except NonFiniteLossError:  # diverged: out of the race, as far as it got
+                run.diverged = True
+                return run
+            if run.reached >= self.epochs:
                 run.trainer = trainer
             return run
 
@@ -353,7 +373,7 @@ class LrSearch:
             if activations is None:
                 shared.release()
         if best.trainer is None:
-            raise RuntimeError("the first lr's run did not finish")
+            raise RuntimeError("the search chose a run that did not finish")
         tuning = Tuning("lr", best.lr, tuple(r.record() for r in tried),
                         time.perf_counter() - started, self.describe(),
                         shared.fill_seconds - filled, self.selection.criterion)
@@ -363,12 +383,19 @@ class LrSearch:
         """The order of the search, given `race(lr, rival)` that trains (or replays) one
         candidate against the best run so far: (the best run, every run tried)."""
         best = race(self.grid[0], None)
+        if best.diverged:
+            raise ValueError(f"the search's first lr, {best.lr:g}, diverged (the loss became "
+                             "NaN or infinite): start the grid lower (--lr / --lr-grid)")
+        if best.reached < self.epochs:
+            raise ValueError(f"the search's first lr, {best.lr:g}, stopped before its "
+                             f"{self.epochs} epochs: a search compares full runs, so leave out "
+                             "callbacks that end a fit early")
         tried = [best]
 
         def contest(lr: float, best: _Run) -> _Run:
             run = race(lr, best)
             tried.append(run)
-            finished = max(run.scores) >= self.epochs
+            finished = run.reached >= self.epochs and not run.diverged
             return run if finished and self.selection.better(run.last[1], best.last[1]) else best
 
         for lr in self.grid[1:]:

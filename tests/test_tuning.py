@@ -19,6 +19,7 @@ from finetune.cache import plan
 from finetune.cache.plan import ActivationCaches
 from finetune.strategies import FullUnfreeze, LastLayerOnly
 from finetune.train.config import TrainConfig
+from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import Trainer
 from finetune.tuning import LrSearch, Score, Selection, lr_grid, parse_grid, round_lr
 from tests.conftest import make_loader, make_tiny_backbone
@@ -197,6 +198,33 @@ def test_a_race_stops_a_candidate_behind_beyond_noise_and_keeps_the_better_finis
     assert result.chosen == 5e-4
     assert epochs == {5e-4: 3, 1.6e-4: 0.333, 1.6e-3: 3}
     assert ScriptedTrainer.fits == [5e-4, 1.6e-4, 1.6e-3]  # the first lr first, once each
+
+
+def test_a_candidate_that_diverges_is_out_and_the_search_goes_on(monkeypatch) -> None:
+    """1.6e-3 and beyond blow up mid-run (a non-finite training loss); 5e-4's own run is
+    chosen; a first lr that diverges is an error that says what to do."""
+    search = scripted(monkeypatch, score=lambda lr, at: -abs(lr - 5e-4))
+    fit = ScriptedTrainer.fit
+
+    def diverging(self: ScriptedTrainer, train: object, val: object) -> None:
+        if self.lr >= 1.6e-3:
+            type(self).fits.append(self.lr)
+            raise NonFiniteLossError("loss is nan at epoch 1")
+        fit(self, train, val)
+
+    monkeypatch.setattr(ScriptedTrainer, "fit", diverging)
+    result, trainer = search.run(ScriptedTrainer, [], [])
+    assert result.chosen == 5e-4 and trainer.lr == 5e-4
+    assert 1.6e-3 in ScriptedTrainer.fits
+    first = LrSearch((1.6e-2, 5e-4), epochs=3)
+    with pytest.raises(ValueError, match=r"first lr, 0.016, diverged .* start the grid lower"):
+        first.run(ScriptedTrainer, [], [])
+
+
+def test_a_non_finite_validation_loss_counts_as_the_worst() -> None:
+    nan = Score.of(report([float("nan")] + [0.5] * 9, [False] + [True] * 9))
+    assert nan.loss < float("inf") and Selection().behind(nan, Score.of(report([0.5] * 10,
+                                                                               [True] * 10)))
 
 
 def saturated(lr: float, at: float) -> SimpleNamespace:
