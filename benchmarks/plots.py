@@ -3,7 +3,8 @@ and a per-class heatmap.
 
 Each takes the per-strategy summary rows that `compare.summarize` builds (plain dicts), so
 plots can be redrawn from a results.json without training again. `matplotlib.figure.Figure`
-is used instead of pyplot so the caller's backend and open figures are left alone.
+is used instead of pyplot so the caller's backend and open figures are left alone, and it is
+imported only when a plot is drawn: without matplotlib a comparison still writes its tables.
 """
 
 from __future__ import annotations
@@ -14,11 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from finetune.atomic import atomic_write
 
+MISSING = "plots skipped: matplotlib is not installed (pip install 'finetune[plots]')"
+
 Summary = Sequence[dict[str, Any]]
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported (the `[plots]` extra)."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(**kwargs: Any) -> Any:
+    """`matplotlib.figure.Figure(**kwargs)`, imported at the first plot drawn."""
+    from matplotlib.figure import Figure as MatplotlibFigure
+
+    return MatplotlibFigure(**kwargs)
 
 
 def test_error_bars(summary: Summary) -> np.ndarray:
@@ -38,7 +56,7 @@ def plot_accuracy(summary: Summary, path: Path) -> Path:
     the 95% bootstrap interval (test)."""
     names = [s["strategy"] for s in summary]
     x = np.arange(len(names))
-    figure = Figure(figsize=(max(6.0, 1.3 * len(names) + 2), 4.5), layout="constrained")
+    figure = _figure(figsize=(max(6.0, 1.3 * len(names) + 2), 4.5), layout="constrained")
     axes = figure.subplots()
     val = [100 * s["val_accuracy"] for s in summary]
     axes.bar(x - 0.2, val, width=0.4, yerr=[100 * s["val_accuracy_std"] for s in summary],
@@ -58,7 +76,7 @@ def plot_accuracy(summary: Summary, path: Path) -> Path:
 def plot_accuracy_vs_time(summary: Summary, path: Path) -> Path:
     """Test accuracy against total training time (seconds per epoch × epochs, and the
     advice's own time for the advised row): the cost of each point of accuracy at a glance."""
-    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    figure = _figure(figsize=(6.5, 4.5), layout="constrained")
     axes = figure.subplots()
     for s, bar in zip(summary, test_error_bars(summary).T, strict=True):
         seconds = s["seconds_per_epoch"] * s["epochs"] + s.get("advise_seconds", 0.0)
@@ -82,7 +100,7 @@ def plot_per_class_heatmap(
     `*` on the cells `marked` (differs from the best strategy beyond noise), explained by
     `note` under the plot."""
     rows, cols = matrix.shape
-    figure = Figure(figsize=(max(6.0, 0.55 * cols + 3), max(3.0, 0.5 * rows + 2)),
+    figure = _figure(figsize=(max(6.0, 0.55 * cols + 3), max(3.0, 0.5 * rows + 2)),
                     layout="constrained")
     axes = figure.subplots()
     image = axes.imshow(100 * matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")

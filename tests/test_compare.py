@@ -220,6 +220,27 @@ def test_failed_strategy_keeps_finished_rows_and_resume_skips_them(
     assert len(results["pairwise"]) == 3
 
 
+def test_results_csv_has_one_header_that_every_row_fills_in_its_own_columns(
+        tree: Path, tmp_path: Path) -> None:
+    """An advised row (one field more), a failed row (its error) and plain rows: each value
+    under its own header, read back with csv.DictReader."""
+    broken = "freeze-all-but:groups=layer4"
+    args = argv(tree, tmp_path, "--strategies", f"last-layer,advised,{broken}")
+    assert compare.main(args, backbone_factory=Factory()) == 1
+    with (tmp_path / "results.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        header = reader.fieldnames or []
+    assert [r["strategy"] for r in rows] == ["last-layer", "advised", broken]
+    assert all(None not in row and len(row) == len(header) for row in rows)  # no spill-over
+    assert {r["config.data"] for r in rows} == {str(tree)}
+    assert {r["config.backbone"] for r in rows} == {"tiny"}
+    advised, failed = rows[1], rows[2]
+    assert float(advised["advise_seconds"]) > 0 and rows[0]["advise_seconds"] == ""
+    assert failed["failed"] == "True" and "layer4" in failed["error"]
+    assert failed["test_accuracy"] == "" and float(rows[0]["test_accuracy"]) >= 0
+
+
 def test_ctrl_c_keeps_finished_rows(tree: Path, tmp_path: Path) -> None:
     # Calls: 1 = last-layer, 2 = bitfit (interrupted).
     factory = Factory(fail_on_call=2, error=KeyboardInterrupt())
@@ -676,3 +697,21 @@ def test_hindsight_rows_are_measurements_kept_out_of_the_rows_and_the_verdict(
     assert {r["label"] for r in csv_rows} == {"hindsight"}
     with pytest.raises(SystemExit, match="--hindsight measures what --tune lr"):
         compare.main(argv(tree, tmp_path / "b", "--hindsight"), backbone_factory=Factory())
+
+
+def test_without_matplotlib_the_tables_are_written_and_one_line_says_how_to_get_plots(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    args = argv(tree, tmp_path, "--strategies", "last-layer,bitfit")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    out = capsys.readouterr().out
+    assert out.count("plots skipped: matplotlib is not installed") == 1
+    assert "pip install 'finetune[plots]'" in out
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.csv", "results.md", "per_class.md"} <= written
+    assert not any(name.endswith(".png") for name in written)

@@ -118,9 +118,13 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
             [["hindsight", s["strategy"], lr, value, float(lr) == s["best_lr"]]
              for s in measured for lr, value in s["fixed"].items()]))
     flat = [{**{k: v for k, v in r.items() if not isinstance(v, (dict, list))},
-             **{f"config.{k}": v for k, v in config.items()}} for r in rows]
+             **{f"config.{k}": v for k, v in config.items()}}
+            for r in [*rows, *({**f, "failed": True} for f in failed)]]
+    # one header for every row: an advised row's extra field, a failed row's error, each
+    # under its own column (empty where a row has none)
+    header = list(dict.fromkeys(key for row in flat for key in row)) or ["strategy"]
     atomic_write_text(output / "results.csv", _csv(
-        list(flat[0]) if flat else ["strategy"], [list(row.values()) for row in flat]))
+        header, [[row.get(key, "") for key in header] for row in flat]))
     table = markdown_table(summary)
     verdict = analysis.verdict.text if analysis is not None else ""
     if analysis is not None and settings.tune == "lr":
@@ -161,7 +165,9 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
                                     for v, m in zip(vals, marked, strict=True)) + " |"
            for n, vals, marked in zip(names, matrix, star, strict=True)])
         + "\n\n" + noise.class_marks_note(marks) + "\n")
-    if summary and draw:
+    if summary and draw and not plots.available():
+        print(plots.MISSING)
+    elif summary and draw:
         plots.plot_accuracy(summary, output / "accuracy.png")
         plots.plot_accuracy_vs_time(summary, output / "accuracy_vs_time.png")
         plots.plot_per_class_heatmap(names, classes, matrix, output / "per_class_heatmap.png",
