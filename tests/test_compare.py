@@ -595,6 +595,30 @@ def test_resume_keeps_the_tuning_of_finished_rows(tree: Path, tmp_path: Path) ->
     assert rows[0]["tuning"] == before and rows[1]["tuning"]["parameter"] == "lr"
 
 
+def test_a_resume_never_mixes_rows_the_previous_race_chose(tree: Path, tmp_path: Path) -> None:
+    """results.json written before `select` existed was tuned by the previous race: a tuned
+    resume of it is refused, naming the setting; an untuned one goes on."""
+    args = argv(tree, tmp_path, "--strategies", "last-layer", "--tune", "lr")
+    assert compare.main(args, backbone_factory=Factory()) == 0
+    path = tmp_path / "results.json"
+    older = json.loads(path.read_text())
+    assert older["config"]["select"] == "loss"
+    del older["config"]["select"]
+    path.write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match=r"other settings \(select: None -> 'loss'\)"):
+        compare.main([*argv(tree, tmp_path, "--strategies", "last-layer,bitfit", "--tune", "lr"),
+                      "--resume"], backbone_factory=Factory())
+    untuned = tmp_path / "untuned"
+    assert compare.main(argv(tree, untuned, "--strategies", "last-layer"),
+                        backbone_factory=Factory()) == 0
+    older = json.loads((untuned / "results.json").read_text())
+    assert older["config"]["select"] is None
+    del older["config"]["select"]
+    (untuned / "results.json").write_text(json.dumps(older))
+    assert compare.main([*argv(tree, untuned, "--strategies", "last-layer,bitfit"), "--resume"],
+                        backbone_factory=Factory()) == 0
+
+
 def test_untuned_rows_say_so(tree: Path, tmp_path: Path) -> None:
     args = argv(tree, tmp_path, "--strategies", "last-layer", "--tune", "none", "--lr", "0.01")
     assert compare.main(args, backbone_factory=Factory()) == 0

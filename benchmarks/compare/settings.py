@@ -99,7 +99,9 @@ class Settings:
     # "lr": each row at its own lr, chosen on validation; "lr-find": the range test's suggestion
     tune: str = _resume(default="none")
     lr_grid: tuple[float, ...] = _resume(default=(), converter=tuple)  # the lrs "lr" tries
-    select: str = _resume(default="loss")  # how "lr" compares candidates (finetune.tuning)
+    # how "lr" compares candidates (finetune.tuning); None untuned, and in results written
+    # before it existed — so a resume never mixes rows the previous race chose with these
+    select: str | None = _resume(default=None)
     hindsight: bool = False  # also every grid lr at a fixed lr: `benchmarks.compare.hindsight`
     pre_resize: bool
     preset: str
@@ -298,7 +300,7 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
         raise SystemExit("--select is how --tune lr chooses; add --tune lr (or drop --select)")
     chosen["lr_grid"] = (search_grid(chosen["lr"], chosen.get("lr_grid"))
                          if chosen["tune"] == "lr" else ())
-    chosen["select"] = args.select or "loss"
+    chosen["select"] = (args.select or "loss") if chosen["tune"] == "lr" else None
     if args.hindsight and chosen["tune"] != "lr":
         raise SystemExit("--hindsight measures what --tune lr leaves on the table; add --tune lr")
     if args.hindsight and args.store:
