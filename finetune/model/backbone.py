@@ -115,7 +115,7 @@ class Backbone(nn.Module):
         _set_submodule(model, architecture.head, nn.Linear(old_head.in_features, num_classes))
         self._group_index = self._assign_groups()
         self.random_init = random_init
-        self._as_drawn = self._fresh_fingerprint()
+        self._as_drawn = self._fingerprint()
 
     # -- constructors -----------------------------------------------------------------------
     @classmethod
@@ -271,14 +271,14 @@ class Backbone(nn.Module):
             fresh = nn.Linear(self.head.in_features, self.num_classes)
             self.head.weight.copy_(fresh.weight)
             self.head.bias.copy_(fresh.bias)
-        self._as_drawn = self._fresh_fingerprint()
+        self._as_drawn = self._fingerprint()
         return True
 
     def is_as_drawn(self) -> bool:
         """Whether every parameter still holds the value it was built (or drawn) with."""
-        return self._as_drawn == self._fresh_fingerprint()
+        return self._as_drawn == self._fingerprint()
 
-    def _fresh_fingerprint(self) -> tuple[tuple[str, float, float], ...]:
+    def _fingerprint(self) -> tuple[tuple[str, float, float], ...]:
         """Per parameter, its name, sum and norm (in float64; 0.04 s for ResNet50): a
         training step or loaded weights anywhere change it, so a backbone trained with its
         head frozen is not "as drawn" either. Tensors without data (meta) count by name."""
