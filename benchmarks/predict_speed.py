@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from finetune.data.sample import sample_dataset
-from finetune.inference import Classifier, find_images, load
+from finetune.deploy.inference import Classifier, find_images, load
 from finetune.model.zoo import build_backbone
 from finetune.runtime.precision import machine
 

@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.compare.run import row_seconds
 from benchmarks.measured import cpu_label, write_measurement
+from finetune.compare.run import row_seconds
 from finetune.data.images import image_files
 from finetune.data.sample import resolve_named_data
 from finetune.stats.significance import Bootstrap
 
 STRATEGIES = "last-layer,freeze-80,full-unfreeze"
-# recipe -> benchmarks.compare flags; the settings are the ones timm / torchvision's references
+# recipe -> finetune compare flags; the settings are the ones timm / torchvision's references
 # use for fine-tuning (EMA decay scaled to a few hundred steps).
 RECIPES: dict[str, list[str]] = {
     "baseline": [],
@@ -63,7 +63,7 @@ LONG_TAIL_RECIPES: dict[str, list[str]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recipes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="sample", help="as benchmarks.compare --data")
+    p.add_argument("--data", default="sample", help="as finetune compare --data")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--strategies", default=STRATEGIES)
     p.add_argument("--recipes", default=None,
@@ -112,7 +112,7 @@ def _link(files: list[Path], folder: Path) -> None:
 def run_recipe(name: str, flags: list[str], data: str, args: argparse.Namespace) -> Path:
     out = args.output / name.replace(" ", "_").replace(",", "")
     resume = ["--resume"] if (out / "results.json").is_file() else []
-    command = [sys.executable, "-m", "benchmarks.compare", "--data", data, "--strategies",
+    command = [sys.executable, "-m", "finetune", "compare", "--data", data, "--strategies",
                args.strategies, "--seeds", str(args.seeds), "--tune", "none",
                "--output", str(out), *resume, *args.compare_flags, *flags]
     if "--tune" in flags:  # the recipe's own tuning replaces "none"

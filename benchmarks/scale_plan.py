@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from benchmarks.measured import cpu_label, write_measurement
-from finetune.advisor import depth_strategies
 from finetune.cache.plan import plan_cut
 from finetune.model.zoo import build_backbone
+from finetune.tuning.advisor import depth_strategies
 
 RAM_SHARE = 0.5  # of a node's RAM the cache may take: the rest is the processes' own
 

@@ -2,7 +2,7 @@
 replayed on the same trained runs, against the best fixed lr in hindsight.
 
 For each strategy and seed, every lr of a grid trains all epochs at a fixed lr (as
-`benchmarks.compare --tune none --lr X` would), scored on validation at the race's peek and
+`finetune compare --tune none --lr X` would), scored on validation at the race's peek and
 at each epoch's end (each image's cross-entropy and correctness), and once on test. A search
 is then replayed on those records — `LrSearch.search` itself, with a race that reads the
 records instead of training — for each rule:
@@ -20,7 +20,7 @@ in epochs relative to one untuned run.
 
     python -m benchmarks.selection --data sample --strategies last-layer,freeze-80 --seeds 3
 
-`--data` as `benchmarks.compare` takes it; the quick preset's settings (Lite0, 20 images per
+`--data` as `finetune compare` takes it; the quick preset's settings (Lite0, 20 images per
 class, 160 px, 3 epochs, un-augmented, lr 5e-4 and its grid).
 """
 
@@ -38,19 +38,18 @@ from typing import Any
 import attrs
 import numpy as np
 
-from benchmarks.compare.hindsight import paired_points
-from benchmarks.compare.run import (
+from benchmarks.measured import cpu_label, write_measurement
+from finetune import Trainer
+from finetune.compare.hindsight import paired_points
+from finetune.compare.run import (
     loaders_for,
     make_backbone,
     resolve_data,
     scan_data,
-    train_config,
 )
-from benchmarks.compare.settings import parse_args, parse_run, resolve_settings
-from benchmarks.measured import cpu_label, write_measurement
-from finetune import Trainer
+from finetune.compare.settings import parse_args, parse_run, resolve_settings
 from finetune.model.zoo import seeded
-from finetune.tuning import PEEK, LrSearch, Race, Score, Selection, _Run, ahead, stops
+from finetune.tuning.search import PEEK, LrSearch, Race, Score, Selection, _Run, ahead, stops
 
 # name -> the search's selection (None: the previous race); z in standard errors
 RULES: dict[str, Any] = {
@@ -98,7 +97,7 @@ def record_runs(settings: Any, strategy: str, seed: int, lrs: Sequence[float], s
     for lr in lrs:
         run = _Run(lr)
         trainer = Trainer(copy.deepcopy(initial), copy.deepcopy(parse_run(strategy).strategy),
-                          train_config(settings, seed, lr),
+                          settings.train_config(seed, lr),
                           [Race(run, val, None, PEEK)], classes=data.classes)
         started = time.perf_counter()
         trainer.fit(train, val)
@@ -234,7 +233,7 @@ def overall(folder: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.selection",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None, help="as benchmarks.compare (default: sample)")
+    parser.add_argument("--data", default=None, help="as finetune compare (default: sample)")
     parser.add_argument("--strategies", default="last-layer,freeze-80")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
@@ -264,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = resolve_settings(parse_args(compare_args), args.strategies.split(","),
                                 str(resolve_data(args.data)), "selection")
     if args.train_per_class == 0:
-        settings = attrs.evolve(settings, train_per_class=None)
+        settings = settings.evolve(train_per_class=None)
     lrs = tuple(float(v) for v in args.lrs.split(","))
     splits = scan_data(settings, Path(settings.data))
     counts = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}

@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--strategies", nargs="+",
                         default=["last-layer", "freeze-80", "full-unfreeze"],
-                        help="comma- or space-separated, as benchmarks.compare takes them")
+                        help="comma- or space-separated, as finetune compare takes them")
     parser.add_argument("--images", type=int, default=64, help="images per epoch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)

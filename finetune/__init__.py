@@ -1,8 +1,8 @@
 """finetune: fine-tune pretrained image classifiers with interchangeable freezing strategies."""
 
-from finetune.advisor import Advice, Advisor, advise
 from finetune.data import ImageFolderData, INaturalist12K
 from finetune.data.preprocessing import Preprocessing
+from finetune.deploy.inference import Classifier, load
 from finetune.errors import (
     ArchitectureError,
     CheckpointError,
@@ -11,7 +11,6 @@ from finetune.errors import (
     FinetuneError,
     WeightsUnavailableError,
 )
-from finetune.inference import Classifier, load
 from finetune.model.architectures import Architecture
 from finetune.model.backbone import Backbone, ParameterGroup
 from finetune.stats.metrics import EvaluationReport
@@ -41,6 +40,7 @@ from finetune.train.range_test import LrFinding
 from finetune.train.recipes import BatchMixing, WeightAverage
 from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import History, Trainer, TrainState
+from finetune.tuning.advisor import Advice, Advisor, advise
 
 __all__ = [
     "PRESETS",

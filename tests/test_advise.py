@@ -14,12 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import Backbone, parse_strategy
-from finetune.advisor import Advisor, depth_strategies, linear_probe, paired_standard_error
 from finetune.cache import plan
 from finetune.cache.plan import ActivationCaches, plan_cut
 from finetune.strategies import LastLayerOnly
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
+from finetune.tuning.advisor import Advisor, depth_strategies, linear_probe, paired_standard_error
 from tests.conftest import FAST, TINY, make_loader, make_tiny_backbone, make_tree, run_cli
 
 CONFIG = TrainConfig(epochs=4, lr=3e-2, seed=0, precision="fp32", channels_last=False,

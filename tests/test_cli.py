@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune.callbacks import load_checkpoint
-from finetune.cli import strategy_argument
+from finetune.cli.options import strategy_argument
 from finetune.data import ImageFolderData
 from finetune.model.backbone import Backbone
 from finetune.strategies import PRESETS, STRATEGIES, FreezeFraction, GradualUnfreeze

@@ -14,8 +14,6 @@ import torch
 from PIL import Image
 
 from benchmarks import compare
-from benchmarks.compare import pool
-from benchmarks.compare import run as compare_run
 from finetune import (
     STRATEGIES,
     Backbone,
@@ -25,6 +23,8 @@ from finetune import (
     LastLayerOnly,
 )
 from finetune.callbacks import StopFit
+from finetune.compare import pool
+from finetune.compare import run as compare_run
 from finetune.data import INaturalist12K
 from finetune.data.sample import SAMPLE_CLASSES
 from tests.conftest import make_tiny_backbone
@@ -337,11 +337,11 @@ def test_clear_winner_is_significant_a_tie_is_a_tie_and_the_verdict_says_so(
     specs = {"good": (100.0, 9.0, 0.95), "twin": (1.0, 3.0, 0.95), "bad": (1.0, 3.0, 0.4)}
     rows = [synthetic_row(name, seed, model(accuracy), targets, pct, seconds)
             for name, (pct, seconds, accuracy) in specs.items() for seed in (0, 1)]
-    settings = compare.Settings(
+    settings = compare.Settings.from_dict(dict(
         backbone="tiny", data="synthetic", epochs=1, train_per_class=None, val_split=0.2,
         image_size=32, batch_size=4, lr=1e-3, precision="fp32", device="cpu", pre_resize=False,
         augment=False,
-        preset="quick", strategies=list(specs), seeds=(0, 1), command="synthetic")
+        preset="quick", strategies=list(specs), seeds=(0, 1), command="synthetic"))
     printed = compare.write_outputs(tmp_path, settings, CLASSES, rows, [],
                                     targets=targets.tolist())
 
@@ -459,7 +459,7 @@ def test_a_failing_run_in_a_worker_is_reported_and_the_others_finish(
 
 
 def test_jobs_default_to_one_per_core_on_a_cpu_and_one_on_a_gpu(tree: Path) -> None:
-    from benchmarks.compare.settings import parse_args, resolve_settings
+    from finetune.compare.settings import parse_args, resolve_settings
 
     cores = os.cpu_count() or 1
     plenty = 64 * 1024**3
@@ -660,7 +660,7 @@ def test_every_recipe_is_a_compare_flag_recorded_and_named_above_the_table(
                              "--tta", "flip"), backbone_factory=Factory()) == 0
     results = read_results(out)
     config = results["config"]
-    assert (config["augment"], config["crop_scale"], config["ema"], config["mixup"],
+    assert (config["augment"], config["crop_scale"], config["ema_decay"], config["mixup"],
             config["cutmix"], config["balance"], config["tta"]) == (
         "trivial", [0.5, 1.0], 0.9, 0.2, 1.0, "loss", "flip")
     assert "MixUp" in results["rows"][0]["train_uncached_reason"]

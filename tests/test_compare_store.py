@@ -1,4 +1,4 @@
-"""`benchmarks.compare --store`: workers sharing one comparison through one SQLite file claim
+"""`finetune compare --store`: workers sharing one comparison through one SQLite file claim
 each run once, take over runs whose worker stopped, and all end with every row."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from benchmarks import compare
-from benchmarks.compare import store
-from benchmarks.compare.store import SharedStore
+from finetune.compare import store
+from finetune.compare.store import SharedStore
 from finetune.model.backbone import Backbone
 from tests.conftest import finish_all, make_tiny_backbone, make_tree
 from tests.test_compare import Factory, argv
@@ -152,7 +152,7 @@ def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
     def start(name: str, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "benchmarks.compare", *common,
+        return subprocess.Popen([sys.executable, "-m", "finetune", "compare", *common,
                                  "--output", str(tmp_path / name), *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=ROOT)

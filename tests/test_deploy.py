@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import finetune
-from finetune import export as export_module
-from finetune.export import ExportError, export
-from finetune.inference import find_images, load_run
+from finetune.deploy import export as export_module
+from finetune.deploy.export import ExportError, export
+from finetune.deploy.inference import find_images, load_run
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
 from tests.conftest import FAST, make_tree, run_cli

@@ -15,9 +15,9 @@ from PIL import Image
 
 import finetune
 from finetune.data.preprocessing import Preprocessing
+from finetune.deploy.inference import Classifier, find_images, load_run
+from finetune.deploy.model_card import markdown_text
 from finetune.errors import CheckpointError
-from finetune.inference import Classifier, find_images, load_run
-from finetune.model_card import markdown_text
 from finetune.runtime.precision import VerdictStore
 from finetune.train.checkpoint import load_checkpoint
 from tests.conftest import FAST, TINY, make_tiny_backbone, make_tree, run_cli

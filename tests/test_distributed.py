@@ -413,7 +413,7 @@ def test_two_nodes_train_resume_and_evaluate_as_one_process(tree: Path, tmp_path
 
 
 def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
-    from benchmarks.compare import run
+    from finetune.compare import run
 
     started: list[list[str]] = []
     monkeypatch.setattr(run.subprocess, "call", lambda command: started.append(command) or 0)
@@ -422,7 +422,7 @@ def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
             "--tune", "none"]
     assert run.main(argv) == 0
     assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "benchmarks.compare", "--strategies",
+                        "--nproc_per_node=2", "-m", "finetune", "compare", "--strategies",
                         "last-layer", "--epochs", "1", "--output", "x", "--tune", "none"]]
     with pytest.raises(SystemExit):  # the quick preset tunes: that search runs in one process
         run.main(argv[:-2])

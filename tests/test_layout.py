@@ -21,19 +21,15 @@ LAYERS = (
     ("finetune.train",),
     ("finetune.callbacks",),
     ("finetune.tuning",),
-    ("finetune.advisor", "finetune.inference", "finetune.model_card"),
-    ("finetune.export",),
-    ("finetune.cli", "finetune.cli_options", "finetune.cli_evaluate", "finetune.cli_advise",
-     "finetune.cli_deploy",
-     "finetune.functional",
-     "finetune.integrations"),
+    ("finetune.deploy",),
+    ("finetune.compare",),
+    ("finetune.cli", "finetune.functional", "finetune.integrations"),
 )
 FORBIDDEN = {
     package: tuple(p for higher in LAYERS[level + 1:] for p in higher)
     + tuple(p for p in LAYERS[level] if p != package)
     for level, packages in enumerate(LAYERS) for package in packages
 }
-FORBIDDEN["finetune.cli"] = ()  # the command line is the top: it may use its helpers
 
 
 def modules() -> list[tuple[str, Path]]:
@@ -110,3 +106,13 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
     for name in sorted(graph):
         if name not in state and (circle := visit(name)):
             raise AssertionError("import circle: " + " -> ".join(circle))
+
+
+MAX_MODULES = 14  # a folder past a dozen modules is a flat folder: split it by concept
+
+
+def test_no_folder_holds_more_than_a_dozen_modules() -> None:
+    folders = {path.parent for _, path in modules()}
+    crowded = {str(folder.relative_to(PACKAGE.parent)): count for folder in folders
+               if (count := len(list(folder.glob("*.py")))) > MAX_MODULES}
+    assert not crowded, f"folders of more than {MAX_MODULES} modules: {crowded}"

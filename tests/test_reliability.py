@@ -352,7 +352,7 @@ def test_resume_refuses_other_images_and_warns_about_changed_settings(tmp_path):
         fit(val_split=0.0, lr=0.1, resume=last)
 
 
-# -- 9: benchmarks.compare checks its numbers and never shrinks or mixes results -----------------
+# -- 9: finetune compare checks its numbers and never shrinks or mixes results -----------------
 @pytest.mark.parametrize("option, value", [
     ("--epochs", "0"), ("--lr", "-1"), ("--batch-size", "0"), ("--image-size", "0"),
     ("--train-per-class", "0"), ("--val-split", "0"), ("--val-split", "1.5"), ("--workers", "-1"),
@@ -389,8 +389,8 @@ def test_compare_never_shrinks_earlier_results(tree, tmp_path):
 
 def test_two_compares_never_write_one_output_at_once(tree, tmp_path):
     from benchmarks import compare
-    from benchmarks.compare.run import LOCK_FILE
     from finetune.atomic import exclusive_lock
+    from finetune.compare.run import LOCK_FILE
     from tests.test_compare import Factory, argv
 
     output = tmp_path / "out"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmarks.compare as compare
+import finetune.compare as compare
 from finetune import LastLayerOnly, TrainConfig, Trainer
 from finetune.atomic import atomic_write, current_umask
 from finetune.cache.store import reserve_disk

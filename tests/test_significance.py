@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.compare.verdict import Candidate, judge
+from finetune.compare.verdict import Candidate, judge
 from finetune.stats import significance
 from finetune.stats.metrics import EvaluationReport
 from finetune.stats.significance import Bootstrap, holm, mcnemar_exact

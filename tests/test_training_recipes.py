@@ -335,7 +335,7 @@ def test_lr_find_command_writes_its_files_and_refuses_to_overwrite(tmp_path, cap
 def test_train_suggests_balancing_a_long_tailed_split() -> None:
     from types import SimpleNamespace
 
-    from finetune.cli import imbalance_hint
+    from finetune.cli.main import imbalance_hint
 
     tailed = SimpleNamespace(train_samples=[("x", 0)] * 12 + [("y", 1)] * 4)
     assert "--balance loss" in imbalance_hint(tailed, "none")

@@ -1,4 +1,4 @@
-"""`finetune.tuning.LrSearch`: the lr a task needs is found, the chosen run is the run a plain
+"""`LrSearch`: the lr a task needs is found, the chosen run is the run a plain
 fit at that lr makes, a candidate stops once behind the best run, the grid grows past a
 winning edge, and the candidates of a cached strategy share one activation fill."""
 
@@ -21,7 +21,7 @@ from finetune.strategies import FullUnfreeze, LastLayerOnly
 from finetune.train.config import TrainConfig
 from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import Trainer
-from finetune.tuning import LrSearch, Score, Selection, lr_grid, parse_grid, round_lr
+from finetune.tuning.search import LrSearch, Score, Selection, lr_grid, parse_grid, round_lr
 from tests.conftest import make_loader, make_tiny_backbone
 
 CONFIG = TrainConfig(epochs=3, lr=1.0, seed=0, precision="fp32", device="cpu",

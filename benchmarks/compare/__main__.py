@@ -1,5 +1,5 @@
 import sys
 
-from benchmarks.compare.run import main
+from finetune.compare.run import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m benchmarks.compare"))

@@ -8,7 +8,7 @@ activations in the loader's own batch order, the suffix)`, filling the cache on 
 `why_uncached(loader)` says why a loader runs the whole model. Nothing else in the loop knows
 a cache exists.
 
-A cache made with `keep=` cut points (`finetune.advisor`: every group boundary) stores the
+A cache made with `keep=` cut points (`finetune.tuning.advisor`: every group boundary) stores the
 activations at each of them from the same pass, and a later plan whose cut is one of them —
 a backbone with equal prefix weights, frozen less — trains on them without another pass.
 """

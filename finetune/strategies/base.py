@@ -104,6 +104,20 @@ def parse_strategy(spec: str) -> FreezeStrategy:
         raise ValueError(f"cannot build strategy '{spec}': {error}") from error
 
 
+def _option_text(value: Any) -> str:
+    """`_option_value`'s inverse: tuples joined by "+", booleans and None in lower case."""
+    if isinstance(value, tuple):
+        return "+".join(_option_text(item) for item in value)
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def default_value(field: attrs.Attribute) -> Any:
+    default = field.default
+    return default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
+
+
 def _option_value(text: str) -> Any:
     if "+" in text:
         return tuple(_option_value(part) for part in text.split("+") if part)
@@ -252,6 +266,18 @@ class FreezeStrategy:
     def describe(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(self).items())
         return f"{type(self).__name__}({fields})"
+
+    def spec(self) -> str:
+        """This strategy as `parse_strategy` reads it back: its registered name and every
+        option that differs from the class default (`freeze-fraction:fraction=0.5`)."""
+        names = [name for name, cls in STRATEGIES.items() if cls is type(self)]
+        if not names:
+            raise ValueError(f"{type(self).__name__} is not registered, so it has no spec; "
+                             "register it (`finetune.register`) to name it on a command line")
+        options = [f"{field.name}={_option_text(getattr(self, field.name))}"
+                   for field in attrs.fields(type(self)) if field.init
+                   and getattr(self, field.name) != default_value(field)]
+        return ":".join([names[0], *options])
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data that rebuilds this strategy (for checkpoints and results files)."""

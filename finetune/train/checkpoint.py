@@ -21,14 +21,14 @@ from finetune.atomic import atomic_write
 from finetune.errors import CheckpointError
 from finetune.model.backbone import Backbone
 from finetune.model.weights import state_dict_mismatch
+from finetune.settings import kept_on_resume
 from finetune.strategies import FreezeStrategy
+from finetune.train.config import TrainConfig
 
 CHECKPOINT_FORMAT = 1
-# TrainConfig fields whose change on resume alters the run's outcome; the others (epochs,
-# device, precision, cache settings) are expected to differ.
-OUTCOME_SETTINGS = ("lr", "weight_decay", "seed", "max_grad_norm", "schedule", "warmup",
-                    "accumulate_steps", "label_smoothing", "ema_decay", "mixup", "cutmix",
-                    "class_weights")
+# TrainConfig settings whose change on resume alters the run's outcome (declared with
+# `resume=True`); the others (epochs, device, layout, cache settings) are expected to differ.
+OUTCOME_SETTINGS = kept_on_resume(TrainConfig)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

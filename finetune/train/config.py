@@ -3,12 +3,25 @@ built, not an hour into training, and sweeps are `attrs.evolve(config, lr=...)`.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import warnings
 
 import attrs
 from attrs import validators as v
+
+from finetune.data.config import DataConfig
+from finetune.settings import (
+    TRAINING_COMMANDS,
+    checked_number,
+    non_negative_float,
+    optional,
+    positive_float,
+    positive_int,
+    setting,
+    unit_interval,
+)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine", "one-cycle")  # finetune.train.schedules
@@ -65,10 +78,52 @@ def _positive_or_none(_: object, attribute: attrs.Attribute, value: float | None
         raise ValueError(f"{attribute.name} must be a positive number or None (got {value!r})")
 
 
+# where a setting's flag appears (`finetune.settings`): advise fine-tunes at epochs and lr on a
+# device; evaluate loads at a precision and layout; compare gives each row its own seed
+WITH_ADVISE = TRAINING_COMMANDS | {"advise"}
+RUNTIME_COMMANDS = WITH_ADVISE | {"evaluate"}
+SEEDED_COMMANDS = frozenset({"train", "lr-find", "advise"})
+
+
+def device_argument(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (the message TrainConfig gives)."""
+    try:
+        _check_device(None, None, text)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def channels_last_argument(text: str) -> str | bool:
+    """--channels-last: auto, or on/off to pin the memory layout."""
+    choices: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False,
+                                      "true": True, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got '{text}'")
+    return choices[text.lower()]
+
+
+def warmup_argument(text: str) -> int | float:
+    """--warmup: optimizer steps (an integer) or a share of the run (a number in [0, 1))."""
+    try:
+        value: int | float = int(text) if text.strip().lstrip("+").isdigit() else float(text)
+        _check_warmup(None, None, value)  # type: ignore[arg-type]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected optimizer steps (an integer >= 0) or a share of the run (a number in "
+            f"[0, 1)), got '{text}'") from None
+    return value
+
+
+ema_decay_argument = checked_number(float, lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999")
+
+
 @attrs.frozen(kw_only=True)
 class TrainConfig:
     """What one `Trainer.fit` run does. Defaults follow the reference setup (Adam, lr 1e-4,
-    cross-entropy); `precision="auto"` and `channels_last="auto"` pick the fast path per model.
+    cross-entropy, 5 epochs); each field is a declared setting (`finetune.settings`: its
+    flag, help and resume rule); `precision="auto"` and `channels_last="auto"` pick the fast
+    path per model.
 
     - `seed`: seeds every RNG at fit start and again at each epoch start from (seed, epoch), so
       a run is repeatable on CPU and a resumed run shuffles exactly as an uninterrupted one.
@@ -105,26 +160,78 @@ class TrainConfig:
       of the images goes.)
     """
 
-    epochs: int = attrs.field(default=10, validator=[v.instance_of(int), v.ge(1)])
-    lr: float = attrs.field(default=1e-4, converter=float, validator=_check_lr)
-    weight_decay: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
-    seed: int | None = attrs.field(default=0, validator=v.optional(v.instance_of(int)))
-    precision: str = attrs.field(default="auto", validator=v.in_(PRECISIONS))
-    device: str = attrs.field(default="auto", validator=_check_device)
-    channels_last: str | bool = attrs.field(default="auto", validator=_check_channels_last)
-    max_grad_norm: float | None = attrs.field(default=None, validator=_positive_or_none)
-    schedule: str = attrs.field(default="constant", validator=v.in_(SCHEDULES))
-    warmup: int | float | None = attrs.field(default=None, validator=_check_warmup)
-    accumulate_steps: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1)])
-    label_smoothing: float = attrs.field(default=0.0, converter=float,
-                                         validator=[v.ge(0.0), v.lt(1.0)])
-    ema_decay: float | None = attrs.field(default=None, validator=_check_ema)
-    mixup: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
-    cutmix: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
-    class_weights: str = attrs.field(default="none", validator=v.in_(CLASS_WEIGHTS))
-    keep_freed_memory: bool = attrs.field(default=True, validator=v.instance_of(bool))
-    feature_cache: str = attrs.field(default="auto", validator=v.in_(FEATURE_CACHE_MODES))
-    cache_memory_gb: float = attrs.field(default=4.0, converter=float, validator=v.ge(0.0))
-    activation_cache_dir: str | None = attrs.field(
-        default=None, converter=attrs.converters.optional(str)
-    )
+    epochs: int = setting(5, flag="--epochs", parse=positive_int, resume=False,
+                          commands=WITH_ADVISE, help="passes over the training split",
+                          validator=[v.instance_of(int), v.ge(1)])
+    lr: float = setting(1e-4, flag="--lr", parse=positive_float, commands=WITH_ADVISE,
+                        help="learning rate", converter=float, validator=_check_lr)
+    weight_decay: float = setting(0.0, flag=None, converter=float, validator=v.ge(0.0))
+    seed: int | None = setting(0, flag="--seed", parse=int, commands=SEEDED_COMMANDS,
+                               help="seeds the split, the new head, the shuffle and the "
+                                    "augmentation", validator=v.optional(v.instance_of(int)))
+    precision: str = setting(
+        "auto", flag="--precision", choices=PRECISIONS, commands=RUNTIME_COMMANDS,
+        help="auto: on CUDA bf16 where the card has it natively, else fp16; on the CPU bf16 "
+             "only where measurably faster", validator=v.in_(PRECISIONS))
+    device: str = setting("auto", flag="--device", parse=device_argument, resume=False,
+                          commands=RUNTIME_COMMANDS, help="auto, cpu, cuda or cuda:N",
+                          validator=_check_device)
+    channels_last: str | bool = setting(
+        "auto", flag="--channels-last", parse=channels_last_argument, metavar="{auto,on,off}",
+        resume=False, commands=RUNTIME_COMMANDS,
+        help="memory layout: auto times both once per model and machine and keeps the "
+             "verdict; on/off pins it", validator=_check_channels_last)
+    max_grad_norm: float | None = setting(
+        None, flag="--max-grad-norm", parse=optional(positive_float),
+        help="clip the gradient norm to this; none: no clipping", validator=_positive_or_none)
+    schedule: str = setting(
+        "constant", flag="--schedule", choices=SCHEDULES, validator=v.in_(SCHEDULES),
+        help="learning rate per optimizer step: constant, or linear / cosine decay to 0, or "
+             "one-cycle")
+    warmup: int | float | None = setting(
+        None, flag="--warmup", parse=optional(warmup_argument), metavar="N|SHARE",
+        help="linear warm-up over N optimizer steps, or a share of the run such as 0.1; none: "
+             "the schedule's (one-cycle: 0.3)", validator=_check_warmup)
+    accumulate_steps: int = setting(
+        1, flag="--accumulate", parse=positive_int, metavar="K", formerly=("accumulate",),
+        help="one optimizer step per K batches: an effective batch of K x --batch-size",
+        validator=[v.instance_of(int), v.ge(1)])
+    label_smoothing: float = setting(
+        0.0, flag="--label-smoothing", parse=unit_interval, converter=float,
+        help="cross-entropy label smoothing, e.g. 0.1", validator=[v.ge(0.0), v.lt(1.0)])
+    ema_decay: float | None = setting(
+        None, flag="--ema", parse=optional(ema_decay_argument), metavar="DECAY",
+        formerly=("ema",), validator=_check_ema,
+        help="validate, test and save a moving average of the weights, e.g. 0.999 (decay "
+             "warmed up as timm does); none: off")
+    mixup: float = setting(
+        0.0, flag="--mixup", parse=non_negative_float, metavar="ALPHA", converter=float,
+        validator=v.ge(0.0), help="MixUp training batches, Beta(ALPHA, ALPHA), e.g. 0.2 (0: "
+                                  "off); the training pass then runs the whole model")
+    cutmix: float = setting(
+        0.0, flag="--cutmix", parse=non_negative_float, metavar="ALPHA", converter=float,
+        validator=v.ge(0.0), help="CutMix training batches, e.g. 1.0 (0: off); with --mixup, "
+                                  "one of the two per batch")
+    # set from DataConfig.balance ("loss"), so no flag of its own
+    class_weights: str = setting("none", flag=None, validator=v.in_(CLASS_WEIGHTS))
+    keep_freed_memory: bool = setting(True, flag=None, resume=False,
+                                      validator=v.instance_of(bool))
+    feature_cache: str = setting(
+        "auto", flag="--feature-cache", choices=FEATURE_CACHE_MODES, resume=False,
+        validator=v.in_(FEATURE_CACHE_MODES),
+        help="run a frozen prefix once per image and train on its stored activations; auto "
+             "does so where that is exact")
+    cache_memory_gb: float = setting(
+        4.0, flag="--cache-memory-gb", parse=non_negative_float, resume=False,
+        converter=float, validator=v.ge(0.0),
+        help="the activation cache's memory budget, per machine")
+    activation_cache_dir: str | None = setting(
+        None, flag="--activation-cache-dir", parse=optional(str), resume=False,
+        converter=attrs.converters.optional(str),
+        help="spill activations over the budget to memory-mapped files here (a local disk; "
+             "one file per machine's processes)")
+
+
+# every declared setting of a run, data side first (`finetune.settings`): the command lines,
+# the comparison and run.json take theirs from these classes
+SETTING_CLASSES = (DataConfig, TrainConfig)

@@ -189,18 +189,19 @@ def dataset_labels(loader: Any) -> list[int] | None:
 
 
 def describe(settings: Mapping[str, Any]) -> list[str]:
-    """The recipes a run used, in words, from its settings named as `finetune train`'s flags
-    (augment, crop_scale, ema, mixup, cutmix, balance, label_smoothing, tta; older records'
-    augment True/False included); [] for a plain run. Said in Markdown: an EMA run's figures
+    """The recipes a run used, in words, from its settings by their declared names (augment,
+    crop_scale, ema_decay, mixup, cutmix, balance, label_smoothing, tta; older records' `ema`
+    and augment True/False included); [] for a plain run. Said in Markdown: an EMA run's figures
     are of the average, which a reader must not miss."""
     parts = []
     policy = augmentation(settings.get("augment") or "none")
     if policy != "none":
         low, high = settings.get("crop_scale") or DEFAULT_CROP_SCALE
         parts.append(f"augmentation {policy} (crops {low:g}–{high:g} of the area)")
-    if settings.get("ema"):
+    decay = settings.get("ema_decay", settings.get("ema"))
+    if decay:
         parts.append(f"**validation and test accuracies are of the EMA weights** (decay "
-                     f"{settings['ema']:g})")
+                     f"{decay:g})")
     mixes = [f"{name} {settings[key]:g}" for key, name in (("mixup", "MixUp"),
                                                             ("cutmix", "CutMix"))
              if settings.get(key)]

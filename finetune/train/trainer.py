@@ -122,7 +122,7 @@ class Trainer:
         self.state = TrainState()
         self._prepared = False
         # `activations`: a cache shared with trainers of the same frozen prefix (learning-rate
-        # candidates, `finetune.tuning`); it outlives fit, its owner releases it
+        # candidates, `finetune.tuning.search`); it outlives fit, its owner releases it
         self._shared_activations = activations
         self.activations = activations if activations is not None else ActivationCaches()
         self.parallel = distributed.DataParallel()  # DDP under torchrun, else nothing

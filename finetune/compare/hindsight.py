@@ -11,10 +11,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 import numpy as np
 
-from benchmarks.compare.settings import ADVISED, Settings
+from finetune.compare.settings import ADVISED, Settings
 
 
 def hindsight_lrs(settings: Settings, rows: Sequence[dict[str, Any]], spec: str
@@ -34,7 +33,7 @@ def run_hindsight(settings: Settings, rows: Sequence[dict[str, Any]],
         if spec == ADVISED:
             continue
         for lr in hindsight_lrs(settings, rows, spec):
-            fixed = attrs.evolve(settings, tune="none", lr=lr, lr_grid=())
+            fixed = settings.evolve(tune="none", lr=lr, lr_grid=())
             for seed in settings.seeds:
                 row = run(spec, seed, fixed)
                 print(f"hindsight {spec} seed {seed} lr {lr:g}: test "

@@ -4,7 +4,7 @@ A depth is where freezing stops: "freeze through layer3" freezes the stem and la
 and trains layer4 and the head (`freeze-all-but:groups=layer4`); the deepest freezes all but
 the head (`last-layer`); "none" freezes nothing (`full-unfreeze`). For every depth:
 
-1. **One pass.** The head-alone depth trains first (its lr raced as `finetune.tuning` races
+1. **One pass.** The head-alone depth trains first (its lr raced as `finetune.tuning.search` races
    any lr). Its first fit runs the frozen backbone over train and val once and keeps the
    activations at every group boundary (`ActivationCaches(keep=...)`: the fx cut training
    uses, at several points of one forward; each bit-identical to that point's own cut).
@@ -52,7 +52,7 @@ from finetune.strategies import FreezeAllBut, FreezeStrategy, FullUnfreeze, Last
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, StopFit
 from finetune.train.trainer import Trainer
-from finetune.tuning import PEEK, LrSearch, ahead, search_grid
+from finetune.tuning.search import PEEK, LrSearch, ahead, search_grid
 
 ADVICE_FORMAT = 1
 NOTHING_FROZEN = "none"

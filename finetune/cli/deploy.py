@@ -1,5 +1,5 @@
-"""`finetune predict` and `finetune export`: use a trained run (`finetune.inference`,
-`finetune.export`)."""
+"""`finetune predict` and `finetune export`: use a trained run (`finetune.deploy.inference`,
+`finetune.deploy.export`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from finetune.atomic import atomic_write_text
+from finetune.deploy.export import check_images, export
+from finetune.deploy.inference import Classifier, Prediction, find_images, load, load_run
 from finetune.errors import DataError
-from finetune.export import check_images, export
-from finetune.inference import Classifier, Prediction, find_images, load, load_run
 
 CSV_HEADER = ("path", "rank", "class", "probability", "error")
 CHECK_IMAGES = 8  # real images an export is verified on

@@ -58,7 +58,7 @@ MakeTrainer = Callable[[float, ActivationCaches], Trainer]
 # search runs in one process.
 SINGLE_PROCESS = ("the lr search runs in one process for now (a data-parallel search aborted "
                   "intermittently); choose the lr without torchrun (finetune train --lr auto, "
-                  "or benchmarks.compare without --nproc), then train under torchrun with that "
+                  "or finetune compare without --nproc), then train under torchrun with that "
                   "--lr (compare: --tune none --lr X)")
 GRID_STEP = 10 ** 0.5  # two grid points per decade
 PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped

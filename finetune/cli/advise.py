@@ -1,4 +1,4 @@
-"""`finetune advise`: which layers to freeze and what each choice costs (`finetune.advisor`),
+"""`finetune advise`: which layers to freeze and what each choice costs (`finetune.tuning.advisor`),
 as a table, advise.json / advise.md / frontier.png, and the `finetune train` command that
 trains the recommendation."""
 
@@ -8,10 +8,10 @@ import argparse
 import shlex
 from pathlib import Path
 
-from finetune.advisor import Advisor
+from finetune.cli.options import data_config, train_config
 from finetune.data import ImageFolderData, ImageSplits, resolve_data_root
 from finetune.model.zoo import build_backbone
-from finetune.train.config import TrainConfig
+from finetune.tuning.advisor import Advisor
 
 
 def run_advise(args: argparse.Namespace) -> int:
@@ -25,20 +25,17 @@ def run_advise(args: argparse.Namespace) -> int:
     if not args.val_split:
         args.parser.error("advice is measured on the validation split: give --val-split "
                           "above 0 (e.g. 0.2)")
-    splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
-                              split_seed=args.seed, train_per_class=args.train_per_class,
-                              progress=False)
+    settings = data_config(args)
+    splits = ImageSplits.scan(resolve_data_root(args.data), split_seed=args.seed,
+                              progress=False, **settings.split_options())
     backbone = build_backbone(args.backbone, len(splits.classes), "DEFAULT", seed=args.seed)
-    data = ImageFolderData(splits, seed=args.seed, batch_size=args.batch_size,
-                           data_augmentation=False, preprocessing=backbone.preprocessing,
-                           image_size=args.image_size, num_workers=args.workers,
-                           keep_decoded=True)  # every depth reads the same images
+    loading = {**settings.loader_options(), "data_augmentation": False}
+    data = ImageFolderData(splits, seed=args.seed, preprocessing=backbone.preprocessing,
+                           keep_decoded=True, **loading)  # every depth reads the same images
     print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
           f"{len(data.val_samples)} images ({data.root}); the test set is not read")
     print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                         precision=args.precision, device=args.device,
-                         channels_last=args.channels_last)
+    config = train_config(args)
     advisor = Advisor(config, finetune_epochs=args.finetune_epochs, budget=args.budget,
                       lr_grid=args.lr_grid,
                       train_command=train_command(args, data.root))

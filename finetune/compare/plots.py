@@ -1,4 +1,4 @@
-"""PNG plots for `benchmarks.compare`: accuracy per strategy, accuracy against training time,
+"""PNG plots for `finetune compare`: accuracy per strategy, accuracy against training time,
 and a per-class heatmap.
 
 Each takes the per-strategy summary rows that `compare.summarize` builds (plain dicts), so

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from finetune.atomic import atomic_write_json, current_umask
+from finetune.deploy.inference import Classifier, RunModel, export_description, load_safetensors
 from finetune.errors import FinetuneError
-from finetune.inference import Classifier, RunModel, export_description, load_safetensors
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}

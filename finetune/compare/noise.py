@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from benchmarks.compare.verdict import Candidate, Verdict, judge
+from finetune.compare.verdict import Candidate, Verdict, judge
 from finetune.stats.significance import Bootstrap, Pairwise, draws_for, holm
 
 RESAMPLES = 2000

@@ -41,42 +41,45 @@ from finetune.callbacks.run_file import (
     checkpoint_in,
     read_run_file,
 )
-from finetune.cli_advise import run_advise
-from finetune.cli_deploy import run_export, run_predict
-from finetune.cli_evaluate import run_evaluate
-from finetune.cli_options import (  # the argument types; benchmarks.compare reuses them
-    add_augment_arguments,
-    add_recipe_arguments,
+from finetune.cli.advise import run_advise
+from finetune.cli.deploy import run_export, run_predict
+from finetune.cli.evaluate import run_evaluate
+from finetune.cli.options import (
+    add_setting_flags,
     backbone_name,
-    channels_last_argument,
-    check_image_fits,
-    data_settings,
-    device_argument,
+    data_config,
     lr_argument,
     lr_grid_argument,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
     range_test_steps,
-    recipe_settings,
+    recorded_flag,
+    resumed_settings,
     strategy_argument,
-    val_fraction,
+    train_config,
 )
-from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, defaults, resolve_data_root
-from finetune.data.transforms import augmentation
-from finetune.errors import CheckpointError, FinetuneError, redact
-from finetune.export import EXPORT_FORMATS
-from finetune.inference import recorded_backbone
+from finetune.data import DATA_ENV, ImageFolderData, ImageSplits, resolve_data_root
+from finetune.deploy.export import EXPORT_FORMATS
+from finetune.deploy.inference import recorded_backbone
+from finetune.deploy.model_card import write_model_card
+from finetune.errors import FinetuneError, redact
 from finetune.model.backbone import Backbone
 from finetune.model.zoo import build_backbone
-from finetune.model_card import write_model_card
 from finetune.runtime import distributed
 from finetune.runtime.precision import machine
+from finetune.settings import (
+    NOT_SETTINGS,
+    add_config_flags,
+    apply_config_file,
+    config_file_argument,
+    non_negative_float,
+    plain,
+    positive_float,
+    positive_int,
+    print_config,
+)
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
-from finetune.train.config import FEATURE_CACHE_MODES, PRECISIONS, TrainConfig
+from finetune.train.config import TrainConfig, device_argument
 from finetune.train.trainer import TTA_MODES, Trainer
-from finetune.tuning import (
+from finetune.tuning.search import (
     SELECTIONS,
     SINGLE_PROCESS,
     LrSearch,
@@ -87,6 +90,7 @@ from finetune.tuning import (
 )
 
 AUTO_LR_CENTER = 1e-3  # --lr auto's grid: 3.2e-4, 1e-3, 3.2e-3 and beyond a winning edge
+ADVISE_LR = 1e-3  # the lr each of advise's fine-tunes tries first
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -110,10 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(train)
-    train.add_argument("--epochs", type=positive_int, default=5, help="(default: 5)")
-    train.add_argument("--lr", type=lr_argument, default=1e-4,
-                       help="Adam learning rate, or auto: chosen on the validation split from "
-                            "--lr-grid, then trained as a normal run (default: 1e-4)")
+    add_setting_flags(train, "train", parsers={"lr": lr_argument}, notes={"lr": (
+        ", or auto: chosen on the validation split from --lr-grid, then trained as a normal "
+        "run")})
     train.add_argument("--lr-grid", type=lr_grid_argument, default=None, metavar="LRS",
                        help="the lrs --lr auto tries, comma-separated (default: "
                             f"{','.join(f'{v:g}' for v in lr_grid(AUTO_LR_CENTER))}; it grows "
@@ -121,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--select", choices=SELECTIONS, default=None,
                        help="how --lr auto compares candidates on the validation split: loss "
                             "(cross-entropy), accuracy, or accuracy+loss (default: loss)")
-    _add_training_arguments(train)
     train.add_argument("--wandb-project", default=None,
                        help="log to this Weights & Biases project (offline without an API key)")
     train.add_argument("--wandb-name", default=None, help="the wandb run's name")
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, default=None,
                        help="continue from this checkpoint or run folder; flags left out take "
                             "the run's own settings from its run.json")
+    add_config_flags(train)
     train.set_defaults(handler=run_train, parser=train)
 
     evaluate = commands.add_parser(
@@ -142,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--checkpoint", type=Path, required=True,
                           help="a .pt file, or a checkpoint folder (best.pt, else last.pt)")
-    _add_data_arguments(evaluate, data_required_hint=" (default: the data recorded at training)")
+    _add_data_argument(evaluate, required_hint=" (default: the data recorded at training)")
+    add_setting_flags(evaluate, "evaluate")
     evaluate.add_argument("--backbone", type=backbone_name, default=None, metavar="NAME",
                           help="rebuild this backbone instead of the one recorded; required "
                                "when run.json names a package.module:function factory, which "
@@ -167,30 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
                "--epochs 3 --train-per-class 20",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_data_arguments(advise)
+    _add_data_argument(advise)
     advise.add_argument("--backbone", type=backbone_name, default="auto", metavar="NAME",
                         help="as for train (default: auto)")
-    advise.add_argument("--epochs", type=positive_int, default=5,
-                        help="the training the advice is for: its command trains this many "
-                             "epochs, and fine-tunes are this long unless --finetune-epochs "
-                             "(default: 5)")
+    # the first lr each fine-tune races: 1e-3, where the advisor measured fine-tunes to start
+    add_setting_flags(advise, "advise", defaults={"lr": ADVISE_LR}, notes={
+        "epochs": ": the training the advice is for; its command trains this many epochs, "
+                  "and fine-tunes are this long unless --finetune-epochs",
+        "lr": ": the lr each fine-tune tries first"})
     advise.add_argument("--finetune-epochs", type=positive_int, default=None,
                         help="length of each short fine-tune (default: --epochs)")
     advise.add_argument("--budget", type=non_negative_float, default=None, metavar="SECONDS",
                         help="time for the fine-tunes besides the head alone's (default: one "
                              "epoch of full fine-tuning, as measured)")
-    advise.add_argument("--lr", type=positive_float, default=1e-3,
-                        help="the lr each fine-tune tries first (default: 1e-3)")
     advise.add_argument("--lr-grid", type=lr_grid_argument, default=None, metavar="LRS",
                         help="the other lrs each fine-tune races (default: --lr and its "
                              "neighbours, two per decade; the grid grows past an edge that "
                              "wins)")
-    _add_split_arguments(advise)
     advise.add_argument("--output", type=Path, default=Path("advice"),
                         help="folder for advise.json, advise.md and frontier.png "
                              "(default: advice)")
     advise.add_argument("--overwrite", action="store_true",
                         help="replace earlier advice in --output")
+    add_config_flags(advise)
     advise.set_defaults(handler=run_advise, parser=advise)
 
     predict = commands.add_parser(
@@ -236,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="as for predict")
     export.set_defaults(handler=run_export, parser=export)
 
+    compare = commands.add_parser(
+        "compare", add_help=False, help="train several strategies on one split, side by side: "
+        "accuracy, per-class accuracy, cost, a verdict (`finetune compare --help`)")
+    compare.add_argument("arguments", nargs=argparse.REMAINDER,
+                         help="finetune compare's own flags (`finetune compare --help`)")
+    compare.set_defaults(handler=run_compare)
+
     lr_find = commands.add_parser(
         "lr-find", help="the learning-rate range test: loss against an exponential lr ramp",
         description="Train the strategy at an lr growing exponentially from --start to --end "
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                "160 --batch-size 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(lr_find)
-    _add_training_arguments(lr_find)
+    add_setting_flags(lr_find, "lr-find")
     lr_find.add_argument("--start", type=positive_float, default=1e-7, help="(default: 1e-7)")
     lr_find.add_argument("--end", type=positive_float, default=1.0, help="(default: 1)")
     lr_find.add_argument("--steps", type=range_test_steps, default=100,
@@ -254,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder for lr_find.json and lr_find.png (default: lr_find)")
     lr_find.add_argument("--overwrite", action="store_true",
                          help="replace an earlier range test in --output")
+    add_config_flags(lr_find)
     lr_find.set_defaults(handler=run_lr_find, parser=lr_find, epochs=1)
 
     strategies = commands.add_parser("strategies", help="list the registered strategies",
@@ -263,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data loading, --strategy, --backbone and --weights (train and lr-find)."""
-    _add_data_arguments(parser)
+    """--data, --strategy, --backbone and --weights (train and lr-find)."""
+    _add_data_argument(parser)
     parser.add_argument("--strategy", type=strategy_argument, default="freeze-fraction",
                         metavar="NAME[:OPTIONS]",
                         help="registered name, optionally with options: NAME[:key=value,...] "
@@ -280,56 +291,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(IMAGENET1K_V1) or a .pth state dict path (default: DEFAULT)")
 
 
-CACHE_MEMORY_GB = attrs.fields(TrainConfig).cache_memory_gb.default
-
-
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The split, augmentation, recipes and cache flags (train and lr-find)."""
-    _add_split_arguments(parser)
-    add_augment_arguments(parser, defaults.AUGMENT)
-    add_recipe_arguments(parser)
-    parser.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default="auto",
-                        help="run a frozen prefix once per image and train on its stored "
-                             "activations; auto does so where that is exact (default: auto)")
-    parser.add_argument("--cache-memory-gb", type=non_negative_float,
-                        default=CACHE_MEMORY_GB,
-                        help="the activation cache's memory budget, per machine (default: "
-                             "%(default)s)")
-    parser.add_argument("--activation-cache-dir", type=Path,
-                        help="spill activations over the budget to memory-mapped files here "
-                             "(a local disk; one file per machine's processes)")
-
-
-def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
-    """How train and advise take their images: the validation split, a per-class cap, the
-    crop size and the seed."""
-    parser.add_argument("--val-split", type=val_fraction, default=defaults.VAL_SPLIT,
-                        help="share of each class's training images held out for validation; "
-                             f"0 for none (default: {defaults.VAL_SPLIT})")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="train and test at this crop size (default: the weights' own)")
-    parser.add_argument("--train-per-class", type=positive_int, default=None,
-                        help="use at most N images of each class (before the val split)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-
-
-def _add_data_arguments(parser: argparse.ArgumentParser, data_required_hint: str = "") -> None:
+def _add_data_argument(parser: argparse.ArgumentParser, required_hint: str = "") -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="ImageFolder tree (train/, val/ or test/), the iNaturalist 12K "
                              "folder or its zip, or 'sample' (the small dataset shipped with "
-                             f"finetune) (default: ${DATA_ENV}){data_required_hint}")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="(default: 32)")
-    parser.add_argument("--workers", type=non_negative_int, default=None,
-                        help="data loader worker processes (default: 1 on ≥ 2 cores)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: on CUDA bf16 where the card has it natively, else fp16; "
-                             "on the CPU bf16 only where measurably faster (default: auto)")
-    parser.add_argument("--channels-last", type=channels_last_argument, default="auto",
-                        metavar="{auto,on,off}",
-                        help="memory layout: auto times both once per model and machine and "
-                             "keeps the verdict; on/off pins it (default: auto)")
-    parser.add_argument("--device", type=device_argument, default="auto",
-                        help="auto, cpu, cuda or cuda:N (default: auto)")
+                             f"finetune) (default: ${DATA_ENV}){required_hint}")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -339,17 +305,12 @@ def run_train(args: argparse.Namespace) -> int:
         return _train(args, distributed.say)
 
 
-# flags a resume takes from the run's run.json when they are left at their defaults
-RESUMED_SETTINGS = ("weights", "val_split", "seed", "train_per_class", "image_size", "augment",
-                    "crop_scale", "balance", "batch_size", "schedule", "warmup", "accumulate",
-                    "label_smoothing", "max_grad_norm", "ema", "mixup", "cutmix")
-
-
 def take_run_settings(args: argparse.Namespace) -> None:
     """A resume continues the run as it was set up: every flag left at its default takes the
-    run's own value from its run.json (backbone, strategy, data, split, seed, image size, …),
-    so `finetune train --resume runs/x --epochs 10` needs nothing else. A backbone recorded
-    as an import path is code and is never imported unless typed on the command line."""
+    run's own value from its run.json (backbone, strategy, data, split, seed, image size, and
+    every setting declared to be kept on resume), so `finetune train --resume runs/x --epochs
+    10` needs nothing else. A backbone recorded as an import path is code and is never
+    imported unless typed on the command line."""
     args.resume = checkpoint_in(args.resume, ("last.pt", "best.pt"))
     record = read_run_file(args.resume)
     if record is None:
@@ -362,40 +323,17 @@ def take_run_settings(args: argparse.Namespace) -> None:
         args.strategy = FreezeStrategy.from_state_dict(record["strategy"])
     if args.data is None:
         args.data = Path(record["data"])
-    recorded = {**record.get("cli", {}), **{k: record[k] for k in ("val_split", "seed",
-                                                                    "train_per_class")}}
-    for name in RESUMED_SETTINGS:
-        if name in recorded and getattr(args, name) == parser.get_default(name):
-            setattr(args, name, recorded_flag(parser, name, recorded[name], source))
-    args.augment = augmentation(args.augment)  # runs before the policies recorded True/False
-    args.crop_scale = tuple(args.crop_scale)
+    if args.weights == parser.get_default("weights") and "weights" in record.get("cli", {}):
+        args.weights = record["cli"]["weights"]
+    resumed_settings(args, record, source)
     if args.lr == parser.get_default("lr"):  # the run's lr, or the one --lr auto chose
-        tuning, run_lr = record.get("tuning"), recorded.get("lr")
+        tuning, run_lr = record.get("tuning"), record.get("cli", {}).get("lr")
         if isinstance(tuning, dict):
             args.lr = float(tuning["chosen"])
         elif run_lr not in (None, "auto"):
             args.lr = recorded_flag(parser, "lr", run_lr, source)
     if isinstance(record.get("tuning"), dict):  # the resumed run.json keeps how lr was chosen
         args.tuned = record["tuning"]
-
-
-def recorded_flag(parser: argparse.ArgumentParser, name: str, value: Any, source: Path) -> Any:
-    """A flag's value as run.json records it, checked as the command line would check it: an
-    edited file gets an error naming the field, not a TypeError deep in training."""
-    action = next((a for a in parser._actions if a.dest == name), None)
-    if action is None or value is None or isinstance(value, (list, dict, bool)):
-        return value
-    flag = action.option_strings[0] if action.option_strings else name
-    try:
-        checked = action.type(str(value)) if action.type is not None else value
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{source}: cli.{name} holds {value!r}, which {flag} does not "
-                              f"take ({error}); restore the value, or give {flag} yourself"
-                              ) from None
-    if action.choices is not None and checked not in action.choices:
-        raise CheckpointError(f"{source}: cli.{name} holds {value!r}; {flag} takes "
-                              f"{', '.join(map(str, action.choices))}")
-    return checked
 
 
 def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
@@ -415,7 +353,7 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     data, backbone = _data_and_backbone(args, say)
     strategy: FreezeStrategy = args.strategy
     val_loader = data.val_loader() if args.val_split > 0 else None
-    config = _train_config(args, AUTO_LR_CENTER if args.lr == "auto" else args.lr)
+    config = train_config(args, lr=AUTO_LR_CENTER if args.lr == "auto" else args.lr)
     checkpoint_dir = args.checkpoint_dir or (args.resume.parent if args.resume else None)
     checkpoint = None
     if checkpoint_dir is not None:
@@ -460,16 +398,12 @@ def _data_and_backbone(args: argparse.Namespace, say: Callable[..., None]
                        ) -> tuple[ImageFolderData, Backbone]:
     """The tree first (the head's size), then the backbone, whose preprocessing the loaders
     use (train and lr-find)."""
-    check_image_fits(args.image_size, args.batch_size)
-    splits = ImageSplits.scan(resolve_data_root(args.data), val_split=args.val_split,
-                              split_seed=args.seed, train_per_class=args.train_per_class,
-                              progress=False)
+    settings = data_config(args)  # checks that the image size fits before anything loads
+    splits = ImageSplits.scan(resolve_data_root(args.data), split_seed=args.seed,
+                              progress=False, **settings.split_options())
     backbone = build_backbone(args.backbone, len(splits.classes), args.weights, seed=args.seed)
-    data = ImageFolderData(
-        splits, seed=args.seed, batch_size=args.batch_size, **data_settings(args),
-        preprocessing=backbone.preprocessing, image_size=args.image_size,
-        num_workers=args.workers,
-    )
+    data = ImageFolderData(splits, seed=args.seed, preprocessing=backbone.preprocessing,
+                           **settings.loader_options())
     say(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
         f"{len(data.val_samples)} · test {len(data.test_samples)} images ({data.root})")
     say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
@@ -496,13 +430,6 @@ def imbalance_hint(data: ImageFolderData, balance: str) -> str | None:
             "long-tailed UC Merced (docs/recipes.md)")
 
 
-def _train_config(args: argparse.Namespace, lr: float) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, lr=lr, seed=args.seed, precision=args.precision,
-                       device=args.device, channels_last=args.channels_last,
-                       feature_cache=args.feature_cache, cache_memory_gb=args.cache_memory_gb,
-                       activation_cache_dir=args.activation_cache_dir, **recipe_settings(args))
-
-
 def run_lr_find(args: argparse.Namespace) -> int:
     """`finetune lr-find`: the range test of `Trainer.lr_find` on the training split."""
     output: Path = args.output
@@ -512,7 +439,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
     if distributed.world_size() > 1:
         args.parser.error("lr-find runs in one process; run it without torchrun")
     data, backbone = _data_and_backbone(args, print)
-    trainer = Trainer(backbone, args.strategy, _train_config(args, args.start),
+    trainer = Trainer(backbone, args.strategy, train_config(args, lr=args.start),
                       classes=data.classes)
     finding = trainer.lr_find(data.train_loader(), start=args.start, end=args.end,
                               steps=args.steps)
@@ -538,7 +465,7 @@ def split_counts(data: ImageFolderData) -> dict[str, int]:
 def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStrategy,
                config: TrainConfig, data: ImageFolderData, val_loader: Any,
                say: Callable[..., None]) -> Tuning:
-    """`--lr auto`: the search of `benchmarks.compare --tune lr`, on copies of the backbone
+    """`--lr auto`: the search of `finetune compare --tune lr`, on copies of the backbone
     and without the run's callbacks; the run itself then trains at the chosen lr."""
     grid = args.lr_grid or lr_grid(AUTO_LR_CENTER)
     center = min(grid, key=lambda lr: abs(math.log(lr / AUTO_LR_CENTER)))
@@ -582,17 +509,14 @@ def _auto_name(backbone: Backbone) -> str:
 
 
 def _cli_config(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"handler", "parser", "command", "traceback", "tuned"}
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key in skip:
-            continue
-        if isinstance(value, FreezeStrategy):
-            value = value.describe()
-        elif isinstance(value, Path):
-            value = str(value)
-        out[key] = value
-    return out
+    """The command line's settings as run.json records them (and `--print-config` writes)."""
+    return {key: plain(value, spelled) for key, value in vars(args).items()
+            if key not in NOT_SETTINGS}
+
+
+def spelled(value: Any) -> Any:
+    """A strategy as the spec `--strategy` reads back; anything else as text."""
+    return value.spec() if isinstance(value, FreezeStrategy) else str(value)
 
 
 def _summary(cls: type, limit: int = 90) -> str:
@@ -617,12 +541,40 @@ def run_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    """`finetune compare ...`: the library's comparison (`finetune.compare`), with its own
+    flags, outputs and exit codes."""
+    from finetune.compare.run import main as compare
+
+    return compare(args.arguments, prog="finetune compare")
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str | None
+                      ) -> argparse.ArgumentParser | None:
+    """The parser of subcommand `name` (None for a name it does not know)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
 # -- entry point --------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; library errors exit with code 2 and a one-line message on stderr."""
     tolerate_unencodable_output()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((item for item in argv if not item.startswith("-")), None)
+    if command == "compare":  # its own parser, --help included (argparse's REMAINDER drops it)
+        return run_compare(argparse.Namespace(arguments=argv[argv.index("compare") + 1:]))
     parser = build_parser()
+    subcommand = subcommand_parser(parser, command)
+    config_file = config_file_argument(argv)
+    if config_file is not None and subcommand is not None:
+        apply_config_file(subcommand, config_file)
     args = parser.parse_args(argv)
+    if getattr(args, "print_config", False):
+        print_config(args.parser, args, spelled)
+        return 0
     try:
         return args.handler(args)
     except KeyboardInterrupt:

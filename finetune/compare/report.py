@@ -1,7 +1,7 @@
 """What a comparison writes: results.json/.csv/.md, pairwise.csv/.md, per_class.csv/.md and
 the plots, each rewritten atomically (`finetune.atomic`) from the rows so far, so a crash keeps
 what finished; and the rows an earlier run left, for --resume. The intervals, pairwise tests
-and verdict come from the stored test predictions (`benchmarks.compare.noise`)."""
+and verdict come from the stored test predictions (`finetune.compare.noise`)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import plots
-from benchmarks.compare import noise
-from benchmarks.compare.hindsight import hindsight_markdown, summarize_hindsight
-from benchmarks.compare.settings import Settings
+import finetune.compare.noise as noise
+import finetune.compare.plots as plots
 from finetune.atomic import atomic_write_text
+from finetune.compare.hindsight import hindsight_markdown, summarize_hindsight
+from finetune.compare.settings import Settings
 from finetune.train.recipes import describe
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,25 +17,27 @@ from typing import Any
 import attrs
 
 import finetune
-from benchmarks.compare import pool
+import finetune.compare.pool as pool
 from finetune import FreezeStrategy
-from finetune.cli_options import (
-    add_augment_arguments,
-    add_mixing_arguments,
-    check_image_fits,
-    checked_number,
-    lr_grid_argument,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    smoothing,
-    warmup_argument,
-)
-from finetune.data.transforms import DEFAULT_CROP_SCALE, augmentation
+from finetune.data.config import DataConfig, check_image_fits
 from finetune.model.zoo import default_backbone_name
-from finetune.train.config import PRECISIONS, SCHEDULES
+from finetune.settings import (
+    add_config_flags,
+    add_flags,
+    apply_config_file,
+    argument_type,
+    checked_number,
+    config_file_argument,
+    declared,
+    default_of,
+    kept_on_resume,
+    positive_int,
+    recorded,
+    values_of,
+)
+from finetune.train.config import SETTING_CLASSES, TrainConfig
 from finetune.train.trainer import TTA_MODES
-from finetune.tuning import SELECTIONS, SINGLE_PROCESS, search_grid
+from finetune.tuning.search import SELECTIONS, SINGLE_PROCESS, parse_grid, search_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
@@ -44,7 +47,7 @@ LR_FIND_STEPS = 100  # the range test's ramp in `--tune lr-find`
 OPEN_FRACTION = checked_number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 # Row names that stand for a strategy spec with its weights flag.
 SHORTHANDS = {"from-scratch": "full-unfreeze:weights=none"}
-# The row whose strategy `finetune.advisor` chooses, per seed, on the validation split.
+# The row whose strategy `finetune.tuning.advisor` chooses, per seed, on the validation split.
 ADVISED = "advised"
 COMPARE_PRESETS: dict[str, dict[str, Any]] = {
     # The reference work: ResNet50 ImageNet weights, iNaturalist 12K, 224 px, batch 32, Adam.
@@ -65,74 +68,125 @@ COMPARE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+COMMAND = "compare"
+# Beyond the settings a resumed run keeps, a comparison's rows must share these: rows of
+# other lengths or devices are not comparable side by side.
+COMPARED_ALSO = ("epochs", "device")
+
+
+def training_names() -> tuple[str, ...]:
+    """The declared settings a comparison takes (`finetune.settings`), by name."""
+    return tuple(field.name for cls in SETTING_CLASSES for field, flag in declared(cls)
+                 if flag.flag is not None and COMMAND in flag.commands)
+
+
+def training_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` checked and converted by their config classes (a results.json's lists become
+    tuples again), completed with the declared defaults."""
+    checked: dict[str, Any] = {}
+    for cls in SETTING_CLASSES:
+        config = cls(**{k: v for k, v in values_of(cls, values).items() if v is not None
+                        or default_of(attrs.fields_dict(cls)[k]) is None})
+        checked.update(attrs.asdict(config, recurse=False))
+    return {name: checked[name] for name in training_names()}
+
+
 def _resume(**kwargs: Any) -> Any:
-    """A field that must be equal for `--resume` to reuse rows."""
+    """A field of the comparison's own that must be equal for `--resume` to reuse rows."""
     return attrs.field(metadata={"resume": True}, **kwargs)
 
 
 @attrs.frozen(kw_only=True)
 class Settings:
-    """One comparison's settings: the preset with the command line's overrides on top."""
+    """One comparison's settings: the preset with the command line's overrides on top.
+    `training` holds every declared setting a comparison takes (`training_names`), which
+    also read as attributes (`settings.lr`); the rest are the comparison's own."""
 
     backbone: str = _resume()
     data: str = _resume()
-    epochs: int = _resume()
-    train_per_class: int | None = _resume()
-    val_split: float = _resume()
-    image_size: int = _resume()
-    batch_size: int = _resume()
-    lr: float = _resume()
-    precision: str = _resume()
-    device: str = _resume()
-    schedule: str = _resume(default="constant")
-    warmup: int | float | None = _resume(default=None)
-    label_smoothing: float = _resume(default=0.0)
-    # training-image augmentation (finetune.data.transforms.AUGMENTATIONS; True/False: older
-    # results' flip/none)
-    augment: str = _resume(default="flip", converter=augmentation)
-    crop_scale: tuple[float, float] = _resume(default=DEFAULT_CROP_SCALE, converter=tuple)
-    balance: str = _resume(default="none")  # "sampler" or "loss" (class-weighted)
-    ema: float | None = _resume(default=None)  # EMA decay: validation and test use the average
-    mixup: float = _resume(default=0.0)
-    cutmix: float = _resume(default=0.0)
+    training: dict[str, Any] = attrs.field(factory=dict, converter=training_settings)
     tta: str = _resume(default="none")  # the test pass's test-time augmentation
     # "lr": each row at its own lr, chosen on validation; "lr-find": the range test's suggestion
     tune: str = _resume(default="none")
     lr_grid: tuple[float, ...] = _resume(default=(), converter=tuple)  # the lrs "lr" tries
-    # how "lr" compares candidates (finetune.tuning); None untuned, and in results written
+    # how "lr" compares candidates (finetune.tuning.search); None untuned, and in results written
     # before it existed — so a resume never mixes rows the previous race chose with these
     select: str | None = _resume(default=None)
-    hindsight: bool = False  # also every grid lr at a fixed lr: `benchmarks.compare.hindsight`
+    hindsight: bool = False  # also every grid lr at a fixed lr: `finetune.compare.hindsight`
     pre_resize: bool
     preset: str
     strategies: tuple[str, ...] = attrs.field(converter=tuple)
     seeds: tuple[int, ...] = attrs.field(converter=tuple)
     seeds_auto: bool = False  # more seeds where a run is cheap: see `run.auto_seeds`
-    workers: int | None = None
-    jobs: int = 1  # runs at once, each in its own process (`benchmarks.compare.pool`)
+    jobs: int = 1  # runs at once, each in its own process (`finetune.compare.pool`)
     command: str = ""
     backbone_choice: str | None = None
     wandb_project: str | None = None
     wandb_group: str | None = None
 
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any]) -> Settings:
+        """Settings from their flat form (`to_dict`, results.json): the declared settings
+        gathered into `training`, older names included."""
+        training: dict[str, Any] = {}
+        for config in SETTING_CLASSES:
+            training.update(recorded(flat, config))
+        own = {f.name for f in attrs.fields(cls)} - {"training"}
+        return cls(training=training, **{k: v for k, v in flat.items() if k in own})
+
+    def evolve(self, **changes: Any) -> Settings:
+        """`attrs.evolve` that also takes declared settings by name (`lr=...`)."""
+        training = {**self.training, **{k: changes.pop(k) for k in list(changes)
+                                        if k in self.training}}
+        return attrs.evolve(self, training=training, **changes)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            training = object.__getattribute__(self, "training")
+        except AttributeError:  # while unpickling
+            raise AttributeError(name) from None
+        if name in training:
+            return training[name]
+        raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(**values_of(DataConfig, self.training))
+
+    def train_config(self, seed: int, lr: float) -> TrainConfig:
+        """A row's TrainConfig: these settings at its seed and lr."""
+        return TrainConfig(**{**values_of(TrainConfig, self.training), "seed": seed, "lr": lr,
+                              "class_weights": self.data_config().class_weights})
+
     def to_dict(self) -> dict[str, Any]:
+        """Flat, as results.json holds it: the declared settings beside the comparison's."""
+        own = {k: v for k, v in attrs.asdict(self, recurse=False).items() if k != "training"}
         return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in attrs.asdict(self).items()}
+                for key, value in {**own, **self.training}.items()}
 
     def changed_from(self, previous: dict[str, Any]) -> list[str]:
-        """`key: old -> new` for each resume field that differs from an earlier run's."""
+        """`key: old -> new` for each setting that must match and differs from an earlier
+        run's (results written before a setting existed ran with its default)."""
         ours = self.to_dict()
-        # results written before a field existed ran with its default
         old = {f.name: previous.get(f.name, None if f.default is attrs.NOTHING else f.default)
-               for f in attrs.fields(Settings)}
+               for f in attrs.fields(Settings) if f.metadata.get("resume")}
         old = {name: _converted(name, value) for name, value in old.items()}
-        return [f"{f.name}: {old[f.name]!r} -> {ours[f.name]!r}" for f in attrs.fields(Settings)
-                if f.metadata.get("resume") and old[f.name] != ours[f.name]]
+        earlier = {name: None for name in self.training}  # None: the declared default
+        for cls in SETTING_CLASSES:
+            earlier.update(recorded(previous, cls))
+        kept = set(kept_on_resume(*SETTING_CLASSES)) | set(COMPARED_ALSO)
+        defaults = {f.name: default_of(f) for cls in SETTING_CLASSES for f in attrs.fields(cls)}
+        for name in self.training:
+            if name in kept:
+                value = earlier[name] if earlier[name] is not None else defaults[name]
+                old[name] = training_settings({name: value})[name]
+                old[name] = list(old[name]) if isinstance(old[name], tuple) else old[name]
+        return [f"{name}: {old[name]!r} -> {ours[name]!r}" for name in old
+                if old[name] != ours[name]]
 
 
 def _converted(name: str, value: Any) -> Any:
-    """An older results.json's value as the field holds it now (True -> "flip"), as a list
-    where the field is a tuple (the form `to_dict` writes)."""
+    """An older results.json's value as the field holds it now, as a list where the field is
+    a tuple (the form `to_dict` writes)."""
     converter = attrs.fields_dict(Settings)[name].converter
     if converter is None or value is None:
         return value
@@ -163,10 +217,13 @@ def parse_run(spec: str) -> RunSpec:
     return RunSpec(spec, strategy, pretrained=not weights or weights[-1] == "default")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from benchmarks.compare import __doc__ as description
+PROG = "finetune compare"
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=description,
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    from finetune.compare import __doc__ as description
+
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(COMPARE_PRESETS), default="quick")
     p.add_argument("--data", help="an ImageFolder tree with train/ and test/ or val/, the "
@@ -180,18 +237,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_seeds, default=1, help="runs per strategy (seeds 0..N-1), "
                    "or auto: each strategy as many seeds (1 to 5) as fit in the time of one "
                    "run of the slowest")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--train-per-class", type=positive_int,
-                   help="images per class before the val split")
-    p.add_argument("--val-split", type=OPEN_FRACTION, help="share of train held out (0 < F < 1)")
-    p.add_argument("--image-size", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
     p.add_argument("--tune", choices=TUNE_CHOICES, help="lr: each strategy at its own lr, "
                    "chosen on the validation split from --lr-grid (the test set is used once, "
                    "for the chosen lr); lr-find: each at the lr range test's suggestion; none: "
                    "every strategy at --lr (default: the preset's; quick: lr, reference: none)")
-    p.add_argument("--lr-grid", type=lr_grid_argument,
+    p.add_argument("--lr-grid", type=argument_type(parse_grid),
                    help="the lrs --tune lr tries, comma-separated (default: --lr and its "
                    "neighbours two per decade, e.g. 1.6e-4,5e-4,1.6e-3); --lr is always one of "
                    "them, and the grid grows past an edge that wins")
@@ -204,19 +254,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "end, and report the best in hindsight beside each tuned row: what tuning "
                    "leaves on the table (a measurement; those runs read the test set per lr and "
                    "stay out of the table and the verdict)")
-    add_augment_arguments(p, default=None)  # None: the preset's (quick: none, reference: flip)
-    add_mixing_arguments(p)
     p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="the test pass: flip averages each image's probabilities with its "
                    "mirror image's (default: none)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--schedule", choices=SCHEDULES,
-                   help="per-step learning-rate schedule (default: the preset's)")
-    p.add_argument("--warmup", type=warmup_argument, help="warm-up steps or share of the run")
-    p.add_argument("--label-smoothing", type=smoothing, help="cross-entropy label smoothing")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=non_negative_int,
-                   help="data loader workers (default: library's)")
+    # every declared setting (finetune.settings), the presets' own defaulting to the preset
+    from_preset = {key for preset in COMPARE_PRESETS.values() for key in preset}
+    for cls in SETTING_CLASSES:
+        add_flags(p, cls, COMMAND, from_preset=sorted(from_preset),
+                  parsers={"val_split": OPEN_FRACTION})
     p.add_argument("--jobs", type=_jobs, help="runs at once, each in its own process with "
                    "its share of the cores, or auto: one per core on a CPU (at most 4, and one "
                    "per 6 GiB of RAM), 1 on a GPU "
@@ -235,7 +280,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wandb", action="store_true", help="log each run to wandb (offline "
                    "without an API key), all in one group")
     p.add_argument("--wandb-project", default="finetune-compare")
+    add_config_flags(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
+    p = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = config_file_argument(argv)
+    if config_file is not None:
+        apply_config_file(p, config_file)
     args = p.parse_args(argv)
+    args.parser = p
     if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) != "none":
         p.error(f"--nproc with --tune lr: {SINGLE_PROCESS}")
     if args.nproc > 1 and any(ADVISED in item.split(",") for item in args.strategies or ()):
@@ -288,9 +344,7 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
                      command: str, wandb_group: str | None = None) -> Settings:
     """The preset with the command line's overrides on top."""
     chosen = dict(COMPARE_PRESETS[args.preset])
-    for key in ("backbone", "epochs", "train_per_class", "val_split", "image_size",
-                "batch_size", "lr", "schedule", "warmup", "label_smoothing",
-                "augment", "jobs", "tune", "lr_grid"):
+    for key in ("backbone", "jobs", "tune", "lr_grid", *training_names()):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     if args.lr_grid is not None and chosen["tune"] != "lr":
@@ -306,8 +360,7 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     if args.hindsight and args.store:
         raise SystemExit("--hindsight runs in one worker: drop --store (or --hindsight)")
     chosen["hindsight"] = args.hindsight
-    chosen.update(crop_scale=args.crop_scale, balance=args.balance, ema=args.ema,
-                  mixup=args.mixup, cutmix=args.cutmix, tta=args.tta)
+    chosen["tta"] = args.tta
     if chosen["backbone"] == "auto":
         chosen["backbone"] = default_backbone_name()
         chosen["backbone_choice"] = (
@@ -320,12 +373,13 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
         raise SystemExit("--jobs runs several single-process runs at once and --nproc one run "
                          "on several processes: pick one")
     if chosen["jobs"] == "auto":
-        chosen["jobs"] = pool.auto_jobs(len(specs), args.device, max(world_size, args.nproc))
+        chosen["jobs"] = pool.auto_jobs(len(specs), args.device or "auto",
+                                        max(world_size, args.nproc))
     if chosen["backbone"] == "lite0":
         chosen["backbone"] = "efficientnet_lite0"
-    return Settings(**chosen, preset=args.preset, data=data, strategies=specs,
-                    seeds=range(1 if args.seeds == "auto" else args.seeds),
-                    seeds_auto=args.seeds == "auto", precision=args.precision, device=args.device,
-                    workers=args.workers, command=command,
+    training = {name: chosen.pop(name) for name in training_names() if name in chosen}
+    return Settings(**chosen, training=training, preset=args.preset, data=data,
+                    strategies=specs, seeds=range(1 if args.seeds == "auto" else args.seeds),
+                    seeds_auto=args.seeds == "auto", command=command,
                     wandb_project=args.wandb_project if wandb_group else None,
                     wandb_group=wandb_group)

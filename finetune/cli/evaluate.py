@@ -14,8 +14,8 @@ from pathlib import Path
 
 from finetune.callbacks.run_file import RUN_FILE
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
+from finetune.deploy.inference import load_run
 from finetune.errors import DataError
-from finetune.inference import load_run
 from finetune.runtime import distributed
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer

@@ -1,6 +1,6 @@
 """Running a comparison: one split for all, then every strategy × seed on it.
 
-`main` is `python -m benchmarks.compare` (see `benchmarks.compare` for the options).
+`main` is `python -m benchmarks.compare` (see `finetune compare` for the options).
 """
 
 from __future__ import annotations
@@ -21,33 +21,37 @@ from typing import Any
 
 import torch
 
-from benchmarks.compare import noise, pool, store
-from benchmarks.compare.hindsight import run_hindsight
-from benchmarks.compare.report import load_previous
-from benchmarks.compare.report import write_outputs as _write_outputs
-from benchmarks.compare.settings import (
+import finetune.compare.noise as noise
+import finetune.compare.pool as pool
+import finetune.compare.store as store
+from finetune import Backbone, ImageFolderData, Trainer
+from finetune.atomic import LockBusyError, exclusive_lock
+from finetune.cache.plan import ActivationCaches
+from finetune.callbacks import Callback, ProgressBar, WandbLogger
+from finetune.callbacks.console import tolerate_unencodable_output
+from finetune.compare.hindsight import run_hindsight
+from finetune.compare.report import load_previous
+from finetune.compare.report import write_outputs as _write_outputs
+from finetune.compare.settings import (
     ADVISED,
     LR_FIND_STEPS,
+    PROG,
     Settings,
     parse_args,
     parse_run,
     resolve_settings,
     strategy_specs,
 )
-from finetune import Backbone, ImageFolderData, TrainConfig, Trainer
-from finetune.advisor import Advice, Advisor
-from finetune.atomic import LockBusyError, exclusive_lock
-from finetune.cache.plan import ActivationCaches
-from finetune.callbacks import Callback, ProgressBar, WandbLogger
-from finetune.callbacks.console import tolerate_unencodable_output
 from finetune.data import DecodedImages, ImageSplits, INaturalist12K, default_cache_root
 from finetune.data.sample import SAMPLE_ROOT, resolve_named_data, sample_dataset
 from finetune.errors import FinetuneError, redact
 from finetune.model.zoo import build_backbone, seeded
 from finetune.runtime import distributed
 from finetune.runtime.memory import PeakMemory
+from finetune.settings import print_config
 from finetune.train.state import History
-from finetune.tuning import LrSearch, Selection, Tuning
+from finetune.tuning.advisor import Advice, Advisor
+from finetune.tuning.search import LrSearch, Selection, Tuning
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
@@ -91,23 +95,18 @@ def resolve_data(data: str | None) -> Path:
 def scan_data(settings: Settings, root: Path) -> ImageSplits:
     """One split for every strategy and seed (split seed 0); the test set is the tree's
     test/ or val/ folder, and val is carved out of train."""
-    return ImageSplits.scan(
-        root, val_split=settings.val_split, split_seed=0,
-        train_per_class=settings.train_per_class, pre_resize=256 if settings.pre_resize else None,
-        progress=sys.stderr.isatty(),
-    )
+    return ImageSplits.scan(root, split_seed=0, **settings.data_config().split_options(),
+                            pre_resize=256 if settings.pre_resize else None,
+                            progress=sys.stderr.isatty())
 
 
 def loaders_for(splits: ImageSplits, settings: Settings, backbone: Backbone,
                 decoded: DecodedImages | None = None) -> ImageFolderData:
     """Loaders over the shared split, decoding as this run's backbone expects; `decoded`
     keeps un-augmented images decoded for the runs after this one."""
-    return ImageFolderData(splits, batch_size=settings.batch_size,
-                           preprocessing=backbone.preprocessing, image_size=settings.image_size,
-                           num_workers=settings.workers, data_augmentation=settings.augment,
-                           crop_scale=settings.crop_scale,
-                           balanced_sampling=settings.balance == "sampler",
-                           keep_decoded=True if decoded is None else decoded)
+    return ImageFolderData(splits, preprocessing=backbone.preprocessing,
+                           keep_decoded=True if decoded is None else decoded,
+                           **settings.data_config().loader_options())
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -128,10 +127,10 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
             decoded: DecodedImages | None = None,
             extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train `spec` with `seed` on the shared split — at `settings.lr`, or (`tune="lr"`) at the
-    lr `finetune.tuning.LrSearch` chooses on the validation split — and return its results
+    lr `finetune.tuning.search.LrSearch` chooses on the validation split — and return its results
     row; the test set is evaluated once, for the trained row. Runs that pass one `decoded`
     store decode each un-augmented image once between them. The `advised` row trains the
-    strategy `finetune.advisor` recommends on this run's train and val data."""
+    strategy `finetune.tuning.advisor` recommends on this run's train and val data."""
     pretrained = True if spec == ADVISED else parse_run(spec).pretrained  # advice: pretrained
     with seeded(seed):  # the new head (and from-scratch weights) depend on the seed alone
         initial = backbone_factory(settings.backbone, len(splits.classes), pretrained)
@@ -142,7 +141,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     run = parse_run(advice.recommendation.strategy if advice is not None else spec)
 
     def make_trainer(lr: float, activations: ActivationCaches | None = None) -> Trainer:
-        config = train_config(settings, seed, lr)
+        config = settings.train_config(seed, lr)
         witness = TrainCacheWitness(train_loader)
         callbacks: list[Callback] = [witness, *extra_callbacks]
         if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble bars
@@ -209,15 +208,6 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     }
 
 
-def train_config(settings: Settings, seed: int, lr: float) -> TrainConfig:
-    """How every run of the comparison trains (and the advisor measures)."""
-    return TrainConfig(epochs=settings.epochs, lr=lr, seed=seed, precision=settings.precision,
-                       device=settings.device, schedule=settings.schedule,
-                       warmup=settings.warmup, label_smoothing=settings.label_smoothing,
-                       ema_decay=settings.ema, mixup=settings.mixup, cutmix=settings.cutmix,
-                       class_weights="balanced" if settings.balance == "loss" else "none")
-
-
 def lr_find_row(trainer: Trainer, train_loader: Any) -> dict[str, Any]:
     """`--tune lr-find`: the range test's suggestion (and what it cost) for a row."""
     started = time.perf_counter()
@@ -231,7 +221,7 @@ def lr_find_row(trainer: Trainer, train_loader: Any) -> dict[str, Any]:
 def advise_row(settings: Settings, seed: int, initial: Backbone, train_loader: Any,
                val_loader: Any) -> Advice:
     """The advisor on this run's split, measuring the training the comparison runs."""
-    config = train_config(settings, seed, settings.lr)
+    config = settings.train_config(seed, settings.lr)
     grid = settings.lr_grid if settings.tune == "lr" else None  # as the rows' searches
     advice = Advisor(config, lr_grid=grid).run(copy.deepcopy(initial), train_loader,
                                                val_loader)
@@ -434,17 +424,21 @@ def launch(argv: Sequence[str] | None, nproc: int) -> int:
             continue
         rest.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "benchmarks.compare", *rest]
+               f"--nproc_per_node={nproc}", "-m", "finetune", "compare", *rest]
     print("running: " + " ".join(command[1:]), flush=True)
     return subprocess.call(command)
 
 
 def main(argv: Sequence[str] | None = None,
-         backbone_factory: BackboneFactory = make_backbone) -> int:
+         backbone_factory: BackboneFactory = make_backbone, prog: str = PROG) -> int:
     """Run every strategy × seed; returns 0, 1 if a run failed, 130 on Ctrl-C. Under
-    torchrun every process trains each run; rank 0 alone prints and writes."""
+    torchrun every process trains each run; rank 0 alone prints and writes. `prog` is how
+    the usage and errors name the command (`python -m benchmarks.compare` in a checkout)."""
     tolerate_unencodable_output()
-    args = parse_args(argv)
+    args = parse_args(argv, prog=prog)
+    if args.print_config:
+        print_config(args.parser, args)
+        return 0
     specs = strategy_specs(args)
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return launch(argv, args.nproc)
@@ -459,7 +453,7 @@ def _locked(args: argparse.Namespace, specs: list[str], argv: Sequence[str] | No
             backbone_factory: BackboneFactory) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    busy = (f"another benchmarks.compare is writing to {output}; wait for it to finish or "
+    busy = (f"another finetune compare is writing to {output}; wait for it to finish or "
             "choose another --output")
     try:
         with exclusive_lock(output / LOCK_FILE, wait=False, busy=busy):
@@ -476,7 +470,8 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
         raise SystemExit(
             f"{output} holds the results of an earlier comparison; continue it with --resume, "
             "replace them with --overwrite, or choose another --output.")
-    command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    # one spelling, whichever entry ran it: the same arguments give the same results.json
+    command = f"{PROG} " + " ".join(sys.argv[1:] if argv is None else argv)
     group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}" if args.wandb else None
     settings = resolve_settings(args, specs, str(resolve_data(args.data)), command, group)
     rows = load_previous(output, settings) if args.resume and not args.store else []
