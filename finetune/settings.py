@@ -231,8 +231,10 @@ def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> None:
     if not isinstance(loaded, dict):
         parser.error(f"--config {path}: expected a mapping of setting: value, got "
                      f"{type(loaded).__name__}")
-    actions = {a.dest: a for a in parser._actions if a.dest not in NOT_SETTINGS
-               and a.option_strings}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # a setting's own flag, not its negation (--no-augment)
+        if action.option_strings and action.dest not in NOT_SETTINGS:
+            actions.setdefault(action.dest, action)
     values = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_").lstrip("_")
@@ -251,6 +253,9 @@ def _checked(parser: argparse.ArgumentParser, action: argparse.Action, value: An
              where: str) -> Any:
     if value is None or (isinstance(value, bool) and action.type is None):
         return value
+    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_checked(parser, _one_of(action), item, where) for item in items]
     text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     try:
         checked = action.type(text) if action.type is not None else text
@@ -259,6 +264,12 @@ def _checked(parser: argparse.ArgumentParser, action: argparse.Action, value: An
     if action.choices is not None and checked not in action.choices:
         parser.error(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     return checked
+
+
+def _one_of(action: argparse.Action) -> argparse.Action:
+    """`action` for one of its items."""
+    return argparse.Action(action.option_strings, action.dest, type=action.type,
+                           choices=action.choices)
 
 
 def print_config(parser: argparse.ArgumentParser, args: argparse.Namespace,

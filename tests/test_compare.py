@@ -233,6 +233,9 @@ def test_results_csv_has_one_header_that_every_row_fills_in_its_own_columns(
         header = reader.fieldnames or []
     assert [r["strategy"] for r in rows] == ["last-layer", "advised", broken]
     assert all(None not in row and len(row) == len(header) for row in rows)  # no spill-over
+    from finetune.compare.row import Row
+
+    assert header[:len(Row.csv_columns())] == Row.csv_columns()  # one fixed header
     assert {r["config.data"] for r in rows} == {str(tree)}
     assert {r["config.backbone"] for r in rows} == {"tiny"}
     advised, failed = rows[1], rows[2]

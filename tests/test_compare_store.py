@@ -47,9 +47,9 @@ def test_a_run_is_claimed_once_and_a_lapsed_claim_changes_hands(tmp_path: Path):
     later = 100.0 + 2 * store.LEASE_SECONDS  # the first worker stopped renewing: it lapsed
     taken = second.claim("last-layer", 0, now=later)
     assert taken is not None and not first.renew(token, now=later)
-    assert not first.finish(token, {"strategy": "last-layer", "seed": 0, "by": "a"})
-    assert second.finish(taken, {"strategy": "last-layer", "seed": 0, "by": "b"})
-    assert [row["by"] for row in first.rows()] == ["b"]  # one row, from the claim that held
+    assert not first.finish(token, {"strategy": "last-layer", "seed": 0, "device": "a"})
+    assert second.finish(taken, {"strategy": "last-layer", "seed": 0, "device": "b"})
+    assert [row.device for row in first.rows()] == ["b"]  # one row, from the claim that held
     assert second.claim("last-layer", 0, now=later) is None  # done: nobody runs it again
     third = first.claim("bitfit", 0, now=later)
     first.release(third)  # given up (Ctrl-C): free at once, not after the lease
@@ -96,7 +96,8 @@ def test_four_racing_workers_claim_each_run_exactly_once(tmp_path: Path):
 def test_a_failed_run_stays_failed_until_a_worker_resumes(tmp_path: Path):
     shared = SharedStore(tmp_path / "s.db")
     assert shared.finish(shared.claim("bitfit", 1), error="RuntimeError('boom')")
-    assert shared.failures() == [{"strategy": "bitfit", "seed": 1, "error": "RuntimeError('boom')"}]
+    assert [(f.strategy, f.seed, f.failed, f.error) for f in shared.failures()] == [
+        ("bitfit", 1, True, "RuntimeError('boom')")]
     assert shared.claim("bitfit", 1) is None
     assert shared.claim("bitfit", 1, retry_failed=True) is not None
     assert shared.open_runs([("bitfit", 1), ("bitfit", 2)])[0] == [("bitfit", 1), ("bitfit", 2)]

@@ -395,7 +395,7 @@ def test_two_compares_never_write_one_output_at_once(tree, tmp_path):
 
     output = tmp_path / "out"
     with exclusive_lock(output / LOCK_FILE), pytest.raises(
-            SystemExit, match=r"another benchmarks\.compare is writing to"):
+            SystemExit, match=r"another finetune compare is writing to"):
         compare.main(argv(tree, output, "--strategies", "last-layer"),
                      backbone_factory=Factory())
     assert not (output / "results.json").exists()

@@ -21,7 +21,7 @@ from finetune.settings import (
     values_of,
 )
 from finetune.strategies import FreezeStrategy, parse_strategy
-from finetune.train.config import SETTING_CLASSES, TrainConfig
+from finetune.train.config import TrainConfig, setting_classes
 from finetune.train.range_test import MIN_STEPS
 from finetune.tuning.search import parse_grid
 
@@ -54,19 +54,21 @@ def lr_argument(text: str) -> float | str:
 
 def add_setting_flags(parser: argparse.ArgumentParser, command: str, **options: Any) -> None:
     """Every declared setting `command` takes, as flags (`finetune.settings.add_flags`)."""
-    for cls in SETTING_CLASSES:
+    for cls in setting_classes():
         add_flags(parser, cls, command, **options)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(**values_of(DataConfig, args))
+    data, _ = setting_classes()
+    return data(**values_of(data, args))
 
 
 def train_config(args: argparse.Namespace, **chosen: Any) -> TrainConfig:
     """The run's TrainConfig from its flags (those a command lacks keep their defaults);
     `chosen` overrides (the lr `--lr auto` chose)."""
-    values = {**values_of(TrainConfig, args), "class_weights": data_config(args).class_weights}
-    return TrainConfig(**{**values, **chosen})
+    _, train = setting_classes()
+    values = {**values_of(train, args), "class_weights": data_config(args).class_weights}
+    return train(**{**values, **chosen})
 
 
 def resumed_settings(args: argparse.Namespace, record: dict[str, Any], source: Path) -> None:
@@ -74,10 +76,11 @@ def resumed_settings(args: argparse.Namespace, record: dict[str, Any], source: P
     left at its default takes the run's own value from run.json, checked as its flag checks
     it (an edited file gets an error naming the field, not a TypeError deep in training)."""
     parser: argparse.ArgumentParser = args.parser
-    run = {**recorded(record.get("cli", {}), DataConfig),
-           **recorded(record.get("cli", {}), TrainConfig),
-           **{k: record[k] for k in ("val_split", "seed", "train_per_class") if k in record}}
-    for cls in SETTING_CLASSES:
+    run = {name: value for cls in setting_classes()
+           for name, value in recorded(record.get("cli", {}), cls).items()}
+    run.update({
+        k: record[k] for k in ("val_split", "seed", "train_per_class") if k in record})
+    for cls in setting_classes():
         for field, flag in declared(cls):
             name = field.name
             if (not flag.resume or name == "lr" or name not in run or not hasattr(args, name)

@@ -74,7 +74,7 @@ def analyze(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
     """Everything above for the summary's strategies (the per-class tests only if
     `per_class`); None if a row has no stored predictions (results.json files written before
     they were stored)."""
-    if targets is None or not rows or any("test_predictions" not in r for r in rows):
+    if targets is None or not rows or any(r.get("test_predictions") is None for r in rows):
         return None
     bootstrap = Bootstrap(targets=np.asarray(targets), num_classes=len(classes),
                           resamples=RESAMPLES, seed=SEED)

@@ -19,6 +19,7 @@ import finetune.compare.noise as noise
 import finetune.compare.plots as plots
 from finetune.atomic import atomic_write_text
 from finetune.compare.hindsight import hindsight_markdown, summarize_hindsight
+from finetune.compare.row import Row
 from finetune.compare.settings import Settings
 from finetune.train.recipes import describe
 
@@ -84,21 +85,24 @@ def per_class_matrix(rows: list[dict[str, Any]], strategies: Sequence[str],
 
 
 def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
-                  rows: list[dict[str, Any]], failed: list[dict[str, Any]],
+                  rows: list[Row], failed: list[Row],
                   draw: bool = True, targets: Sequence[int] | None = None,
                   hindsight: Sequence[dict[str, Any]] = ()) -> str:
     """(Re)write every output file from the rows so far; returns the Markdown table and the
     verdict. The PNGs and the per-class tests take seconds, so runs in progress skip them
     (`draw=False`) and the end does them. `targets`: the test labels, in the order of each
-    row's `test_predictions`. `hindsight`: the fixed-lr measurements of `--hindsight`, written
+    row's `test_predictions`. Rows may be mappings as results.json holds them (made `Row`s
+    here, in place). `hindsight`: the fixed-lr measurements of `--hindsight`, written
     apart from the rows (never in the table or the verdict)."""
     config = settings.to_dict()
+    rows[:] = [row if isinstance(row, Row) else Row.from_dict(row) for row in rows]
+    failed = [row if isinstance(row, Row) else Row.from_dict(row) for row in failed]
     strategy_order = {name: i for i, name in enumerate(settings.strategies)}
     rows.sort(key=lambda r: (strategy_order.get(r["strategy"], len(strategy_order)), r["seed"]))
     if targets is not None:  # rows resumed from a run that stored predictions only
-        for row in rows:
-            if "test_predictions" in row and "test_accuracy_ci95" not in row:
-                row.update(noise.run_intervals(targets, row["test_predictions"], len(classes)))
+        rows[:] = [row.evolve(**noise.run_intervals(targets, row.test_predictions, len(classes)))
+                   if row.test_predictions is not None and row.test_accuracy_ci95 is None
+                   else row for row in rows]
     summary = summarize(rows, settings.strategies)
     analysis = noise.analyze(rows, summary, targets, classes, per_class=draw)
     if analysis is not None:
@@ -107,7 +111,8 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
     measured = (summarize_hindsight(rows, hindsight, targets)
                 if hindsight and targets is not None else [])
     atomic_write_text(output / "results.json", json.dumps(
-        {"config": config, "classes": list(classes), "rows": rows, "failed": failed,
+        {"config": config, "classes": list(classes), "rows": [r.to_dict() for r in rows],
+         "failed": [f.to_dict() for f in failed],
          "test_targets": None if targets is None else list(targets), "summary": summary,
          **(analysis.to_dict() if analysis is not None else {}),
          **({"hindsight": {"rows": list(hindsight), "summary": measured}} if hindsight else {})},
@@ -117,14 +122,14 @@ def write_outputs(output: Path, settings: Settings, classes: Sequence[str],
             ["label", "strategy", "lr", "test_accuracy", "best_in_hindsight"],
             [["hindsight", s["strategy"], lr, value, float(lr) == s["best_lr"]]
              for s in measured for lr, value in s["fixed"].items()]))
-    flat = [{**{k: v for k, v in r.items() if not isinstance(v, (dict, list))},
-             **{f"config.{k}": v for k, v in config.items()}}
-            for r in [*rows, *({**f, "failed": True} for f in failed)]]
-    # one header for every row: an advised row's extra field, a failed row's error, each
-    # under its own column (empty where a row has none)
-    header = list(dict.fromkeys(key for row in flat for key in row)) or ["strategy"]
-    atomic_write_text(output / "results.csv", _csv(
-        header, [[row.get(key, "") for key in header] for row in flat]))
+    # one fixed header: every field of a row, then the comparison's settings; failed and
+    # advised rows fill what they have, each value under its own column
+    settings_columns = {f"config.{key}": value for key, value in config.items()}
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=[*Row.csv_columns(), *settings_columns])
+    writer.writeheader()
+    writer.writerows({**row.csv_values(), **settings_columns} for row in [*rows, *failed])
+    atomic_write_text(output / "results.csv", buffer.getvalue())
     table = markdown_table(summary)
     verdict = analysis.verdict.text if analysis is not None else ""
     if analysis is not None and settings.tune == "lr":
@@ -230,7 +235,7 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def load_previous(output: Path, settings: Settings) -> list[dict[str, Any]]:
+def load_previous(output: Path, settings: Settings) -> list[Row]:
     """Rows of an earlier run in `output` with the same settings (for --resume)."""
     path = output / "results.json"
     if not path.is_file():
@@ -240,4 +245,4 @@ def load_previous(output: Path, settings: Settings) -> list[dict[str, Any]]:
     if changed:
         raise SystemExit(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                          "use another --output or the same settings.")
-    return list(previous["rows"])
+    return [Row.from_dict(row) for row in previous["rows"]]

@@ -32,6 +32,7 @@ from finetune.callbacks.console import tolerate_unencodable_output
 from finetune.compare.hindsight import run_hindsight
 from finetune.compare.report import load_previous
 from finetune.compare.report import write_outputs as _write_outputs
+from finetune.compare.row import Row
 from finetune.compare.settings import (
     ADVISED,
     LR_FIND_STEPS,
@@ -125,7 +126,7 @@ class TrainCacheWitness(Callback):
 def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
             backbone_factory: BackboneFactory, output: Path,
             decoded: DecodedImages | None = None,
-            extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+            extra_callbacks: Sequence[Callback] = ()) -> Row:
     """Train `spec` with `seed` on the shared split — at `settings.lr`, or (`tune="lr"`) at the
     lr `finetune.tuning.search.LrSearch` chooses on the validation split — and return its results
     row; the test set is evaluated once, for the trained row. Runs that pass one `decoded`
@@ -181,7 +182,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
     witness = next(c for c in trainer.callbacks if isinstance(c, TrainCacheWitness))
     last = history.records[-1]
     costs = epoch_costs(history, tuning)
-    return {
+    return Row(**{
         "strategy": spec, "seed": seed, "strategy_state": strategy.state_dict(),
         "pretrained": run.pretrained, "backbone": backbone.name, "weights": backbone.weights,
         "trainable_params": freeze.trainable_params, "total_params": freeze.total_params,
@@ -205,7 +206,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         "per_class_test_accuracy": dict(zip(data.classes, map(float, test.per_class_accuracy),
                                             strict=True)),
         "history": history.records, "config": settings.to_dict(),
-    }
+    })
 
 
 def lr_find_row(trainer: Trainer, train_loader: Any) -> dict[str, Any]:
@@ -256,7 +257,7 @@ def epoch_costs(history: History, tuning: Tuning | None) -> dict[str, float]:
 
 
 # -- seeds by cost -------------------------------------------------------------------------------
-def auto_seeds(rows: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, int]:
+def auto_seeds(rows: Sequence[Row], strategies: Sequence[str]) -> dict[str, int]:
     """`--seeds auto`: each strategy as many seeds as fit in the time one run of the slowest
     strategy takes (at least 1, at most MAX_AUTO_SEEDS), from the seed-0 runs' epoch times —
     so extra seeds go where runs are cheap (a frozen backbone, the activation cache)."""
@@ -268,24 +269,24 @@ def auto_seeds(rows: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dic
             for name, seconds in cost.items()}
 
 
-def _first_run_seconds(rows: Sequence[dict[str, Any]],
+def _first_run_seconds(rows: Sequence[Row],
                        strategies: Sequence[str]) -> dict[str, float]:
     """What seed 0 of each strategy cost (`row_seconds`)."""
     return {r["strategy"]: row_seconds(r)
             for r in rows if r["seed"] == 0 and r["strategy"] in strategies}
 
 
-def row_seconds(row: dict[str, Any]) -> float:
+def row_seconds(row: Row) -> float:
     """What a row cost to train: its lr search where tuned (which includes the chosen run),
     else its epochs; plus the range test that set its lr and the advice that chose its
     strategy, where it had them."""
     seconds = (row["tuning"]["seconds"] if row.get("tuning")
                else row["seconds_per_epoch"] * row["epochs"])
-    return (seconds + row.get("advise_seconds", 0.0)
+    return (seconds + (row.get("advise_seconds") or 0.0)
             + (row.get("lr_find") or {}).get("seconds", 0.0))
 
 
-def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) -> str:
+def describe_auto_seeds(plan: dict[str, int], rows: Sequence[Row]) -> str:
     cost = _first_run_seconds(rows, list(plan))
     slowest = max(plan, key=lambda name: cost[name])
     counts = ", ".join(f"{name} {count}" for name, count in plan.items())
@@ -293,8 +294,8 @@ def describe_auto_seeds(plan: dict[str, int], rows: Sequence[dict[str, Any]]) ->
             f"({slowest}, {cost[slowest]:.0f} s), at most {MAX_AUTO_SEEDS}: {counts}")
 
 
-def run_all(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
-            failed: list[dict[str, Any]], settings: Settings, splits: ImageSplits,
+def run_all(runs: Sequence[tuple[str, int]], rows: list[Row],
+            failed: list[Row], settings: Settings, splits: ImageSplits,
             targets: list[int], backbone_factory: BackboneFactory, output: Path,
             decoded: DecodedImages | None = None, claims: store.Claims | None = None
             ) -> int | None:
@@ -356,8 +357,8 @@ def store_changes(settings: Settings, splits: ImageSplits, held: dict[str, Any])
     return changed
 
 
-def run_shared(runs: Sequence[tuple[str, int]], rows: list[dict[str, Any]],
-               failed: list[dict[str, Any]], *args: Any, claims: store.Claims) -> int | None:
+def run_shared(runs: Sequence[tuple[str, int]], rows: list[Row],
+               failed: list[Row], *args: Any, claims: store.Claims) -> int | None:
     """`run_all` as one of the workers of `--store`: run what this worker claims, then wait
     for the runs others hold, running any whose claim lapses; `rows` and `failed` end as the
     store's, every worker's runs together. `--resume` retries failed runs once, here."""
@@ -389,12 +390,12 @@ def _one_at_a_time(todo: Sequence[tuple[int, str, int]], run: Callable[..., Any]
             yield (index, spec, seed), error
 
 
-def _record(tag: str, spec: str, seed: int, outcome: pool.Outcome, rows: list[dict[str, Any]],
-            failed: list[dict[str, Any]]) -> None:
+def _record(tag: str, spec: str, seed: int, outcome: pool.Outcome, rows: list[Row],
+            failed: list[Row]) -> None:
     """Keep a finished run's row and print its line, or note its failure."""
     if isinstance(outcome, Exception):
         print(redact("".join(traceback.format_exception(outcome))), file=sys.stderr, end="")
-        failed.append({"strategy": spec, "seed": seed, "error": redact(repr(outcome))})
+        failed.append(Row.failure(spec, seed, redact(repr(outcome))))
         print(redact(f"{tag}: FAILED ({outcome}); continuing with the others"), file=sys.stderr)
         return
     row = outcome
@@ -492,7 +493,7 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
     if on_sample:
         print(f"{'':>16}  the packaged sample (UC Merced Land Use, public domain). {OTHER_DATA}")
     targets = [label for _, label in splits.test]
-    failed: list[dict[str, Any]] = claims.failures() if claims is not None else []
+    failed: list[Row] = claims.failures() if claims is not None else []
     runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
     decoded = DecodedImages()  # every run reads the same split: decode it once
 

@@ -35,7 +35,7 @@ from finetune.settings import (
     recorded,
     values_of,
 )
-from finetune.train.config import SETTING_CLASSES, TrainConfig
+from finetune.train.config import TrainConfig, setting_classes
 from finetune.train.trainer import TTA_MODES
 from finetune.tuning.search import SELECTIONS, SINGLE_PROCESS, parse_grid, search_grid
 
@@ -76,7 +76,7 @@ COMPARED_ALSO = ("epochs", "device")
 
 def training_names() -> tuple[str, ...]:
     """The declared settings a comparison takes (`finetune.settings`), by name."""
-    return tuple(field.name for cls in SETTING_CLASSES for field, flag in declared(cls)
+    return tuple(field.name for cls in setting_classes() for field, flag in declared(cls)
                  if flag.flag is not None and COMMAND in flag.commands)
 
 
@@ -84,7 +84,7 @@ def training_settings(values: dict[str, Any]) -> dict[str, Any]:
     """`values` checked and converted by their config classes (a results.json's lists become
     tuples again), completed with the declared defaults."""
     checked: dict[str, Any] = {}
-    for cls in SETTING_CLASSES:
+    for cls in setting_classes():
         config = cls(**{k: v for k, v in values_of(cls, values).items() if v is not None
                         or default_of(attrs.fields_dict(cls)[k]) is None})
         checked.update(attrs.asdict(config, recurse=False))
@@ -129,7 +129,7 @@ class Settings:
         """Settings from their flat form (`to_dict`, results.json): the declared settings
         gathered into `training`, older names included."""
         training: dict[str, Any] = {}
-        for config in SETTING_CLASSES:
+        for config in setting_classes():
             training.update(recorded(flat, config))
         own = {f.name for f in attrs.fields(cls)} - {"training"}
         return cls(training=training, **{k: v for k, v in flat.items() if k in own})
@@ -150,12 +150,14 @@ class Settings:
         raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
 
     def data_config(self) -> DataConfig:
-        return DataConfig(**values_of(DataConfig, self.training))
+        data, _ = setting_classes()
+        return data(**values_of(data, self.training))
 
     def train_config(self, seed: int, lr: float) -> TrainConfig:
         """A row's TrainConfig: these settings at its seed and lr."""
-        return TrainConfig(**{**values_of(TrainConfig, self.training), "seed": seed, "lr": lr,
-                              "class_weights": self.data_config().class_weights})
+        _, train = setting_classes()
+        return train(**{**values_of(train, self.training), "seed": seed, "lr": lr,
+                        "class_weights": self.data_config().class_weights})
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, as results.json holds it: the declared settings beside the comparison's."""
@@ -171,10 +173,10 @@ class Settings:
                for f in attrs.fields(Settings) if f.metadata.get("resume")}
         old = {name: _converted(name, value) for name, value in old.items()}
         earlier = {name: None for name in self.training}  # None: the declared default
-        for cls in SETTING_CLASSES:
+        for cls in setting_classes():
             earlier.update(recorded(previous, cls))
-        kept = set(kept_on_resume(*SETTING_CLASSES)) | set(COMPARED_ALSO)
-        defaults = {f.name: default_of(f) for cls in SETTING_CLASSES for f in attrs.fields(cls)}
+        kept = set(kept_on_resume(*setting_classes())) | set(COMPARED_ALSO)
+        defaults = {f.name: default_of(f) for cls in setting_classes() for f in attrs.fields(cls)}
         for name in self.training:
             if name in kept:
                 value = earlier[name] if earlier[name] is not None else defaults[name]
@@ -259,7 +261,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "mirror image's (default: none)")
     # every declared setting (finetune.settings), the presets' own defaulting to the preset
     from_preset = {key for preset in COMPARE_PRESETS.values() for key in preset}
-    for cls in SETTING_CLASSES:
+    for cls in setting_classes():
         add_flags(p, cls, COMMAND, from_preset=sorted(from_preset),
                   parsers={"val_split": OPEN_FRACTION})
     p.add_argument("--jobs", type=_jobs, help="runs at once, each in its own process with "

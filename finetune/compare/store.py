@@ -33,6 +33,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from finetune.compare.row import Row
 from finetune.errors import redact
 from finetune.runtime import distributed
 
@@ -160,11 +161,13 @@ class SharedStore:
             return db.execute("UPDATE runs SET lease_until=? WHERE token=? AND state='running'",
                               (now + LEASE_SECONDS, token)).rowcount == 1
 
-    def finish(self, token: str, row: dict[str, Any] | None = None, error: str | None = None
-               ) -> bool:
+    def finish(self, token: str, row: Row | dict[str, Any] | None = None,
+               error: str | None = None) -> bool:
         """Keep a run's row (or its error) if `token` still holds its claim; False (nothing
         written) where the claim lapsed and another worker took the run over."""
-        state, value = ("done", json.dumps(row)) if error is None else ("failed", None)
+        plain = row.to_dict() if isinstance(row, Row) else row
+        state, value = ("done", json.dumps(plain, default=str)) if error is None else (
+            "failed", None)
         with self._transaction() as db:
             return db.execute(
                 "UPDATE runs SET state=?, row=?, error=?, lease_until=0 WHERE token=? AND "
@@ -186,12 +189,12 @@ class SharedStore:
             finally:
                 db.close()
 
-    def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(row) for _, _, state, row, _, _ in self.records()
+    def rows(self) -> list[Row]:
+        return [Row.from_dict(json.loads(row)) for _, _, state, row, _, _ in self.records()
                 if state == "done" and row is not None]
 
-    def failures(self) -> list[dict[str, Any]]:
-        return [{"strategy": strategy, "seed": seed, "error": error}
+    def failures(self) -> list[Row]:
+        return [Row.failure(strategy, seed, error)
                 for strategy, seed, state, _, error, _ in self.records() if state == "failed"]
 
     def open_runs(self, runs: list[tuple[str, int]], now: float | None = None
@@ -230,10 +233,10 @@ class Claims:
         if refusal:
             raise SystemExit(refusal)
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[Row]:
         return self._agreed(SharedStore.rows)
 
-    def failures(self) -> list[dict[str, Any]]:
+    def failures(self) -> list[Row]:
         return self._agreed(SharedStore.failures)
 
     def open_runs(self, runs: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], float]:

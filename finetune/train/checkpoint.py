@@ -23,12 +23,9 @@ from finetune.model.backbone import Backbone
 from finetune.model.weights import state_dict_mismatch
 from finetune.settings import kept_on_resume
 from finetune.strategies import FreezeStrategy
-from finetune.train.config import TrainConfig
+from finetune.train.config import setting_classes
 
 CHECKPOINT_FORMAT = 1
-# TrainConfig settings whose change on resume alters the run's outcome (declared with
-# `resume=True`); the others (epochs, device, layout, cache settings) are expected to differ.
-OUTCOME_SETTINGS = kept_on_resume(TrainConfig)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -160,8 +157,10 @@ def warn_on_changed_settings(checkpoint: dict[str, Any], config: Any,
     """A resumed run that trains differently from how it started is allowed, but said."""
     saved = checkpoint.get("config") or {}
     # a decaying lr schedule is planned over the run's epochs: more or fewer reshape its curve
-    names = OUTCOME_SETTINGS + (("epochs",) if saved.get("schedule", "constant") != "constant"
-                                else ())
+    # the settings whose change alters the outcome (declared with `resume=True`); the others
+    # (epochs, device, layout, cache settings) are expected to differ
+    decays = saved.get("schedule", "constant") != "constant"
+    names = kept_on_resume(setting_classes()[1]) + (("epochs",) if decays else ())
     changed = [f"{name} {getattr(config, name)!r} (was {saved[name]!r})"
                for name in names if name in saved and saved[name] != getattr(config, name)]
     if changed:

@@ -232,6 +232,12 @@ class TrainConfig:
              "one file per machine's processes)")
 
 
-# every declared setting of a run, data side first (`finetune.settings`): the command lines,
-# the comparison and run.json take theirs from these classes
-SETTING_CLASSES = (DataConfig, TrainConfig)
+# every declared setting of a run (`finetune.settings`): the command lines, the comparison,
+# run.json and the resume checks take theirs from these classes, the data side first
+SETTING_CLASSES: tuple[type[DataConfig], type[TrainConfig]] = (DataConfig, TrainConfig)
+
+
+def setting_classes() -> tuple[type[DataConfig], type[TrainConfig]]:
+    """The classes that declare a run's settings, read when used: a subclass with settings
+    of its own put here (`SETTING_CLASSES`) gets its flags, records and resume checks."""
+    return SETTING_CLASSES
