@@ -129,7 +129,7 @@ def replay(rule: str, grid: Sequence[float], epochs: int,
 
     search = LrSearch(grid, epochs, selection=selection, bounds=(known[0], known[-1]))
     best, tried = search.search(race)
-    return best.lr, sum(r.reached for r in tried)
+    return best.value, sum(r.reached for r in tried)
 
 
 def to_json(recorded: dict[str, dict[int, dict[float, dict[str, Any]]]]) -> Any:

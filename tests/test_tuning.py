@@ -21,7 +21,18 @@ from finetune.strategies import FullUnfreeze, LastLayerOnly
 from finetune.train.config import TrainConfig
 from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import Trainer
-from finetune.tuning.search import LrSearch, Score, Selection, lr_grid, parse_grid, round_lr
+from finetune.tuning.search import (
+    ConfigChange,
+    LrSearch,
+    Score,
+    Search,
+    SearchSpace,
+    Selection,
+    lr_grid,
+    lr_space,
+    parse_grid,
+    round_lr,
+)
 from tests.conftest import make_loader, make_tiny_backbone
 
 CONFIG = TrainConfig(epochs=3, lr=1.0, seed=0, precision="fp32", device="cpu",
@@ -41,8 +52,8 @@ def separable(n: int, seed: int) -> DataLoader:
 
 def trainers(strategy: Callable[[], object], config: TrainConfig = CONFIG
              ) -> Callable[[float, ActivationCaches], Trainer]:
-    def make(lr: float, activations: ActivationCaches) -> Trainer:
-        return Trainer(make_tiny_backbone(), strategy(), attrs.evolve(config, lr=lr),
+    def make(change: ConfigChange, activations: ActivationCaches) -> Trainer:
+        return Trainer(make_tiny_backbone(), strategy(), change(config),
                        activations=activations)
     return make
 
@@ -86,11 +97,11 @@ def test_the_first_lr_trains_as_a_plain_fit_and_the_chosen_run_is_one() -> None:
     plain fit at its lr makes, weights and history alike."""
     config = attrs.evolve(CONFIG, feature_cache="off")
 
-    def make(lr: float, activations: ActivationCaches) -> Trainer:
+    def make(change: ConfigChange, activations: ActivationCaches) -> Trainer:
         torch.manual_seed(0)
         backbone = Backbone.from_module(Dropped(), head="net.fc", num_classes=3, name="dropped",
                                         groups=(("body", r"^net\.(stem|block)"),))
-        return Trainer(backbone, FullUnfreeze(), attrs.evolve(config, lr=lr),
+        return Trainer(backbone, FullUnfreeze(), change(config),
                        activations=activations)
 
     def loaders() -> tuple[DataLoader, DataLoader]:
@@ -101,7 +112,7 @@ def test_the_first_lr_trains_as_a_plain_fit_and_the_chosen_run_is_one() -> None:
     tuning, chosen = LrSearch((1e-2, 1e-7), epochs=3).run(make, *loaders())
     assert tuning.chosen == 1e-2
     assert [c.epochs for c in tuning.candidates] == [3, 0.333]
-    plain = make(1e-2, ActivationCaches())
+    plain = make(lr_space((1e-2,)).apply(1e-2), ActivationCaches())
     plain.fit(*loaders())
     for name, tensor in weights(plain).items():
         assert torch.equal(tensor, weights(chosen)[name]), name
@@ -127,9 +138,9 @@ class ScriptedTrainer:
     images: Callable[[float, float], SimpleNamespace] | None = None
     fits: ClassVar[list[float]] = []
 
-    def __init__(self, lr: float, activations: object) -> None:
-        self.lr, self.callbacks = lr, []
-        self.config = SimpleNamespace(epochs=3, accumulate_steps=1, lr=lr)
+    def __init__(self, change: ConfigChange, activations: object) -> None:
+        self.config = change(TrainConfig(epochs=3))
+        self.lr, self.callbacks = self.config.lr, []
         self.state = SimpleNamespace(epoch=0, batches_per_epoch=3, global_step=0,
                                      device=torch.device("cpu"), should_stop=False,
                                      val_report=None)
@@ -321,3 +332,31 @@ def test_a_shared_cache_never_serves_one_loaders_activations_to_another() -> Non
         alone = Trainer(make_tiny_backbone(), LastLayerOnly(), config)
         alone.fit(separable(24, seed))
         assert trainer.history["train_loss"] == alone.history["train_loss"]
+
+
+def test_a_search_space_tunes_weight_decay_where_it_decides_the_fit() -> None:
+    """The search varies what its space names: here weight decay, from a value so large that
+    the head cannot leave zero (the first, as a preset's would be) to none; the race stops
+    the hopeless value's rivals only when behind, and the chosen run is the one at its value."""
+    space = SearchSpace("weight_decay", (30.0, 0.0, 1e-4), scale="listed")
+    config = attrs.evolve(CONFIG, lr=0.1, epochs=3)
+    search = Search(space, epochs=3)
+    tuning, trainer = search.run(trainers(LastLayerOnly, config), separable(48, 0),
+                                 separable(48, 7))
+    assert tuning.parameter == "weight_decay" and tuning.chosen in (0.0, 1e-4)
+    assert trainer.config.weight_decay == tuning.chosen and trainer.config.lr == 0.1
+    assert [c["weight_decay"] for c in tuning.to_dict()["candidates"]] == [30.0, 0.0, 1e-4]
+    losses = {c.value: c.val_loss for c in tuning.candidates}
+    assert losses[tuning.chosen] < losses[30.0]
+    assert "weight_decay" in tuning.describe()
+    with pytest.raises(ValueError, match="scale='listed'"):
+        SearchSpace("weight_decay", (0.0, 1e-4))  # a log grid cannot hold 0
+
+
+def test_a_trainer_that_ignores_the_candidates_change_is_refused() -> None:
+    def ignoring(change: ConfigChange, activations: ActivationCaches) -> Trainer:
+        return Trainer(make_tiny_backbone(), LastLayerOnly(), attrs.evolve(CONFIG, epochs=1),
+                       activations=activations)
+
+    with pytest.raises(ValueError, match="build its config with the change it is given"):
+        LrSearch((1e-3,), epochs=1).run(ignoring, separable(8, 0), separable(8, 1))

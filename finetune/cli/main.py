@@ -82,6 +82,7 @@ from finetune.train.trainer import TTA_MODES, Trainer
 from finetune.tuning.search import (
     SELECTIONS,
     SINGLE_PROCESS,
+    ConfigChange,
     LrSearch,
     Selection,
     Tuning,
@@ -471,9 +472,9 @@ def _choose_lr(args: argparse.Namespace, backbone: Backbone, strategy: FreezeStr
     center = min(grid, key=lambda lr: abs(math.log(lr / AUTO_LR_CENTER)))
     say(f"--lr auto: trying {', '.join(f'{lr:g}' for lr in grid)} on the validation split")
 
-    def make_trainer(lr: float, activations: ActivationCaches) -> Trainer:
-        return Trainer(copy.deepcopy(backbone), copy.deepcopy(strategy),
-                       attrs.evolve(config, lr=lr), [progress_callback()],
+    def make_trainer(change: ConfigChange, activations: ActivationCaches) -> Trainer:
+        return Trainer(copy.deepcopy(backbone), copy.deepcopy(strategy), change(config),
+                       [progress_callback()],
                        classes=data.classes, activations=activations)
 
     search = LrSearch(search_grid(center, grid), args.epochs,

@@ -52,7 +52,14 @@ from finetune.runtime.memory import PeakMemory
 from finetune.settings import print_config
 from finetune.train.state import History
 from finetune.tuning.advisor import Advice, Advisor
-from finetune.tuning.search import LrSearch, Selection, Tuning
+from finetune.tuning.search import (
+    ConfigChange,
+    LrSearch,
+    Selection,
+    Tuning,
+    lr_space,
+    same_config,
+)
 
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
@@ -141,8 +148,10 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
               if spec == ADVISED else None)
     run = parse_run(advice.recommendation.strategy if advice is not None else spec)
 
-    def make_trainer(lr: float, activations: ActivationCaches | None = None) -> Trainer:
-        config = settings.train_config(seed, lr)
+    def make_trainer(change: ConfigChange = same_config,
+                     activations: ActivationCaches | None = None) -> Trainer:
+        config = change(settings.train_config(seed, settings.lr))
+        lr = config.lr
         witness = TrainCacheWitness(train_loader)
         callbacks: list[Callback] = [witness, *extra_callbacks]
         if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble bars
@@ -168,11 +177,11 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
                               selection=Selection(settings.select))
             tuning, trainer = search.run(make_trainer, train_loader, val_loader)
         else:
-            lr = settings.lr
+            change = same_config
             if settings.tune == "lr-find":
-                range_test = lr_find_row(make_trainer(settings.lr), train_loader)
-                lr = range_test["chosen"]
-            trainer = make_trainer(lr)
+                range_test = lr_find_row(make_trainer(), train_loader)
+                change = lr_space((range_test["chosen"],)).apply(range_test["chosen"])
+            trainer = make_trainer(change)
             trainer.fit(train_loader, val_loader)
         history = trainer.history
         test = trainer.evaluate(data.test_loader(), tta=settings.tta)

@@ -52,7 +52,7 @@ from finetune.strategies import FreezeAllBut, FreezeStrategy, FullUnfreeze, Last
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, StopFit
 from finetune.train.trainer import Trainer
-from finetune.tuning.search import PEEK, LrSearch, ahead, search_grid
+from finetune.tuning.search import PEEK, ConfigChange, LrSearch, ahead, search_grid
 
 ADVICE_FORMAT = 1
 NOTHING_FROZEN = "none"
@@ -454,9 +454,13 @@ class _Run:
         self.channels_last: bool | None = None
         self.device = torch.device("cpu")
 
-    def trainer(self, depth: Depth, lr: float, epochs: int,
-                callbacks: Sequence[Callback] = ()) -> Trainer:
-        config = attrs.evolve(self.advisor.config, lr=lr, epochs=epochs)
+    def trainer(self, depth: Depth, epochs: int, callbacks: Sequence[Callback] = (),
+                change: ConfigChange | None = None) -> Trainer:
+        """`depth`'s trainer at the advice's config for `epochs` (`change`: a search's
+        candidate)."""
+        config = attrs.evolve(self.advisor.config, epochs=epochs)
+        if change is not None:
+            config = change(config)
         if self.precision is not None:  # one precision and layout: the stored activations'
             config = attrs.evolve(config, precision=self.precision,
                                   channels_last=self.channels_last)
@@ -466,8 +470,8 @@ class _Run:
 
     def finetune(self, depth: Depth) -> float:
         """An lr race of short fine-tunes from `depth`; returns its seconds."""
-        def make(lr: float, _: ActivationCaches) -> Trainer:
-            return self.trainer(depth, lr, self.advisor.finetune_epochs)
+        def make(change: ConfigChange, _: ActivationCaches) -> Trainer:
+            return self.trainer(depth, self.advisor.finetune_epochs, change=change)
 
         search = LrSearch(self.advisor.grid, self.advisor.finetune_epochs)
         tuning, trainer = search.run(make, self.train_loader, self.val_loader,
@@ -502,7 +506,7 @@ class _Run:
     def time(self, depth: Depth) -> None:
         """Seconds per epoch's training pass from timed steps, and their peak memory."""
         clock = StepClock(self.advisor.timed_steps, warmup=WARMUP)
-        trainer = self.trainer(depth, self.advisor.config.lr, 1, [clock])
+        trainer = self.trainer(depth, 1, [clock])
         with PeakMemory(self.device, collect=False) as memory, contextlib.suppress(StepsTimed):
             trainer.fit(self.train_loader)
         if self.precision is None:

@@ -2,7 +2,8 @@
 run so far on the same validation images, and a grid that grows past a winning edge.
 
 `LrSearch(grid, epochs).run(make_trainer, train_loader, val_loader)` trains candidates that
-`make_trainer(lr, activations)` builds and returns what the search saw (`Tuning`) with the
+`make_trainer(change, activations)` builds (its config passed through `change`, which sets
+the candidate's lr) and returns what the search saw (`Tuning`) with the
 trainer of the chosen lr, trained for all `epochs` — an uninterrupted fit at that lr, the very
 run `--lr <chosen>` alone makes. The test set is no argument, so nothing here can look at it.
 
@@ -48,11 +49,21 @@ import torch
 from finetune.cache.plan import ActivationCaches
 from finetune.runtime import distributed
 from finetune.stats.metrics import EvaluationReport
+from finetune.train.config import TrainConfig
 from finetune.train.events import Callback, StopFit
 from finetune.train.step import NonFiniteLossError
 from finetune.train.trainer import Trainer
 
-MakeTrainer = Callable[[float, ActivationCaches], Trainer]
+# A candidate's config from the caller's: what the space varies, set to the candidate's value.
+ConfigChange = Callable[[TrainConfig], TrainConfig]
+# make_trainer(change, activations): the caller's trainer with `change(config)` as its config,
+# sharing the search's activation cache
+MakeTrainer = Callable[[ConfigChange, ActivationCaches], Trainer]
+
+
+def same_config(config: TrainConfig) -> TrainConfig:
+    """The change that changes nothing (a run outside any search)."""
+    return config
 # Under torchrun, one process in about eight aborted in gloo ("terminate called without an
 # active exception") in a search whose candidates stop mid-epoch; until that is understood the
 # search runs in one process.
@@ -185,19 +196,26 @@ class Selection:
 
 @attrs.frozen
 class Candidate:
-    """One lr tried: its validation accuracy and loss where it stopped, after `epochs`
+    """One value tried: its validation accuracy and loss where it stopped, after `epochs`
     epochs (a fraction where it stopped at the first peek) and `steps` optimizer steps;
     `diverged` where its training loss became NaN or infinite (no score before that: None)."""
 
-    lr: float
+    value: float
     val_accuracy: float | None
     val_loss: float | None
     epochs: float
     steps: int
     diverged: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+    @property
+    def lr(self) -> float:
+        """The value of an lr search (its records name it `lr`)."""
+        return self.value
+
+    def to_dict(self, parameter: str = "lr") -> dict[str, Any]:
+        """Under the searched setting's name: `{"lr": 1e-3, ...}`."""
+        record = attrs.asdict(self)
+        return {parameter: record.pop("value"), **record}
 
 
 @attrs.frozen
@@ -216,18 +234,18 @@ class Tuning:
 
     def to_dict(self) -> dict[str, Any]:
         return {"parameter": self.parameter, "chosen": self.chosen, "select": self.select,
-                "candidates": [c.to_dict() for c in self.candidates],
+                "candidates": [c.to_dict(self.parameter) for c in self.candidates],
                 "seconds": self.seconds, "schedule": self.schedule,
                 "fill_seconds": self.fill_seconds}
 
     def describe(self) -> str:
         tried = ", ".join(
-            f"{c.lr:g}: diverged" if c.val_accuracy is None or c.val_loss is None else
-            f"{c.lr:g}: {100 * c.val_accuracy:.1f}% / loss {c.val_loss:.3g} after {c.epochs:.2g} "
-            f"ep{' (then diverged)' if c.diverged else ''}"
-            for c in sorted(self.candidates, key=lambda c: c.lr))
-        return (f"lr {self.chosen:g}, chosen on validation by {self.select} ({tried}); "
-                f"{self.seconds:.0f} s in all")
+            f"{c.value:g}: diverged" if c.val_accuracy is None or c.val_loss is None else
+            f"{c.value:g}: {100 * c.val_accuracy:.1f}% / loss {c.val_loss:.3g} after "
+            f"{c.epochs:.2g} ep{' (then diverged)' if c.diverged else ''}"
+            for c in sorted(self.candidates, key=lambda c: c.value))
+        return (f"{self.parameter} {self.chosen:g}, chosen on validation by {self.select} "
+                f"({tried}); {self.seconds:.0f} s in all")
 
 
 class Behind(StopFit):
@@ -238,7 +256,7 @@ class Behind(StopFit):
 class _Run:
     """A candidate's record: its score at each point (the peek, then each epoch's end)."""
 
-    lr: float
+    value: float
     scores: dict[float, Score] = attrs.field(factory=dict)
     steps: int = 0
     trainer: Trainer | None = None  # set once it has trained all epochs
@@ -256,9 +274,9 @@ class _Run:
 
     def record(self) -> Candidate:
         if not self.scores:
-            return Candidate(self.lr, None, None, 0.0, self.steps, diverged=True)
+            return Candidate(self.value, None, None, 0.0, self.steps, diverged=True)
         point, score = self.last
-        return Candidate(self.lr, score.accuracy, score.loss, round(point, 3), self.steps,
+        return Candidate(self.value, score.accuracy, score.loss, round(point, 3), self.steps,
                          self.diverged)
 
 
@@ -294,7 +312,7 @@ class Race(Callback):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             report = trainer.evaluate(self.val_loader)
         if self._judge(self.peek, Score.of(report), trainer):
-            raise Behind(f"lr {self.run.lr:g} is behind at {self.peek:.2g} of an epoch")
+            raise Behind(f"{self.run.value:g} is behind at {self.peek:.2g} of an epoch")
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         report = trainer.state.val_report
@@ -309,39 +327,94 @@ class Race(Callback):
         return stops(self.selection, self.run, point, self.rival)
 
 
-class LrSearch:
-    """Chooses a learning rate on validation data; see the module docstring for how.
+@attrs.frozen
+class SearchSpace:
+    """What a search varies: the setting `name` (a `TrainConfig` field), the `values` to try
+    — the first trained in full first (put the preset's there), the rest in ascending order
+    — and how a value is applied to a run's config (`apply`; default: set the field). On a
+    "log" scale the grid grows past a winning edge by `step` (default: the values' own
+    spacing, else two per decade), at most `max_extensions` times a side within `bounds`;
+    "listed" tries the values given and no others."""
 
-    `grid`: the lrs to try, the first trained in full first (put a preset's lr there);
-    `epochs`: the length of every run; `selection`: how candidates are stopped and chosen;
-    `peek`: where in the first epoch a candidate is first compared; `step`: the ratio of one
-    grid extension (default: the grid's own spacing, else two per decade).
-    """
+    name: str
+    values: tuple[float, ...] = attrs.field(converter=lambda v: tuple(dict.fromkeys(v)))
+    scale: str = attrs.field(default="log", validator=attrs.validators.in_(("log", "listed")))
+    step: float | None = None
+    bounds: tuple[float, float] = (-math.inf, math.inf)
+    max_extensions: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    setter: Callable[[TrainConfig, float], TrainConfig] | None = None
 
-    def __init__(self, grid: Sequence[float], epochs: int, *, peek: float = PEEK,
-                 max_extensions: int = 2, bounds: tuple[float, float] = (1e-6, 1.0),
-                 step: float | None = None, selection: Selection | None = None) -> None:
-        if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid):
-            raise ValueError(f"the lr grid must hold positive learning rates, got {list(grid)}")
-        if epochs < 1 or not 0 < peek < 1 or max_extensions < 0:
-            raise ValueError("epochs must be >= 1, 0 < peek < 1 and max_extensions >= 0")
-        self.grid = list(dict.fromkeys(grid))
-        self.epochs, self.peek = epochs, peek
-        self.max_extensions, self.bounds = max_extensions, bounds
-        self.selection = selection or Selection()
-        ordered = sorted(self.grid)
+    def __attrs_post_init__(self) -> None:
+        if not self.values or any(not math.isfinite(v) for v in self.values):
+            raise ValueError(f"a search space needs finite values, got {list(self.values)}")
+        if self.scale == "log" and any(v <= 0 for v in self.values):
+            raise ValueError(f"a log-scale search needs values > 0, got {list(self.values)} "
+                             "(use scale='listed' for a grid with 0)")
+
+    def apply(self, value: float) -> ConfigChange:
+        """The change that gives a run `value`."""
+        if self.setter is not None:
+            return lambda config: self.setter(config, value)  # type: ignore[misc]
+        return lambda config: attrs.evolve(config, **{self.name: value})
+
+    @property
+    def ratio(self) -> float:
+        if self.step is not None:
+            return self.step
+        ordered = sorted(self.values)
         spacing = ((ordered[-1] / ordered[0]) ** (1 / (len(ordered) - 1))
                    if len(ordered) > 1 else GRID_STEP)
-        self.step = step or (spacing if spacing > 1.01 else GRID_STEP)
+        return spacing if spacing > 1.01 else GRID_STEP
+
+    def beyond(self, edge: float, direction: int) -> float | None:
+        """The next value past `edge` (None: the space does not grow there): the first value
+        times whole powers of the step, rounded (5e-4 -> 1.6e-3 -> 5e-3, never 5.1e-3)."""
+        if self.scale != "log":
+            return None
+        anchor = self.values[0]
+        power = round(math.log(edge / anchor) / math.log(self.ratio)) + direction
+        value = round_lr(anchor * self.ratio ** power)
+        return value if self.bounds[0] <= value <= self.bounds[1] else None
+
+
+def lr_space(grid: Sequence[float], *, bounds: tuple[float, float] = (1e-6, 1.0),
+             step: float | None = None, max_extensions: int = 2) -> SearchSpace:
+    """The default space: learning rates on a log grid that grows past a winning edge."""
+    if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid):
+        raise ValueError(f"the lr grid must hold positive learning rates, got {list(grid)}")
+    return SearchSpace("lr", tuple(grid), step=step, bounds=bounds,
+                       max_extensions=max_extensions)
+
+
+class Search:
+    """Chooses a value of `space` on validation data; see the module docstring for how.
+
+    `epochs`: the length of every run; `selection`: how candidates are stopped and chosen
+    (the race, the stopping rule); `peek`: where in the first epoch a candidate is first
+    compared.
+    """
+
+    def __init__(self, space: SearchSpace, epochs: int, *, peek: float = PEEK,
+                 selection: Selection | None = None) -> None:
+        if epochs < 1 or not 0 < peek < 1:
+            raise ValueError("epochs must be >= 1 and 0 < peek < 1")
+        self.space, self.epochs, self.peek = space, epochs, peek
+        self.selection = selection or Selection()
+
+    @property
+    def grid(self) -> list[float]:
+        return list(self.space.values)
 
     def run(self, make_trainer: MakeTrainer, train_loader: Iterable[Any],
             val_loader: Iterable[Any], activations: ActivationCaches | None = None
             ) -> tuple[Tuning, Trainer]:
-        """(what was tried and chosen, the chosen lr's trainer after all `epochs`).
-        `activations`: a cache the caller holds (and releases) — the advisor's, filled at
-        several depths — instead of one of the search's own."""
+        """(what was tried and chosen, the chosen value's trainer after all `epochs`).
+        `make_trainer(change, activations)` builds a candidate's trainer, its config passed
+        through `change`. `activations`: a cache the caller holds (and releases) — the
+        advisor's, filled at several depths — instead of one of the search's own."""
+        name = self.space.name
         if val_loader is None:
-            raise ValueError("choosing an lr needs validation data: give a val loader "
+            raise ValueError(f"choosing {name} needs validation data: give a val loader "
                              "(e.g. --val-split 0.2)")
         if distributed.world_size() > 1:
             raise ValueError(SINGLE_PROCESS)
@@ -349,12 +422,16 @@ class LrSearch:
         shared = activations if activations is not None else ActivationCaches()
         filled = shared.fill_seconds
 
-        def race(lr: float, rival: _Run | None) -> _Run:
-            run = _Run(lr)
-            trainer = make_trainer(lr, shared)
+        def race(value: float, rival: _Run | None) -> _Run:
+            run = _Run(value)
+            trainer = make_trainer(self.space.apply(value), shared)
             if trainer.config.epochs != self.epochs:
                 raise ValueError(f"make_trainer built a trainer for {trainer.config.epochs} "
                                  f"epochs; the search runs {self.epochs}")
+            if getattr(trainer.config, name, None) != value:
+                raise ValueError(f"make_trainer built a trainer with {name}="
+                                 f"{getattr(trainer.config, name, None)!r} for the candidate "
+                                 f"{value:g}: build its config with the change it is given")
             trainer.callbacks.append(Race(run, val_loader, rival, self.peek, self.selection))
             try:
                 trainer.fit(train_loader, val_loader)
@@ -374,53 +451,61 @@ class LrSearch:
                 shared.release()
         if best.trainer is None:
             raise RuntimeError("the search chose a run that did not finish")
-        tuning = Tuning("lr", best.lr, tuple(r.record() for r in tried),
+        tuning = Tuning(name, best.value, tuple(r.record() for r in tried),
                         time.perf_counter() - started, self.describe(),
                         shared.fill_seconds - filled, self.selection.criterion)
         return tuning, best.trainer
 
     def search(self, race: Callable[[float, _Run | None], _Run]) -> tuple[_Run, list[_Run]]:
-        """The order of the search, given `race(lr, rival)` that trains (or replays) one
+        """The order of the search, given `race(value, rival)` that trains (or replays) one
         candidate against the best run so far: (the best run, every run tried)."""
-        best = race(self.grid[0], None)
+        name, values = self.space.name, self.space.values
+        best = race(values[0], None)
         if best.diverged:
-            raise ValueError(f"the search's first lr, {best.lr:g}, diverged (the loss became "
-                             "NaN or infinite): start the grid lower (--lr / --lr-grid)")
+            raise ValueError(f"the search's first {name}, {best.value:g}, diverged (the loss "
+                             "became NaN or infinite): start the grid lower (--lr / --lr-grid)")
         if best.reached < self.epochs:
-            raise ValueError(f"the search's first lr, {best.lr:g}, stopped before its "
+            raise ValueError(f"the search's first {name}, {best.value:g}, stopped before its "
                              f"{self.epochs} epochs: a search compares full runs, so leave out "
                              "callbacks that end a fit early")
         tried = [best]
 
-        def contest(lr: float, best: _Run) -> _Run:
-            run = race(lr, best)
+        def contest(value: float, best: _Run) -> _Run:
+            run = race(value, best)
             tried.append(run)
             finished = run.reached >= self.epochs and not run.diverged
             return run if finished and self.selection.better(run.last[1], best.last[1]) else best
 
-        for lr in self.grid[1:]:
-            best = contest(lr, best)
+        for value in values[1:]:
+            best = contest(value, best)
         for direction in (-1, 1):  # past the edge the best run holds, while it holds it
-            for _ in range(self.max_extensions):
-                edge = (min if direction < 0 else max)(r.lr for r in tried)
-                lr = self._beyond(edge, direction)
-                if best.lr != edge or not self.bounds[0] <= lr <= self.bounds[1]:
+            for _ in range(self.space.max_extensions):
+                edge = (min if direction < 0 else max)(r.value for r in tried)
+                value = self.space.beyond(edge, direction)
+                if best.value != edge or value is None:
                     break
-                best = contest(lr, best)
+                best = contest(value, best)
         return best, tried
 
     def describe(self) -> str:
         switch = self.selection.switch_z
-        return (f"each lr raced the best run so far on the same validation images and stopped "
-                f"once behind beyond noise ({self.selection.stop_z:g} standard errors of the "
-                f"paired differences, at {self.peek:.2g} of the first epoch or an epoch's end); "
-                f"chosen by validation {self.selection.criterion}"
+        return (f"each {self.space.name} raced the best run so far on the same validation "
+                f"images and stopped once behind beyond noise ({self.selection.stop_z:g} "
+                f"standard errors of the paired differences, at {self.peek:.2g} of the first "
+                f"epoch or an epoch's end); chosen by validation {self.selection.criterion}"
                 + (f", a finisher taken when ahead by {switch:g} standard errors"
                    if switch is not None else ""))
 
-    def _beyond(self, edge: float, direction: int) -> float:
-        """The next lr past `edge` on the grid's lattice: the first lr times whole powers of
-        the step, rounded (5e-4 -> 1.6e-3 -> 5e-3 -> 1.6e-2, never 5.1e-3)."""
-        anchor = self.grid[0]
-        power = round(math.log(edge / anchor) / math.log(self.step)) + direction
-        return round_lr(anchor * self.step ** power)
+
+class LrSearch(Search):
+    """The search over the learning rate (`lr_space`): `grid`, the lrs to try, the first
+    trained in full first; `step`: the ratio of one grid extension."""
+
+    def __init__(self, grid: Sequence[float], epochs: int, *, peek: float = PEEK,
+                 max_extensions: int = 2, bounds: tuple[float, float] = (1e-6, 1.0),
+                 step: float | None = None, selection: Selection | None = None) -> None:
+        if max_extensions < 0:
+            raise ValueError("max_extensions must be >= 0")
+        super().__init__(lr_space(grid, bounds=bounds, step=step,
+                                  max_extensions=max_extensions),
+                         epochs, peek=peek, selection=selection)
