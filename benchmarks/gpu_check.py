@@ -37,8 +37,7 @@ def throughput(device: torch.device, precision: str, batch: int, steps: int) -> 
     """Images/s of full fine-tuning steps (after 2 warm-up steps) of a random ResNet-18."""
     backbone = Backbone.from_torchvision("resnet18", 10, weights=None).to(device)
     backbone.to(memory_format=torch.channels_last)
-    step = OptimizerStep(torch.nn.CrossEntropyLoss())
-    step.configure(device, precision)
+    step = OptimizerStep(torch.nn.CrossEntropyLoss(), device=device, precision=precision)
     optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, 224, 224, device=device).contiguous(
         memory_format=torch.channels_last)

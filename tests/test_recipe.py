@@ -190,8 +190,8 @@ def test_clipping_under_the_fp16_scaler_clips_true_gradients():
     """Clipped before unscaling, the step would be 1/scale of the clip norm."""
     weight = nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    step = OptimizerStep(lambda out, _: (out * 100).sum(), max_grad_norm=1.0)
-    step.configure(torch.device("cpu"), "fp16")
+    step = OptimizerStep(lambda out, _: (out * 100).sum(), max_grad_norm=1.0,
+                         device=torch.device("cpu"), precision="fp16")
     output = step(optimizer, lambda x: weight.unsqueeze(0).expand(len(x), 4), torch.zeros(2, 1),
                   torch.zeros(2), where="test")
     assert output.stepped

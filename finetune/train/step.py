@@ -8,8 +8,12 @@ Gradient accumulation: a window of `accumulate_steps` batches (fewer for an epoc
 remainder) makes one optimizer step. Each batch's loss is weighted by its share of the
 window's images, so k batches of B images step exactly like one batch of kB (for models
 without BatchNorm, whose statistics see B at a time). Only the window's last batch needs
-gradients synchronised across processes; `no_sync` (a context-manager factory, e.g.
-`DistributedDataParallel.no_sync`) wraps the forward and backward of the others.
+gradients synchronised across processes: the forward and backward of the others run under
+the model's own `no_sync` (`DistributedDataParallel.no_sync`, where the model is wrapped).
+
+The step is built with every part it uses — loss, schedule, clipping, accumulation, device
+and precision (hence its scaler) — and nothing sets them afterwards: the loop passes each
+batch, and whether that batch closes its epoch.
 """
 
 from __future__ import annotations
@@ -45,15 +49,17 @@ class OptimizerStep:
     each group's lr per optimizer step (None: the lrs stay as the optimizer was built)."""
 
     def __init__(self, loss_fn: LossFunction, max_grad_norm: float | None = None,
-                 accumulate_steps: int = 1, schedule: StepSchedule | None = None) -> None:
+                 accumulate_steps: int = 1, schedule: StepSchedule | None = None,
+                 device: torch.device | None = None, precision: str = "fp32") -> None:
         self.loss_fn = loss_fn
         self.max_grad_norm = max_grad_norm
         self.accumulate_steps = accumulate_steps
         self.schedule = schedule or StepSchedule("constant", None, None)
-        self.device, self.precision = torch.device("cpu"), "fp32"
-        self.scaler: torch.amp.GradScaler | None = None
-        self.no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-        self.ends_epoch = False  # set by the loop: this batch is its epoch's last
+        # autocast to `precision` on `device`, and a GradScaler for fp16 (its small range
+        # would flush small gradients to zero)
+        self.device, self.precision = device or torch.device("cpu"), precision
+        self.scaler = (torch.amp.GradScaler(self.device.type) if precision == "fp16"
+                       else None)
         self._batches = 0  # batches in the open window
         self._reference = 0  # images in the window's first batch
         self._images = 0  # images in the open window
@@ -64,33 +70,29 @@ class OptimizerStep:
         """Whether gradients of an unfinished window wait for their optimizer step."""
         return self._batches > 0
 
-    def steps_now(self) -> bool:
+    def steps_now(self, closes_epoch: bool = False) -> bool:
         """Whether the coming batch is the last of its window (the optimizer steps after it,
         so its backward is the one whose gradients must be synchronised)."""
-        return self._batches + 1 >= self.accumulate_steps or self.ends_epoch
-
-    def configure(self, device: torch.device, precision: str) -> None:
-        """Autocast to `precision` on `device`, and a GradScaler for fp16 (its small range
-        would flush small gradients to zero)."""
-        self.device, self.precision = device, precision
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        return self._batches + 1 >= self.accumulate_steps or closes_epoch
 
     # -- one batch -----------------------------------------------------------------------------
     def __call__(self, optimizer: Optimizer, model: Forward, images: torch.Tensor,
                  labels: torch.Tensor, *, targets: torch.Tensor | None = None, step: int = 0,
-                 where: str = "") -> StepOutput:
+                 closes_epoch: bool = False, where: str = "") -> StepOutput:
         """Train on one batch: `model(images)` (the whole network, or the suffix after cached
         activations) under the run's autocast, backward its weighted loss, and update the
         weights if the window is complete. `targets` (soft targets of mixed images) replace
         `labels` in the loss; accuracy counts against `labels`. `step` is the optimizer step
-        this batch belongs to (the schedule's clock); `where` ("epoch E, batch B") names the
-        batch in a non-finite loss error."""
-        stepping = self.steps_now()
+        this batch belongs to (the schedule's clock); `closes_epoch`: the epoch's last batch,
+        which steps whatever its window holds; `where` ("epoch E, batch B") names the batch in
+        a non-finite loss error."""
+        stepping = self.steps_now(closes_epoch)
         if self._batches == 0:  # a window opens: its lr, and fresh gradients
             self.schedule.apply(optimizer, step)
             optimizer.zero_grad(set_to_none=True)
             self._reference = len(labels)
-        with contextlib.nullcontext() if stepping else self.no_sync():
+        no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's, if wrapped
+        with contextlib.nullcontext() if stepping else no_sync():
             with autocast(self.device, self.precision):
                 logits = model(images)
             loss = self.loss_fn(logits.float(), labels if targets is None else targets)

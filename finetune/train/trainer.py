@@ -114,8 +114,7 @@ class Trainer:
             self.eval_loss_fn = make_loss(None)
         self.mixing: BatchMixing | None = None  # MixUp / CutMix; fit builds it (class count)
         self.average: WeightAverage | None = None  # the EMA of a fit with ema_decay
-        self.step = OptimizerStep(self.loss_fn, self.config.max_grad_norm,
-                                  self.config.accumulate_steps)  # its schedule is sized by fit
+        self.step: OptimizerStep | None = None  # fit builds it, with its parts
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
         self.scheduler: EpochScheduler | None = None  # scheduler=, as a factor on the lr
@@ -165,14 +164,13 @@ class Trainer:
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None))
         self.scheduler = self._optimization.epoch_scheduler()
-        self.step.schedule = StepSchedule(config.schedule, config.warmup, total_steps(
-            config.epochs, loader_length(train_loader), config.accumulate_steps),
-            self.scheduler)
+        batches_per_epoch = loader_length(train_loader)  # the step's schedule spans the run
         self._prepare(configured_epoch, train_loader, chosen=checkpoint)
         if checkpoint is not None:  # after the strategy ran: adapters (LoRA) rename weights
             check_compatible(checkpoint, self.backbone, strategy, resume, self._data, config)
             distributed.check_world_size(checkpoint, resume)
         self._prepare_recipes(train_loader)
+        self.step = self._build_step(batches_per_epoch)
         self.activations.allow(train_loader, val_loader, refused={
             train_loader: MIXED_IMAGES} if self.mixing is not None else None)
         self._configure_optimizer(configured_epoch, previous=None)
@@ -289,7 +287,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "world_size": distributed.world_size(),
             "global_step": self.state.global_step,
-            "scaler": self.step.state_dict(),
+            "scaler": self._require_step().state_dict(),
             "ema": self.average.state_dict() if self.average is not None else None,
             "precision": self.state.precision,  # the timed choices: a resume keeps them
             "channels_last": self.state.channels_last,
@@ -331,7 +329,6 @@ class Trainer:
             (state.precision, state.channels_last))
         self.backbone.to(memory_format=torch.channels_last if state.channels_last
                          else torch.contiguous_format)
-        self.step.configure(state.device, state.precision)
         settings = (config.feature_cache, int(config.cache_memory_gb * 2**30),
                     config.activation_cache_dir)
         if self._shared_activations is not None:
@@ -375,9 +372,22 @@ class Trainer:
                                 "or `targets`.")
             self.loss_fn = make_loss(None, config.label_smoothing,
                                      class_weights(labels, classes).to(self.state.device))
-            self.step.loss_fn = self.loss_fn
             if self._loss_spec is None:  # validation loss stays unweighted, comparable
                 self.eval_loss_fn = make_loss(None)
+
+    def _build_step(self, batches_per_epoch: int | None) -> OptimizerStep:
+        """The optimizer step of this fit, with every part it uses: the training loss, the
+        per-step lr schedule over the run, clipping, accumulation, device and precision."""
+        config = self.config
+        schedule = StepSchedule(config.schedule, config.warmup, total_steps(
+            config.epochs, batches_per_epoch, config.accumulate_steps), self.scheduler)
+        return OptimizerStep(self.loss_fn, config.max_grad_norm, config.accumulate_steps,
+                             schedule, self.state.device, self.state.precision)
+
+    def _require_step(self) -> OptimizerStep:
+        if self.step is None:
+            raise RuntimeError("the optimizer step is built by fit()")
+        return self.step
 
     def _freeze(self, strategy: FreezeStrategy, epoch: int) -> None:
         """The strategy decides for `epoch`; the decision is applied and held."""
@@ -399,7 +409,7 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state.history = History.from_dict(checkpoint["history"])
         self.state.global_step = int(checkpoint["global_step"])
-        self.step.load_state_dict(checkpoint.get("scaler"))  # older checkpoints have none
+        self._require_step().load_state_dict(checkpoint.get("scaler"))  # older: none
         if self.average is not None and checkpoint.get("ema"):
             self.average.load_state_dict(checkpoint["ema"])
         self.state.epoch = int(checkpoint["epoch"])
@@ -419,12 +429,11 @@ class Trainer:
         batches, forward = self._route(loader)
         forward = self.parallel.wrap(self.backbone, forward, self.state.device)
         self.state.cached_prefix, self.state.uncached_reason = self.activations.describe(loader)
-        optimizer, step = self._require_optimizer(), self.step
-        step.no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP's, if wrapped
+        optimizer, step = self._require_optimizer(), self._require_step()
         for index, (batch, last) in enumerate(flag_last(
                 batches, self.state.batches_per_epoch, step.accumulate_steps > 1)):
-            self.state.batch, step.ends_epoch = index, last
-            outputs = self._train_step(batch, forward)
+            self.state.batch = index
+            outputs = self._train_step(batch, forward, closes_epoch=last)
             if outputs.stepped:
                 self._stepped()
             total_loss += outputs.loss * outputs.count
@@ -446,7 +455,8 @@ class Trainer:
             self.average.update(self.backbone.model)
         dispatch(self.callbacks, Event.OPTIMIZER_STEP, self, step=self.state.global_step)
 
-    def _train_step(self, batch: Any, forward: Forward | None = None) -> StepOutput:
+    def _train_step(self, batch: Any, forward: Forward | None = None,
+                    closes_epoch: bool = False) -> StepOutput:
         """One optimizer step through `forward` (the whole model unless the cache routes the
         batch through the suffix); `self.step` does the zero_grad/backward/clip/step."""
         images, labels = self._to_device(batch)
@@ -455,9 +465,10 @@ class Trainer:
         targets = None
         if self.mixing is not None:
             images, targets = self.mixing(images, labels)
-        return self.step(self._require_optimizer(), forward or self.backbone, images, labels,
-                         targets=targets, step=self.state.global_step,
-                         where=f"epoch {self.state.epoch}, batch {self.state.batch}")
+        return self._require_step()(
+            self._require_optimizer(), forward or self.backbone, images, labels,
+            targets=targets, step=self.state.global_step, closes_epoch=closes_epoch,
+            where=f"epoch {self.state.epoch}, batch {self.state.batch}")
 
     def _forward(self, images: torch.Tensor, forward: Forward | None = None) -> torch.Tensor:
         with autocast(self.state.device, self.state.precision):
