@@ -16,6 +16,7 @@ checkout `python -m benchmarks.compare` is the same command.
 """
 
 from finetune.compare.report import markdown_table, summarize, write_outputs
+from finetune.compare.row import Row
 from finetune.compare.run import main, make_backbone, run_one
 from finetune.compare.settings import (
     COMPARE_PRESETS,
@@ -30,6 +31,7 @@ __all__ = [
     "COMPARE_PRESETS",
     "DEFAULT_STRATEGIES",
     "PeakMemory",
+    "Row",
     "RunSpec",
     "Settings",
     "main",
