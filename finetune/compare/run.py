@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import finetune.compare.noise as noise
+import finetune.compare.plots as plots
 import finetune.compare.pool as pool
 import finetune.compare.store as store
 from finetune import Backbone, ImageFolderData, Trainer
@@ -64,6 +65,7 @@ from finetune.tuning.search import (
 BackboneFactory = Callable[[str, int, bool], Backbone]
 MAX_AUTO_SEEDS = 5
 LOCK_FILE = ".compare.lock"  # held while a comparison writes its output folder
+KEY_WIDTH = 20  # the settings printed at the start, right-aligned
 WAIT_SECONDS = 5.0  # how often a --store worker with nothing to claim looks again
 
 
@@ -486,9 +488,9 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
     settings = resolve_settings(args, specs, str(resolve_data(args.data)), command, group)
     rows = load_previous(output, settings) if args.resume and not args.store else []
     for key, value in settings.to_dict().items():
-        print(f"{key:>16}: {value}")
+        print(f"{key:>{KEY_WIDTH}}: {value}")
     splits = scan_data(settings, Path(settings.data))
-    print(f"{'split':>16}: {len(splits.classes)} classes · {len(splits.train)} train · "
+    print(f"{'split':>{KEY_WIDTH}}: {len(splits.classes)} classes · {len(splits.train)} train · "
           f"{len(splits.val)} val · {len(splits.test)} test images")
     claims = None
     if args.store:
@@ -496,11 +498,12 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
         claims.adopt({**settings.to_dict(), "split": split_digest(splits)},
                      lambda held: store_changes(settings, splits, held))
         rows = claims.rows()
-        print(f"{'store':>16}: {claims.path} ({len(rows)} run(s) done by the workers "
+        print(f"{'store':>{KEY_WIDTH}}: {claims.path} ({len(rows)} run(s) done by the workers "
               f"sharing it); this worker is {claims.worker}")
     on_sample = Path(settings.data) == SAMPLE_ROOT.resolve()
     if on_sample:
-        print(f"{'':>16}  the packaged sample (UC Merced Land Use, public domain). {OTHER_DATA}")
+        print(f"{'':>{KEY_WIDTH}}  the packaged sample (UC Merced Land Use, public domain). "
+              f"{OTHER_DATA}")
     targets = [label for _, label in splits.test]
     failed: list[Row] = claims.failures() if claims is not None else []
     runs = [(s, seed) for s in settings.strategies for seed in settings.seeds]
@@ -532,8 +535,9 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
             output=output, decoded=decoded))
     print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets,
                                hindsight=measured))
+    pictures = ", *.png" if plots.available() else ""
     print(f"\nresults in {output}/ (results.json, results.csv, results.md, pairwise.*, "
-          "per_class.*, *.png)")
+          f"per_class.*{pictures})")
     if on_sample:
         print(f"That was the packaged sample: {len(splits.test)} test images, so one "
               f"image moves accuracy by {100 / len(splits.test):.2g} points. {OTHER_DATA}")
