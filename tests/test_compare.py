@@ -299,7 +299,7 @@ def test_wandb_logs_each_strategy_offline_in_one_group(
     args = argv(tree, tmp_path / "out", "--strategies", "last-layer,bitfit", "--wandb",
                 "--tune", "none")
     assert compare.main(args, backbone_factory=Factory()) == 0
-    runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    runs = sorted((tmp_path / "out" / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
     group = read_results(tmp_path / "out")["config"]["wandb_group"]
     assert group.startswith("compare-")

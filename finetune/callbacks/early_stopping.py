@@ -8,7 +8,10 @@ from finetune.callbacks.monitor import is_improvement, monitored_value
 from finetune.train.events import Callback
 
 if TYPE_CHECKING:
+    from finetune.train.config import TrainConfig
     from finetune.train.trainer import Trainer
+
+MODES = {"val_loss": "min", "val_accuracy": "max"}
 
 
 class EarlyStopping(Callback):
@@ -47,3 +50,11 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.wait, self.stopped_epoch = (
             state["best"], state["wait"], state["stopped_epoch"])
+
+
+def early_stopping(config: TrainConfig) -> list[Callback]:
+    """The `EarlyStopping` a config's `patience` and `monitor` ask for (none without
+    patience): what `finetune train --patience` and `finetune compare --patience` add."""
+    if config.patience is None:
+        return []
+    return [EarlyStopping(config.monitor, MODES[config.monitor], config.patience)]

@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 PER_CLASS_COLUMNS = ["class", "accuracy", "precision", "recall", "f1", "support"]
 
 
+def epoch_row(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """What every logger writes of an epoch (`finetune.callbacks.loggers`): `epoch`,
+    train/* and val/* (from train_* and val_*), lr/<group> and epoch_seconds."""
+    row: dict[str, Any] = {"epoch": int(metrics["epoch"])}
+    for key, value in metrics.items():
+        if key.startswith(("train_", "val_")):
+            split, _, name = key.partition("_")
+            row[f"{split}/{name}"] = value
+        elif key.startswith("lr/") or key == "epoch_seconds":
+            row[key] = value
+    return row
+
+
 def has_api_key() -> bool:
     """Whether wandb could authenticate: WANDB_API_KEY or a netrc entry for its host."""
     if os.environ.get("WANDB_API_KEY"):
@@ -75,14 +88,7 @@ class WandbLogger(Callback):
         self.run = self._init(trainer)
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        row = {"epoch": int(metrics["epoch"])}
-        for key, value in metrics.items():
-            if key.startswith(("train_", "val_")):
-                split, _, name = key.partition("_")
-                row[f"{split}/{name}"] = value
-            elif key.startswith("lr/") or key == "epoch_seconds":
-                row[key] = value
-        self._call("log", row)
+        self._call("log", epoch_row(metrics))
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
         report = trainer.state.val_report

@@ -28,12 +28,14 @@ from typing import Any
 import attrs
 
 from finetune.cache.plan import ActivationCaches
-from finetune.callbacks import Callback, Checkpoint, WandbLogger
+from finetune.callbacks import Callback, Checkpoint, make_loggers
 from finetune.callbacks.console import (
     FreezeReportLines,
     progress_callback,
     tolerate_unencodable_output,
 )
+from finetune.callbacks.early_stopping import early_stopping
+from finetune.callbacks.loggers import logger_names
 from finetune.callbacks.run_file import (
     RUN_FILE,
     RUN_FORMAT,
@@ -69,6 +71,7 @@ from finetune.settings import (
     NOT_SETTINGS,
     add_config_flags,
     apply_config_file,
+    argument_type,
     config_file_argument,
     non_negative_float,
     plain,
@@ -128,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wandb-project", default=None,
                        help="log to this Weights & Biases project (offline without an API key)")
     train.add_argument("--wandb-name", default=None, help="the wandb run's name")
+    train.add_argument("--logger", type=argument_type(logger_names), default=(),
+                       metavar="wandb,tensorboard,csv",
+                       help="log every epoch's metrics to any of these, comma-separated: wandb "
+                            "(offline without an API key), tensorboard (the [tensorboard] "
+                            "extra), csv (metrics.csv); the same metrics in each (default: none, "
+                            "or wandb with --wandb-project)")
+    train.add_argument("--log-dir", type=Path, default=None,
+                       help="where tensorboard and csv write, in a folder named after the run "
+                            "(default: the checkpoint folder, else logs)")
     train.add_argument("--checkpoint-dir", type=Path, default=None,
                        help="write best.pt, last.pt and run.json here (default: the --resume "
                             "checkpoint's folder, else none)")
@@ -346,6 +358,9 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     if args.select is not None and args.lr != "auto":
         args.parser.error("--select is how --lr auto chooses the lr; add --lr auto (or drop "
                           "--select)")
+    if args.patience is not None and not args.val_split:
+        args.parser.error("--patience stops on the validation split's --monitor: give "
+                          "--val-split above 0 (e.g. 0.2)")
     if args.lr == "auto" and not args.val_split:
         args.parser.error("--lr auto chooses the lr on the validation split: give --val-split "
                           "above 0 (e.g. 0.2), or a number: --lr 1e-4")
@@ -375,9 +390,7 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
         elif getattr(args, "tuned", None) is not None:
             record["tuning"] = args.tuned
         callbacks += [checkpoint, RunFile(checkpoint.dirpath, record)]
-    if args.wandb_project:
-        callbacks.append(WandbLogger(project=args.wandb_project, name=args.wandb_name,
-                                     config={"cli": _cli_config(args)}))
+    callbacks += early_stopping(config) + _loggers(args, checkpoint_dir)
     trainer = Trainer(backbone, strategy, config, callbacks, classes=data.classes)
     trainer.fit(data.train_loader(), val_loader, resume=args.resume)
     if checkpoint is not None:
@@ -393,6 +406,20 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
             cpu=machine()["cpu"])
         say(f"model card: {card}")
     return 0
+
+
+def _loggers(args: argparse.Namespace, checkpoint_dir: Path | None) -> list[Callback]:
+    """`--logger` (and `--wandb-project`, which asks for wandb): each under the run's name."""
+    names = list(args.logger)
+    if args.wandb_project and "wandb" not in names:
+        names.append("wandb")
+    if not names or not distributed.is_main():
+        return []
+    folder = args.log_dir or (checkpoint_dir.parent if checkpoint_dir else Path("logs"))
+    name = checkpoint_dir.name if checkpoint_dir else (args.wandb_name or "run")
+    return make_loggers(names, folder, name, settings={"cli": _cli_config(args)},
+                        wandb_project=args.wandb_project or "finetune",
+                        wandb_name=args.wandb_name)
 
 
 def _data_and_backbone(args: argparse.Namespace, say: Callable[..., None]

@@ -28,8 +28,9 @@ import finetune.compare.store as store
 from finetune import Backbone, ImageFolderData, Trainer
 from finetune.atomic import LockBusyError, exclusive_lock
 from finetune.cache.plan import ActivationCaches
-from finetune.callbacks import Callback, ProgressBar, WandbLogger
+from finetune.callbacks import Callback, ProgressBar, make_loggers
 from finetune.callbacks.console import tolerate_unencodable_output
+from finetune.callbacks.early_stopping import early_stopping
 from finetune.compare.hindsight import run_hindsight
 from finetune.compare.report import load_previous
 from finetune.compare.report import write_outputs as _write_outputs
@@ -158,11 +159,15 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         callbacks: list[Callback] = [witness, *extra_callbacks]
         if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble bars
             callbacks.append(ProgressBar())
-        if settings.wandb_group:
-            callbacks.append(WandbLogger(
-                project=settings.wandb_project, name=f"{spec} seed{seed} lr{lr:g}",
-                group=settings.wandb_group, config={"compare": settings.to_dict(), "lr": lr},
-                dir=str(output)))
+        if settings.loggers and distributed.is_main():  # each row under its own name
+            name = f"{spec}-seed{seed}-lr{lr:g}".replace(":", "_").replace("/", "_")
+            callbacks += make_loggers(
+                settings.loggers, output / "logs", name,
+                settings={"compare": settings.to_dict(), "lr": lr},
+                wandb_project=settings.wandb_project or "finetune-compare",
+                wandb_group=settings.wandb_group)
+        if settings.tune != "lr":  # a search compares full runs: no early stop in its race
+            callbacks += early_stopping(config)
         # candidates of a search start from copies: each trains its own weights
         backbone = copy.deepcopy(initial) if settings.tune == "lr" else initial
         trainer = Trainer(backbone, copy.deepcopy(run.strategy), config, callbacks,
@@ -484,7 +489,8 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
             "replace them with --overwrite, or choose another --output.")
     # one spelling, whichever entry ran it: the same arguments give the same results.json
     command = f"{PROG} " + " ".join(sys.argv[1:] if argv is None else argv)
-    group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}" if args.wandb else None
+    to_wandb = args.wandb or "wandb" in args.logger
+    group = f"compare-{time.strftime('%Y%m%d-%H%M%S')}" if to_wandb else None
     settings = resolve_settings(args, specs, str(resolve_data(args.data)), command, group)
     rows = load_previous(output, settings) if args.resume and not args.store else []
     for key, value in settings.to_dict().items():

@@ -19,6 +19,7 @@ import attrs
 import finetune
 import finetune.compare.pool as pool
 from finetune import FreezeStrategy
+from finetune.callbacks.loggers import logger_names
 from finetune.data.config import DataConfig, check_image_fits
 from finetune.model.zoo import default_backbone_name
 from finetune.settings import (
@@ -121,6 +122,7 @@ class Settings:
     jobs: int = 1  # runs at once, each in its own process (`finetune.compare.pool`)
     command: str = ""
     backbone_choice: str | None = None
+    loggers: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # each row's
     wandb_project: str | None = None
     wandb_group: str | None = None
 
@@ -279,6 +281,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "runs, each claiming what nobody holds; see docs/distributed.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --output (refused otherwise)")
+    p.add_argument("--logger", type=argument_type(logger_names), default=(),
+                   metavar="wandb,tensorboard,csv",
+                   help="log every row's epochs to any of these (comma-separated), each row "
+                   "under its own run name, in --output/logs/ (wandb: one group per comparison)")
     p.add_argument("--wandb", action="store_true", help="log each run to wandb (offline "
                    "without an API key), all in one group")
     p.add_argument("--wandb-project", default="finetune-compare")
@@ -359,6 +365,9 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     chosen["select"] = (args.select or "loss") if chosen["tune"] == "lr" else None
     if args.hindsight and chosen["tune"] != "lr":
         raise SystemExit("--hindsight measures what --tune lr leaves on the table; add --tune lr")
+    if args.patience is not None and chosen["tune"] == "lr":
+        raise SystemExit("--patience stops a run early, and --tune lr compares full runs: add "
+                         "--tune none (or drop --patience)")
     if args.hindsight and args.store:
         raise SystemExit("--hindsight runs in one worker: drop --store (or --hindsight)")
     chosen["hindsight"] = args.hindsight
@@ -383,5 +392,7 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
     return Settings(**chosen, training=training, preset=args.preset, data=data,
                     strategies=specs, seeds=range(1 if args.seeds == "auto" else args.seeds),
                     seeds_auto=args.seeds == "auto", command=command,
+                    loggers=tuple(dict.fromkeys(
+                        (*args.logger, *(("wandb",) if args.wandb else ())))),
                     wandb_project=args.wandb_project if wandb_group else None,
                     wandb_group=wandb_group)

@@ -104,6 +104,11 @@ def parse_strategy(spec: str) -> FreezeStrategy:
         raise ValueError(f"cannot build strategy '{spec}': {error}") from error
 
 
+def exempt_from_decay(name: str, parameter: nn.Parameter) -> bool:
+    """timm's rule: biases and 1-D tensors (norm layers' scale and shift) are not decayed."""
+    return parameter.ndim <= 1 or name.endswith(".bias")
+
+
 def _option_text(value: Any) -> str:
     """`_option_value`'s inverse: tuples joined by "+", booleans and None in lower case."""
     if isinstance(value, tuple):
@@ -183,18 +188,28 @@ class FreezeState:
         backbone.train(backbone.training)
         return self.report(backbone)
 
-    def param_groups(self, backbone: Backbone, lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, backbone: Backbone, lr: float, weight_decay: float = 0.0,
+                     decay_norm_and_bias: bool = False) -> list[dict[str, Any]]:
         """Optimizer parameter groups: one per (backbone group, lr multiplier), holding only
-        the parameters that train, so no optimizer state ever touches frozen ones."""
-        buckets: dict[tuple[str, float], list[nn.Parameter]] = {}
+        the parameters that train, so no optimizer state ever touches frozen ones. With
+        `weight_decay`, each is split in two as timm's `param_groups_weight_decay` does:
+        biases and one-dimensional tensors (norm scales and shifts) are not decayed unless
+        `decay_norm_and_bias` (their halves are named `<group>.no_decay`)."""
+        buckets: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
         for name, parameter in backbone.model.named_parameters():
             if name in self.trainable:
-                key = (backbone.group_of(name), float(self.trainable[name]))
+                decays = bool(weight_decay) and (decay_norm_and_bias or not exempt_from_decay(
+                    name, parameter))
+                key = (backbone.group_of(name), float(self.trainable[name]), decays)
                 buckets.setdefault(key, []).append(parameter)
-        return [
-            {"params": params, "lr": lr * multiplier, "name": group, "lr_multiplier": multiplier}
-            for (group, multiplier), params in buckets.items()
-        ]
+        groups = []
+        for (group, multiplier, decays), params in buckets.items():
+            entry = {"params": params, "lr": lr * multiplier, "lr_multiplier": multiplier,
+                     "name": group if decays or not weight_decay else f"{group}.no_decay"}
+            if weight_decay:
+                entry["weight_decay"] = weight_decay if decays else 0.0
+            groups.append(entry)
+        return groups
 
     def report(self, backbone: Backbone) -> FreezeReport:
         parameters = list(backbone.model.named_parameters())
@@ -253,10 +268,12 @@ class FreezeStrategy:
         return self.decide(backbone, epoch).apply(backbone)
 
     def param_groups(
-        self, backbone: Backbone, lr: float, epoch: int = 0
+        self, backbone: Backbone, lr: float, epoch: int = 0, weight_decay: float = 0.0,
+        decay_norm_and_bias: bool = False,
     ) -> list[dict[str, Any]]:
         """Optimizer parameter groups for `epoch` (see `FreezeState.param_groups`)."""
-        return self.decide(backbone, epoch).param_groups(backbone, lr)
+        return self.decide(backbone, epoch).param_groups(backbone, lr, weight_decay,
+                                                         decay_norm_and_bias)
 
     def changes_at(self, epoch: int) -> bool:
         """Whether what trains may differ at `epoch` from `epoch - 1` (scheduled strategies

@@ -27,6 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine", "one-cycle")  # finetune.train.schedules
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 CLASS_WEIGHTS = ("none", "balanced")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+MONITORS = ("val_loss", "val_accuracy")  # what early stopping watches (lower / higher wins)
+STOPPING_COMMANDS = frozenset({"train", "compare"})
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -165,7 +168,21 @@ class TrainConfig:
                           validator=[v.instance_of(int), v.ge(1)])
     lr: float = setting(1e-4, flag="--lr", parse=positive_float, commands=WITH_ADVISE,
                         help="learning rate", converter=float, validator=_check_lr)
-    weight_decay: float = setting(0.0, flag=None, converter=float, validator=v.ge(0.0))
+    optimizer: str = setting(
+        "adam", flag="--optimizer", choices=OPTIMIZERS, validator=v.in_(OPTIMIZERS),
+        help="adam (the reference), adamw (decoupled weight decay, most fine-tuning recipes) "
+             "or sgd (with --momentum, --nesterov)")
+    weight_decay: float = setting(
+        0.0, flag="--weight-decay", parse=non_negative_float, converter=float,
+        validator=v.ge(0.0), help="weight decay of the tensors that train, biases and norm "
+                                  "layers excepted (timm's convention), e.g. 0.05 with adamw")
+    decay_norm_and_bias: bool = setting(
+        False, flag="--decay-norm-and-bias", validator=v.instance_of(bool),
+        help="decay biases and norm layers' scale and shift too")
+    momentum: float = setting(0.9, flag="--momentum", parse=unit_interval, converter=float,
+                              validator=[v.ge(0.0), v.lt(1.0)], help="sgd's momentum")
+    nesterov: bool = setting(False, flag="--nesterov", validator=v.instance_of(bool),
+                             help="sgd with Nesterov momentum")
     seed: int | None = setting(0, flag="--seed", parse=int, commands=SEEDED_COMMANDS,
                                help="seeds the split, the new head, the shuffle and the "
                                     "augmentation", validator=v.optional(v.instance_of(int)))
@@ -212,6 +229,14 @@ class TrainConfig:
         0.0, flag="--cutmix", parse=non_negative_float, metavar="ALPHA", converter=float,
         validator=v.ge(0.0), help="CutMix training batches, e.g. 1.0 (0: off); with --mixup, "
                                   "one of the two per batch")
+    patience: int | None = setting(
+        None, flag="--patience", parse=optional(positive_int), commands=STOPPING_COMMANDS,
+        metavar="N", validator=v.optional([v.instance_of(int), v.ge(1)]),
+        help="stop after N epochs without an improvement of --monitor (needs a validation "
+             "split); none: every epoch trains")
+    monitor: str = setting("val_loss", flag="--monitor", choices=MONITORS,
+                           commands=STOPPING_COMMANDS, validator=v.in_(MONITORS),
+                           help="what --patience watches")
     # set from DataConfig.balance ("loss"), so no flag of its own
     class_weights: str = setting("none", flag=None, validator=v.in_(CLASS_WEIGHTS))
     keep_freed_memory: bool = setting(True, flag=None, resume=False,
@@ -231,6 +256,11 @@ class TrainConfig:
         help="spill activations over the budget to memory-mapped files here (a local disk; "
              "one file per machine's processes)")
 
+
+    def __attrs_post_init__(self) -> None:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov is SGD's Nesterov momentum: it needs optimizer='sgd' "
+                             "and momentum > 0")
 
 # every declared setting of a run (`finetune.settings`): the command lines, the comparison,
 # run.json and the resume checks take theirs from these classes, the data side first

@@ -397,7 +397,9 @@ class Trainer:
     def _configure_optimizer(self, epoch: int, previous: Optimizer | None) -> None:
         if self.freeze is None or self.strategy is None:
             raise RuntimeError("the optimizer is built from a strategy's decision in fit()")
-        groups = self.freeze.param_groups(self.backbone, self.config.lr)
+        groups = self.freeze.param_groups(self.backbone, self.config.lr,
+                                          self.config.weight_decay,
+                                          self.config.decay_norm_and_bias)
         self.parallel.reset()  # DDP registers the parameters that train now
         self.optimizer = self._optimization.build(
             groups, epoch, self.config, self.strategy.describe(), previous)
@@ -678,8 +680,9 @@ SchedulerSpec = Callable[[Optimizer], Any] | None
 class Optimization:
     """Builds the optimizer from a strategy's param groups, and the run's epoch scheduler.
 
-    `optimizer`: None (Adam at `config.lr` / `config.weight_decay`), a factory called with the
-    groups, or an instance used as a template (its class and `defaults`). `scheduler`: None
+    `optimizer`: None (`config.optimizer` — Adam, AdamW or SGD — at `config.lr`, its weight
+    decay set per group), a factory called with the groups, or an instance used as a template
+    (its class and `defaults`). `scheduler`: None
     or a factory `optimizer -> LRScheduler`, stepped once per epoch as a factor on every
     group's lr (`finetune.train.schedules.EpochScheduler`).
     """
@@ -724,10 +727,22 @@ class Optimization:
     def _make_optimizer(self, groups: list[dict[str, Any]], config: TrainConfig) -> Optimizer:
         spec = self.optimizer_spec
         if spec is None:
-            return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+            return default_optimizer(groups, config)
         if isinstance(spec, Optimizer):
             return type(spec)(groups, **spec.defaults)
         return spec(groups)
+
+
+def default_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> Optimizer:
+    """`config.optimizer` over `groups`; a group's own `weight_decay` (0 for biases and norms,
+    `FreezeState.param_groups`) overrides the default."""
+    decay = config.weight_decay
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=decay)
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=decay)
 
 
 def learning_rates(optimizer: Optimizer) -> dict[str, float]:
