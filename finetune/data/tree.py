@@ -20,6 +20,7 @@ import attrs
 from finetune.data.defaults import VAL_SPLIT
 from finetune.data.download import safe_extract
 from finetune.data.images import find_problems, list_classes, scan_split
+from finetune.data.labels import LabelFile, label_file
 from finetune.data.resized import resize_tree, resized_name
 from finetune.data.sample import resolve_named_data
 from finetune.errors import DataError
@@ -57,14 +58,27 @@ class ImageSplits:
         test_dir: str | None = None,
         progress: bool = True,
     ) -> ImageSplits:
-        """Scan `root` and split it. `pre_resize`: make a copy with this shorter side (in
+        """Scan `root` — a tree, its zip, or a label file (`finetune.data.labels`) — and split
+        it. `pre_resize`: make a copy with this shorter side (in
         `cache_dir`) and read that; `strict`: an unreadable file is an error, not skipped."""
         check_split_arguments(val_split, train_per_class)
-        tree, train_folder, test_folder = find_tree(Path(root), test_dir)
-        classes = list_classes(train_folder)
-        train = scan_split(train_folder, classes)
-        _check_same_classes(classes, list_classes(test_folder), train_folder, test_folder)
-        test = scan_split(test_folder, classes)
+        labels = label_file(resolve_named_data(Path(root)).expanduser())
+        if labels is not None:  # a label file: the same samples a tree would give
+            tree = labels.parent
+            classes, train, test = LabelFile(labels).samples()
+            if not test:
+                raise DataError(f"{labels} has no test rows: add a split column marking the "
+                                "test images test (or val), as a tree's val/ folder is its "
+                                "test set")
+            if pre_resize and not all(p.is_relative_to(tree) for p, _ in train + test):
+                raise DataError(f"a pre-resized copy needs every image under {tree}; move "
+                                "the images there or drop pre_resize")
+        else:
+            tree, train_folder, test_folder = find_tree(Path(root), test_dir)
+            classes = list_classes(train_folder)
+            train = scan_split(train_folder, classes)
+            _check_same_classes(classes, list_classes(test_folder), train_folder, test_folder)
+            test = scan_split(test_folder, classes)
         copy = None
         if pre_resize:
             copy, train, test, problems = _pre_resize(tree, train, test, pre_resize, cache_dir,

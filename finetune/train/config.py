@@ -237,6 +237,10 @@ class TrainConfig:
     monitor: str = setting("val_loss", flag="--monitor", choices=MONITORS,
                            commands=STOPPING_COMMANDS, validator=v.in_(MONITORS),
                            help="what --patience watches")
+    compile: bool = setting(
+        False, flag="--compile", resume=False, validator=v.instance_of(bool),
+        help="torch.compile the part that trains (after the activation cache's cut); the "
+             "compile is paid once per fit (docs/performance.md measures when it pays)")
     # set from DataConfig.balance ("loss"), so no flag of its own
     class_weights: str = setting("none", flag=None, validator=v.in_(CLASS_WEIGHTS))
     keep_freed_memory: bool = setting(True, flag=None, resume=False,

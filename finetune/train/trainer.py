@@ -115,6 +115,7 @@ class Trainer:
         self.mixing: BatchMixing | None = None  # MixUp / CutMix; fit builds it (class count)
         self.average: WeightAverage | None = None  # the EMA of a fit with ema_decay
         self.step: OptimizerStep | None = None  # fit builds it, with its parts
+        self._compiled_forwards: list[tuple[Forward, Forward]] = []  # config.compile's
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.optimizer: Optimizer | None = None
         self.scheduler: EpochScheduler | None = None  # scheduler=, as a factor on the lr
@@ -163,6 +164,7 @@ class Trainer:
                 "more) to continue; nothing was written.")
         configured_epoch = checkpoint["epoch"] if checkpoint is not None else 0
         self.state = TrainState(start_epoch=configured_epoch + (checkpoint is not None))
+        self._compiled_forwards = []  # compiled anew for each fit
         self.scheduler = self._optimization.epoch_scheduler()
         batches_per_epoch = loader_length(train_loader)  # the step's schedule spans the run
         self._prepare(configured_epoch, train_loader, chosen=checkpoint)
@@ -429,7 +431,7 @@ class Trainer:
         self.backbone.train()
         total_loss, correct, count = 0.0, 0, 0
         batches, forward = self._route(loader)
-        forward = self.parallel.wrap(self.backbone, forward, self.state.device)
+        forward = self._compiled(self.parallel.wrap(self.backbone, forward, self.state.device))
         self.state.cached_prefix, self.state.uncached_reason = self.activations.describe(loader)
         optimizer, step = self._require_optimizer(), self._require_step()
         for index, (batch, last) in enumerate(flag_last(
@@ -451,6 +453,19 @@ class Trainer:
         return {"train_loss": total_loss / count, "train_accuracy": correct / count,
                 "train_seconds": time.perf_counter() - started, "train_images": float(count)}
 
+    def _compiled(self, forward: Forward) -> Forward:
+        """`forward` under torch.compile where `config.compile` asks for it: compiled once per
+        fit and model (the whole backbone, or the suffix after the cache's cut), reused every
+        epoch; the optimizer step still sees the model's own `no_sync`."""
+        if not self.config.compile:
+            return forward
+        for source, compiled in self._compiled_forwards:
+            if source is forward:
+                return compiled
+        compiled = torch.compile(forward)
+        self._compiled_forwards.append((forward, compiled))
+        return compiled
+
     def _stepped(self) -> None:
         self.state.global_step += 1
         if self.average is not None:
@@ -467,14 +482,15 @@ class Trainer:
         targets = None
         if self.mixing is not None:
             images, targets = self.mixing(images, labels)
+        model = forward if forward is not None else self.backbone  # a compiled module has no len
         return self._require_step()(
-            self._require_optimizer(), forward or self.backbone, images, labels,
-            targets=targets, step=self.state.global_step, closes_epoch=closes_epoch,
+            self._require_optimizer(), model, images, labels, targets=targets,
+            step=self.state.global_step, closes_epoch=closes_epoch,
             where=f"epoch {self.state.epoch}, batch {self.state.batch}")
 
     def _forward(self, images: torch.Tensor, forward: Forward | None = None) -> torch.Tensor:
         with autocast(self.state.device, self.state.precision):
-            return (forward or self.backbone)(images)
+            return (forward if forward is not None else self.backbone)(images)
 
     def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = split_batch(batch)

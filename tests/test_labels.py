@@ -1,0 +1,134 @@
+"""Label files in: a CSV (path,label,split), JSON Lines and Hugging Face's imagefolder
+metadata.csv name the same images a tree does and give the same split, the same training and
+the same comparison; every bad row is one line naming the row and the fix, before anything is
+written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.cli import main
+from finetune.compare import run as compare_run
+from finetune.data import ImageSplits
+from finetune.data.labels import write_label_file
+from finetune.errors import DataError
+from tests.conftest import TINY, make_tree
+from tests.test_compare import Factory, read_results
+
+
+def as_label_file(tree: Path, target: Path, split_seed: int = 0) -> Path:
+    """The tree's images as a CSV beside it: train rows, and its test folder's as test."""
+    splits = ImageSplits.scan(tree, val_split=0.0, split_seed=split_seed, progress=False)
+    rows = [(path, splits.classes[label], "train") for path, label in splits.train]
+    rows += [(path, splits.classes[label], "test") for path, label in splits.test]
+    return write_label_file(target, rows)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "tree", n_train=6, n_test=3)
+
+
+def test_a_label_file_splits_exactly_as_its_tree(tree: Path) -> None:
+    labels = as_label_file(tree, tree / "labels.csv")
+    for seed in (0, 5):
+        a = ImageSplits.scan(tree, val_split=0.34, split_seed=seed, progress=False)
+        b = ImageSplits.scan(labels, val_split=0.34, split_seed=seed, progress=False)
+        assert (a.classes, a.train, a.val, a.test) == (b.classes, b.train, b.val, b.test)
+
+
+def test_json_lines_and_hugging_face_metadata_name_the_same_images(tree: Path) -> None:
+    expected = ImageSplits.scan(tree, val_split=0.2, progress=False)
+    csv_file = as_label_file(tree, tree / "labels.csv")
+    rows = [line.split(",") for line in csv_file.read_text().splitlines()[1:]]
+    jsonl = tree / "labels.jsonl"
+    jsonl.write_text("".join(json.dumps({"path": p, "label": label, "split": split}) + "\n"
+                             for p, label, split in rows))
+    (tree / "metadata.csv").write_text("file_name,label,split\n" + "".join(
+        f"{p},{label},{split}\n" for p, label, split in rows))
+    hugging_face = tree.parent / "hf"
+    shutil.copytree(tree, hugging_face)  # a folder with metadata.csv and no train/ folder
+    shutil.rmtree(hugging_face / "train")
+    shutil.copytree(tree / "train", hugging_face / "images" / "train")
+    (hugging_face / "metadata.csv").write_text((tree / "metadata.csv").read_text().replace(
+        "train/", "images/train/"))
+    for source in (jsonl, hugging_face):
+        found = ImageSplits.scan(source, val_split=0.2, progress=False)
+        assert found.classes == expected.classes
+        assert [p.name for p, _ in found.train] == [p.name for p, _ in expected.train]
+        assert len(found.test) == len(expected.test)
+
+
+def cli_train(data: Path, run: Path) -> int:
+    return main(["train", "--data", str(data), "--backbone", TINY, "--epochs", "2",
+                 "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu",
+                 "--precision", "fp32", "--strategy", "freeze-80", "--val-split", "0.34",
+                 "--checkpoint-dir", str(run)])
+
+
+def test_training_from_a_label_file_equals_training_from_the_tree(
+        tree: Path, tmp_path: Path) -> None:
+    labels = as_label_file(tree, tree / "labels.csv")
+    assert cli_train(tree, tmp_path / "a") == 0 and cli_train(labels, tmp_path / "b") == 0
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "b"), "--backbone", TINY,
+                 "--device", "cpu", "--workers", "0"]) == 0
+
+
+def test_a_comparison_of_a_label_file_equals_the_trees(tree: Path, tmp_path: Path) -> None:
+    labels = as_label_file(tree, tree / "labels.csv")
+    results = []
+    for data, out in ((tree, tmp_path / "a"), (labels, tmp_path / "b")):
+        argv = ["--data", str(data), "--backbone", "tiny", "--epochs", "1", "--batch-size", "4",
+                "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device",
+                "cpu", "--jobs", "1", "--tune", "none", "--strategies", "last-layer,bitfit",
+                "--output", str(out)]
+        assert compare_run.main(argv, backbone_factory=Factory()) == 0
+        results.append(read_results(out))
+    a, b = results
+    for row_a, row_b in zip(a["rows"], b["rows"], strict=True):
+        assert row_a["test_predictions"] == row_b["test_predictions"]
+        assert row_a["history"][-1]["train_loss"] == row_b["history"][-1]["train_loss"]
+
+
+BAD = {
+    "a missing file": ("path,label,split\ntrain/class0/img0.jpg,class0,train\n"
+                       "train/class0/nope.jpg,class0,train\nval/class0/img0.jpg,class0,test\n",
+                       "line 3: 'train/class0/nope.jpg' is not a file"),
+    "an unknown split": ("path,label,split\ntrain/class0/img0.jpg,class0,holdout\n",
+                         "line 2: split 'holdout' for 'train/class0/img0.jpg' is not one of"),
+    "an empty class": ("path,label,split\ntrain/class0/img0.jpg,class0,train\n"
+                       "val/class1/img0.jpg,class1,test\n",
+                       "class(es) ['class1'] have no train rows"),
+    "a duplicated path": ("path,label,split\ntrain/class0/img0.jpg,class0,train\n"
+                          "./train/class0/img0.jpg,class0,train\n",
+                          "is named twice (line 2 and line 3)"),
+    "no label column": ("path,kind\ntrain/class0/img0.jpg,class0\n",
+                        "has no label column: its columns are kind, path"),
+    "an empty label": ("path,label\ntrain/class0/img0.jpg,\n",
+                       "line 2: 'train/class0/img0.jpg' has no label"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_label_file_is_one_line_and_leaves_nothing_behind(
+        case: str, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    text, message = BAD[case]
+    labels = tree / "labels.csv"
+    labels.write_text(text)
+    with pytest.raises(DataError) as error:
+        ImageSplits.scan(labels, progress=False)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_CACHE", str(cache))
+    assert cli_train(labels, tmp_path / "run") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not cache.exists()
