@@ -132,3 +132,93 @@ def test_a_bad_label_file_is_one_line_and_leaves_nothing_behind(
     assert cli_train(labels, tmp_path / "run") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not cache.exists()
+
+
+# -- error analysis out --------------------------------------------------------------------------
+def test_top_losses_lead_with_the_image_a_hand_computation_finds_worst(tree: Path) -> None:
+    import numpy as np
+
+    from finetune import LastLayerOnly, TrainConfig, Trainer
+    from finetune.data import ImageFolderData
+    from finetune.stats.analysis import ErrorAnalysis
+    from tests.conftest import make_tiny_backbone
+
+    data = ImageFolderData(ImageSplits.scan(tree, val_split=0.0, progress=False),
+                           batch_size=4, image_size=32, num_workers=0)
+    trainer = Trainer(make_tiny_backbone(), LastLayerOnly(),
+                      TrainConfig(epochs=1, lr=1e-2, precision="fp32", device="cpu"))
+    trainer.fit(data.train_loader())
+    report = trainer.evaluate(data.test_loader())
+    analysis = ErrorAnalysis(report, [str(p) for p, _ in data.test_samples])
+    probabilities = trainer.predict(data.test_loader(), probabilities=True).numpy()
+    labels = np.array([label for _, label in data.test_samples])
+    by_hand = -np.log(probabilities[np.arange(len(labels)), labels])
+    worst = analysis.top_losses()
+    assert worst[0].path == str(data.test_samples[int(by_hand.argmax())][0])
+    assert [row.loss for row in worst] == pytest.approx(sorted(by_hand, reverse=True), rel=1e-4)
+    assert worst[0].probability == pytest.approx(probabilities[int(by_hand.argmax())].max(),
+                                                 rel=1e-4)
+
+
+def test_evaluate_writes_the_analysis_beside_the_run(tree: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import csv
+
+    assert cli_train(tree, tmp_path / "run") == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--backbone", TINY,
+                 "--device", "cpu", "--workers", "0", "--worst", "4"]) == 0
+    folder = tmp_path / "run" / "analysis-test"
+    assert {p.name for p in folder.iterdir()} == {"top_losses.csv", "top_losses.png",
+                                                 "confusion.png", "confused.txt"}
+    with (folder / "top_losses.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9 and [float(r["loss"]) for r in rows] == sorted(
+        (float(r["loss"]) for r in rows), reverse=True)
+    assert "error analysis:" in capsys.readouterr().out
+
+
+def test_many_classes_show_the_most_confused_in_a_readable_matrix() -> None:
+    import numpy as np
+
+    from finetune.stats.analysis import MAX_MATRIX_CLASSES, ErrorAnalysis
+    from finetune.stats.metrics import EvaluationReport
+
+    classes = [f"c{i}" for i in range(101)]
+    truth = np.repeat(np.arange(101), 4)
+    predicted = truth.copy()
+    predicted[::4] = (truth[::4] + 1) % 101  # one image in four of every class
+    predicted[:12] = 50  # classes 0-2 are taken for class 50 most
+    report = EvaluationReport.from_predictions(truth, predicted, classes,
+                                               losses=np.linspace(3, 0, len(truth)))
+    analysis = ErrorAnalysis(report, [f"{i}.jpg" for i in range(len(truth))])
+    shown = analysis.shown_classes()
+    assert len(shown) == MAX_MATRIX_CLASSES and {0, 1, 2, 50} <= set(shown)
+    assert analysis.confused_pairs()[0].words() == "c0 taken for c50: 4 images (100% of c0)"
+    image = analysis._confusion_image()
+    assert image.width < 1400 and image.height < 1400
+
+
+def test_paths_and_labels_or_a_dataframe_split_as_the_tree(tree: Path) -> None:
+    from finetune.data import ImageFolderData
+
+    expected = ImageSplits.scan(tree, val_split=0.34, split_seed=2, progress=False)
+    samples = [(p, expected.classes[label], "train") for p, label in
+               expected.train + expected.val] + [(p, expected.classes[label], "test")
+                                                 for p, label in expected.test]
+    # a DataFrame's interface as from_dataframe reads it: columns by name (pandas' too)
+    frame = {"file": [str(p.relative_to(tree)) for p, _, _ in samples],
+             "species": [label for _, label, _ in samples],
+             "split": [s for _, _, s in samples]}
+    found = ImageSplits.from_dataframe(frame, path="file", label="species", folder=tree,
+                                       val_split=0.34, split_seed=2)
+    assert (found.classes, found.train, found.val, found.test) == (
+        expected.classes, expected.train, expected.val, expected.test)
+    lists = ImageSplits.from_labels(frame["file"], frame["species"], frame["split"],
+                                    folder=tree, val_split=0.34, split_seed=2)
+    assert lists.train == expected.train
+    data = ImageFolderData(found, batch_size=4, image_size=32, num_workers=0)
+    assert len(data.test_samples) == len(expected.test)
+    with pytest.raises(DataError, match="has no column 'path'"):
+        ImageSplits.from_dataframe(frame, folder=tree)
+    with pytest.raises(DataError, match="row 1: split 'holdout'"):
+        ImageSplits.from_labels(["a.jpg", "b.jpg"], ["x", "y"], ["train", "holdout"])

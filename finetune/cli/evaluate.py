@@ -17,6 +17,7 @@ from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 from finetune.deploy.inference import load_run
 from finetune.errors import DataError
 from finetune.runtime import distributed
+from finetune.stats.analysis import ErrorAnalysis
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
 
@@ -60,4 +61,11 @@ def _evaluate(args: argparse.Namespace, say: Callable[..., None]) -> int:
         f"{data.root}{flipped}:\n{report.table()}")
     if args.json is not None and distributed.is_main():
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not args.no_analysis and distributed.is_main():
+        samples = data.test_samples if args.split == "test" else data.val_samples
+        analysis = ErrorAnalysis(report, [str(p) for p, _ in samples])
+        folder = args.analysis or path.parent / f"analysis-{args.split}"
+        written = analysis.write(folder, worst=args.worst)
+        say(analysis.words())
+        say("error analysis: " + ", ".join(str(p) for p in written))
     return 0

@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: test)")
     evaluate.add_argument("--json", type=Path, default=None,
                           help="also write the report as JSON to this file")
+    evaluate.add_argument("--analysis", type=Path, default=None, metavar="DIR",
+                          help="write the error analysis here: top_losses.csv (every image, "
+                               "highest loss first), top_losses.png, confusion.png, "
+                               "confused.txt (default: analysis-<split> beside the checkpoint)")
+    evaluate.add_argument("--no-analysis", action="store_true",
+                          help="print the per-class report only")
+    evaluate.add_argument("--worst", type=positive_int, default=16, metavar="N",
+                          help="images in top_losses.png (default: 16)")
     evaluate.add_argument("--tta", choices=TTA_MODES, default="none",
                           help="flip: average each image's probabilities with its mirror "
                                "image's (default: none)")

@@ -52,7 +52,7 @@ def label_file(root: Path) -> Path | None:
 class Row:
     """One labelled image as the file gives it; `line` names it in errors."""
 
-    line: int
+    line: str  # "line 3" in a file, "row 2" in a DataFrame
     path: str
     label: str
     split: str
@@ -94,29 +94,7 @@ class LabelFile:
 
     def samples(self) -> tuple[list[str], Samples, Samples]:
         """(classes, train, test) with paths resolved and checked."""
-        rows = self.rows()
-        files = {row.line: self._resolve(row) for row in rows}
-        _refuse_duplicates(rows, files, self.path)
-        has_test = any(row.split == "test" for row in rows)
-        test_split = "test" if has_test else "val"
-        train_rows = [row for row in rows if row.split == "train"]
-        test_rows = [row for row in rows if row.split == test_split]
-        if has_test and any(row.split == "val" for row in rows):
-            raise DataError(f"{self.path} has both val and test rows; the validation split is "
-                            "carved from the train rows (--val-split): mark those rows train")
-        classes = sorted({row.label for row in rows})
-        trained = {row.label for row in train_rows}
-        untrained = [name for name in classes if name not in trained]
-        if untrained:
-            raise DataError(f"{self.path}: class(es) {untrained} have no train rows; add "
-                            "training images for them or delete their rows")
-        index = {name: i for i, name in enumerate(classes)}
-
-        def ordered(chosen: Sequence[Row]) -> Samples:
-            return sorted(((files[row.line], index[row.label]) for row in chosen),
-                          key=lambda sample: (sample[1], str(sample[0])))
-
-        return classes, ordered(train_rows), ordered(test_rows)
+        return LabelledImages(self.rows(), self.folder, str(self.path)).samples()
 
     def _records(self) -> Iterable[tuple[str, dict[str, Any]]]:
         try:
@@ -142,6 +120,41 @@ class LabelFile:
         for number, record in enumerate(reader, start=2):  # line 1 is the header
             yield f"line {number}", record
 
+@attrs.frozen
+class LabelledImages:
+    """Rows of (path, label, split) from any source — a label file, a DataFrame, two lists
+    — resolved against `folder` and checked; `source` names them in errors."""
+
+    rows: Sequence[Row]
+    folder: Path
+    source: str
+
+    def samples(self) -> tuple[list[str], Samples, Samples]:
+        """(classes, train, test) with paths resolved and checked."""
+        rows = list(self.rows)
+        files = {row.line: self._resolve(row) for row in rows}
+        _refuse_duplicates(rows, files, self.source)
+        has_test = any(row.split == "test" for row in rows)
+        test_split = "test" if has_test else "val"
+        train_rows = [row for row in rows if row.split == "train"]
+        test_rows = [row for row in rows if row.split == test_split]
+        if has_test and any(row.split == "val" for row in rows):
+            raise DataError(f"{self.source} has both val and test rows; the validation split is "
+                            "carved from the train rows (--val-split): mark those rows train")
+        classes = sorted({row.label for row in rows})
+        trained = {row.label for row in train_rows}
+        untrained = [name for name in classes if name not in trained]
+        if untrained:
+            raise DataError(f"{self.source}: class(es) {untrained} have no train rows; add "
+                            "training images for them or delete their rows")
+        index = {name: i for i, name in enumerate(classes)}
+
+        def ordered(chosen: Sequence[Row]) -> Samples:
+            return sorted(((files[row.line], index[row.label]) for row in chosen),
+                          key=lambda sample: (sample[1], str(sample[0])))
+
+        return classes, ordered(train_rows), ordered(test_rows)
+
     def _resolve(self, row: Row) -> Path:
         given = Path(row.path).expanduser()
         path = given if given.is_absolute() else self.folder / given
@@ -149,13 +162,14 @@ class LabelFile:
             found = [path.with_suffix(s) for s in ID_SUFFIXES if path.with_suffix(s).is_file()]
             path = found[0] if found else path
         if not path.is_file():
-            raise DataError(f"{self.path}, {row.line}: {row.path!r} is not a file (looked for "
+            raise DataError(f"{self.source}, {row.line}: {row.path!r} is not a file (looked for "
                             f"{path}); fix the path (relative to {self.folder}) or delete the "
                             "row")
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise DataError(f"{self.path}, {row.line}: {row.path!r} is not an image file "
+            raise DataError(f"{self.source}, {row.line}: {row.path!r} is not an image file "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return path
+
 
 
 def _column(columns: set[str], names: Sequence[str], what: str, source: Path) -> str:
@@ -167,7 +181,27 @@ def _column(columns: set[str], names: Sequence[str], what: str, source: Path) ->
                     f"{' or '.join(names[:3])}")
 
 
-def _refuse_duplicates(rows: Sequence[Row], files: dict[str, Path], source: Path) -> None:
+def rows_of(paths: Iterable[Any], labels: Iterable[Any], splits: Iterable[Any] | None = None
+            ) -> list[Row]:
+    """Rows from parallel sequences (a DataFrame's columns), numbered from 0 as `row N`."""
+    paths, labels = list(paths), list(labels)
+    splits = ["train"] * len(paths) if splits is None else list(splits)
+    if not len(paths) == len(labels) == len(splits):
+        raise DataError(f"{len(paths)} paths, {len(labels)} labels and {len(splits)} splits: "
+                        "give one label (and split) per image")
+    rows = []
+    for index, (path, label, split) in enumerate(zip(paths, labels, splits, strict=True)):
+        name = str(split).strip().lower() if split is not None else "train"
+        if name not in SPLITS:
+            raise DataError(f"row {index}: split '{split}' for '{path}' is not one of "
+                            f"{', '.join(SPLITS)}; use train, val or test")
+        if label is None or not str(label).strip():
+            raise DataError(f"row {index}: '{path}' has no label; give it one or drop it")
+        rows.append(Row(f"row {index}", str(path), str(label).strip(), name))
+    return rows
+
+
+def _refuse_duplicates(rows: Sequence[Row], files: dict[str, Path], source: str) -> None:
     seen: dict[Path, str] = {}
     for row in rows:
         resolved = files[row.line].resolve()

@@ -12,15 +12,16 @@ import os
 import random
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from finetune.data.defaults import VAL_SPLIT
 from finetune.data.download import safe_extract
 from finetune.data.images import find_problems, list_classes, scan_split
-from finetune.data.labels import LabelFile, label_file
+from finetune.data.labels import LabelFile, LabelledImages, label_file, rows_of
 from finetune.data.resized import resize_tree, resized_name
 from finetune.data.sample import resolve_named_data
 from finetune.errors import DataError
@@ -85,10 +86,52 @@ class ImageSplits:
                                                       progress)
         else:
             problems = find_problems([p for p, _ in train + test], full=full_check)
+        return cls._split(tree, classes, train, test, problems, copy, strict=strict,
+                          val_split=val_split, split_seed=split_seed,
+                          train_per_class=train_per_class)
+
+    @classmethod
+    def from_labels(cls, paths: Iterable[Any], labels: Iterable[Any],
+                    splits: Iterable[Any] | None = None, *, folder: Path | str = ".",
+                    val_split: float = VAL_SPLIT, split_seed: int = 0,
+                    train_per_class: int | None = None, strict: bool = False,
+                    full_check: bool = False) -> ImageSplits:
+        """Images named by paths (relative to `folder`) and labels — a DataFrame's columns,
+        or two lists — with an optional split per image (train, val or test, as in a label
+        file: `finetune.data.labels`); split exactly as the same images in a tree."""
+        check_split_arguments(val_split, train_per_class)
+        tree = Path(folder).expanduser()
+        images = LabelledImages(rows_of(paths, labels, splits), tree, "the labelled images")
+        classes, train, test = images.samples()
+        problems = find_problems([p for p, _ in train + test], full=full_check)
+        return cls._split(tree, classes, train, test, problems, None, strict=strict,
+                          val_split=val_split, split_seed=split_seed,
+                          train_per_class=train_per_class)
+
+    @classmethod
+    def from_dataframe(cls, frame: Any, *, path: str = "path", label: str = "label",
+                       split: str = "split", **options: Any) -> ImageSplits:
+        """`from_labels` over a DataFrame's `path` and `label` columns (and `split`, where
+        it has one): fastai's `ImageDataLoaders.from_df` convention. pandas is not needed
+        here; anything indexable by column name is."""
+        columns = list(getattr(frame, "columns", frame))
+        for name in (path, label):
+            if name not in columns:
+                raise DataError(f"the DataFrame has no column {name!r} (its columns: "
+                                f"{', '.join(map(str, columns))}); name it with {name}=...")
+        return cls.from_labels(frame[path], frame[label],
+                               frame[split] if split in columns else None, **options)
+
+    @classmethod
+    def _split(cls, tree: Path, classes: Sequence[str], train: Samples, test: Samples,
+               problems: dict[Path, str], copy: Path | None, *, strict: bool,
+               val_split: float, split_seed: int, train_per_class: int | None
+               ) -> ImageSplits:
+        """Unreadable files reported and left out, then the seeded stratified split."""
         skipped = tuple(sorted(problems.items()))
         _report_skipped(skipped, strict)
         train = _without(train, problems, classes, tree)
-        test = _without(test, problems, classes, tree)
+        test = _without(test, problems, classes, tree) if test else []  # labels: maybe none
         train, val = stratified_split(train, val_split, split_seed, train_per_class)
         return cls(root=tree, classes=classes, train=train, val=val, test=test, skipped=skipped,
                    resized_copy=copy, val_split=val_split, split_seed=split_seed)

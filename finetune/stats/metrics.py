@@ -59,6 +59,8 @@ class EvaluationReport:
     # each image's cross-entropy, in the loader's order: what a paired comparison of two
     # models on the same images (the lr search) needs beyond their means
     losses: np.ndarray | None = None
+    # each image's probability of its predicted class (the model's confidence)
+    confidences: np.ndarray | None = None
 
     @classmethod
     def from_predictions(
@@ -68,13 +70,17 @@ class EvaluationReport:
         classes: Sequence[str] | int,
         loss: float | None = None,
         losses: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        confidences: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     ) -> EvaluationReport:
         names = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
         true = np.asarray(y_true, dtype=np.int64).ravel()
         pred = np.asarray(y_pred, dtype=np.int64).ravel()
         per_image = None if losses is None else np.asarray(losses, dtype=np.float64).ravel()
+        confident = (None if confidences is None
+                     else np.asarray(confidences, dtype=np.float64).ravel())
         return cls(classes=names, confusion_matrix=confusion_matrix(true, pred, len(names)),
-                   loss=loss, targets=true, predictions=pred, losses=per_image)
+                   loss=loss, targets=true, predictions=pred, losses=per_image,
+                   confidences=confident)
 
     @property
     def num_samples(self) -> int:

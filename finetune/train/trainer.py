@@ -537,13 +537,15 @@ class Trainer:
             return self._report(loader, tta)
 
     def _report(self, loader: Iterable[Any], tta: str) -> EvaluationReport:
-        predictions, targets, losses, total_loss, count = [], [], [], 0.0, 0
+        predictions, targets, losses, confidences = [], [], [], []
+        total_loss, count = 0.0, 0
         for logits, labels in self._inference(loader, tta):
             if labels is None:
                 raise ValueError("evaluation batches must hold (images, labels)")
             total_loss += float(self.eval_loss_fn(logits.float(), labels)) * len(labels)
             count += len(labels)
             predictions.append(logits.argmax(dim=1).cpu())
+            confidences.append(logits.float().softmax(dim=1).amax(dim=1).cpu())
             targets.append(labels.cpu())
             losses.append(nn.functional.cross_entropy(logits.float(), labels,
                                                       reduction="none").cpu())
@@ -551,7 +553,7 @@ class Trainer:
             raise ValueError("the evaluation loader yielded no batches")
         return EvaluationReport.from_predictions(
             torch.cat(targets), torch.cat(predictions), self.classes or self.backbone.num_classes,
-            loss=total_loss / count, losses=torch.cat(losses),
+            loss=total_loss / count, losses=torch.cat(losses), confidences=torch.cat(confidences),
         )
 
     def _require_optimizer(self) -> Optimizer:
