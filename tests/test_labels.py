@@ -222,3 +222,63 @@ def test_paths_and_labels_or_a_dataframe_split_as_the_tree(tree: Path) -> None:
         ImageSplits.from_dataframe(frame, folder=tree)
     with pytest.raises(DataError, match="row 1: split 'holdout'"):
         ImageSplits.from_labels(["a.jpg", "b.jpg"], ["x", "y"], ["train", "holdout"])
+
+
+def test_the_packaged_sample_as_a_csv_compares_and_advises_as_its_tree(
+        tmp_path: Path) -> None:
+    from finetune.data.sample import sample_dataset
+
+    sample = Path(sample_dataset())
+    labels = as_label_file(sample, tmp_path / "sample.csv")  # paths outside: absolute
+    results = []
+    for data, out in ((sample, tmp_path / "a"), (labels, tmp_path / "b")):
+        argv = ["--data", str(data), "--backbone", "tiny", "--epochs", "1", "--batch-size", "8",
+                "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device",
+                "cpu", "--jobs", "1", "--tune", "none", "--train-per-class", "6",
+                "--strategies", "last-layer", "--output", str(out)]
+        assert compare_run.main(argv, backbone_factory=Factory()) == 0
+        results.append(read_results(out)["rows"][0])
+    assert results[0]["test_predictions"] == results[1]["test_predictions"]
+    assert results[0]["val_accuracy"] == results[1]["val_accuracy"]
+    advice = []
+    for data, out in ((sample, tmp_path / "advice-a"), (labels, tmp_path / "advice-b")):
+        assert main(["advise", "--data", str(data), "--backbone", TINY, "--epochs", "1",
+                     "--batch-size", "8", "--image-size", "32", "--workers", "0", "--device",
+                     "cpu", "--precision", "fp32", "--train-per-class", "6",
+                     "--budget", "0", "--output", str(out)]) == 0
+        advice.append(json.loads((out / "advise.json").read_text()))
+    probes = [[d.get("probe_val_accuracy") for d in a["depths"]] for a in advice]
+    assert probes[0] == probes[1]
+    assert advice[0]["recommendation"]["strategy"] == advice[1]["recommendation"]["strategy"]
+
+
+def test_predict_reads_the_images_a_label_file_names(tree: Path, tmp_path: Path) -> None:
+    import csv
+
+    labels = as_label_file(tree, tree / "labels.csv")
+    assert cli_train(tree, tmp_path / "run") == 0
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(tmp_path / "run"), str(labels), "--top-k", "1", "--output",
+                 str(out), "--backbone", TINY, "--device", "cpu"]) == 0
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 * 3 + 3 * 3 and all(row["error"] == "" for row in rows)
+
+
+def test_the_per_class_heatmap_of_101_classes_stays_readable(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from finetune.compare import plots
+
+    if not plots.available():
+        pytest.skip("matplotlib is not installed (the [plots] extra)")
+    rng = np.random.default_rng(0)
+    matrix = rng.uniform(0.6, 0.9, (5, 101))
+    matrix[:, 7] = [0.0, 0.2, 0.5, 0.9, 1.0]  # the class where strategies differ most
+    assert plots.heatmap_rows(matrix)[0] == 7 and len(plots.heatmap_rows(matrix)) == 40
+    path = plots.plot_per_class_heatmap([f"s{i}" for i in range(5)],
+                                        [f"class{i}" for i in range(101)], matrix,
+                                        tmp_path / "heatmap.png")
+    with Image.open(path) as image:
+        assert image.width < 1500 and image.height < 1800

@@ -92,31 +92,49 @@ def plot_accuracy_vs_time(summary: Summary, path: Path) -> Path:
     return path
 
 
+MAX_CLASS_ROWS = 40  # past it, the classes where the strategies differ most (all in the CSV)
+
+
+def heatmap_rows(matrix: np.ndarray, limit: int = MAX_CLASS_ROWS) -> list[int]:
+    """The classes (columns of `matrix`, strategies × classes) to show, as rows: sorted by
+    where the strategies differ most (max − min accuracy), at most `limit` of them."""
+    spread = matrix.max(axis=0) - matrix.min(axis=0) if len(matrix) else np.zeros(0)
+    order = sorted(range(matrix.shape[1]), key=lambda c: (-float(spread[c]), c))
+    return order[:limit]
+
+
 def plot_per_class_heatmap(
     strategies: Sequence[str], classes: Sequence[str], matrix: np.ndarray, path: Path,
     marked: np.ndarray | None = None, note: str = "",
 ) -> Path:
-    """Strategies × classes test accuracy (mean over seeds), values printed in each cell; a
-    `*` on the cells `marked` (differs from the best strategy beyond noise), explained by
-    `note` under the plot."""
-    rows, cols = matrix.shape
-    figure = _figure(figsize=(max(6.0, 0.55 * cols + 3), max(3.0, 0.5 * rows + 2)),
+    """Classes × strategies test accuracy (mean over seeds): classes as rows, sorted by where
+    the strategies differ most, and past MAX_CLASS_ROWS only those (per_class.csv has all),
+    so 101 classes stay readable; a `*` on the cells `marked` (differs from the best strategy
+    beyond noise), explained by `note` under the plot."""
+    shown = heatmap_rows(matrix)
+    part = matrix[:, shown].T
+    stars = marked[:, shown].T if marked is not None else None
+    rows, cols = part.shape
+    figure = _figure(figsize=(max(6.0, 1.1 * cols + 4), max(3.0, 0.28 * rows + 2)),
                     layout="constrained")
     axes = figure.subplots()
-    image = axes.imshow(100 * matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    image = axes.imshow(100 * part, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     figure.colorbar(image, ax=axes, label="test accuracy (%)")
     axes.set_xticks(range(cols))
-    axes.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
+    axes.set_xticklabels(strategies, rotation=30, ha="right", fontsize=8)
     axes.set_yticks(range(rows))
-    axes.set_yticklabels(strategies, fontsize=9)
+    axes.set_yticklabels([classes[c] for c in shown], fontsize=8)
     for i in range(rows):
         for j in range(cols):
-            value = 100 * matrix[i, j]
-            star = "*" if marked is not None and marked[i, j] else ""
-            axes.text(j, i, f"{value:.0f}{star}", ha="center", va="center", fontsize=6,
+            value = 100 * part[i, j]
+            star = "*" if stars is not None and stars[i, j] else ""
+            axes.text(j, i, f"{value:.0f}{star}", ha="center", va="center", fontsize=7,
                       color="black" if value > 60 else "white")
+    title = "per-class test accuracy, classes where the strategies differ most first"
+    if len(shown) < len(classes):
+        title += f" ({len(shown)} of {len(classes)}; all in per_class.csv)"
     width = max(60, int(10 * figure.get_figwidth()))  # characters that fit across the figure
-    axes.set_title("\n".join(["per-class test accuracy", *textwrap.wrap(note, width)]),
+    axes.set_title("\n".join([*textwrap.wrap(title, width), *textwrap.wrap(note, width)]),
                    fontsize=9)
     atomic_write(path, lambda file: figure.savefig(file, dpi=110, format="png"))
     return path

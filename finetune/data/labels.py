@@ -96,6 +96,11 @@ class LabelFile:
         """(classes, train, test) with paths resolved and checked."""
         return LabelledImages(self.rows(), self.folder, str(self.path)).samples()
 
+    def samples_any_split(self) -> tuple[list[str], Samples, Samples]:
+        """`samples`, for images to predict: every row counts, whatever its split."""
+        rows = [attrs.evolve(row, split="train") for row in self.rows()]
+        return LabelledImages(rows, self.folder, str(self.path)).samples()
+
     def _records(self) -> Iterable[tuple[str, dict[str, Any]]]:
         try:
             text = self.path.read_text(encoding="utf-8-sig")

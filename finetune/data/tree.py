@@ -65,7 +65,7 @@ class ImageSplits:
         check_split_arguments(val_split, train_per_class)
         labels = label_file(resolve_named_data(Path(root)).expanduser())
         if labels is not None:  # a label file: the same samples a tree would give
-            tree = labels.parent
+            labels, tree = labels.resolve(), labels.resolve().parent
             classes, train, test = LabelFile(labels).samples()
             if not test:
                 raise DataError(f"{labels} has no test rows: add a split column marking the "
@@ -86,7 +86,7 @@ class ImageSplits:
                                                       progress)
         else:
             problems = find_problems([p for p, _ in train + test], full=full_check)
-        return cls._split(tree, classes, train, test, problems, copy, strict=strict,
+        return cls._split(labels or tree, classes, train, test, problems, copy, strict=strict,
                           val_split=val_split, split_seed=split_seed,
                           train_per_class=train_per_class)
 
@@ -127,7 +127,9 @@ class ImageSplits:
                problems: dict[Path, str], copy: Path | None, *, strict: bool,
                val_split: float, split_seed: int, train_per_class: int | None
                ) -> ImageSplits:
-        """Unreadable files reported and left out, then the seeded stratified split."""
+        """Unreadable files reported and left out, then the seeded stratified split. `tree`
+        is where the images came from: a tree's folder, or the label file naming them (what
+        run.json records, so evaluate finds the same images)."""
         skipped = tuple(sorted(problems.items()))
         _report_skipped(skipped, strict)
         train = _without(train, problems, classes, tree)

@@ -27,6 +27,7 @@ from torch import nn
 
 from finetune.callbacks.run_file import checkpoint_in, read_run_file
 from finetune.data.images import image_files, is_image_file, load_rgb, to_rgb
+from finetune.data.labels import LabelFile, label_file
 from finetune.data.preprocessing import Preprocessing, preprocessing_from_record
 from finetune.data.transforms import EvalTransform
 from finetune.errors import CheckpointError, DataError
@@ -230,7 +231,8 @@ def _decode(classifier: Classifier, path: Path) -> torch.Tensor | str:
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Image files from files, folders (recursively, sorted, as a dataset is scanned: hidden
-    folders skipped) and glob patterns (a folder it matches, as a folder), each file once
+    folders skipped), label files (the images they name: `finetune.data.labels`) and glob
+    patterns (a folder it matches, as a folder), each file once
     however it was named (relative, absolute, twice), in the order given."""
     found: dict[Path, Path] = {}  # resolved -> as first given
 
@@ -242,7 +244,11 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         text = str(item)
         path = Path(text)
-        if path.is_dir():
+        labels = label_file(path) if path.exists() else None
+        if labels is not None:  # a label file (or metadata.csv folder): the images it names
+            _, train, test = LabelFile(labels).samples_any_split()
+            add(p for p, _ in train + test)
+        elif path.is_dir():
             add(image_files(path))
         elif path.is_file():
             add([path])
