@@ -101,6 +101,12 @@ def test_default_strategies_write_every_output(
         # 9 training images in batches of 4: the single-image last batch is dropped
         assert row["history"][0]["train_images"] == 8
         assert row["images_per_second"] == pytest.approx(8 / row["train_seconds_per_epoch"])
+        # its error analysis: the 6 test images by loss, the worst first
+        folder = tmp_path / "analysis" / f"{row['strategy']}-seed0"
+        lines = (folder / "top_losses.csv").read_text().splitlines()[1:]
+        assert len(lines) == 6 and float(lines[0].split(",")[5]) == pytest.approx(
+            max(row["test_losses"]), rel=1e-5)
+        assert (folder / "confusion.png").is_file() and (folder / "top_losses.png").is_file()
         assert row["peak_memory_mib"] == row["peak_memory_mib"]  # measured, not NaN
         assert set(row["per_class_test_accuracy"]) == set(CLASSES)
         predictions = np.array(row["test_predictions"])  # stored: intervals need no retraining

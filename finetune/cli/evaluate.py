@@ -11,15 +11,33 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from finetune.atomic import atomic_write
 from finetune.callbacks.run_file import RUN_FILE
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
+from finetune.data.images import load_rgb
+from finetune.data.preprocessing import Preprocessing
+from finetune.data.transforms import EvalTransform
+from finetune.deploy.explain import explain, overlay_grid
 from finetune.deploy.inference import load_run
 from finetune.errors import DataError
 from finetune.runtime import distributed
-from finetune.stats.analysis import ErrorAnalysis
+from finetune.stats.analysis import ErrorAnalysis, TopLoss
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
+
+
+def explained_grid(backbone: Any, preprocessing: Preprocessing, classes: list[str],
+                   rows: list[TopLoss], folder: Path) -> Path:
+    """explained.png: Grad-CAM of each image's predicted class beside the image."""
+    transform = EvalTransform(preprocessing)
+    pixels = [transform.pixels(load_rgb(row.path)) for row in rows]
+    predicted = [classes.index(row.predicted) for row in rows]
+    maps = explain(backbone.model, pixels, preprocessing, predicted)
+    grid = overlay_grid(pixels, maps, [f"{row.true} -> {row.predicted} (looked at)"
+                                       for row in rows])
+    return atomic_write(folder / "explained.png", lambda handle: grid.save(handle, "PNG"))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -66,6 +84,9 @@ def _evaluate(args: argparse.Namespace, say: Callable[..., None]) -> int:
         analysis = ErrorAnalysis(report, [str(p) for p, _ in samples])
         folder = args.analysis or path.parent / f"analysis-{args.split}"
         written = analysis.write(folder, worst=args.worst)
+        if args.explain:
+            written.append(explained_grid(run.backbone, preprocessing, classes,
+                                          analysis.top_losses()[:args.worst], folder))
         say(analysis.words())
         say("error analysis: " + ", ".join(str(p) for p in written))
     return 0

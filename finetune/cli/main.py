@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print the per-class report only")
     evaluate.add_argument("--worst", type=positive_int, default=16, metavar="N",
                           help="images in top_losses.png (default: 16)")
+    evaluate.add_argument("--explain", action="store_true",
+                          help="also explained.png: what the model looked at in those images "
+                               "(Grad-CAM of the predicted class; the [explain] extra)")
     evaluate.add_argument("--tta", choices=TTA_MODES, default="none",
                           help="flip: average each image's probabilities with its mirror "
                                "image's (default: none)")

@@ -58,6 +58,9 @@ class Row(Mapping):
     tuning: dict[str, Any] | None = attrs.field(default=None, metadata=NESTED)
     lr_find: dict[str, Any] | None = attrs.field(default=None, metadata=NESTED)
     advice: dict[str, Any] | None = attrs.field(default=None, metadata=NESTED)
+    test_losses: list[float] | None = attrs.field(  # each test image's, for top losses
+        default=None, metadata=NESTED)
+    test_confidences: list[float] | None = attrs.field(default=None, metadata=NESTED)
     test_predictions: list[int] | None = attrs.field(default=None, metadata=NESTED)
     per_class_test_accuracy: dict[str, float] | None = attrs.field(default=None, metadata=NESTED)
     history: list[dict[str, Any]] | None = attrs.field(default=None, metadata=NESTED)

@@ -52,6 +52,8 @@ from finetune.model.zoo import build_backbone, seeded
 from finetune.runtime import distributed
 from finetune.runtime.memory import PeakMemory
 from finetune.settings import print_config
+from finetune.stats.analysis import ErrorAnalysis
+from finetune.stats.metrics import EvaluationReport
 from finetune.train.state import History
 from finetune.tuning.advisor import Advice, Advisor
 from finetune.tuning.search import (
@@ -207,6 +209,9 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         "test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1,
         **noise.run_intervals(test.targets, test.predictions, len(data.classes)),
         "test_predictions": test.predictions.tolist(),
+        "test_losses": None if test.losses is None else [round(float(v), 6) for v in test.losses],
+        "test_confidences": (None if test.confidences is None
+                             else [round(float(v), 6) for v in test.confidences]),
         "epochs": len(history), **costs,
         "peak_memory_mib": memory.mib, "memory_measure": memory.method,
         "precision": trainer.state.precision, "device": str(trainer.state.device),
@@ -425,6 +430,22 @@ def _record(tag: str, spec: str, seed: int, outcome: pool.Outcome, rows: list[Ro
           f"{row['precision']}", flush=True)
 
 
+def write_row_analyses(folder: Path, rows: Sequence[Row], splits: ImageSplits) -> None:
+    """Each row's error analysis (`finetune.stats.analysis`) in `folder/<strategy>-seed<N>/`:
+    its test images by loss, the worst in a grid, its confusion picture and confused pairs.
+    Rows resumed from results written before per-image losses were kept are left out."""
+    targets = [label for _, label in splits.test]
+    paths = [str(path) for path, _ in splits.test]
+    for row in rows:
+        if row.test_losses is None or row.test_predictions is None:
+            continue
+        report = EvaluationReport.from_predictions(targets, row.test_predictions,
+                                                   splits.classes, losses=row.test_losses,
+                                                   confidences=row.test_confidences)
+        name = f"{row.strategy}-seed{row.seed}".replace(":", "_").replace("/", "_")
+        ErrorAnalysis(report, paths).write(folder / name, worst=8)
+
+
 def write_outputs(*args: Any, **kwargs: Any) -> str:
     """`report.write_outputs` on rank 0; the other processes of a data-parallel comparison
     write nothing."""
@@ -541,6 +562,8 @@ def _compare(args: argparse.Namespace, specs: list[str], output: Path,
             output=output, decoded=decoded))
     print("\n" + write_outputs(output, settings, splits.classes, rows, failed, targets=targets,
                                hindsight=measured))
+    if distributed.is_main():
+        write_row_analyses(output / "analysis", rows, splits)
     pictures = ", *.png" if plots.available() else ""
     print(f"\nresults in {output}/ (results.json, results.csv, results.md, pairwise.*, "
           f"per_class.*{pictures})")
