@@ -10,6 +10,7 @@ Lightning needs the `[lightning]` extra.
 
     python -m benchmarks.peers --data ../shared/data/ucmerced            # 21 classes, 16+4 each
     python -m benchmarks.peers --data DIR --frameworks ours,plain --epochs 1
+    python -m benchmarks.peers --data DIR --frameworks ours,ours-auto,lightning --repeats 3
 
 Reported with the CPU named; a ratio is fit seconds of a framework over ours, in one run.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -146,6 +148,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each framework; the table shows medians")
     parser.add_argument("--output", type=Path, default=Path("peers.json"))
     parser.add_argument("--one", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--train-images", type=int, default=0, help=argparse.SUPPRESS)
@@ -159,19 +163,26 @@ def main() -> None:
     splits = ImageSplits.scan(args.data, val_split=0.2, split_seed=0,
                               train_per_class=args.train_per_class, progress=False)
     train_images = len(splits.train) // args.batch_size * args.batch_size  # drop_last
-    results = {}
-    for framework in args.frameworks.split(","):
-        command = [sys.executable, "-m", "benchmarks.peers", *sys.argv[1:], "--one", framework,
-                   "--train-images", str(train_images)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(f"{framework}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[framework] = json.loads(done.stdout.strip().splitlines()[-1])
+    frameworks = args.frameworks.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in frameworks}
+    for round_ in range(args.repeats):  # frameworks in turn, each round: drift hits all alike
+        for framework in frameworks if round_ % 2 == 0 else frameworks[::-1]:
+            command = [sys.executable, "-m", "benchmarks.peers", *sys.argv[1:], "--one",
+                       framework, "--train-images", str(train_images)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"{framework}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs[framework].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {name: {**done_runs[0], **{key: statistics.median(r[key] for r in done_runs)
+                                         for key in ("fit_seconds", "images_per_second",
+                                                     "peak_rss_mib", "test_accuracy")},
+                      "fit_seconds_each": [r["fit_seconds"] for r in done_runs]}
+               for name, done_runs in runs.items() if done_runs}
     cpu = machine()["cpu"]
     print(f"CPU: {cpu}; {args.backbone}, full fine-tuning, {len(splits.classes)} classes, "
           f"{len(splits.train)} train images, {args.image_size} px, batch {args.batch_size}, "
-          f"{args.epochs} epochs, Adam {args.lr:g}, fp32")
+          f"{args.epochs} epochs, Adam {args.lr:g}, fp32; median of {args.repeats} run(s)")
     print("| framework | fit (s) | train img/s | peak RSS (MiB) | test acc (%) | fit / ours |")
     print("|---|---:|---:|---:|---:|---:|")
     ours = results.get("ours", {}).get("fit_seconds")

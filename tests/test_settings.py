@@ -177,3 +177,14 @@ def test_finetune_compare_and_benchmarks_compare_write_the_same_results(
     assert [{k: v for k, v in row.items() if k not in timed} for row in a["rows"]] == [
         {k: v for k, v in row.items() if k not in timed} for row in b["rows"]]
     assert a["rows"][0]["test_predictions"] == b["rows"][0]["test_predictions"]
+
+
+def test_every_registered_strategy_spells_a_spec_that_reads_back() -> None:
+    import finetune
+
+    needed = {"freeze-all-but": ":groups=layer3+layer4"}  # a required option
+    for name in [*finetune.STRATEGIES, *finetune.PRESETS]:
+        strategy = finetune.parse_strategy(name + needed.get(name, ""))
+        assert finetune.parse_strategy(strategy.spec()) == strategy, name
+    odd = finetune.parse_strategy("freeze-all-but:groups=layer3+layer4:train_bn=true")
+    assert finetune.parse_strategy(odd.spec()) == odd and "train_bn=true" in odd.spec()

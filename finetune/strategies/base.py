@@ -21,6 +21,7 @@ from torch import nn
 
 from finetune.errors import CheckpointError
 from finetune.model.backbone import Backbone
+from finetune.settings import default_of
 
 STRATEGIES: dict[str, type[FreezeStrategy]] = {}
 # Named settings of a registered strategy: name -> (registered name, its options).
@@ -116,11 +117,6 @@ def _option_text(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return str(value).lower()
     return str(value)
-
-
-def default_value(field: attrs.Attribute) -> Any:
-    default = field.default
-    return default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
 
 
 def _option_value(text: str) -> Any:
@@ -293,7 +289,7 @@ class FreezeStrategy:
                              "register it (`finetune.register`) to name it on a command line")
         options = [f"{field.name}={_option_text(getattr(self, field.name))}"
                    for field in attrs.fields(type(self)) if field.init
-                   and getattr(self, field.name) != default_value(field)]
+                   and getattr(self, field.name) != default_of(field)]
         return ":".join([names[0], *options])
 
     def state_dict(self) -> dict[str, Any]:
