@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune.atomic import atomic_write
 from finetune.callbacks.run_file import RUN_FILE
 from finetune.data import DATA_ENV, ImageFolderData, resolve_data_root
 from finetune.data.images import load_rgb
@@ -23,7 +22,7 @@ from finetune.deploy.explain import explain, overlay_grid
 from finetune.deploy.inference import load_run
 from finetune.errors import DataError
 from finetune.runtime import distributed
-from finetune.stats.analysis import ErrorAnalysis, TopLoss
+from finetune.stats.analysis import ErrorAnalysis, TopLoss, save_png
 from finetune.train.config import TrainConfig
 from finetune.train.trainer import Trainer
 
@@ -37,7 +36,7 @@ def explained_grid(backbone: Any, preprocessing: Preprocessing, classes: list[st
     maps = explain(backbone.model, pixels, preprocessing, predicted)
     grid = overlay_grid(pixels, maps, [f"{row.true} -> {row.predicted} (looked at)"
                                        for row in rows])
-    return atomic_write(folder / "explained.png", lambda handle: grid.save(handle, "PNG"))
+    return save_png(folder / "explained.png", grid)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

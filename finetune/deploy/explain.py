@@ -43,14 +43,14 @@ def explain(model: nn.Module, pixels: Sequence[np.ndarray], preprocessing: Prepr
     except ImportError:
         raise ImportError(MISSING) from None
     transform = EvalTransform(preprocessing)
-    # the input carries the gradient, so frozen (or loaded, no-grad) weights still give one
-    batch = torch.stack([transform.normalise(p) for p in pixels]).requires_grad_(True)
+    batch = torch.stack([transform.normalise(p) for p in pixels])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with GradCAM(model=model, target_layers=[layer or last_convolution(model)]) as cam:
-            maps = cam(input_tensor=batch.to(device).detach().requires_grad_(True),
+            # the input carries the gradient, so frozen (or loaded, no-grad) weights give one
+            maps = cam(input_tensor=batch.to(device).requires_grad_(True),
                        targets=[ClassifierOutputTarget(int(c)) for c in classes])
     finally:
         model.train(was_training)

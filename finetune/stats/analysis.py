@@ -32,6 +32,11 @@ CELL = 200  # pixels per image in the grid
 PAIRS = 10  # confused pairs said in words
 
 
+def save_png(path: Path, image: Any) -> Path:
+    """A PIL image written atomically as PNG."""
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+
+
 @attrs.frozen(kw_only=True)
 class TopLoss:
     path: str
@@ -116,14 +121,8 @@ class ErrorAnalysis:
                          for r in rows)
         written = [atomic_write_text(folder / "top_losses.csv", buffer.getvalue()),
                    atomic_write_text(folder / "confused.txt", self.words() + "\n")]
-        grid = self._grid_image(rows[:worst])
-        written.append(atomic_write(folder / "top_losses.png",
-                                    lambda handle: grid.save(handle, format="PNG")))
-        confusion = self._confusion_image()
-        written.append(atomic_write(folder / "confusion.png",
-                                    lambda handle: confusion.save(handle, format="PNG")))
-        return written
-        written.append(self._draw(folder / "confusion.png", self._confusion_figure()))
+        written.append(save_png(folder / "top_losses.png", self._grid_image(rows[:worst])))
+        written.append(save_png(folder / "confusion.png", self._confusion_image()))
         return written
 
     # -- pictures -----------------------------------------------------------------------------
