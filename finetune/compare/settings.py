@@ -222,12 +222,27 @@ def parse_run(spec: str) -> RunSpec:
 
 
 PROG = "finetune compare"
+USAGE = """\
+Compare freezing strategies on one dataset and backbone, with the same data split, epochs, lr
+and seeds for all, and print a Markdown table.
+
+    finetune compare                    # quick preset on the packaged sample, offline
+    finetune compare --preset reference --data nature_12K.zip   # ResNet50, GPU
+    finetune compare --data DIR --seeds 3 \\
+        --strategies last-layer,lp-ft,freeze-fraction:fraction=0.5:count=numel
+
+A strategy is a registered name or preset (`finetune.STRATEGIES`, `finetune.PRESETS`: e.g.
+`freeze-80`), optionally followed by `:key=value` options; `+` joins tuple items
+(`freeze-all-but:groups=layer4+head`); `:weights=none` trains that row from random init
+(`from-scratch` is short for `full-unfreeze:weights=none`).
+Rows are written to the output folder as each run finishes, so a crash or Ctrl-C keeps them and
+`--resume` skips them. See docs/benchmarks.md for what each column measures. In a source
+checkout `python -m benchmarks.compare` is the same command.
+"""
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from finetune.compare import __doc__ as description
-
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = argparse.ArgumentParser(prog=prog, description=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(COMPARE_PRESETS), default="quick")
     p.add_argument("--data", help="an ImageFolder tree with train/ and test/ or val/, the "
