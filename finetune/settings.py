@@ -256,13 +256,31 @@ def _checked(parser: argparse.ArgumentParser, action: argparse.Action, value: An
     if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0):
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_checked(parser, _one_of(action), item, where) for item in items]
+    try:
+        return flag_value(action, value)
+    except NotAFlagValue as error:
+        parser.error(f"{where}: {error.reason}")
+
+
+class NotAFlagValue(ValueError):
+    """A value from a file that its flag would refuse; `reason` says why, as the flag would."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def flag_value(action: argparse.Action, value: Any) -> Any:
+    """`value` from a file (run.json, a --config YAML: a number, text, a list) as `action`
+    takes it when typed — written as text (a list joined by commas), then converted and
+    checked by the flag's own type and choices."""
     text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     try:
         checked = action.type(text) if action.type is not None else text
     except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
-        parser.error(f"{where}: {error}")
+        raise NotAFlagValue(str(error)) from None
     if action.choices is not None and checked not in action.choices:
-        parser.error(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise NotAFlagValue(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
     return checked
 
 

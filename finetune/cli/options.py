@@ -12,10 +12,12 @@ from finetune.data.config import DataConfig
 from finetune.errors import ArchitectureError, CheckpointError
 from finetune.model.zoo import check_backbone_name
 from finetune.settings import (
+    NotAFlagValue,
     add_flags,
     argument_type,
     checked_number,
     declared,
+    flag_value,
     positive_float,
     recorded,
     values_of,
@@ -95,14 +97,9 @@ def recorded_flag(parser: argparse.ArgumentParser, name: str, value: Any, source
     if action is None or value is None or isinstance(value, (dict, bool)):
         return value
     flag = action.option_strings[0] if action.option_strings else name
-    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     try:
-        checked = action.type(text) if action.type is not None else value
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        return flag_value(action, value)
+    except NotAFlagValue as error:
         raise CheckpointError(f"{source}: cli.{name} holds {value!r}, which {flag} does not "
-                              f"take ({error}); restore the value, or give {flag} yourself"
-                              ) from None
-    if action.choices is not None and checked not in action.choices:
-        raise CheckpointError(f"{source}: cli.{name} holds {value!r}; {flag} takes "
-                              f"{', '.join(map(str, action.choices))}")
-    return checked
+                              f"take ({error.reason}); restore the value, or give {flag} "
+                              "yourself") from None
