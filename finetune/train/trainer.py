@@ -545,10 +545,11 @@ class Trainer:
             total_loss += float(self.eval_loss_fn(logits.float(), labels)) * len(labels)
             count += len(labels)
             predictions.append(logits.argmax(dim=1).cpu())
-            confidences.append(logits.float().softmax(dim=1).amax(dim=1).cpu())
             targets.append(labels.cpu())
-            losses.append(nn.functional.cross_entropy(logits.float(), labels,
-                                                      reduction="none").cpu())
+            # each image's cross-entropy and confidence from one log-softmax
+            log_probabilities = logits.float().log_softmax(dim=1)
+            losses.append(-log_probabilities.gather(1, labels[:, None]).squeeze(1).cpu())
+            confidences.append(log_probabilities.amax(dim=1).exp().cpu())
         if count == 0:
             raise ValueError("the evaluation loader yielded no batches")
         return EvaluationReport.from_predictions(
