@@ -215,6 +215,13 @@ def config_file_argument(argv: Sequence[str]) -> Path | None:
     return None
 
 
+def use_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """The `--config FILE` of `argv`, if any, made `parser`'s defaults before it parses."""
+    path = config_file_argument(argv)
+    if path is not None:
+        apply_config_file(parser, path)
+
+
 def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> None:
     """Make the settings of a YAML file `parser`'s defaults, each checked as its flag
     checks it; an unknown key or a bad value is a usage error naming the key and the file."""

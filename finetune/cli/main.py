@@ -70,14 +70,13 @@ from finetune.runtime.precision import machine
 from finetune.settings import (
     NOT_SETTINGS,
     add_config_flags,
-    apply_config_file,
     argument_type,
-    config_file_argument,
     non_negative_float,
     plain,
     positive_float,
     positive_int,
     print_config,
+    use_config_file,
 )
 from finetune.strategies import PRESETS, STRATEGIES, FreezeStrategy
 from finetune.train.config import TrainConfig, device_argument
@@ -607,9 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_compare(argparse.Namespace(arguments=argv[argv.index("compare") + 1:]))
     parser = build_parser()
     subcommand = subcommand_parser(parser, command)
-    config_file = config_file_argument(argv)
-    if config_file is not None and subcommand is not None:
-        apply_config_file(subcommand, config_file)
+    if subcommand is not None:
+        use_config_file(subcommand, argv)
     args = parser.parse_args(argv)
     if getattr(args, "print_config", False):
         print_config(args.parser, args, spelled)

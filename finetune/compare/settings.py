@@ -25,15 +25,14 @@ from finetune.model.zoo import default_backbone_name
 from finetune.settings import (
     add_config_flags,
     add_flags,
-    apply_config_file,
     argument_type,
     checked_number,
-    config_file_argument,
     declared,
     default_of,
     kept_on_resume,
     positive_int,
     recorded,
+    use_config_file,
     values_of,
 )
 from finetune.train.config import TrainConfig, setting_classes
@@ -310,9 +309,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
     p = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = config_file_argument(argv)
-    if config_file is not None:
-        apply_config_file(p, config_file)
+    use_config_file(p, argv)
     args = p.parse_args(argv)
     args.parser = p
     if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) != "none":
