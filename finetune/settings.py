@@ -190,7 +190,6 @@ def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 # -- --config FILE and --print-config ------------------------------------------------------------
-CONFIG_FLAGS = ("--config", "--print-config")
 NOT_SETTINGS = {"handler", "parser", "command", "traceback", "tuned", "config", "print_config",
                 "help"}
 
