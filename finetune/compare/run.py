@@ -162,7 +162,7 @@ def run_one(spec: str, seed: int, *, settings: Settings, splits: ImageSplits,
         if sys.stderr.isatty() and settings.jobs == 1:  # runs side by side would garble bars
             callbacks.append(ProgressBar())
         if settings.loggers and distributed.is_main():  # each row under its own name
-            name = f"{spec}-seed{seed}-lr{lr:g}".replace(":", "_").replace("/", "_")
+            name = folder_name(f"{spec}-seed{seed}-lr{lr:g}")
             callbacks += make_loggers(
                 settings.loggers, output / "logs", name,
                 settings={"compare": settings.to_dict(), "lr": lr},
@@ -430,6 +430,11 @@ def _record(tag: str, spec: str, seed: int, outcome: pool.Outcome, rows: list[Ro
           f"{row['precision']}", flush=True)
 
 
+def folder_name(label: str) -> str:
+    """A row's label as a folder name (a strategy spec holds ':' and may hold '/')."""
+    return label.replace(":", "_").replace("/", "_")
+
+
 def write_row_analyses(folder: Path, rows: Sequence[Row], splits: ImageSplits) -> None:
     """Each row's error analysis (`finetune.stats.analysis`) in `folder/<strategy>-seed<N>/`:
     its test images by loss, the worst in a grid, its confusion picture and confused pairs.
@@ -442,7 +447,7 @@ def write_row_analyses(folder: Path, rows: Sequence[Row], splits: ImageSplits) -
         report = EvaluationReport.from_predictions(targets, row.test_predictions,
                                                    splits.classes, losses=row.test_losses,
                                                    confidences=row.test_confidences)
-        name = f"{row.strategy}-seed{row.seed}".replace(":", "_").replace("/", "_")
+        name = folder_name(f"{row.strategy}-seed{row.seed}")
         ErrorAnalysis(report, paths).write(folder / name, worst=8)
 
 
