@@ -6,20 +6,25 @@ killed after a deadline, so a broken collective fails the test instead of hangin
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from finetune.cache.plan import ActivationCaches
 from finetune.callbacks import Checkpoint
 from finetune.data import ImageFolderData, SeededShuffle
 from finetune.data.preprocessing import Preprocessing
@@ -31,7 +36,8 @@ from finetune.strategies import build_strategy
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback
 from finetune.train.trainer import Trainer, epoch_seed
-from tests.conftest import FAST, TINY, finish_all, make_tiny_backbone, make_tree, run_cli
+from finetune.tuning.search import ConfigChange, LrSearch
+from tests.conftest import FAST, TINY, finish_all, make_tiny_backbone, make_tree
 
 TIMEOUT_S = 180
 CONFIG = dict(epochs=2, lr=1e-3, seed=0, precision="fp32", channels_last=False, device="cpu",
@@ -112,13 +118,58 @@ def fit_run(root: str, out: str, batch_size: int, model: str = "plain",
             "predictions": trainer.predict(data.test_loader()).tolist()}
 
 
-def _worker(rank: int, world: int, port: int, out: str, kwargs: dict[str, Any]) -> None:
+SEARCH_GRID = (1e-3, 1e-5, 1e-2, 1.0)  # 1e-5 stops at the peek, 1e-2 wins, 1.0 diverges
+DIVERGING_LR = 1.0
+
+
+class LastRankBlowsUp:
+    """Cross-entropy, infinite on the last rank's second batch for the lr `DIVERGING_LR`:
+    under two ranks one process's loss alone is non-finite (one process: its own)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr, self.batches = lr, 0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        loss = nn.functional.cross_entropy(logits, labels)
+        last = distributed.rank() == distributed.world_size() - 1
+        return loss * math.inf if last and self.lr == DIVERGING_LR and self.batches == 2 else loss
+
+
+def search_run(root: str, out: str, batch_size: int) -> dict[str, Any]:
+    """An lr search of PlainNet's full fine-tune over `SEARCH_GRID`, as the same code on each
+    process: what it tried and chose, and the chosen run's weights."""
+    backbone = plain_backbone()
+    data = ImageFolderData(root, val_split=0.2, batch_size=batch_size, num_workers=0,
+                           data_augmentation=False, preprocessing=backbone.preprocessing,
+                           progress=False)
+
+    def make_trainer(change: ConfigChange, activations: ActivationCaches) -> Trainer:
+        config = change(TrainConfig(**CONFIG))
+        return Trainer(copy.deepcopy(backbone), build_strategy("full-unfreeze"), config,
+                       activations=activations, loss=LastRankBlowsUp(config.lr))
+
+    tuning, trainer = LrSearch(SEARCH_GRID, epochs=2, max_extensions=0).run(
+        make_trainer, data.train_loader(), data.val_loader())
+    return {"chosen": tuning.chosen, "callbacks": len(trainer.callbacks),
+            "candidates": [attrs.asdict(c) for c in tuning.candidates],
+            "weights": {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}}
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _worker(rank: int, world: int, port: int, out: str, job: Callable[..., dict[str, Any]],
+            kwargs: dict[str, Any]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    result = fit_run(out=out, **kwargs)
-    torch.save(result, Path(out) / f"rank{rank}.pt")
+    threads = native_threads()
+    result = job(out=out, **kwargs)
     distributed.stop()
+    result["threads"] = (threads, native_threads())  # before the group, after stop
+    torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
 def free_port() -> int:
@@ -127,11 +178,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def on_two_ranks(out: Path, **kwargs: Any) -> list[dict[str, Any]]:
-    """fit_run on two processes under the torchrun environment; each rank's result."""
+def on_two_ranks(out: Path, job: Callable[..., dict[str, Any]] = fit_run, **kwargs: Any
+                 ) -> list[dict[str, Any]]:
+    """`job` (fit_run) on two processes under the torchrun environment; each rank's result."""
     out.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(_worker, args=(2, free_port(), str(out), kwargs), nprocs=2,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(_worker, args=(2, free_port(), str(out), job, kwargs),
+                                 nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -191,6 +243,34 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_
     assert ranks[0]["predictions"] == single["predictions"]
     assert ranks[0]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
     assert ranks[0]["buckets"] == [6, 6]  # full fine-tune: all 6 tensors (2 convs, head)
+
+
+@pytest.mark.distributed
+def test_an_lr_search_on_two_ranks_chooses_and_trains_as_one_process(tree, tmp_path):
+    """The race's peeks and epoch-end evaluations are collective, every decision is rank
+    0's, a loss that is non-finite on one rank only stops both at the same batch, and the
+    chosen run equals one process's with twice the batch. Afterwards `stop` leaves no thread
+    of the process group behind: a DDP wrapper kept past its fit (the search's finished runs
+    were, through a reference cycle) kept the group alive into interpreter shutdown, where a
+    gloo thread releasing a tensor aborted the process (docs/distributed.md)."""
+    ranks = on_two_ranks(tmp_path / "two", job=search_run, root=str(tree), batch_size=2)
+    single = search_run(str(tree), str(tmp_path), batch_size=4)
+    assert ranks[0]["chosen"] == ranks[1]["chosen"] == single["chosen"] == 1e-2
+    for rank in ranks:
+        assert [{k: c[k] for k in ("value", "epochs", "steps", "diverged")}
+                for c in rank["candidates"]] == [
+            {k: c[k] for k in ("value", "epochs", "steps", "diverged")}
+            for c in single["candidates"]]
+        assert [c["val_loss"] for c in rank["candidates"]] == pytest.approx(
+            [c["val_loss"] for c in single["candidates"]], rel=1e-5)
+        assert_close(rank["weights"], single["weights"])
+        assert rank["threads"][1] == rank["threads"][0]
+    epochs = {c["value"]: (c["epochs"], c["diverged"]) for c in single["candidates"]}
+    assert epochs == {1e-3: (2, False), 1e-5: (pytest.approx(1 / 3, abs=0.01), False),
+                      1e-2: (2, False), 1.0: (0, True)}
+    for name, tensor in ranks[0]["weights"].items():
+        assert torch.equal(tensor, ranks[1]["weights"][name]), f"{name} differs across ranks"
+    assert single["callbacks"] == 0  # the chosen trainer comes back without the race
 
 
 @pytest.fixture(scope="module")
@@ -320,11 +400,14 @@ def test_resume_on_two_ranks_equals_a_straight_run_and_another_world_size_is_ref
 
 @pytest.mark.distributed
 def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_path: Path):
+    """`--lr auto` included: the search's candidates share the cached prefix, and rank 0
+    alone prints the search and records it."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "finetune", "train", "--data", str(tree),
                "--backbone", TINY, "--strategy", "last-layer", "--epochs", "2",
-               "--batch-size", "4", "--checkpoint-dir", str(run), *FAST]
+               "--batch-size", "4", "--lr", "auto", "--lr-grid", "1e-3,1e-1",
+               "--checkpoint-dir", str(run), *FAST]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
@@ -332,8 +415,12 @@ def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test set (weights after the last epoch)") == 1
     assert done.stdout.count("data: 3 classes") == 1
+    assert done.stdout.count("--lr auto: trying 0.001, 0.1") == 1
     record = json.loads((run / "run.json").read_text())
     assert record["world_size"] == 2
+    assert {1e-3, 1e-1} <= {c["lr"] for c in record["tuning"]["candidates"]}
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["lr"] == (
+        record["tuning"]["chosen"])
     assert sorted(p.name for p in run.iterdir()) == ["MODEL_CARD.md", "best.pt", "last.pt",
                                                     "run.json"]
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
@@ -424,9 +511,8 @@ def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
     assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "-m", "finetune", "compare", "--strategies",
                         "last-layer", "--epochs", "1", "--output", "x", "--tune", "none"]]
-    with pytest.raises(SystemExit):  # the quick preset tunes: that search runs in one process
-        run.main(argv[:-2])
-    assert len(started) == 1  # refused before torchrun started anything
+    assert run.main(argv[:-2]) == 0  # the quick preset's lr search runs under torchrun too
+    assert started[1][-1] == "x" and "--tune" not in started[1]
 
 
 @pytest.fixture
@@ -457,12 +543,3 @@ def test_shard_loader_deals_each_kind_of_loader_or_says_what_it_needs(as_rank_on
         distributed.shard_loader([(torch.zeros(2, 3), torch.zeros(2))])
 
 
-def test_lr_auto_under_torchrun_is_refused_before_anything_trains(tree, tmp_path, capsys,
-                                                                   as_rank_one_of_two):
-    """The lr search runs in one process for now: under torchrun it says how to go on."""
-    code, out, err = run_cli(["train", "--data", str(tree), "--backbone", TINY, "--strategy",
-                              "last-layer", "--lr", "auto", "--checkpoint-dir",
-                              str(tmp_path / "run"), *FAST], capsys)
-    assert code == 2
-    assert "--lr auto: the lr search runs in one process for now" in err
-    assert "--lr auto: trying" not in out and not (tmp_path / "run").exists()

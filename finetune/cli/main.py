@@ -83,7 +83,6 @@ from finetune.train.config import TrainConfig, device_argument
 from finetune.train.trainer import TTA_MODES, Trainer
 from finetune.tuning.search import (
     SELECTIONS,
-    SINGLE_PROCESS,
     ConfigChange,
     LrSearch,
     Selection,
@@ -363,8 +362,6 @@ def _train(args: argparse.Namespace, say: Callable[..., None]) -> int:
     if args.lr == "auto" and args.resume is not None:
         args.parser.error("--lr auto chooses the lr before a run starts; a resume goes on at "
                           "the lr its run chose (leave --lr out)")
-    if args.lr == "auto" and distributed.world_size() > 1:
-        args.parser.error(f"--lr auto: {SINGLE_PROCESS}")
     if args.select is not None and args.lr != "auto":
         args.parser.error("--select is how --lr auto chooses the lr; add --lr auto (or drop "
                           "--select)")

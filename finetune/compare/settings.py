@@ -37,7 +37,7 @@ from finetune.settings import (
 )
 from finetune.train.config import TrainConfig, setting_classes
 from finetune.train.trainer import TTA_MODES
-from finetune.tuning.search import SELECTIONS, SINGLE_PROCESS, parse_grid, search_grid
+from finetune.tuning.search import SELECTIONS, parse_grid, search_grid
 
 DEFAULT_STRATEGIES = ("last-layer", "freeze-80", "full-unfreeze", "freeze-head-only",
                       "from-scratch")
@@ -312,8 +312,6 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     use_config_file(p, argv)
     args = p.parse_args(argv)
     args.parser = p
-    if args.nproc > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) != "none":
-        p.error(f"--nproc with --tune lr: {SINGLE_PROCESS}")
     if args.nproc > 1 and any(ADVISED in item.split(",") for item in args.strategies or ()):
         p.error("--nproc with the advised row: the advisor runs in one process; run "
                 "`finetune advise` first and compare its strategy under --nproc")
@@ -390,8 +388,6 @@ def resolve_settings(args: argparse.Namespace, specs: Sequence[str], data: str,
             "ResNet50 weights found in the torch hub cache" if chosen["backbone"] == "resnet50"
             else "ResNet50 weights not cached: packaged Lite0 weights")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if chosen["tune"] != "none" and max(world_size, args.nproc) > 1:
-        raise SystemExit(f"--tune lr: {SINGLE_PROCESS}")
     if args.nproc > 1 and args.jobs not in (None, "auto", 1):
         raise SystemExit("--jobs runs several single-process runs at once and --nproc one run "
                          "on several processes: pick one")

@@ -216,7 +216,9 @@ class DataParallel:
     DDP registers only parameters with `requires_grad=True`, so frozen ones never enter its
     buckets; it is built for one set of trainable parameters, hence `reset` whenever the
     strategy changes what trains (with the optimizer) and a new wrapper when the training
-    pass runs another forward (the backbone, or the suffix of a cached prefix).
+    pass runs another forward (the backbone, or the suffix of a cached prefix). A wrapper
+    lives for one fit (the Trainer resets it when the fit ends): it holds the process group,
+    so a wrapper kept longer would keep the group and its threads alive past `stop`.
     """
 
     def __init__(self) -> None:

@@ -10,6 +10,7 @@ window's images, so k batches of B images step exactly like one batch of kB (for
 without BatchNorm, whose statistics see B at a time). Only the window's last batch needs
 gradients synchronised across processes: the forward and backward of the others run under
 the model's own `no_sync` (`DistributedDataParallel.no_sync`, where the model is wrapped).
+A non-finite loss on any process stops every process at the same batch.
 
 The step is built with every part it uses — loss, schedule, clipping, accumulation, device
 and precision (hence its scaler) — and nothing sets them afterwards: the loop passes each
@@ -28,6 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from finetune.errors import FinetuneError
+from finetune.runtime import distributed
 from finetune.runtime.precision import autocast
 from finetune.train.schedules import StepSchedule
 from finetune.train.state import StepOutput
@@ -97,10 +99,13 @@ class OptimizerStep:
                 logits = model(images)
             loss = self.loss_fn(logits.float(), labels if targets is None else targets)
             value = float(loss.detach())
-            if not math.isfinite(value):
+            # every process stops at the same batch, before backward starts DDP's reduction:
+            # one process leaving alone would leave the others in a collective it never joins
+            if distributed.any_rank(not math.isfinite(value)):
                 self._batches = self._images = 0
+                shown = value if not math.isfinite(value) else "not finite on another process"
                 raise NonFiniteLossError(
-                    f"loss is {value} at {where}; lower the learning rate, set max_grad_norm, "
+                    f"loss is {shown} at {where}; lower the learning rate, set max_grad_norm, "
                     "or check the inputs for NaN."
                 )
             # its share of a nominal window (k batches like the first); update() corrects a

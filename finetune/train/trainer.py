@@ -219,6 +219,9 @@ class Trainer:
         finally:  # activations can take GiBs; and after fit the weights may change
             if self._shared_activations is None:
                 self.activations.release()
+            # DDP's wrapper holds the process group (and its gradient buckets): kept past the
+            # fit, it keeps the group's threads alive after distributed.stop() (docs/distributed.md)
+            self.parallel.reset()
             if self.state.malloc_tuned:  # process-wide: scoped to this fit
                 restore_malloc_defaults()
         return self.history

@@ -64,13 +64,6 @@ MakeTrainer = Callable[[ConfigChange, ActivationCaches], Trainer]
 def same_config(config: TrainConfig) -> TrainConfig:
     """The change that changes nothing (a run outside any search)."""
     return config
-# Under torchrun, one process in about eight aborted in gloo ("terminate called without an
-# active exception") in a search whose candidates stop mid-epoch; until that is understood the
-# search runs in one process.
-SINGLE_PROCESS = ("the lr search runs in one process for now (a data-parallel search aborted "
-                  "intermittently); choose the lr without torchrun (finetune train --lr auto, "
-                  "or finetune compare without --nproc), then train under torchrun with that "
-                  "--lr (compare: --tune none --lr X)")
 GRID_STEP = 10 ** 0.5  # two grid points per decade
 PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped
 SELECTIONS = ("loss", "accuracy+loss", "accuracy")
@@ -322,9 +315,12 @@ class Race(Callback):
             trainer.state.should_stop = True
 
     def _judge(self, point: float, score: Score, trainer: Any) -> bool:
+        """Whether the run stops here: rank 0's verdict on every rank (the scores are
+        gathered, so every rank holds the same; the verdict is still taken once, so that no
+        rounding difference between machines can send ranks different ways)."""
         self.run.scores[point] = score
         self.run.steps = trainer.state.global_step
-        return stops(self.selection, self.run, point, self.rival)
+        return bool(distributed.same_as_main(stops(self.selection, self.run, point, self.rival)))
 
 
 @attrs.frozen
@@ -416,8 +412,6 @@ class Search:
         if val_loader is None:
             raise ValueError(f"choosing {name} needs validation data: give a val loader "
                              "(e.g. --val-split 0.2)")
-        if distributed.world_size() > 1:
-            raise ValueError(SINGLE_PROCESS)
         started = time.perf_counter()
         shared = activations if activations is not None else ActivationCaches()
         filled = shared.fill_seconds
@@ -432,14 +426,17 @@ class Search:
                 raise ValueError(f"make_trainer built a trainer with {name}="
                                  f"{getattr(trainer.config, name, None)!r} for the candidate "
                                  f"{value:g}: build its config with the change it is given")
-            trainer.callbacks.append(Race(run, val_loader, rival, self.peek, self.selection))
+            racing = Race(run, val_loader, rival, self.peek, self.selection)
+            trainer.callbacks.append(racing)
             try:
                 trainer.fit(train_loader, val_loader)
             except Behind:
                 return run
-            except NonFiniteLossError:  # diverged: out of the race, as far as it got
+            except NonFiniteLossError:  # diverged (on every rank at once): out of the race
                 run.diverged = True
                 return run
+            finally:  # the trainer goes back as it was built, and no cycle keeps it alive
+                trainer.callbacks.remove(racing)
             if run.reached >= self.epochs:
                 run.trainer = trainer
             return run
@@ -474,7 +471,10 @@ class Search:
             run = race(value, best)
             tried.append(run)
             finished = run.reached >= self.epochs and not run.diverged
-            return run if finished and self.selection.better(run.last[1], best.last[1]) else best
+            # rank 0's choice on every rank: the next candidate depends on it
+            taken = distributed.same_as_main(
+                finished and self.selection.better(run.last[1], best.last[1]))
+            return run if taken else best
 
         for value in values[1:]:
             best = contest(value, best)

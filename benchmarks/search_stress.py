@@ -1,0 +1,117 @@
+"""The lr search under torchrun, many times over: does a data-parallel search ever abort or hang?
+
+Each repetition starts a fresh `torchrun --standalone --nproc_per_node N` of a command that runs
+the search (default: `finetune train --lr auto` on the packaged sample at 64 px, a linear
+probe whose lowest lr stops at the peek and a full fine-tune that races whole epochs), bounded
+by a timeout, and records how it ended: its exit status, any signal a rank died of, and the
+last lines its ranks printed. A hang is a run killed at the timeout.
+
+    python -m benchmarks.search_stress --repeats 50 --timeout 120
+
+`--command compare` runs `finetune compare --nproc 2 --tune lr` on the sample instead (several
+rows, each tuned). `--debug` sets `TORCH_DISTRIBUTED_DEBUG=DETAIL`, `TORCH_CPP_LOG_LEVEL=INFO`
+and `PYTHONFAULTHANDLER=1` for every rank, and keeps every run's output. Failed runs' output
+is kept under `--output` (one folder per repetition); the summary is `summary.json` there.
+Not part of the test suite: 50 repetitions take several minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measured import cpu_label
+
+TRAIN = ["-m", "finetune", "train", "--data", "sample", "--backbone", "lite0",
+         "--epochs", "2", "--image-size", "64", "--batch-size", "8", "--val-split", "0.2",
+         "--lr", "auto", "--workers", "0"]
+STRATEGIES = ("last-layer", "full-unfreeze")
+COMPARE = ["-m", "finetune", "compare", "--data", "sample", "--backbone", "lite0",
+           "--strategies", "last-layer,full-unfreeze", "--epochs", "2", "--image-size", "64",
+           "--batch-size", "8", "--tune", "lr"]
+DEBUG_ENV = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "TORCH_CPP_LOG_LEVEL": "INFO",
+             "PYTHONFAULTHANDLER": "1"}
+SIGNAL = re.compile(r"Signal (\d+) \((SIG\w+)\)|exitcode\s*:\s*(-?\d+)")
+
+
+def commands(kind: str, nproc: int, workdir: Path) -> list[list[str]]:
+    """The commands of one repetition: one per strategy for `train`, one for `compare`."""
+    if kind == "compare":
+        return [[sys.executable, *COMPARE, "--nproc", str(nproc), "--output",
+                 str(workdir / "compare")]]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}"]
+    return [[*launcher, *TRAIN, "--strategy", strategy] for strategy in STRATEGIES]
+
+
+def outcome(returncode: int | None, output: str) -> str:
+    """'ok', 'hang' (killed at the timeout), 'abort' (a rank died of SIGABRT) or 'failed'."""
+    if returncode is None:
+        return "hang"
+    if returncode == 0:
+        return "ok"
+    if "SIGABRT" in output or "terminate called" in output:
+        return "abort"
+    return "failed"
+
+
+def run_once(command: list[str], timeout: float, env: dict[str, str], cwd: Path
+             ) -> tuple[str, float, str]:
+    started = time.perf_counter()
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as child:
+        try:
+            output, _ = child.communicate(timeout=timeout)
+            code: int | None = child.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, 9)
+            output, _ = child.communicate()
+            code = None
+    return outcome(code, output), time.perf_counter() - started, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per command")
+    parser.add_argument("--command", choices=("train", "compare"), default="train")
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--output", type=Path, default=Path("runs/search_stress"))
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(DEBUG_ENV if args.debug else {})}
+    counts: Counter[str] = Counter()
+    seconds: list[float] = []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            for index, command in enumerate(commands(args.command, args.nproc, Path(folder))):
+                result, elapsed, output = run_once(command, args.timeout, env, Path(folder))
+                counts[result] += 1
+                seconds.append(elapsed)
+                if result != "ok" or args.debug:
+                    kept = args.output / f"run{repeat:03d}-{index}-{result}.log"
+                    kept.write_text(" ".join(command) + "\n\n" + output)
+                print(f"{repeat + 1}/{args.repeats} #{index}: {result} in {elapsed:.1f} s",
+                      flush=True)
+    summary: dict[str, Any] = {
+        "cpu": cpu_label(), "command": args.command, "nproc": args.nproc,
+        "repeats": args.repeats, "outcomes": dict(counts),
+        "seconds_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
+        "seconds_max": max(seconds, default=None)}
+    (args.output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0 if set(counts) <= {"ok"} else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
