@@ -6,6 +6,7 @@ killed after a deadline, so a broken collective fails the test instead of hangin
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
@@ -167,8 +168,11 @@ def _worker(rank: int, world: int, port: int, out: str, job: Callable[..., dict[
     torch.set_num_threads(1)
     threads = native_threads()
     result = job(out=out, **kwargs)
-    distributed.stop()
-    result["threads"] = (threads, native_threads())  # before the group, after stop
+    if job is search_run:  # as a script that never calls stop() ends: the exit hooks run
+        atexit._run_exitfuncs()
+    else:
+        distributed.stop()
+    result["threads"] = (threads, native_threads())  # before the group, after it ended
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
@@ -249,10 +253,11 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tree, plain_two_
 def test_an_lr_search_on_two_ranks_chooses_and_trains_as_one_process(tree, tmp_path):
     """The race's peeks and epoch-end evaluations are collective, every decision is rank
     0's, a loss that is non-finite on one rank only stops both at the same batch, and the
-    chosen run equals one process's with twice the batch. Afterwards `stop` leaves no thread
-    of the process group behind: a DDP wrapper kept past its fit (the search's finished runs
-    were, through a reference cycle) kept the group alive into interpreter shutdown, where a
-    gloo thread releasing a tensor aborted the process (docs/distributed.md)."""
+    chosen run equals one process's with twice the batch. Afterwards no thread of the process
+    group is left, though the script never called `stop` (the exit hook `start` registered
+    did): a DDP wrapper kept past its fit (the search's finished runs were, through a
+    reference cycle) kept the group alive into interpreter shutdown, where a gloo thread
+    releasing a tensor aborted the process (docs/distributed.md)."""
     ranks = on_two_ranks(tmp_path / "two", job=search_run, root=str(tree), batch_size=2)
     single = search_run(str(tree), str(tmp_path), batch_size=4)
     assert ranks[0]["chosen"] == ranks[1]["chosen"] == single["chosen"] == 1e-2

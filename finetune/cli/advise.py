@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune.cli.options import data_config, train_config
 from finetune.data import ImageFolderData, ImageSplits, resolve_data_root
 from finetune.model.zoo import build_backbone
+from finetune.runtime import distributed
 from finetune.tuning.advisor import Advisor
 
 
 def run_advise(args: argparse.Namespace) -> int:
+    """Under torchrun every process measures its share; rank 0 alone prints and writes."""
+    with distributed.joined(args.device):
+        return _advise(args, distributed.say)
+
+
+def _advise(args: argparse.Namespace, say: Callable[..., None]) -> int:
     output: Path = args.output
     if output.exists() and not output.is_dir():  # said before anything is measured
         args.parser.error(f"--output {output} is a file; advise writes a folder (advise.json, "
@@ -32,17 +40,18 @@ def run_advise(args: argparse.Namespace) -> int:
     loading = {**settings.loader_options(), "data_augmentation": False}
     data = ImageFolderData(splits, seed=args.seed, preprocessing=backbone.preprocessing,
                            keep_decoded=True, **loading)  # every depth reads the same images
-    print(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
+    say(f"data: {len(data.classes)} classes · train {len(data.train_samples)} · val "
           f"{len(data.val_samples)} images ({data.root}); the test set is not read")
-    print(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
+    say(f"backbone: {backbone.name} · weights: {backbone.weights or 'random init'}")
     config = train_config(args)
     advisor = Advisor(config, finetune_epochs=args.finetune_epochs, budget=args.budget,
                       lr_grid=args.lr_grid,
                       train_command=train_command(args, data.root))
     advice = advisor.run(backbone, data.train_loader(), data.val_loader())
-    written = advice.write(output)
-    print(advice.summary())
-    print("wrote " + ", ".join(str(path) for path in written))
+    say(advice.summary())
+    if distributed.is_main():
+        written = advice.write(output)
+        say("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

@@ -247,8 +247,8 @@ def advise_row(settings: Settings, seed: int, initial: Backbone, train_loader: A
     grid = settings.lr_grid if settings.tune == "lr" else None  # as the rows' searches
     advice = Advisor(config, lr_grid=grid).run(copy.deepcopy(initial), train_loader,
                                                val_loader)
-    print(f"advised (seed {seed}): {advice.recommendation.reason} [{advice.seconds:.0f} s]",
-          flush=True)
+    distributed.say(f"advised (seed {seed}): {advice.recommendation.reason} "
+                    f"[{advice.seconds:.0f} s]", flush=True)
     return advice
 
 

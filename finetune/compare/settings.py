@@ -312,9 +312,6 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     use_config_file(p, argv)
     args = p.parse_args(argv)
     args.parser = p
-    if args.nproc > 1 and any(ADVISED in item.split(",") for item in args.strategies or ()):
-        p.error("--nproc with the advised row: the advisor runs in one process; run "
-                "`finetune advise` first and compare its strategy under --nproc")
     if args.resume and args.overwrite:
         p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
     output = Path(args.output)

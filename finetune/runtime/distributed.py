@@ -20,6 +20,7 @@ needs for that, and nothing when only one process runs (every function then does
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -94,6 +95,10 @@ def start(device: str = "auto") -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    # a script that never calls stop() still ends the group before the interpreter shuts
+    # down: a gloo thread still running then can abort the process (docs/distributed.md)
+    atexit.unregister(stop)
+    atexit.register(stop)
     _owned = True
     return True
 

@@ -261,7 +261,10 @@ class StepsTimed(StopFit):
 
 
 class StepClock(Callback):
-    """Times optimizer steps after `warmup` untimed ones, and ends the fit after `steps`."""
+    """Times optimizer steps after `warmup` untimed ones, and ends the fit after `steps`
+    (on every rank at the same step: each process counts its own)."""
+
+    every_rank = True
 
     def __init__(self, steps: int = TIMED_STEPS, warmup: int = 1) -> None:
         self.steps, self.warmup = steps, warmup
@@ -314,8 +317,6 @@ class Advisor:
         if val_loader is None:
             raise ValueError("advice is measured on validation data: give a val loader "
                              "(e.g. --val-split 0.2)")
-        if distributed.world_size() > 1:
-            raise ValueError("advise runs in one process; run it without torchrun")
         started = time.perf_counter()
         initial = copy.deepcopy(backbone)
         plans = depth_strategies(initial)
@@ -481,9 +482,9 @@ class _Run:
             raise RuntimeError("a fine-tune's last validation kept no predictions")
         depth.finetune_val_accuracy = float(report.accuracy)
         depth.finetune_lr = tuning.chosen
-        depth.finetune_seconds = tuning.seconds
+        depth.finetune_seconds = distributed.same_as_main(tuning.seconds)  # spends the budget
         depth.val_correct = report.predictions == report.targets
-        return tuning.seconds
+        return depth.finetune_seconds
 
     def probe(self, depth: Depth, point: CutPoint | None) -> None:
         if point is None:
@@ -497,11 +498,19 @@ class _Run:
         except KeyError:
             depth.note = "its activations were not stored in the pass (not a cut point there)"
             return
+        # rank 0 probes (every process holds every row); which depths are fine-tuned is
+        # decided from its result, so every process takes it
+        measured = self._probed(train, val) if distributed.is_main() else None
+        depth.probe_val_accuracy, depth.probe_val_ci95, depth.probe_lr = (
+            distributed.same_as_main(measured))
+
+    def _probed(self, train: tuple[torch.Tensor, torch.Tensor],
+                val: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, list[float], float]:
+        """(val accuracy, its 95% interval, the lr) of a linear probe on stored features."""
         accuracy, predictions, lr = linear_probe(train, val, self.initial.num_classes)
         estimate = Bootstrap(targets=val[1].numpy(), num_classes=self.initial.num_classes
                              ).accuracy(predictions)
-        depth.probe_val_accuracy, depth.probe_val_ci95 = accuracy, estimate.interval
-        depth.probe_lr = lr
+        return accuracy, estimate.interval, lr
 
     def time(self, depth: Depth) -> None:
         """Seconds per epoch's training pass from timed steps, and their peak memory."""
@@ -515,10 +524,11 @@ class _Run:
             self.device = trainer.state.device
         per_step = clock.seconds_per_step
         steps = trainer.state.batches_per_epoch or 0
-        if per_step is not None and steps:
-            depth.seconds_per_epoch = per_step * math.ceil(
-                steps / trainer.config.accumulate_steps)
-        depth.peak_memory_mb = memory.mib
+        seconds = (per_step * math.ceil(steps / trainer.config.accumulate_steps)
+                   if per_step is not None and steps else None)
+        # rank 0's clock on every process: the budget and the order of fine-tunes follow it
+        depth.seconds_per_epoch, depth.peak_memory_mb = distributed.same_as_main(
+            (seconds, memory.mib))
 
 
 def advise(backbone: Backbone, data: Any, config: TrainConfig | None = None,
