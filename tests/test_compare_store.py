@@ -142,12 +142,13 @@ def test_a_run_whose_worker_died_is_run_again_and_kept_once(tree: Path, tmp_path
 @pytest.mark.distributed
 def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_path: Path):
     """Two workers started at once, one of them two data-parallel processes under torchrun:
-    each run is trained by one worker, and both end with the whole comparison."""
+    each run is trained by one worker (its lr searched there), and both end with the whole
+    comparison."""
     db = tmp_path / "sweep.db"
     common = ["--data", str(tree), "--backbone", "tests.test_compare_store:slow_tiny_backbone",
               "--epochs", "1", "--batch-size", "4",
               "--image-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu",
-              "--tune", "none", "--seeds", "2", "--strategies",
+              "--tune", "lr", "--lr-grid", "1e-3,1e-2", "--seeds", "2", "--strategies",
               "last-layer,bitfit,full-unfreeze", "--store", str(db)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -177,8 +178,11 @@ def test_two_workers_sharing_a_store_run_every_row_exactly_once(tree: Path, tmp_
         (tmp_path / name / "results.json").read_text())["rows"]] for name in ("one", "two")]
     assert written[0] == written[1]  # the same report, rows in the command's order
     assert set(written[0]) == runs and len(written[0]) == 6
-    sizes = {json.loads(row)["world_size"] for _, _, _, row, *_ in records}
-    assert sizes == {1, 2}  # both workers trained: the data-parallel one on two processes
+    rows = [json.loads(row) for _, _, _, row, *_ in records]
+    assert {row["world_size"] for row in rows} == {1, 2}  # the data-parallel one on two
+    for row in rows:  # every row searched, on whichever worker ran it
+        tried = {candidate["lr"] for candidate in row["tuning"]["candidates"]}
+        assert {1e-3, 1e-2} <= tried and row["tuning"]["chosen"] in tried
 
 
 # -- a store no retry can fix: one line naming it, at once -----------------------------------------

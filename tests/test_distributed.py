@@ -37,6 +37,7 @@ from finetune.strategies import build_strategy
 from finetune.train.config import TrainConfig
 from finetune.train.events import Callback
 from finetune.train.trainer import Trainer, epoch_seed
+from finetune.tuning.advisor import advise
 from finetune.tuning.search import ConfigChange, LrSearch
 from tests.conftest import FAST, TINY, finish_all, make_tiny_backbone, make_tree
 
@@ -155,6 +156,20 @@ def search_run(root: str, out: str, batch_size: int) -> dict[str, Any]:
     return {"chosen": tuning.chosen, "callbacks": len(trainer.callbacks),
             "candidates": [attrs.asdict(c) for c in tuning.candidates],
             "weights": {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}}
+
+
+def advise_run(root: str, out: str, batch_size: int) -> dict[str, Any]:
+    """`advise` of PlainNet (no BatchNorm) with budget for every fine-tune, as the same code on
+    each process: each depth's measurements and the recommendation."""
+    backbone = plain_backbone()
+    data = ImageFolderData(root, val_split=0.2, batch_size=batch_size, num_workers=0,
+                           data_augmentation=False, preprocessing=backbone.preprocessing,
+                           progress=False)
+    advice = advise(backbone, data, TrainConfig(**{**CONFIG, "epochs": 1}), budget=1e4)
+    measured = ("name", "probe_val_accuracy", "probe_lr", "finetune_val_accuracy",
+                "finetune_lr", "seconds_per_epoch")
+    return {"depths": [{k: getattr(d, k) for k in measured} for d in advice.depths],
+            "recommendation": attrs.asdict(advice.recommendation)}
 
 
 def native_threads() -> int:
@@ -276,6 +291,23 @@ def test_an_lr_search_on_two_ranks_chooses_and_trains_as_one_process(tree, tmp_p
     for name, tensor in ranks[0]["weights"].items():
         assert torch.equal(tensor, ranks[1]["weights"][name]), f"{name} differs across ranks"
     assert single["callbacks"] == 0  # the chosen trainer comes back without the race
+
+
+@pytest.mark.distributed
+def test_advise_on_two_ranks_measures_each_depth_as_one_process(tree, tmp_path):
+    """The probes on the machine-shared activations, and each depth's raced fine-tune, equal
+    one process's with twice the batch; every rank takes rank 0's timings, so the ranks
+    fine-tune the same depths and recommend the same."""
+    ranks = on_two_ranks(tmp_path / "two", job=advise_run, root=str(tree), batch_size=2)
+    single = advise_run(str(tree), str(tmp_path), batch_size=4)
+    assert ranks[0]["depths"] == ranks[1]["depths"]  # rank 0's seconds included
+    assert ranks[0]["recommendation"] == ranks[1]["recommendation"]
+    for two, one in zip(ranks[0]["depths"], single["depths"], strict=True):
+        assert two["name"] == one["name"]
+        for key in ("probe_val_accuracy", "probe_lr", "finetune_val_accuracy", "finetune_lr"):
+            assert two[key] == pytest.approx(one[key]), (two["name"], key)
+    assert [d["probe_val_accuracy"] is not None for d in single["depths"]] == [False, True, True]
+    assert all(d["finetune_val_accuracy"] is not None for d in single["depths"])
 
 
 @pytest.fixture(scope="module")

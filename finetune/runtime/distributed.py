@@ -25,6 +25,7 @@ import contextlib
 import os
 import socket
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -167,7 +168,9 @@ def shard_loader(loader: Iterable[Any], seed: int | None = None) -> Iterable[Any
     """`loader` with this process's share of its samples (itself when one process runs, or
     when its sampler is already distributed). Shuffled loaders keep shuffling per epoch
     (`set_epoch`); evaluation loaders are padded by at most one sample per process, which
-    `gather_outputs` removes again."""
+    `gather_outputs` removes again. The same loader gets the same share back every time (an
+    activation cache knows a loader by identity: a search's candidates, and the advisor's
+    depths, then share one fill)."""
     if not active():
         return loader
     sampler = getattr(loader, "sampler", None)
@@ -181,6 +184,21 @@ def shard_loader(loader: Iterable[Any], seed: int | None = None) -> Iterable[Any
             "which finetune shards itself, or give it a DistributedSampler yourself; got "
             f"{type(loader).__name__} with sampler {type(sampler).__name__}."
         )
+    # the seed only orders a RandomSampler's shards (SeededShuffle carries its own)
+    key = (rank(), world_size(), seed if isinstance(sampler, RandomSampler) else None)
+    shares = _shares.setdefault(loader, {})
+    if key not in shares:
+        shares[key] = _share(loader, sampler, seed)
+    return shares[key]
+
+
+# each loader's shares, by (rank, world size, seed), for as long as the loader lives
+_shares: weakref.WeakKeyDictionary[DataLoader, dict[tuple[int, int, int | None], DataLoader]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _share(loader: DataLoader, sampler: Any, seed: int | None) -> DataLoader:
+    """A DataLoader like `loader` over this process's share of its samples."""
     drop_last = loader.drop_last
     if isinstance(sampler, SeededShuffle):
         shard: Any = ShardedSeededShuffle(sampler.size, sampler.seed, rank(), world_size(),

@@ -492,9 +492,10 @@ class _Run:
                           else "no cut where one activation crosses: trained uncached, "
                           "not probed")
             return
-        try:
-            train = self.shared.stored(point, self.train_loader)
-            val = self.shared.stored(point, self.val_loader)
+        try:  # held under the loaders fit trained on: under torchrun, this process's shares
+            train = self.shared.stored(point, distributed.shard_loader(
+                self.train_loader, self.advisor.config.seed))
+            val = self.shared.stored(point, distributed.shard_loader(self.val_loader))
         except KeyError:
             depth.note = "its activations were not stored in the pass (not a cut point there)"
             return
