@@ -655,9 +655,6 @@ def test_the_advised_row_trains_the_advisors_pick_and_counts_its_time(
     assert summary["advised"] == [pick]
     text = (tmp_path / "results.md").read_text()
     assert f"| advised ({pick}) |" in text and "`finetune advise` recommended" in text
-    with pytest.raises(SystemExit):
-        compare.main(argv(tree, tmp_path / "ddp", "--strategies", "advised", "--tune", "none",
-                          "--nproc", "2"), backbone_factory=Factory())
 
 
 def test_every_recipe_is_a_compare_flag_recorded_and_named_above_the_table(
