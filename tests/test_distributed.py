@@ -536,7 +536,7 @@ def test_two_nodes_train_resume_and_evaluate_as_one_process(tree: Path, tmp_path
     assert_close(torch.load(four / "last.pt", weights_only=True)["model"], theirs["model"])
 
 
-def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
+def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch, capsys):
     from finetune.compare import run
 
     started: list[list[str]] = []
@@ -550,6 +550,10 @@ def test_compare_nproc_starts_the_same_command_under_torchrun(monkeypatch):
                         "last-layer", "--epochs", "1", "--output", "x", "--tune", "none"]]
     assert run.main(argv[:-2]) == 0  # the quick preset's lr search runs under torchrun too
     assert started[1][-1] == "x" and "--tune" not in started[1]
+    with pytest.raises(SystemExit):
+        run.main([*argv[:-1], "lr-find"])
+    assert "--tune lr-find: the range test trains in one process" in capsys.readouterr().err
+    assert len(started) == 2  # refused before torchrun started anything
 
 
 @pytest.fixture

@@ -312,6 +312,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     use_config_file(p, argv)
     args = p.parse_args(argv)
     args.parser = p
+    processes = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+    if processes > 1 and (args.tune or COMPARE_PRESETS[args.preset]["tune"]) == "lr-find":
+        p.error("--tune lr-find: the range test trains in one process; on several processes "
+                "use --tune lr (the search runs data-parallel), or run `finetune lr-find` "
+                "first and give --tune none --lr X")
     if args.resume and args.overwrite:
         p.error("--resume keeps the rows in --output and --overwrite replaces them: pick one")
     output = Path(args.output)
