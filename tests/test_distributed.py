@@ -576,6 +576,11 @@ def test_shard_loader_deals_each_kind_of_loader_or_says_what_it_needs(as_rank_on
     ordered = distributed.shard_loader(DataLoader(dataset, batch_size=4))
     assert [int(x) for batch, _ in ordered for x in batch] == [1, 3, 5, 7, 9]
     assert distributed.shard_loader(ordered) is ordered  # already dealt: used as given
+    plain = DataLoader(dataset, batch_size=4)  # one share per loader, for a cache to know it
+    assert distributed.shard_loader(plain) is distributed.shard_loader(plain, seed=3)
+    randomly = DataLoader(dataset, batch_size=4, shuffle=True)
+    assert distributed.shard_loader(randomly, seed=5) is distributed.shard_loader(randomly, 5)
+    assert distributed.shard_loader(randomly, seed=6).sampler.seed == 6  # another order
     seeded = DataLoader(dataset, batch_size=2, sampler=SeededShuffle(10, seed=1))
     shard = distributed.shard_loader(seeded).sampler
     assert isinstance(shard, ShardedSeededShuffle) and len(shard) == 5
