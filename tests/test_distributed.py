@@ -437,8 +437,8 @@ def test_resume_on_two_ranks_equals_a_straight_run_and_another_world_size_is_ref
 
 @pytest.mark.distributed
 def test_cli_under_torchrun_trains_and_rank_zero_alone_writes(tree: Path, tmp_path: Path):
-    """`--lr auto` included: the search's candidates share the cached prefix, and rank 0
-    alone prints the search and records it."""
+    """`--lr auto` included (a cached linear probe's search): rank 0 alone prints the
+    search and records it, and the run trains at the lr it chose."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "finetune", "train", "--data", str(tree),
