@@ -260,11 +260,11 @@ class TrainConfig:
         help="spill activations over the budget to memory-mapped files here (a local disk; "
              "one file per machine's processes)")
 
-
     def __attrs_post_init__(self) -> None:
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov is SGD's Nesterov momentum: it needs optimizer='sgd' "
                              "and momentum > 0")
+
 
 # every declared setting of a run (`finetune.settings`): the command lines, the comparison,
 # run.json and the resume checks take theirs from these classes, the data side first

@@ -64,6 +64,8 @@ MakeTrainer = Callable[[ConfigChange, ActivationCaches], Trainer]
 def same_config(config: TrainConfig) -> TrainConfig:
     """The change that changes nothing (a run outside any search)."""
     return config
+
+
 GRID_STEP = 10 ** 0.5  # two grid points per decade
 PEEK = 1 / 3  # of the first epoch: where a poor lr is first compared and stopped
 SELECTIONS = ("loss", "accuracy+loss", "accuracy")
@@ -504,8 +506,6 @@ class LrSearch(Search):
     def __init__(self, grid: Sequence[float], epochs: int, *, peek: float = PEEK,
                  max_extensions: int = 2, bounds: tuple[float, float] = (1e-6, 1.0),
                  step: float | None = None, selection: Selection | None = None) -> None:
-        if max_extensions < 0:
-            raise ValueError("max_extensions must be >= 0")
         super().__init__(lr_space(grid, bounds=bounds, step=step,
                                   max_extensions=max_extensions),
                          epochs, peek=peek, selection=selection)
